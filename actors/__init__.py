@@ -1,0 +1,1 @@
+"""seedsift stages that hold a model: scorer, generator, rater (one module each)."""

@@ -1,0 +1,1 @@
+"""seedsift entry points, one module per job, each runnable as `python -m jobs.NAME`."""

@@ -1,0 +1,1 @@
+"""seedsift orchestrator: job configuration, corpus reading, planning, storage and the Ray Data wiring."""

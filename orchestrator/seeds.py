@@ -1,0 +1,35 @@
+"""Candidate seeds and their initial noise: pure functions of (run seed, prompt id, candidate index).
+
+Sits between corpus reading and scoring: every later stage re-derives the same latent from the seed alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+SEED_BITS = 63
+
+
+def candidate_seed(run_seed: int, prompt_id: str, index: int) -> int:
+    """Seed of candidate `index` of a prompt: a stable 63-bit hash, independent of batch, machine and Python."""
+    message = f"seedsift/v1\x1f{int(run_seed)}\x1f{prompt_id}\x1f{int(index)}".encode()
+    digest = hashlib.blake2b(message, digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> (64 - SEED_BITS)
+
+
+def candidate_seeds(run_seed: int, prompt_id: str, count: int) -> list[int]:
+    """The first `count` candidate seeds of a prompt (a prefix: asking for more never changes the first ones)."""
+    return [candidate_seed(run_seed, prompt_id, j) for j in range(count)]
+
+
+def initial_noise(seed: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """Standard-normal latent for one seed, always drawn on the CPU in float32 so every device sees the same tensor."""
+    generator = torch.Generator("cpu").manual_seed(int(seed))
+    return torch.randn(tuple(shape), generator=generator, dtype=torch.float32)
+
+
+def batch_noise(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
+    """Stack of initial noises, one per seed: each row depends on its own seed only, never on the batch."""
+    return torch.stack([initial_noise(seed, shape) for seed in seeds])
