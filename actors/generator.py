@@ -1,0 +1,60 @@
+"""Generator stage: renders the kept seeds with a diffusers pipeline, from the exact latents and the scorer's embeddings.
+
+Sits between the scorer and the rater; one actor per GPU (or a configured count on CPU), pipeline loaded once.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from actors import diffusion
+from orchestrator.embedded import resolve_model
+from orchestrator.seeds import batch_noise
+
+EMBEDDING_COLUMNS = ("prompt_embeds", "negative_prompt_embeds", "prompt_attention_mask", "negative_prompt_attention_mask")
+logger = logging.getLogger("seedsift.generator")
+
+
+def device_and_dtype(dtype_name: str = "auto") -> tuple[str, torch.dtype]:
+    """cuda with fp16 (or the named dtype) when a GPU is visible to this actor, else cpu with float32."""
+    if torch.cuda.is_available():
+        names = {"auto": torch.float16, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+        return "cuda", names[dtype_name]
+    return "cpu", torch.float32
+
+
+class GeneratorStage:
+    """Ray Data callable class: one instance per generator actor."""
+
+    def __init__(self, model: str, *, steps: int, guidance: float, height: int, width: int, num_threads: int = 1):
+        torch.set_num_threads(max(1, num_threads))
+        self.device, self.dtype = device_and_dtype()
+        model_path = resolve_model(model)
+        self.pipe = diffusion.load_pipeline(model_path, "render", device=self.device, dtype=self.dtype)
+        self.steps, self.guidance, self.height, self.width = steps, guidance, height, width
+        self.latent_shape = diffusion.latent_shape(model_path, height, width)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        count = len(batch["status"])
+        status = np.asarray(batch["status"], dtype=object).copy()
+        error = np.asarray(batch["error"], dtype=object).copy()
+        images = np.zeros((count, self.height, self.width, 3), dtype=np.uint8)
+        ok = np.flatnonzero(status == "ok")
+        if len(ok):
+            try:
+                embeds = {name: batch[name][ok] for name in EMBEDDING_COLUMNS if name in batch}
+                latents = batch_noise([int(s) for s in batch["seed"][ok]], self.latent_shape)
+                images[ok] = diffusion.render(
+                    self.pipe, embeds, latents,
+                    steps=self.steps, guidance_scale=self.guidance, height=self.height, width=self.width,
+                )
+            except Exception as exc:  # a batch that cannot render is recorded as failed rows, not a dead job
+                logger.exception("render failed for %d rows", len(ok))
+                status[ok] = "failed"
+                error[ok] = f"render failed: {type(exc).__name__}: {exc}"
+        out = {name: value for name, value in batch.items() if name not in EMBEDDING_COLUMNS}
+        out.update(status=status, error=error, image=images)
+        return out

@@ -1,0 +1,301 @@
+"""Rating stage: scores each rendered image for its prompt (higher is better) with a rater chosen by a spec string.
+
+Sits after the generator and before the sink: reads `image`, `prompt`, `status` from the row and adds `score`.
+
+Rater specs (what a job config carries, and what manifests record as the rater's `name`):
+
+    colorfulness                      default; no weights
+    sharpness                         no weights
+    clip:PATH_OR_ID[,processor=P]     CLIP score from a CLIPModel folder or hub id
+    pickscore:PATH_OR_ID[,processor=P]
+                                      PickScore (a CLIP model, scored the same way); its processor lives in a
+                                      separate repo, e.g. processor=laion/CLIP-ViT-H-14-laion2B-s32B-b79K
+    hpsv2, imagereward                recognised, not wired in (need the `hpsv2` / `image-reward` packages)
+
+The text after `NAME:` is the model path, then optional `key=value` options separated by commas, so a model path
+cannot contain a comma. Paths are local folders or Hugging Face hub ids (owner/name); nothing is downloaded at run
+time, so a hub id only loads if it is already in the local Hugging Face cache.
+
+The weight-free raters are stand-ins so the pipeline runs end to end without a model; neither looks at the
+prompt, and neither measures what people prefer:
+
+- colorfulness: Hasler & Suesstrunk (2003) on 0..255 values: rg = R - G, yb = 0.5 (R + G) - B,
+  M = sqrt(std(rg)^2 + std(yb)^2) + 0.3 sqrt(mean(rg)^2 + mean(yb)^2). It correlates with how colourful people
+  judge a photo, so it rewards saturated, garish images whatever the prompt asked for.
+- sharpness: variance of the 4-neighbour discrete Laplacian of the BT.601 luma (0.299 R + 0.587 G + 0.114 B).
+  A focus measure: it rewards high-frequency content, including noise and diffusion artefacts.
+
+CLIP and PickScore compute score = logit_scale.exp() * cosine(image_embedding, text_embedding), as PickScore's
+reference code does; PickScore is a CLIP model fine-tuned on human preferences, so it is the real preference metric.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import torch
+
+DEFAULT_RATER_SPEC = "colorfulness"
+RATER_NAMES = ("colorfulness", "sharpness", "clip", "pickscore", "hpsv2", "imagereward")
+
+# Options each rater accepts after its path; raters missing here take no path and no options.
+MODEL_RATERS = ("clip", "pickscore")
+MODEL_RATER_OPTIONS = ("processor",)
+# Raters backed by a third-party package: import name, and what to pip install.
+PACKAGE_RATERS = {"hpsv2": ("hpsv2", "hpsv2"), "imagereward": ("ImageReward", "image-reward")}
+
+
+class Rater(Protocol):
+    """Anything that scores a batch of images for their prompts; `name` is the spec it was built from."""
+
+    name: str
+
+    def score(self, images: np.ndarray, prompts: list[str]) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class RaterSpec:
+    """A parsed rater spec: `name`, optional model `path`, and `key=value` options."""
+
+    name: str
+    path: str | None = None
+    options: dict[str, str] = field(default_factory=dict)
+
+
+def parse_rater_spec(spec: str) -> RaterSpec:
+    """Split `NAME[:PATH[,key=value...]]` into its parts, checking the name and which parts it allows."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"rater spec {spec!r}: empty; use one of {', '.join(RATER_NAMES)}")
+    name, _, rest = spec.strip().partition(":")
+    name = name.strip().lower()
+    if name not in RATER_NAMES:
+        raise ValueError(f"rater spec {spec!r}: unknown rater {name!r}; known raters: {', '.join(RATER_NAMES)}")
+    path, *option_parts = [part.strip() for part in rest.split(",")] if rest else [None]
+    options = {}
+    for part in option_parts:
+        key, equals, value = part.partition("=")
+        if not equals or not key.strip() or not value.strip():
+            raise ValueError(f"rater spec {spec!r}: option {part!r} is not key=value")
+        options[key.strip()] = value.strip()
+
+    if name in MODEL_RATERS:
+        if not path:
+            raise ValueError(f"rater spec {spec!r}: {name} needs a model; write {name}:PATH_OR_HUB_ID")
+        unknown = sorted(set(options) - set(MODEL_RATER_OPTIONS))
+        if unknown:
+            raise ValueError(
+                f"rater spec {spec!r}: unknown option(s) {', '.join(unknown)}; {name} accepts: "
+                f"{', '.join(MODEL_RATER_OPTIONS)}"
+            )
+    elif name not in PACKAGE_RATERS and (path or options):
+        raise ValueError(f"rater spec {spec!r}: {name} takes no path or options; write just {name!r}")
+    return RaterSpec(name=name, path=path, options=options)
+
+
+def validate_rater_spec(spec: str) -> None:
+    """Fail fast, before any compute, if `spec` cannot give a rater; never loads a model. Raises ValueError."""
+    parsed = parse_rater_spec(spec)
+    if parsed.name in PACKAGE_RATERS:
+        check_package_rater(parsed.name, spec)
+    if parsed.name in MODEL_RATERS:
+        check_model_location(parsed.path, spec, what="model", needs_config=True)
+        if "processor" in parsed.options:
+            check_model_location(parsed.options["processor"], spec, what="processor", needs_config=False)
+
+
+def make_rater(spec: str = DEFAULT_RATER_SPEC) -> Rater:
+    """Build the rater a spec names (see the module docstring for the syntax); its `name` is `spec`."""
+    validate_rater_spec(spec)
+    parsed = parse_rater_spec(spec)
+    name = spec.strip()
+    if parsed.name == "colorfulness":
+        return ColorfulnessRater(name)
+    if parsed.name == "sharpness":
+        return SharpnessRater(name)
+    # Only clip and pickscore reach here: validate_rater_spec rejected the package raters.
+    return ClipScoreRater(name, parsed.path, processor_path=parsed.options.get("processor"))
+
+
+def check_package_rater(name: str, spec: str) -> None:
+    """hpsv2 and imagereward are recognised but not wired in: say what to install, or that it is not supported."""
+    module_name, pip_name = PACKAGE_RATERS[name]
+    if importlib.util.find_spec(module_name) is None:
+        raise ValueError(
+            f"rater spec {spec!r}: {name} needs the {pip_name!r} package, which is not installed; "
+            f"run `pip install {pip_name}`, or use clip:PATH or pickscore:PATH instead"
+        )
+    # Their loaders fetch weights from the hub at run time, which seedsift jobs must not do.
+    raise ValueError(
+        f"rater spec {spec!r}: {name} is installed but seedsift does not load it yet (its weights would be "
+        f"downloaded at run time); use pickscore:PATH or clip:PATH with a local folder instead"
+    )
+
+
+def check_model_location(path: str, spec: str, what: str, needs_config: bool) -> None:
+    """A local-looking `path` must be an existing folder (with config.json for a model); hub ids pass unchecked."""
+    if "://" in path:
+        raise ValueError(
+            f"rater spec {spec!r}: {what} {path!r} is a remote URL; copy it to a local folder and give that path"
+        )
+    local = os.path.expanduser(path)
+    # Hub ids are exactly owner/name; anything else (absolute, ./, ~, bare name, deeper paths) is a folder.
+    looks_local = os.path.exists(local) or path.startswith(("/", ".", "~")) or "\\" in path or path.count("/") != 1
+    if not looks_local:
+        return
+    if not os.path.isdir(local):
+        raise ValueError(f"rater spec {spec!r}: {what} folder {path!r} does not exist; check the path")
+    if needs_config and not os.path.isfile(os.path.join(local, "config.json")):
+        raise ValueError(
+            f"rater spec {spec!r}: {what} folder {path!r} has no config.json; "
+            f"point at a folder written by CLIPModel.save_pretrained"
+        )
+
+
+def check_image_batch(images: np.ndarray, prompts: list[str]) -> None:
+    """Raise if `images` is not a (B, H, W, 3) uint8 array with one prompt per image."""
+    if not isinstance(images, np.ndarray) or images.ndim != 4 or images.shape[-1] != 3:
+        shape = getattr(images, "shape", type(images).__name__)
+        raise ValueError(f"images: expected a (B, H, W, 3) array, got {shape}; stack RGB images along axis 0")
+    if images.dtype != np.uint8:
+        raise ValueError(f"images: expected dtype uint8 (0..255), got {images.dtype}; convert before rating")
+    if len(prompts) != len(images):
+        raise ValueError(f"prompts: {len(prompts)} prompts for {len(images)} images; pass one prompt per image")
+
+
+def colorfulness(image: np.ndarray) -> float:
+    """Hasler & Suesstrunk (2003) colourfulness of one (H, W, 3) RGB image on 0..255 values; 0 for any grey image."""
+    rgb = image.astype(np.float64)
+    red, green, blue = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    rg = red - green
+    yb = 0.5 * (red + green) - blue
+    spread = np.sqrt(rg.std() ** 2 + yb.std() ** 2)
+    offset = np.sqrt(rg.mean() ** 2 + yb.mean() ** 2)
+    return float(spread + 0.3 * offset)
+
+
+def laplacian_variance(image: np.ndarray) -> float:
+    """Variance of the 4-neighbour Laplacian of the BT.601 luma of one (H, W, 3) image (needs H, W >= 3)."""
+    rgb = image.astype(np.float64)
+    luma = 0.299 * rgb[..., 0] + 0.587 * rgb[..., 1] + 0.114 * rgb[..., 2]
+    # Valid region only: padding would invent an edge at the image border.
+    centre = luma[1:-1, 1:-1]
+    laplacian = luma[:-2, 1:-1] + luma[2:, 1:-1] + luma[1:-1, :-2] + luma[1:-1, 2:] - 4.0 * centre
+    return float(laplacian.var())
+
+
+class ColorfulnessRater:
+    """Hasler & Suesstrunk colourfulness per image; ignores the prompt (a stand-in, see the module docstring)."""
+
+    def __init__(self, name: str = "colorfulness") -> None:
+        self.name = name
+
+    def score(self, images: np.ndarray, prompts: list[str]) -> np.ndarray:
+        check_image_batch(images, prompts)
+        # One image at a time keeps the float64 copy small for large batches.
+        return np.array([colorfulness(image) for image in images], dtype=np.float32)
+
+
+class SharpnessRater:
+    """Laplacian-variance sharpness per image; ignores the prompt (a stand-in, see the module docstring)."""
+
+    def __init__(self, name: str = "sharpness") -> None:
+        self.name = name
+
+    def score(self, images: np.ndarray, prompts: list[str]) -> np.ndarray:
+        check_image_batch(images, prompts)
+        if images.shape[1] < 3 or images.shape[2] < 3:
+            raise ValueError(f"images: sharpness needs at least 3x3 pixels, got {images.shape[1:3]}")
+        return np.array([laplacian_variance(image) for image in images], dtype=np.float32)
+
+
+class ClipScoreRater:
+    """CLIP score (logit_scale.exp() * cosine of image and text embeddings) from a CLIPModel; also PickScore."""
+
+    def __init__(self, name: str, model_path: str, processor_path: str | None = None) -> None:
+        from transformers import CLIPModel, CLIPProcessor
+
+        self.name = name
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        # fp16 halves memory and time on a GPU; CPUs run fp16 slowly or not at all, so keep fp32 there.
+        self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        model_location = os.path.expanduser(model_path)
+        processor_location = os.path.expanduser(processor_path) if processor_path else model_location
+        try:
+            self.processor = CLIPProcessor.from_pretrained(processor_location)
+        except (OSError, ValueError) as err:
+            raise ValueError(
+                f"rater spec {name!r}: could not load a CLIP processor from {processor_location!r} ({err}); "
+                f"give processor=PATH pointing at a folder with the tokenizer and image processor files"
+            ) from err
+        try:
+            model = CLIPModel.from_pretrained(model_location, dtype=self.dtype)
+        except (OSError, ValueError) as err:
+            raise ValueError(
+                f"rater spec {name!r}: could not load a CLIPModel from {model_location!r} ({err}); "
+                f"point at a local folder written by save_pretrained or a hub id already in the local cache"
+            ) from err
+        self.model = model.to(self.device).eval()
+        self.max_text_tokens = int(self.model.config.text_config.max_position_embeddings)
+
+    def score(self, images: np.ndarray, prompts: list[str]) -> np.ndarray:
+        check_image_batch(images, prompts)
+        # Long prompts are cut at CLIP's context length rather than failing the batch.
+        text_inputs = self.processor.tokenizer(
+            list(prompts), padding=True, truncation=True, max_length=self.max_text_tokens, return_tensors="pt"
+        )
+        image_inputs = self.processor.image_processor(images=list(images), return_tensors="pt")
+        with torch.inference_mode():
+            outputs = self.model(
+                input_ids=text_inputs["input_ids"].to(self.device),
+                attention_mask=text_inputs["attention_mask"].to(self.device),
+                pixel_values=image_inputs["pixel_values"].to(self.device, self.dtype),
+            )
+            # The model returns unit-norm embeddings, so the row-wise dot product is the cosine.
+            cosine = (outputs.image_embeds * outputs.text_embeds).sum(dim=-1)
+            scores = self.model.logit_scale.exp() * cosine
+        return scores.float().cpu().numpy().astype(np.float32)
+
+
+class RaterStage:
+    """Ray Data callable class: builds one rater per actor and adds a float32 `score` column to each batch.
+
+    Rows whose `status` is not "ok" (placeholder images) get NaN. If the rater raises, the batch's ok rows become
+    status "failed" with the reason in `error`, so one bad batch never takes the job down.
+    """
+
+    def __init__(self, rater_spec: str, num_threads: int = 1) -> None:
+        # Ray sets OMP_NUM_THREADS=1 in workers; the caller decides how many cores this actor may use.
+        torch.set_num_threads(num_threads)
+        self.rater = make_rater(rater_spec)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        count = len(batch["status"])
+        # Object arrays, because writing "failed" into a fixed-width "<U2" array of "ok" would truncate it.
+        status = np.array([str(value) for value in batch["status"]], dtype=object)
+        old_errors = batch.get("error", [""] * count)
+        error = np.array(["" if value is None else str(value) for value in old_errors], dtype=object)
+        scores = np.full(count, np.nan, dtype=np.float32)
+        ok = status == "ok"
+        if ok.any():
+            try:
+                images = batch["image"][ok]
+                if images.dtype == object:
+                    # Ray Data gives ragged tensor columns as an object array of arrays.
+                    images = np.stack(list(images))
+                prompts = [str(prompt) for prompt in batch["prompt"][ok]]
+                ok_scores = np.asarray(self.rater.score(images, prompts), dtype=np.float32)
+                if ok_scores.shape != (int(ok.sum()),):
+                    raise ValueError(f"returned scores of shape {ok_scores.shape}, expected ({int(ok.sum())},)")
+                scores[ok] = ok_scores
+            except Exception as err:  # noqa: BLE001 - any rater failure is recorded in the rows, not raised
+                status[ok] = "failed"
+                error[ok] = f"rater {self.rater.name}: {type(err).__name__}: {err}"
+        result = dict(batch)
+        result["score"] = scores
+        result["status"] = status.astype(str)
+        result["error"] = error.astype(str)
+        return result

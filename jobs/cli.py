@@ -1,0 +1,28 @@
+"""The `seedsift` command: one subcommand per job module, each also runnable as `python -m jobs.NAME`.
+
+Only dispatches; every job's flags and behaviour live in its own module.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+JOBS = {
+    "generate": "render k selected seeds per prompt for a corpus",
+    "reproduce": "rebuild one image from its manifest row",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in JOBS:
+        width = max(map(len, JOBS))
+        lines = [f"  {name:<{width}}  {text}" for name, text in JOBS.items()]
+        print("usage: seedsift JOB [flags]   (seedsift JOB --help for its flags)\n\njobs:\n" + "\n".join(lines))
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    return importlib.import_module(f"jobs.{argv[0]}").main(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

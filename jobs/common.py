@@ -1,0 +1,66 @@
+"""Command-line flags shared by the jobs that run the pipeline (generate, collect), and their error handling.
+
+Used by the job entry points only: it turns flags into a validated GenerateConfig.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable
+
+from orchestrator.config import DEFAULT_MODEL, ConfigError, GenerateConfig
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
+    add("--prompts", required=True, help="corpus: .txt, .jsonl, .csv, .tsv or .parquet; local path or s3:// URI")
+    add("--out", required=True, help="output folder or s3:// prefix")
+    add("--model", default=DEFAULT_MODEL, help="diffusers pipeline folder or hub id (default: %(default)s)")
+    add("--candidates", "-n", type=int, default=4, help="candidate seeds scored per prompt (N)")
+    add("--keep", "-k", type=int, default=1, help="seeds rendered per prompt (k <= N)")
+    add("--policy", default="random", help="selection policy: random or predictor")
+    add("--predictor", default=None, help="predictor checkpoint folder (for --policy predictor)")
+    add("--steps", type=int, default=20, help="denoising steps")
+    add("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    add("--width", type=int, default=None, help="image width (default: the pipeline's native size)")
+    add("--height", type=int, default=None, help="image height (default: the pipeline's native size)")
+    add("--batch-size", type=int, default=4, help="images per generator call")
+    add("--generators", type=int, default=1, help="generator actors (one per GPU on a GPU cluster)")
+    add("--scorers", type=int, default=1, help="scorer actors")
+    add("--rater", default="colorfulness", help="colorfulness, sharpness, clip:PATH, pickscore:PATH, ...")
+    add("--seed", type=int, default=0, help="the run's base seed; candidate seeds derive from it")
+    add("--limit", type=int, default=None, help="take only the first N corpus rows")
+    add("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a local Ray instance)")
+    add("--generator-gpus", type=float, default=None, help="GPUs per generator (default: 1 if the cluster has GPUs)")
+    add("--generator-cpus", type=float, default=None, help="CPUs per generator; also its torch threads")
+    add("--scorer-cpus", type=float, default=0.5, help="CPUs per scorer actor")
+    add("--rater-gpus", type=float, default=0.0, help="GPU fraction per rater actor (model raters on GPU nodes)")
+    add("--image-format", default="png", help="png, jpeg or webp")
+    add("--storage-options", default="{}", help="JSON fsspec storage options (default: the AWS credential chain)")
+
+
+def config_from_args(args: argparse.Namespace, **overrides) -> GenerateConfig:
+    try:
+        storage_options = json.loads(args.storage_options)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--storage-options is not valid JSON ({exc.msg}); pass an object like '{{\"anon\": false}}'")
+    values = {name: getattr(args, name) for name in GenerateConfig.__dataclass_fields__ if hasattr(args, name)}
+    values["storage_options"] = storage_options
+    values.update(overrides)
+    return GenerateConfig(**values)
+
+
+def run_job(body: Callable[[], int]) -> int:
+    """Run a job body; configuration and storage problems print one clear line and exit 2, not a traceback."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        return body()
+    except ConfigError as exc:
+        print(f"seedsift: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"seedsift: {exc}", file=sys.stderr)
+        return 2

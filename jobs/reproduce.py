@@ -1,0 +1,81 @@
+"""The reproduce job: rebuilds one image from its manifest row alone (model, scheduler, steps, guidance, size, seed).
+
+Run as `seedsift reproduce --manifest OUT --prompt-id ID --seed S --out FILE`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import fsspec
+import pyarrow.compute as pc
+
+from jobs.common import run_job
+from orchestrator.config import ConfigError
+from orchestrator.storage import Output
+
+
+def find_row(output: Output, prompt_id: str, seed: int) -> dict:
+    """The committed manifest row of (prompt_id, seed); a clear error when there is none."""
+    table = output.read_tables(output.list_keys("manifest", ".parquet"))
+    if table is None:
+        raise ConfigError(f"{output.uri} has no manifest parts; is it the --out of a generate run?")
+    match = table.filter(pc.and_(pc.equal(table["prompt_id"], prompt_id), pc.equal(table["seed"], seed)))
+    if match.num_rows == 0:
+        raise ConfigError(f"{output.uri}: no manifest row for prompt_id {prompt_id!r} and seed {seed}")
+    return match.slice(0, 1).to_pylist()[0]
+
+
+def reproduce_image(row: dict):
+    """The image of one manifest row, rendered alone (batch of one) through the same code path as the generator."""
+    import torch
+
+    from actors import diffusion
+    from actors.generator import device_and_dtype
+    from orchestrator.embedded import resolve_model
+    from orchestrator.seeds import batch_noise
+
+    model_path = resolve_model(row["model"])
+    identity = diffusion.model_identity(model_path)
+    if identity["scheduler"] != row["scheduler"]:
+        raise ConfigError(f"the manifest row used scheduler {row['scheduler']}, but {row['model']} now has "
+                          f"{identity['scheduler']}; the model folder changed since the run")
+    device, dtype = device_and_dtype()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    pipe = diffusion.load_pipeline(model_path, "full", device=device, dtype=dtype)
+    embeds = diffusion.encode_prompts(pipe, [row["prompt"]], row["guidance"])
+    embeds.pop("truncated", None)
+    latents = batch_noise([row["seed"]], diffusion.latent_shape(model_path, row["height"], row["width"]))
+    return diffusion.render(pipe, embeds, latents, steps=row["steps"], guidance_scale=row["guidance"],
+                            height=row["height"], width=row["width"])[0]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="seedsift reproduce", description=__doc__.splitlines()[0])
+    parser.add_argument("--manifest", required=True, help="the --out of the run (folder or s3:// prefix)")
+    parser.add_argument("--prompt-id", required=True)
+    parser.add_argument("--seed", type=int, required=True)
+    parser.add_argument("--out", required=True, help="image file to write (local path or URI)")
+    parser.add_argument("--storage-options", default="{}", help="JSON fsspec storage options")
+    args = parser.parse_args(argv)
+
+    def body() -> int:
+        from orchestrator.sink import encode_image
+
+        output = Output(args.manifest, json.loads(args.storage_options))
+        row = find_row(output, args.prompt_id, args.seed)
+        pixels = reproduce_image(row)
+        image_format = args.out.rsplit(".", 1)[-1].lower() if "." in args.out else "png"
+        with fsspec.open(args.out, "wb", **output.storage_options) as f:
+            f.write(encode_image(pixels, "jpeg" if image_format == "jpg" else image_format))
+        print(json.dumps({"prompt_id": row["prompt_id"], "seed": row["seed"], "written": args.out,
+                          "original": row["image_uri"]}))
+        return 0
+
+    return run_job(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""The job configuration: one typed object per run, validated before any compute starts, and its fingerprint.
+
+Built by the job entry points from the command line; read by the pipeline and written to OUT/run.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+
+POLICIES = ("random", "predictor")
+DEFAULT_MODEL = "embedded:tiny-sd"
+
+
+class ConfigError(ValueError):
+    """A configuration problem found before compute starts; the message names the input and the fix."""
+
+
+@dataclass
+class GenerateConfig:
+    prompts: str
+    out: str
+    model: str = DEFAULT_MODEL
+    candidates: int = 4
+    keep: int = 1
+    policy: str = "random"
+    predictor: str | None = None
+    steps: int = 20
+    guidance: float = 7.5
+    width: int | None = None
+    height: int | None = None
+    batch_size: int = 4
+    generators: int = 1
+    scorers: int = 1
+    rater: str = "colorfulness"
+    seed: int = 0
+    limit: int | None = None
+    address: str | None = None
+    generator_gpus: float | None = None  # None: 1 per generator when the cluster has GPUs, else 0
+    generator_cpus: float | None = None  # None: 2 per generator on GPU clusters, the machine's cores on CPU
+    scorer_cpus: float = 0.5
+    scorer_batch_size: int = 32
+    rater_cpus: float = 0.25
+    rater_gpus: float = 0.0
+    image_format: str = "png"
+    storage_options: dict = field(default_factory=dict, repr=False)  # may hold credentials: never printed
+    all_candidates: bool = False  # collect mode: render every candidate, ignore the policy
+
+    def validate(self) -> None:
+        """Raise ConfigError for anything that would fail later; touches no model and no storage."""
+        problems = []
+        if self.candidates < 1:
+            problems.append(f"--candidates must be at least 1 (got {self.candidates})")
+        if self.keep < 1:
+            problems.append(f"--keep must be at least 1 (got {self.keep})")
+        if self.candidates >= 1 and self.keep > self.candidates:
+            problems.append(f"--keep {self.keep} is more than --candidates {self.candidates}; keep at most N")
+        if self.policy not in POLICIES:
+            problems.append(f"--policy {self.policy!r} is unknown; use one of {', '.join(POLICIES)}")
+        if self.steps < 1:
+            problems.append(f"--steps must be at least 1 (got {self.steps})")
+        if self.guidance < 0:
+            problems.append(f"--guidance must be 0 or more (got {self.guidance})")
+        for name in ("width", "height"):
+            value = getattr(self, name)
+            if value is not None and (value <= 0 or value % 8):
+                problems.append(f"--{name} must be a positive multiple of 8 (got {value})")
+        for name in ("batch_size", "generators", "scorers", "scorer_batch_size"):
+            if getattr(self, name) < 1:
+                problems.append(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
+        if self.limit is not None and self.limit < 1:
+            problems.append(f"--limit must be at least 1 (got {self.limit})")
+        if self.image_format not in ("png", "jpeg", "webp"):
+            problems.append(f"--image-format {self.image_format!r} is unknown; use png, jpeg or webp")
+        if self.policy == "predictor" and not self.predictor and self.model != DEFAULT_MODEL:
+            problems.append("--policy predictor needs --predictor PATH for a model other than the embedded default")
+        problems += _model_problems(self.model)
+        if problems:
+            raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+    def fingerprint_fields(self) -> dict:
+        """What makes two runs produce the same images: a resumed run must match these exactly."""
+        return {
+            "model": self.model,
+            "candidates": self.candidates,
+            "keep": self.keep,
+            "policy": "all" if self.all_candidates else self.policy,
+            "predictor": self.predictor,
+            "steps": self.steps,
+            "guidance": self.guidance,
+            "width": self.width,
+            "height": self.height,
+            "rater": self.rater,
+            "seed": self.seed,
+            "image_format": self.image_format,
+        }
+
+    def fingerprint(self) -> str:
+        text = json.dumps(self.fingerprint_fields(), sort_keys=True)
+        return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
+
+    def public_dict(self) -> dict:
+        """The configuration without secrets, for run.json, summaries and logs."""
+        values = dataclasses.asdict(self)
+        values["storage_options"] = sorted(self.storage_options)  # option names only, never their values
+        return values
+
+
+def _model_problems(model: str) -> list[str]:
+    if model.startswith("embedded:"):
+        from orchestrator.embedded import EMBEDDED_MODELS
+
+        name = model.split(":", 1)[1]
+        if name not in EMBEDDED_MODELS:
+            return [f"--model {model}: unknown embedded model; use one of "
+                    + ", ".join(f"embedded:{n}" for n in EMBEDDED_MODELS)]
+        return []
+    looks_local = model.startswith((".", "/", "~")) or os.path.exists(model) or model.count("/") != 1
+    if looks_local:
+        folder = os.path.expanduser(model)
+        if not os.path.isdir(folder):
+            return [f"--model {model}: no such folder; give a diffusers pipeline folder or a hub id (owner/name)"]
+        if not os.path.exists(os.path.join(folder, "model_index.json")):
+            return [f"--model {model}: the folder has no model_index.json; save the pipeline with save_pretrained"]
+    return []

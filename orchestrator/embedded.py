@@ -1,0 +1,264 @@
+"""Embedded default pipelines: tiny Stable-Diffusion and PixArt pipelines built offline with random weights.
+
+Sits before every model-holding stage: `resolve_model` turns `embedded:NAME` into a cached local pipeline folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+EMBEDDED_PREFIX = "embedded:"
+# Bump when a builder changes so caches built by older code are never reused.
+EMBEDDED_VERSION = "v1"
+BUILD_SEED = 0
+
+# A small English corpus for the tiny T5 tokenizer: only its statistics matter, not its content.
+_T5_TRAINING_TEXT = [
+    "a photo of a cat sitting on a red chair",
+    "a painting of a squirrel eating a burger",
+    "an astronaut riding a horse on the moon",
+    "a watercolor landscape with mountains and a lake at sunset",
+    "a close up portrait of an old man with a beard, studio lighting",
+    "a futuristic city street at night with neon signs and rain",
+    "a bowl of fruit on a wooden table, still life, oil painting",
+    "two dogs playing in the snow in a park",
+    "a small cactus with a happy face in the sahara desert",
+    "a sailing boat on the ocean under a cloudy sky",
+    "the quick brown fox jumps over the lazy dog",
+    "a cozy living room with a fireplace and books on shelves",
+    "an illustration of a dragon flying over a castle",
+    "a macro photograph of a bee on a yellow flower",
+    "a black and white photo of a train station in the 1920s",
+]
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """CLIP/GPT-2's reversible byte -> printable character map (each of the 256 bytes gets one symbol)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    mapping = {b: chr(b) for b in printable}
+    shift = 0
+    for b in range(256):
+        if b not in mapping:
+            # Non-printable bytes are moved past 255 so every symbol is a visible character.
+            mapping[b] = chr(256 + shift)
+            shift += 1
+    return mapping
+
+
+def _tiny_clip_tokenizer():
+    """A 514-token byte-level CLIP tokenizer: no merges, so every character is its own token."""
+    from transformers import CLIPTokenizer
+
+    symbols = list(_bytes_to_unicode().values())
+    tokens = symbols + [s + "</w>" for s in symbols] + ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {token: index for index, token in enumerate(tokens)}
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+
+
+def _tiny_t5_tokenizer():
+    """A small Unigram T5 tokenizer trained here, so no sentencepiece file is needed."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import T5Tokenizer
+
+    backend = Tokenizer(models.Unigram())
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    trainer = trainers.UnigramTrainer(
+        vocab_size=300,
+        # T5's fixed layout: <pad>=0, </s>=1, <unk>=2.
+        special_tokens=["<pad>", "</s>", "<unk>"],
+        unk_token="<unk>",
+        # Every printable ASCII character is in the vocabulary, so plain English never maps to <unk>.
+        initial_alphabet=[chr(c) for c in range(32, 127)],
+        show_progress=False,
+    )
+    backend.train_from_iterator(_T5_TRAINING_TEXT, trainer=trainer)
+    vocab = _unigram_vocab(backend)
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=120)
+
+
+def _unigram_vocab(backend) -> list[tuple[str, float]]:
+    """The (piece, score) list of a trained Unigram model, read from its JSON form (the only public accessor)."""
+    model = json.loads(backend.to_str())["model"]
+    return [(piece, float(score)) for piece, score in model["vocab"]]
+
+
+def _tiny_vae():
+    """Two-level VAE (scale factor 2): a 64x64 image has a 32x32x4 latent."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=[4, 8],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        latent_channels=4,
+        norm_num_groups=2,
+        sample_size=64,
+    )
+
+
+def build_tiny_sd(folder: str) -> None:
+    """Save a tiny random-weight StableDiffusionPipeline (about 1.4 M UNet parameters) into `folder`."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = _tiny_clip_tokenizer()
+    # fork_rng keeps the caller's global RNG untouched while the weights come from a fixed seed.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(BUILD_SEED)
+        unet = UNet2DConditionModel(
+            block_out_channels=(32, 64),
+            layers_per_block=2,
+            sample_size=32,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=32,
+            norm_num_groups=2,
+        )
+        torch.manual_seed(BUILD_SEED)
+        vae = _tiny_vae()
+        torch.manual_seed(BUILD_SEED)
+        text_config = CLIPTextConfig(
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            layer_norm_eps=1e-5,
+            max_position_embeddings=77,
+            vocab_size=len(tokenizer),
+        )
+        text_encoder = CLIPTextModel(text_config)
+    # Stable Diffusion 1.x's own scheduler settings.
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="epsilon",
+        timestep_spacing="leading",
+    )
+    pipe = StableDiffusionPipeline(
+        unet=unet.eval(),
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(folder)
+
+
+def build_tiny_pixart(folder: str) -> None:
+    """Save a tiny random-weight PixArtAlphaPipeline (diffusers' test transformer, tiny T5) into `folder`."""
+    from diffusers import DPMSolverMultistepScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    tokenizer = _tiny_t5_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(BUILD_SEED)
+        # diffusers' unit-test shapes, with sample_size 32 to match the 32x32 latent of a 64x64 image.
+        transformer = PixArtTransformer2DModel(
+            sample_size=32,
+            num_layers=2,
+            patch_size=2,
+            attention_head_dim=8,
+            num_attention_heads=3,
+            caption_channels=32,
+            in_channels=4,
+            cross_attention_dim=24,
+            out_channels=8,
+            attention_bias=True,
+            activation_fn="gelu-approximate",
+            num_embeds_ada_norm=1000,
+            norm_type="ada_norm_single",
+            norm_elementwise_affine=False,
+            norm_eps=1e-6,
+        )
+        torch.manual_seed(BUILD_SEED)
+        vae = _tiny_vae()
+        torch.manual_seed(BUILD_SEED)
+        text_config = T5Config(
+            vocab_size=len(tokenizer),
+            d_model=32,
+            d_kv=8,
+            d_ff=37,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            dropout_rate=0.0,
+            feed_forward_proj="relu",
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            decoder_start_token_id=tokenizer.pad_token_id,
+        )
+        text_encoder = T5EncoderModel(text_config)
+    # PixArt-alpha's released checkpoints ship this scheduler; its defaults are theirs.
+    scheduler = DPMSolverMultistepScheduler()
+    pipe = PixArtAlphaPipeline(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder.eval(),
+        vae=vae.eval(),
+        transformer=transformer.eval(),
+        scheduler=scheduler,
+    )
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(folder)
+
+
+EMBEDDED_MODELS: dict[str, Callable[[str], None]] = {
+    "tiny-sd": build_tiny_sd,
+    "tiny-pixart": build_tiny_pixart,
+}
+
+
+def cache_root() -> Path:
+    """Where built pipelines are kept: `$SEEDSIFT_CACHE` or `~/.cache/seedsift`."""
+    return Path(os.environ.get("SEEDSIFT_CACHE") or Path.home() / ".cache" / "seedsift")
+
+
+def resolve_model(model: str) -> str:
+    """Local folder for `embedded:NAME` (built once per node); any other model string is returned unchanged."""
+    if not model.startswith(EMBEDDED_PREFIX):
+        return model
+    name = model[len(EMBEDDED_PREFIX) :]
+    if name not in EMBEDDED_MODELS:
+        known = ", ".join(EMBEDDED_PREFIX + n for n in EMBEDDED_MODELS)
+        raise ValueError(f"model {model!r}: unknown embedded model {name!r} (known: {known})")
+    models_dir = cache_root() / "models"
+    target = models_dir / f"{name}-{EMBEDDED_VERSION}"
+    if target.is_dir():
+        return str(target)
+    models_dir.mkdir(parents=True, exist_ok=True)
+    # Build beside the target and rename: a rename within one folder is atomic, so readers never see half a build.
+    staging = tempfile.mkdtemp(prefix=f".{name}-{EMBEDDED_VERSION}-", dir=models_dir)
+    try:
+        EMBEDDED_MODELS[name](staging)
+        try:
+            os.rename(staging, target)
+        except OSError:
+            # Another builder on this node won the race; its copy is identical, so keep theirs.
+            if not target.is_dir():
+                raise
+    finally:
+        if os.path.isdir(staging):
+            shutil.rmtree(staging, ignore_errors=True)
+    return str(target)

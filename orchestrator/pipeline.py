@@ -1,0 +1,212 @@
+"""The pipeline that ties the stages together on Ray Data: read -> score -> render -> rate -> sink, streamed.
+
+Called by the generate and collect jobs. The driver validates, plans resources, then only counts committed rows.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import pyarrow.compute as pc
+import ray
+
+from actors import diffusion
+from actors.generator import GeneratorStage
+from actors.rater import RaterStage, validate_rater_spec
+from actors.scorer import ScorerStage
+from orchestrator.config import ConfigError, GenerateConfig
+from orchestrator.embedded import resolve_model
+from orchestrator.reader import READ_CPUS, read_corpus
+from orchestrator.sink import write_unit
+from orchestrator.storage import Output
+
+logger = logging.getLogger("seedsift")
+RUN_FILE = "run.json"
+SUMMARY_FILE = "summary.json"
+
+
+def prepare(config: GenerateConfig) -> tuple[Output, str]:
+    """Everything that can fail before compute: configuration, rater, model folder, output. Returns (output, model path)."""
+    config.validate()
+    try:
+        validate_rater_spec(config.rater)
+    except ValueError as exc:
+        raise ConfigError(f"--rater {config.rater}: {exc}") from exc
+    model_path = resolve_model(config.model)
+    default_width, default_height = diffusion.default_image_size(model_path)
+    config.width = config.width or default_width
+    config.height = config.height or default_height
+    try:
+        diffusion.latent_shape(model_path, config.height, config.width)
+    except ValueError as exc:
+        raise ConfigError(f"--width/--height: {exc}") from exc
+    output = Output(config.out, config.storage_options)
+    output.check_writable()
+    _check_run_file(output, config)
+    return output, model_path
+
+
+def _check_run_file(output: Output, config: GenerateConfig) -> None:
+    """Refuse to mix two run configurations in one output; write run.json for a new output."""
+    if output.exists(RUN_FILE):
+        previous = output.read_json(RUN_FILE)
+        if previous.get("fingerprint") != config.fingerprint():
+            old, new = previous.get("fingerprint_fields", {}), config.fingerprint_fields()
+            changed = ", ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in new if old.get(k) != new[k])
+            raise ConfigError(
+                f"{output.uri} holds a run with another configuration ({changed}); resuming would mix images "
+                "from two configurations. Write to a new --out, or rerun with the earlier settings."
+            )
+        return
+    output.write_json(RUN_FILE, {
+        "fingerprint": config.fingerprint(),
+        "fingerprint_fields": config.fingerprint_fields(),
+        "config": config.public_dict(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    })
+
+
+def committed_pairs(output: Output) -> set[tuple[str, int]]:
+    """(prompt_id, seed) of every committed row that needs no more work; a column read of the manifest parts."""
+    table = output.read_tables(output.list_keys("manifest", ".parquet"), ["prompt_id", "seed", "status"])
+    if table is None:
+        return set()
+    table = table.filter(pc.is_in(table["status"], value_set=pc.cast(["ok", "quarantined"], table["status"].type)))
+    seeds = table["seed"].fill_null(-1).to_pylist()
+    return set(zip(table["prompt_id"].to_pylist(), seeds))
+
+
+def connect_ray(address: str | None) -> None:
+    """Join the named cluster (or RAY_ADDRESS, set under `ray job submit`), else start a local Ray instance."""
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+    else:
+        # Light stages (reading, scoring, rating, writing) mostly wait; two spare logical CPUs let them run
+        # beside generators that own every physical core.
+        ray.init(address="local", num_cpus=(os.cpu_count() or 1) + 2)
+
+
+def plan_resources(config: GenerateConfig) -> dict:
+    """Per-generator GPUs and CPUs: a whole GPU each where the cluster has GPUs, the cores otherwise."""
+    resources = ray.cluster_resources()
+    gpus = config.generator_gpus
+    if gpus is None:
+        gpus = 1.0 if resources.get("GPU", 0) > 0 else 0.0
+    cpus = config.generator_cpus
+    if cpus is None:
+        cpus = 2.0 if gpus > 0 else max(1.0, (resources.get("CPU", 1) - 2) // config.generators)
+    return {"generator_gpus": gpus, "generator_cpus": cpus}
+
+
+def build_dataset(config: GenerateConfig, output: Output, model_path: str, done: set | None = None):
+    """The lazy Ray dataset of committed manifest rows for a run."""
+    resources = plan_resources(config)
+    identity = diffusion.model_identity(model_path)
+    run_fields = {
+        "model": config.model,
+        "scheduler": identity["scheduler"],
+        "steps": config.steps,
+        "guidance": config.guidance,
+        "width": config.width,
+        "height": config.height,
+        "policy": "all" if config.all_candidates else config.policy,
+        "rater": config.rater,
+        "run_id": config.fingerprint(),
+    }
+    done_ref = ray.put(done or set())
+    ds = read_corpus(config.prompts, config.storage_options, config.limit)
+    ds = ds.map_batches(
+        ScorerStage,
+        fn_constructor_args=(config.model,),
+        fn_constructor_kwargs=dict(
+            run_seed=config.seed, candidates=config.candidates, keep=config.keep, policy=config.policy,
+            guidance=config.guidance, height=config.height, width=config.width, predictor_path=config.predictor,
+            all_candidates=config.all_candidates, num_threads=max(1, int(config.scorer_cpus)), done=[done_ref],
+        ),
+        batch_format="numpy", batch_size=config.scorer_batch_size, concurrency=config.scorers,
+        num_cpus=config.scorer_cpus,
+    )
+    ds = ds.map_batches(
+        GeneratorStage,
+        fn_constructor_args=(config.model,),
+        fn_constructor_kwargs=dict(
+            steps=config.steps, guidance=config.guidance, height=config.height, width=config.width,
+            num_threads=max(1, int(resources["generator_cpus"])),
+        ),
+        batch_format="numpy", batch_size=config.batch_size, concurrency=config.generators,
+        num_cpus=resources["generator_cpus"], num_gpus=resources["generator_gpus"],
+    )
+    ds = ds.map_batches(
+        RaterStage,
+        fn_constructor_args=(config.rater,),
+        fn_constructor_kwargs=dict(num_threads=max(1, int(config.rater_cpus))),
+        batch_format="numpy", batch_size=config.batch_size, concurrency=1,
+        num_cpus=config.rater_cpus, num_gpus=config.rater_gpus,
+    )
+    ds = ds.map_batches(
+        write_unit,
+        fn_kwargs=dict(output=output, run_fields=run_fields, image_format=config.image_format),
+        batch_format="numpy", batch_size=max(config.batch_size, 16), num_cpus=READ_CPUS,
+    )
+    return ds
+
+
+def run(config: GenerateConfig) -> dict:
+    """Run a generate (or collect) job to the end and return its summary, also written to OUT/summary.json."""
+    started = time.time()
+    output, model_path = prepare(config)
+    done = committed_pairs(output)
+    connect_ray(config.address)
+    ds = build_dataset(config, output, model_path, done)
+    this_run = {"rows": 0, "images": 0, "failed": 0, "quarantined": 0}
+    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        statuses = batch["status"].to_pylist()
+        this_run["rows"] += len(statuses)
+        this_run["images"] += statuses.count("ok")
+        this_run["failed"] += statuses.count("failed")
+        this_run["quarantined"] += statuses.count("quarantined")
+    wall = time.time() - started
+    summary = summarise(output, config, this_run, wall, skipped=len(done))
+    output.write_json(SUMMARY_FILE, summary)
+    return summary
+
+
+def summarise(output: Output, config: GenerateConfig, this_run: dict, wall: float, skipped: int) -> dict:
+    """Totals over every committed row of the output, plus what this run did."""
+    table = output.read_tables(output.list_keys("manifest", ".parquet"), ["prompt_id", "status", "rank"])
+    statuses = table["status"].to_pylist() if table is not None else []
+    ok_prompts = set()
+    quarantined = 0
+    if table is not None:
+        for prompt_id, status in zip(table["prompt_id"].to_pylist(), statuses):
+            if status == "quarantined":
+                quarantined += 1
+            else:
+                ok_prompts.add(prompt_id)
+    images = statuses.count("ok")
+    steps_spent = images * config.steps
+    best_of_n_steps = len(ok_prompts) * config.candidates * config.steps
+    return {
+        "output": output.uri,
+        "run_id": config.fingerprint(),
+        "prompts": len(ok_prompts),
+        "prompts_quarantined": quarantined,
+        "images": images,
+        "failures": statuses.count("failed"),
+        "candidates_per_prompt": config.candidates,
+        "kept_per_prompt": config.candidates if config.all_candidates else config.keep,
+        "denoising_steps_spent": steps_spent,
+        "denoising_steps_best_of_n": best_of_n_steps,
+        "steps_saved_vs_best_of_n": 1 - steps_spent / best_of_n_steps if best_of_n_steps else 0.0,
+        "this_run": {
+            **this_run,
+            "skipped_already_committed": skipped,
+            "wall_time_s": round(wall, 2),
+            "images_per_s": round(this_run["images"] / wall, 3) if wall > 0 else 0.0,
+        },
+    }
