@@ -1,6 +1,6 @@
 """Model-family adapters: load, encode prompts and render for Stable-Diffusion-style and PixArt-style pipelines.
 
-Shared by the scorer, the generator and reproduce: prompts become embeddings once, renders reuse them with given latents.
+Shared by scorer, generator and reproduce: prompts become embeddings once; renders reuse them with given latents.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def _family_of_class(class_name: str, where: str) -> str:
 
 
 def pipeline_family(path_or_pipe: Any) -> str:
-    """"sd" or "pixart", from a pipeline folder's model_index.json or from a loaded pipeline object."""
+    """Family name, "sd" or "pixart", from a pipeline folder's model_index.json or from a loaded pipeline object."""
     if isinstance(path_or_pipe, (str, os.PathLike)):
         path = os.fspath(path_or_pipe)
         class_name = _read_config(path).get("_class_name", "<missing _class_name>")
@@ -114,6 +114,10 @@ def encode_prompts(pipe, prompts: list[str], guidance_scale: float) -> dict[str,
     (prompt_attention_mask, negative_prompt_attention_mask), and truncated (B,) bool.
     """
     family = pipeline_family(pipe)
+    if pipe.text_encoder is None or pipe.tokenizer is None:
+        raise ValueError(
+            f"encode_prompts: this {type(pipe).__name__} has no text encoder; load it with part='text' or part='full'"
+        )
     prompts = list(prompts)
     guided = guidance_scale > 1.0
     device = pipe._execution_device

@@ -64,23 +64,28 @@ def _tiny_clip_tokenizer():
 
 
 def _tiny_t5_tokenizer():
-    """A small Unigram T5 tokenizer trained here, so no sentencepiece file is needed."""
+    """A small Unigram T5 tokenizer whose pieces are learned here, so no sentencepiece file is needed."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import T5Tokenizer
 
     backend = Tokenizer(models.Unigram())
     backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    special = ["<pad>", "</s>", "<unk>"]  # T5's fixed layout: <pad>=0, </s>=1, <unk>=2.
     trainer = trainers.UnigramTrainer(
-        vocab_size=300,
-        # T5's fixed layout: <pad>=0, </s>=1, <unk>=2.
-        special_tokens=["<pad>", "</s>", "<unk>"],
+        # Above the number of candidate pieces this corpus has (185), so no pruning round decides which survive.
+        vocab_size=1000,
+        special_tokens=special,
         unk_token="<unk>",
         # Every printable ASCII character is in the vocabulary, so plain English never maps to <unk>.
         initial_alphabet=[chr(c) for c in range(32, 127)],
         show_progress=False,
     )
     backend.train_from_iterator(_T5_TRAINING_TEXT, trainer=trainer)
-    vocab = _unigram_vocab(backend)
+    # The trainer's piece order and EM scores change from run to run (hash-map order, float sums), which would
+    # give every node a different token -> embedding-row mapping. The piece set is stable, so keep only that,
+    # in sorted order, with one score for all: segmentation then uses the fewest pieces.
+    pieces = sorted(piece for piece, _ in _unigram_vocab(backend) if piece not in special)
+    vocab = [(piece, 0.0) for piece in special] + [(piece, -1.0) for piece in pieces]
     return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=120)
 
 
@@ -250,6 +255,8 @@ def resolve_model(model: str) -> str:
     models_dir.mkdir(parents=True, exist_ok=True)
     # Build beside the target and rename: a rename within one folder is atomic, so readers never see half a build.
     staging = tempfile.mkdtemp(prefix=f".{name}-{EMBEDDED_VERSION}-", dir=models_dir)
+    # mkdtemp makes the folder private (0700); the cache is shared, so open it like any other folder.
+    os.chmod(staging, 0o755)
     try:
         EMBEDDED_MODELS[name](staging)
         try:

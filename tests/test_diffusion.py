@@ -66,7 +66,8 @@ def test_build_is_deterministic_and_leaves_caller_rng_alone(family, model_paths,
     builder(str(tmp_path / "again"))
     assert torch.equal(rng_before, torch.get_rng_state())
 
-    for weights in (DENOISER_WEIGHTS[family], "vae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
+    vae_weights = "vae/diffusion_pytorch_model.safetensors"
+    for weights in (DENOISER_WEIGHTS[family], vae_weights, "text_encoder/model.safetensors"):
         first = load_file(os.path.join(model_paths[family], weights))
         second = load_file(str(tmp_path / "again" / weights))
         assert first.keys() == second.keys()
@@ -87,8 +88,8 @@ def test_clip_tokenizer_round_trips_and_handles_any_text(tiny_sd_path):
     ids = tokenizer(text).input_ids
     assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id
     assert tokenizer.unk_token_id not in ids[1:-1]
-    # CLIP lowercases; byte-level symbols make every other character survive the round trip.
-    assert tokenizer.decode(ids, skip_special_tokens=True) == text.lower()
+    # CLIP lowercases and splits punctuation into its own word; byte-level symbols keep everything else.
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "ünïcödé prompt 日本語 🐱, with punctuation !"
     assert embedded._tiny_clip_tokenizer()(text).input_ids == ids
 
 
@@ -194,6 +195,8 @@ def test_load_pipeline_parts_skip_components(family, pipes):
     assert getattr(render, denoiser) is not None and render.vae is not None
     with pytest.raises(ValueError, match="part"):
         diffusion.load_pipeline("unused", "everything")
+    with pytest.raises(ValueError, match="part='text'"):
+        diffusion.encode_prompts(render, PROMPTS, GUIDANCE)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -274,4 +277,6 @@ def test_render_without_negative_embeds_explains_the_fix(model_paths, pipes):
     embeds = diffusion.encode_prompts(pipes[("sd", "text")], PROMPTS, 1.0)
     latents = batch_noise([1, 2], diffusion.latent_shape(model_paths["sd"], SIZE, SIZE))
     with pytest.raises(ValueError, match="negative_prompt_embeds"):
-        diffusion.render(pipes[("sd", "render")], embeds, latents, steps=1, guidance_scale=GUIDANCE, height=SIZE, width=SIZE)
+        diffusion.render(
+            pipes[("sd", "render")], embeds, latents, steps=1, guidance_scale=GUIDANCE, height=SIZE, width=SIZE
+        )
