@@ -77,6 +77,17 @@ def latent_shape(model_path: str, height: int, width: int) -> tuple[int, int, in
     return (int(denoiser["in_channels"]), height // scale_factor, width // scale_factor)
 
 
+def default_image_size(model_path: str) -> tuple[int, int]:
+    """(width, height) the pipeline was trained at: the denoiser's sample size times the VAE scale factor."""
+    family = pipeline_family(model_path)
+    denoiser = _read_config(model_path, DENOISER_BY_FAMILY[family])
+    vae = _read_config(model_path, "vae")
+    sample = denoiser["sample_size"]
+    sample = sample if isinstance(sample, (list, tuple)) else (sample, sample)
+    scale_factor = 2 ** (len(vae["block_out_channels"]) - 1)
+    return int(sample[1]) * scale_factor, int(sample[0]) * scale_factor
+
+
 def load_pipeline(model_path: str, part: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
     """Load the whole pipeline ("full"), only tokenizer + text encoder ("text"), or all but those ("render")."""
     from diffusers import DiffusionPipeline
