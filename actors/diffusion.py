@@ -91,7 +91,9 @@ def default_image_size(model_path: str) -> tuple[int, int]:
 def load_pipeline(model_path: str, part: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
     """Load the whole pipeline ("full"), only tokenizer + text encoder ("text"), or all but those ("render")."""
     from diffusers import DiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
 
+    diffusers_logging.disable_progress_bar()  # one bar per actor start is noise in a corpus job's log
     if part not in PARTS:
         raise ValueError(f"part {part!r}: unknown (expected one of {', '.join(PARTS)})")
     family = pipeline_family(model_path)

@@ -6,6 +6,7 @@ Tiny pipelines are built once per session from configs with random weights: no d
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -37,13 +38,54 @@ def parti_path() -> str:
     return str(SHARED_PARTI if SHARED_PARTI.exists() else REPO_ROOT / "examples" / "parti-sample.tsv")
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(scope="session")
-def ray_session(tmp_path_factory):
+def s3_endpoint():
+    """A real S3 endpoint on loopback (moto's server), reached over HTTP exactly like real S3.
+
+    The standard AWS variables point at it before Ray starts, so Ray workers find it through the usual chain.
+    """
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="testing-key-id",
+                      AWS_SECRET_ACCESS_KEY="testing-secret-value")
+    yield endpoint
+    server.stop()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def ray_session(tmp_path_factory, s3_endpoint):
     """One local Ray instance for the whole session (ray.init costs about 6 s); the model cache is shared too."""
     import ray
 
-    os.environ.setdefault("SEEDSIFT_CACHE", str(tmp_path_factory.mktemp("seedsift-cache")))
-    ray.init(address="local", num_cpus=4, include_dashboard=False,
-             runtime_env={"env_vars": {"SEEDSIFT_CACHE": os.environ["SEEDSIFT_CACHE"]}})
+    os.environ["SEEDSIFT_CACHE"] = str(tmp_path_factory.mktemp("seedsift-cache"))
+    ray.init(address="local", num_cpus=4, include_dashboard=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint):
+    """A fresh bucket on the loopback S3 endpoint, as an s3:// URI."""
+    import uuid
+
+    import s3fs
+
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    s3fs.S3FileSystem(endpoint_url=s3_endpoint).mkdir(name)
+    return f"s3://{name}"
