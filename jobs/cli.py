@@ -10,6 +10,7 @@ import sys
 
 JOBS = {
     "generate": "render k selected seeds per prompt for a corpus",
+    "collect": "render and rate all N candidates per prompt into a predictor training set",
     "reproduce": "rebuild one image from its manifest row",
 }
 

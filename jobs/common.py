@@ -39,6 +39,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     add("--scorer-cpus", type=float, default=0.5, help="CPUs per scorer actor")
     add("--rater-gpus", type=float, default=0.0, help="GPU fraction per rater actor (model raters on GPU nodes)")
     add("--image-format", default="png", help="png, jpeg or webp")
+    add("--sample", type=float, default=None, help="keep a stable fraction of the prompts (hash of prompt id)")
     add("--storage-options", default="{}", help="JSON fsspec storage options (default: the AWS credential chain)")
 
 

@@ -48,6 +48,8 @@ class GenerateConfig:
     image_format: str = "png"
     storage_options: dict = field(default_factory=dict, repr=False)  # may hold credentials: never printed
     all_candidates: bool = False  # collect mode: render every candidate, ignore the policy
+    save_images: bool = True
+    sample: float | None = None  # keep this stable fraction of prompts (by prompt id hash), e.g. for a training set
 
     def validate(self) -> None:
         """Raise ConfigError for anything that would fail later; touches no model and no storage."""
@@ -73,6 +75,8 @@ class GenerateConfig:
                 problems.append(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
         if self.limit is not None and self.limit < 1:
             problems.append(f"--limit must be at least 1 (got {self.limit})")
+        if self.sample is not None and not 0 < self.sample <= 1:
+            problems.append(f"--sample must be in (0, 1] (got {self.sample})")
         if self.image_format not in ("png", "jpeg", "webp"):
             problems.append(f"--image-format {self.image_format!r} is unknown; use png, jpeg or webp")
         if self.policy == "predictor" and not self.predictor and self.model != DEFAULT_MODEL:
@@ -96,6 +100,7 @@ class GenerateConfig:
             "rater": self.rater,
             "seed": self.seed,
             "image_format": self.image_format,
+            "sample": self.sample,
         }
 
     def fingerprint(self) -> str:

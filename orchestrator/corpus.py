@@ -46,6 +46,12 @@ def prompt_id_for(prompt: str) -> str:
     return hashlib.blake2b(prompt.strip().encode("utf-8"), digest_size=8).hexdigest()
 
 
+def in_sample(prompt_id: str, fraction: float) -> bool:
+    """Whether a prompt belongs to a stable pseudo-random sample: the same prompts at any corpus size or order."""
+    digest = hashlib.blake2b(f"sample\x1f{prompt_id}".encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") < fraction * 2**64
+
+
 def corpus_record(prompt, raw_id, source: str) -> dict:
     """One corpus row; a prompt that cannot be rendered is kept as a quarantined row with the reason."""
     error = None

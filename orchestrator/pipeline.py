@@ -97,6 +97,10 @@ def plan_resources(config: GenerateConfig) -> dict:
     gpus = config.generator_gpus
     if gpus is None:
         gpus = 1.0 if resources.get("GPU", 0) > 0 else 0.0
+        if gpus == 0 and (config.address or os.environ.get("RAY_ADDRESS")):
+            # An autoscaling cluster whose GPU workers start at zero shows no GPU yet.
+            logger.warning("the cluster has no GPU now, so generators run on CPU; on an autoscaling cluster "
+                           "whose GPU workers start at 0, pass --generator-gpus 1 so that GPU nodes are launched")
     cpus = config.generator_cpus
     if cpus is None:
         cpus = 2.0 if gpus > 0 else max(1.0, (resources.get("CPU", 1) - 2) // config.generators)
@@ -119,7 +123,7 @@ def build_dataset(config: GenerateConfig, output: Output, model_path: str, done:
         "run_id": config.fingerprint(),
     }
     done_ref = ray.put(done or set())
-    ds = read_corpus(config.prompts, config.storage_options, config.limit)
+    ds = read_corpus(config.prompts, config.storage_options, config.limit, config.sample)
     ds = ds.map_batches(
         ScorerStage,
         fn_constructor_args=(config.model,),
@@ -150,7 +154,8 @@ def build_dataset(config: GenerateConfig, output: Output, model_path: str, done:
     )
     ds = ds.map_batches(
         write_unit,
-        fn_kwargs=dict(output=output, run_fields=run_fields, image_format=config.image_format),
+        fn_kwargs=dict(output=output, run_fields=run_fields, image_format=config.image_format,
+                       save_images=config.save_images),
         batch_format="numpy", batch_size=max(config.batch_size, 16), num_cpus=READ_CPUS,
     )
     return ds

@@ -13,7 +13,7 @@ import pyarrow.fs as pafs
 import ray
 from ray.data.datasource import FileBasedDatasource
 
-from orchestrator.corpus import CORPUS_SCHEMA, corpus_format, parse_lines, parse_table, rows_to_blocks
+from orchestrator.corpus import CORPUS_SCHEMA, corpus_format, in_sample, parse_lines, parse_table, rows_to_blocks
 
 READ_CPUS = 0.25  # reading is I/O bound; a whole core would starve the model stages on small machines
 
@@ -42,7 +42,13 @@ def arrow_filesystem(uri: str, storage_options: dict | None) -> tuple[pafs.FileS
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
 
 
-def read_corpus(uri: str, storage_options: dict | None = None, limit: int | None = None) -> ray.data.Dataset:
+def _keep_sample(table: pa.Table, fraction: float) -> pa.Table:
+    mask = [in_sample(prompt_id, fraction) for prompt_id in table["prompt_id"].to_pylist()]
+    return table.filter(pa.array(mask, type=pa.bool_()))
+
+
+def read_corpus(uri: str, storage_options: dict | None = None, limit: int | None = None,
+                sample: float | None = None) -> ray.data.Dataset:
     """A Ray dataset of corpus rows; the driver only lists the file, workers stream it."""
     fmt = corpus_format(uri)
     filesystem, path = arrow_filesystem(uri, storage_options)
@@ -53,4 +59,7 @@ def read_corpus(uri: str, storage_options: dict | None = None, limit: int | None
     else:
         source = CorpusTextDatasource(path, fmt, uri, filesystem=filesystem)
         ds = ray.data.read_datasource(source, num_cpus=READ_CPUS)
+    if sample is not None and sample < 1:
+        ds = ds.map_batches(_keep_sample, batch_format="pyarrow", fn_kwargs={"fraction": sample},
+                            num_cpus=READ_CPUS, batch_size=None)
     return ds.limit(limit) if limit else ds

@@ -21,13 +21,15 @@ def encode_image(pixels: np.ndarray, image_format: str) -> bytes:
     return buffer.getvalue()
 
 
-def write_unit(batch: dict[str, np.ndarray], *, output: Output, run_fields: dict, image_format: str) -> pa.Table:
+def write_unit(
+    batch: dict[str, np.ndarray], *, output: Output, run_fields: dict, image_format: str, save_images: bool = True
+) -> pa.Table:
     """Write one unit of work (a batch of rated rows); returns its manifest rows, already committed."""
     rows = []
     for i in range(len(batch["status"])):
         row = {name: _plain(batch[name][i]) for name in MANIFEST_COLUMNS if name in batch}
         row.update(run_fields)
-        if row["status"] == "ok":
+        if row["status"] == "ok" and save_images:
             key = image_key(row["prompt_id"], row["seed"], image_format)
             output.write_bytes(key, encode_image(batch["image"][i], image_format))
             row["image_uri"] = output.uri_of(key)

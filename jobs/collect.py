@@ -1,0 +1,59 @@
+"""The collect job: renders and rates all N candidate seeds of each prompt, and writes a predictor training set.
+
+Run as `seedsift collect ...` with generate's flags; the same run seed gives the same candidate seeds as generate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from jobs.common import add_run_arguments, config_from_args, run_job
+from orchestrator import pipeline
+from orchestrator.storage import Output
+
+DATASET_FILE = "dataset.parquet"
+DATASET_COLUMNS = ["prompt_id", "prompt", "seed", "candidate_index", "score", "model", "scheduler", "steps",
+                   "guidance", "width", "height", "rater", "run_id"]
+
+
+def write_dataset(output: Output) -> int:
+    """Gather the committed rows into OUT/dataset.parquet (seeds, not noise: noise is re-derived); returns rows."""
+    table = output.read_tables(output.list_keys("manifest", ".parquet"))
+    table = table.filter(pc.equal(table["status"], "ok")).select(DATASET_COLUMNS)
+    table = table.sort_by([("prompt_id", "ascending"), ("candidate_index", "ascending")])
+    # A prompt repeated verbatim in the corpus has one id and so the same seeds: keep one copy of each row.
+    seen: set = set()
+    first = [not (pair in seen or seen.add(pair)) for pair in zip(table["prompt_id"].to_pylist(), table["seed"].to_pylist())]
+    table = table.filter(pa.array(first, type=pa.bool_()))
+    output.write_table(DATASET_FILE, table)
+    return table.num_rows
+
+
+def parser() -> argparse.ArgumentParser:
+    result = argparse.ArgumentParser(prog="seedsift collect", description=__doc__.splitlines()[0])
+    add_run_arguments(result)
+    result.add_argument("--no-images", action="store_true", help="rate the images but do not store them")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+
+    def body() -> int:
+        config = config_from_args(args, all_candidates=True, keep=args.candidates, save_images=not args.no_images)
+        summary = pipeline.run(config)
+        summary["dataset_rows"] = write_dataset(Output(config.out, config.storage_options))
+        summary["dataset"] = f"{config.out.rstrip('/')}/{DATASET_FILE}"
+        print(json.dumps(summary, indent=2))
+        return 0
+
+    return run_job(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
