@@ -88,6 +88,12 @@ def default_image_size(model_path: str) -> tuple[int, int]:
     return int(sample[1]) * scale_factor, int(sample[0]) * scale_factor
 
 
+def text_embedding_dim(model_path: str) -> int:
+    """Width of the text encoder's token embeddings (CLIP hidden_size, T5 d_model); configs only."""
+    config = _read_config(model_path, "text_encoder")
+    return int(config.get("hidden_size") or config["d_model"])
+
+
 def load_pipeline(model_path: str, part: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
     """Load the whole pipeline ("full"), only tokenizer + text encoder ("text"), or all but those ("render")."""
     from diffusers import DiffusionPipeline

@@ -50,9 +50,9 @@ class ScorerStage:
         self.latent_shape = diffusion.latent_shape(model_path, height, width)
         self.predictor = None
         if self.policy == "predictor":
-            from orchestrator.predictor import load_predictor  # only the predictor policy needs it
+            from orchestrator.predictor import load_predictor, resolve_predictor  # only this policy needs them
 
-            self.predictor = load_predictor(predictor_path, model_path)
+            self.predictor = load_predictor(resolve_predictor(predictor_path, model), model_path, height, width)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return _drop_rows(self.score(batch), self.done)
@@ -63,7 +63,7 @@ class ScorerStage:
         position = {row: j for j, row in enumerate(ok)}
         out_rows: list[int] = []  # for each output row: the input row it came from
         out_embed_rows: list[int] = []  # and that row's position in `embeds` (-1 for a quarantined row)
-        seeds, indices, ranks, predicted = [], [], [], []
+        seeds, indices, ranks, predicted, prompt_mean, prompt_std = [], [], [], [], [], []
         for row in range(len(batch["status"])):
             if row not in position:
                 out_rows.append(row)
@@ -72,6 +72,8 @@ class ScorerStage:
                 indices.append(-1)
                 ranks.append(0)
                 predicted.append(np.nan)
+                prompt_mean.append(np.nan)
+                prompt_std.append(np.nan)
                 continue
             prompt_seeds = candidate_seeds(self.run_seed, str(batch["prompt_id"][row]), self.candidates)
             scores = self._predict(prompt_seeds, embeds, position[row])
@@ -83,11 +85,15 @@ class ScorerStage:
                 indices.append(index)
                 ranks.append(rank)
                 predicted.append(np.nan if scores is None else float(scores[index]))
+                prompt_mean.append(np.nan if scores is None else float(np.mean(scores)))
+                prompt_std.append(np.nan if scores is None else float(np.std(scores)))
         out = {name: batch[name][out_rows] for name in PASS_THROUGH + ("status", "error")}
         out["seed"] = np.asarray(seeds, dtype=np.int64)
         out["candidate_index"] = np.asarray(indices, dtype=np.int32)
         out["rank"] = np.asarray(ranks, dtype=np.int32)
         out["predicted_score"] = np.asarray(predicted, dtype=np.float64)
+        out["prompt_predicted_mean"] = np.asarray(prompt_mean, dtype=np.float64)
+        out["prompt_predicted_std"] = np.asarray(prompt_std, dtype=np.float64)
         out["truncated"] = np.asarray(
             [bool(embeds["truncated"][j]) if j >= 0 else False for j in out_embed_rows], dtype=bool
         )

@@ -50,6 +50,7 @@ class GenerateConfig:
     all_candidates: bool = False  # collect mode: render every candidate, ignore the policy
     save_images: bool = True
     sample: float | None = None  # keep this stable fraction of prompts (by prompt id hash), e.g. for a training set
+    predictor_digest: str | None = None  # content hash of the predictor's weights, set when the run is prepared
 
     def validate(self) -> None:
         """Raise ConfigError for anything that would fail later; touches no model and no storage."""
@@ -92,7 +93,7 @@ class GenerateConfig:
             "candidates": self.candidates,
             "keep": self.keep,
             "policy": "all" if self.all_candidates else self.policy,
-            "predictor": self.predictor,
+            "predictor": self.predictor_digest if self.policy != "random" and not self.all_candidates else None,
             "steps": self.steps,
             "guidance": self.guidance,
             "width": self.width,

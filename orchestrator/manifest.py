@@ -19,6 +19,8 @@ MANIFEST_SCHEMA = pa.schema(
         ("candidate_index", pa.int32()),
         ("rank", pa.int32()),
         ("predicted_score", pa.float64()),
+        ("prompt_predicted_mean", pa.float64()),  # over all N candidates: how good this prompt's seeds look
+        ("prompt_predicted_std", pa.float64()),  # their spread: how much choosing a seed can gain
         ("score", pa.float64()),
         ("image_uri", pa.string()),
         ("model", pa.string()),

@@ -17,6 +17,7 @@ from actors.generator import GeneratorStage
 from actors.rater import RaterStage, validate_rater_spec
 from actors.scorer import ScorerStage
 from orchestrator.config import ConfigError, GenerateConfig
+from orchestrator.dedup import drop_duplicates
 from orchestrator.embedded import resolve_model
 from orchestrator.reader import READ_CPUS, read_corpus
 from orchestrator.sink import write_unit
@@ -39,13 +40,34 @@ def prepare(config: GenerateConfig) -> tuple[Output, str]:
     config.width = config.width or default_width
     config.height = config.height or default_height
     try:
-        diffusion.latent_shape(model_path, config.height, config.width)
+        latent_shape = diffusion.latent_shape(model_path, config.height, config.width)
     except ValueError as exc:
         raise ConfigError(f"--width/--height: {exc}") from exc
+    if config.policy != "random" and not config.all_candidates:
+        config.predictor_digest = _check_predictor(config, model_path, latent_shape)
     output = Output(config.out, config.storage_options)
     output.check_writable()
     _check_run_file(output, config)
     return output, model_path
+
+
+def _check_predictor(config: GenerateConfig, model_path: str, latent_shape: tuple) -> str:
+    """Refuse a predictor trained for another pipeline before any compute; returns its weights' digest."""
+    from orchestrator.predictor import PredictorMismatch, check_compatible, read_config, resolve_predictor, weights_digest
+
+    try:
+        folder = resolve_predictor(config.predictor, config.model)
+        trained = read_config(folder)
+        check_compatible(trained, latent_shape, diffusion.text_embedding_dim(model_path),
+                         diffusion.pipeline_family(model_path), folder)
+    except PredictorMismatch as exc:
+        raise ConfigError(str(exc)) from exc
+    differences = {k: (trained.pipeline.get(k), getattr(config, k)) for k in ("steps", "guidance")
+                   if trained.pipeline.get(k) not in (None, getattr(config, k))}
+    if differences:
+        logger.warning("predictor %s was trained at %s; this run uses other settings: its ranking may be weaker",
+                       folder, ", ".join(f"{k}={a} (run: {b})" for k, (a, b) in differences.items()))
+    return weights_digest(folder)
 
 
 def _check_run_file(output: Output, config: GenerateConfig) -> None:
@@ -124,6 +146,7 @@ def build_dataset(config: GenerateConfig, output: Output, model_path: str, done:
     }
     done_ref = ray.put(done or set())
     ds = read_corpus(config.prompts, config.storage_options, config.limit, config.sample)
+    ds = drop_duplicates(ds, output)  # later copies of a prompt id or text become quarantined rows
     ds = ds.map_batches(
         ScorerStage,
         fn_constructor_args=(config.model,),
@@ -183,7 +206,8 @@ def run(config: GenerateConfig) -> dict:
 
 def summarise(output: Output, config: GenerateConfig, this_run: dict, wall: float, skipped: int) -> dict:
     """Totals over every committed row of the output, plus what this run did."""
-    table = output.read_tables(output.list_keys("manifest", ".parquet"), ["prompt_id", "status", "rank"])
+    table = output.read_tables(output.list_keys("manifest", ".parquet"),
+                               ["prompt_id", "prompt", "status", "prompt_predicted_mean", "prompt_predicted_std"])
     statuses = table["status"].to_pylist() if table is not None else []
     ok_prompts = set()
     quarantined = 0
@@ -194,6 +218,7 @@ def summarise(output: Output, config: GenerateConfig, this_run: dict, wall: floa
             else:
                 ok_prompts.add(prompt_id)
     images = statuses.count("ok")
+    difficulty = prompt_difficulty(table) if table is not None else None
     steps_spent = images * config.steps
     best_of_n_steps = len(ok_prompts) * config.candidates * config.steps
     return {
@@ -208,10 +233,36 @@ def summarise(output: Output, config: GenerateConfig, this_run: dict, wall: floa
         "denoising_steps_spent": steps_spent,
         "denoising_steps_best_of_n": best_of_n_steps,
         "steps_saved_vs_best_of_n": 1 - steps_spent / best_of_n_steps if best_of_n_steps else 0.0,
+        "prompt_difficulty": difficulty,
         "this_run": {
             **this_run,
             "skipped_already_committed": skipped,
             "wall_time_s": round(wall, 2),
             "images_per_s": round(this_run["images"] / wall, 3) if wall > 0 else 0.0,
         },
+    }
+
+
+def prompt_difficulty(table, listed: int = 10) -> dict | None:
+    """Per-prompt feedback from the predictor: how good its seeds look (mean) and how much choosing gains (spread).
+
+    The per-prompt values are in the manifest (prompt_predicted_mean/std); the summary keeps their distribution
+    and the prompts worth a look, so it stays small at a million prompts.
+    """
+    frame = table.select(["prompt_id", "prompt", "prompt_predicted_mean", "prompt_predicted_std"]).to_pandas()
+    frame = frame.dropna(subset=["prompt_predicted_mean"]).drop_duplicates("prompt_id")
+    if frame.empty:
+        return None
+    quantiles = [0.1, 0.5, 0.9]
+
+    def listing(rows) -> list[dict]:
+        return [{"prompt_id": r.prompt_id, "prompt": r.prompt, "predicted_mean": round(r.prompt_predicted_mean, 4),
+                 "predicted_spread": round(r.prompt_predicted_std, 4)} for r in rows.itertuples()]
+
+    return {
+        "prompts": len(frame),
+        "predicted_mean_quantiles": dict(zip(map(str, quantiles), frame.prompt_predicted_mean.quantile(quantiles).round(4))),
+        "predicted_spread_quantiles": dict(zip(map(str, quantiles), frame.prompt_predicted_std.quantile(quantiles).round(4))),
+        "hardest_prompts": listing(frame.nsmallest(listed, "prompt_predicted_mean")),
+        "most_seed_sensitive_prompts": listing(frame.nlargest(listed, "prompt_predicted_std")),
     }

@@ -7,12 +7,35 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import uuid
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+logger = logging.getLogger("seedsift")
+
+# Object-store calls are retried by botocore itself (standard mode: exponential backoff with jitter, capped at 20 s
+# a wait), so a brief outage or throttling is ridden out inside each write. 10 attempts cover an outage of about a
+# minute; users override any of these through storage_options (for instance `{"config_kwargs": {"retries":
+# {"max_attempts": 3}}}`).
+S3_DEFAULTS = {
+    "config_kwargs": {"retries": {"max_attempts": 10, "mode": "standard"}, "connect_timeout": 5, "read_timeout": 60},
+}
+TEMPORARY_MARK = ".tmp-"  # local writes go to `<key>.tmp-<uuid>` first, then os.replace
+
+
+def with_storage_defaults(uri: str, storage_options: dict | None) -> dict:
+    """storage_options with seedsift's retry defaults for s3:// URIs; user values win, key by key."""
+    options = dict(storage_options or {})
+    if fsspec.utils.get_protocol(uri) not in ("s3", "s3a"):
+        return options
+    config = dict(S3_DEFAULTS["config_kwargs"])
+    config.update(options.get("config_kwargs") or {})
+    options["config_kwargs"] = config
+    return options
 
 
 class Output:
@@ -32,7 +55,7 @@ class Output:
     @property
     def fs(self) -> fsspec.AbstractFileSystem:
         if self._fs is None:
-            self._fs, _ = fsspec.core.url_to_fs(self.uri, **self.storage_options)
+            self._fs, _ = fsspec.core.url_to_fs(self.uri, **with_storage_defaults(self.uri, self.storage_options))
         return self._fs
 
     @property
@@ -51,12 +74,41 @@ class Output:
         path = self.path(key)
         if self.is_local:
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            temporary = f"{path}.tmp-{uuid.uuid4().hex}"
+            temporary = f"{path}{TEMPORARY_MARK}{uuid.uuid4().hex}"
             with open(temporary, "wb") as f:
                 f.write(data)
             os.replace(temporary, path)
-        else:
+            return
+        try:
             self.fs.pipe_file(path, data)
+        except Exception as exc:  # botocore already retried with backoff: the store is down or refusing writes
+            raise OSError(
+                f"output {self.uri}: writing {key} failed after retries ({type(exc).__name__}: {exc}); the object "
+                "store is unreachable or refusing writes. Nothing partial was committed: rerun the same command "
+                "once the store is back and it resumes"
+            ) from exc
+
+    def sweep_temporaries(self) -> int:
+        """Delete `*.tmp-*` files left by local writes of a killed run; returns how many. Call before a run starts.
+
+        Only for local outputs (an S3 PUT leaves nothing behind). Runs into one output must not overlap (see
+        deploy/cron.md), so every temporary file found here belongs to a dead writer.
+        """
+        if not self.is_local:
+            return 0
+        root = self.path("")
+        removed = 0
+        for folder, _, files in os.walk(root):
+            for name in files:
+                if TEMPORARY_MARK in name:
+                    try:
+                        os.remove(os.path.join(folder, name))
+                        removed += 1
+                    except FileNotFoundError:
+                        pass
+        if removed:
+            logger.info("removed %d temporary files left by an interrupted run under %s", removed, self.uri)
+        return removed
 
     def read_bytes(self, key: str) -> bytes:
         return self.fs.cat_file(self.path(key))
@@ -78,6 +130,7 @@ class Output:
     def list_keys(self, folder: str, suffix: str = "") -> list[str]:
         """Keys directly under `folder`, sorted; temporary files of unfinished local writes are not listed."""
         base = self.path(folder)
+        self.fs.invalidate_cache(base)  # s3fs caches listings per process: other workers may have added keys since
         if not self.fs.exists(base):
             return []
         root = self.path("")
@@ -104,3 +157,18 @@ class Output:
                 f"output {self.uri} is not writable ({type(exc).__name__}: {exc}); check the path or bucket, "
                 "the credentials (AWS_* variables or --storage-options) and AWS_ENDPOINT_URL"
             ) from exc
+
+
+def storage_error_in(exc: BaseException) -> OSError | None:
+    """The storage error (raised by Output with the output named) behind a Ray Data failure, if there is one.
+
+    Ray Data wraps a failed stage in UserCodeException/RayTaskError; the driver can re-raise this cause so the
+    job prints one line naming the output instead of a traceback.
+    """
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and str(exc).startswith("output "):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None

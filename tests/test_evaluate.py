@@ -1,0 +1,218 @@
+"""The evaluate job on a hand-made collect set whose scores are a known function of the noise: no Ray needed.
+
+A predictor rigged to compute that function must come out perfect, its mirror image perfectly wrong, and an
+untrained one somewhere in between; a dataset from another pipeline setting is refused.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from actors import diffusion
+from jobs import evaluate
+from orchestrator.embedded import resolve_model
+from orchestrator.predictor import NoiseQualityPredictor, PredictorConfig, save_predictor, split_of
+from orchestrator.seeds import candidate_seeds, initial_noise
+
+MODEL = "embedded:tiny-sd"
+PROMPTS = ["a red cube on a table", "a watercolor fox", "an astronaut riding a horse", "a bowl of ramen",
+           "a lighthouse at night", "two dogs playing in the snow"]
+CANDIDATES = 8
+SETTINGS = {"steps": 1, "guidance": 3.0, "width": 64, "height": 64}
+RATER = "colorfulness"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """The embedded tiny SD pipeline built into a fresh cache, and its latent shape and scheduler."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SEEDSIFT_CACHE", str(tmp_path_factory.mktemp("seedsift-cache")))
+        path = resolve_model(MODEL)
+        yield {"path": path, "shape": diffusion.latent_shape(path, SETTINGS["height"], SETTINGS["width"]),
+               "scheduler": diffusion.model_identity(path)["scheduler"]}
+
+
+def known_score(seed: int, shape: tuple) -> float:
+    """The "rater" of this test: the mean of channel 0 of the seed's initial noise."""
+    return float(initial_noise(seed, shape)[0].mean())
+
+
+def write_dataset(folder, tiny, **changes) -> str:
+    """A collect-shaped OUT/dataset.parquet: 6 prompts x 8 candidates, scores from known_score."""
+    settings = {**SETTINGS, "rater": RATER, "model": MODEL, "scheduler": tiny["scheduler"], **changes}
+    rows = []
+    for number, prompt in enumerate(PROMPTS):
+        prompt_id = f"p{number}"
+        for index, seed in enumerate(candidate_seeds(0, prompt_id, CANDIDATES)):
+            rows.append({"prompt_id": prompt_id, "prompt": prompt, "seed": seed, "candidate_index": index,
+                         "score": known_score(seed, tiny["shape"]), **settings, "run_id": "test"})
+    folder.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), str(folder / "dataset.parquet"))
+    return str(folder)
+
+
+def predictor_config(tiny, split: dict | None = None) -> PredictorConfig:
+    return PredictorConfig(
+        latent_shape=tuple(tiny["shape"]), text_dim=32, channels=(8, 16), hidden=16, head=(16,),
+        pipeline={"model": MODEL, "scheduler": tiny["scheduler"], "family": "sd", **SETTINGS, "rater": RATER},
+        rater=RATER, split={"salt": "t", "train": 0.0, "val": 0.0} if split is None else split,
+    )
+
+
+def write_predictor(folder, config: PredictorConfig, sign: float | None = None) -> str:
+    """An untrained predictor, or (sign=+1/-1) one rigged to output an increasing/decreasing function of the score.
+
+    noise_proj's input has a column that is an affine function of the raw noise's channel-0 mean; it is found by
+    probing (so the rig survives changes to the layers before it), and unit 0 of noise_proj is set to read exactly
+    that mean. With the text path and the rest of noise_proj and the head zeroed, the output is
+    silu(sign * mean + 10): monotone in the mean, since SiLU increases for inputs above -1.28.
+    """
+    torch.manual_seed(0)
+    model = NoiseQualityPredictor(config).eval()
+    if sign is not None:
+        probe = torch.randn(16, *config.latent_shape)
+        target = probe[:, 0].mean(dim=(1, 2))
+        seen = []
+        handle = model.noise_proj.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0]))
+        with torch.no_grad():
+            model.encode_noise(probe)
+        handle.remove()
+        features = seen[0]
+        slope = ((features - features.mean(0)) * (target - target.mean())[:, None]).sum(0) / (
+            (target - target.mean()) ** 2).sum()
+        intercept = features.mean(0) - slope * target.mean()
+        error = (features - (intercept + slope * target[:, None])).abs().max(0).values
+        column = int(torch.argmin(torch.where(slope.abs() > 1e-3, error, torch.full_like(error, float("inf")))))
+        assert error[column] < 1e-4, "no input of noise_proj is an affine function of the noise's channel means"
+        with torch.no_grad():
+            for layer in (model.noise_proj, model.text_key, model.text_proj, *model.head):
+                for parameter in layer.parameters():
+                    parameter.zero_()
+            model.text_query.zero_()
+            model.noise_proj.weight[0, column] = 1.0 / slope[column]
+            model.noise_proj.bias[0] = -intercept[column] / slope[column]
+            model.head[0].weight[0, 0] = sign
+            model.head[0].bias[0] = 10.0
+            model.head[-1].weight[0, 0] = 1.0
+    save_predictor(str(folder), config, model)
+    return str(folder)
+
+
+def run(dataset: str, predictor: str, out: str, *extra: str) -> int:
+    return evaluate.main(["--dataset", dataset, "--predictor", predictor, "--out", out, *extra])
+
+
+@pytest.fixture(scope="module")
+def dataset(tiny, tmp_path_factory):
+    return write_dataset(tmp_path_factory.mktemp("collect"), tiny)
+
+
+def test_rigged_predictor_is_perfect_and_the_report_is_complete(tiny, dataset, tmp_path):
+    predictor = write_predictor(tmp_path / "predictor", predictor_config(tiny), sign=1.0)
+    out = tmp_path / "report"
+    assert run(dataset, predictor, str(out), "--contact-prompts", "2") == 0
+
+    report = json.loads((out / "evaluation.json").read_text())
+    assert report["prompts"] == 6 and report["candidates"] == 8 and report["rows"] == 48
+    assert (report["model"], report["rater"], report["steps"]) == (MODEL, RATER, 1)
+    assert report["spearman_global"] == pytest.approx(1.0)
+    assert report["spearman_per_prompt_mean"] == pytest.approx(1.0)
+    assert report["spearman_per_prompt_median"] == pytest.approx(1.0)
+    assert report["ndcg"] == {"1": pytest.approx(1.0), "3": pytest.approx(1.0)}
+    assert report["p_pick_best"] == 1.0 and report["p_pick_best_chance"] == pytest.approx(1 / 8)
+    assert report["top1_gain"] > 0 and report["top1_gain_std_units"] > 1.0
+    assert [point["n"] for point in report["gain_curve"]] == [1, 2, 4, 8]
+    for point in report["gain_curve"]:
+        assert point["predictor"] == pytest.approx(point["oracle"])
+    assert report["predictor_top1_mean"] > report["random_mean"]
+    # Best-of-n only matches a perfect top-1 of 8 by rendering all 8.
+    assert report["renders_for_equal_quality"] == pytest.approx(8.0)
+    assert report["compute_saved"] == pytest.approx(8.0)
+    assert report["scoring_seconds_per_prompt"] >= 0 and report["render_seconds_per_image"] > 0
+    assert report["scoring_cost_in_renders"] >= 0
+    assert len(report["per_prompt"]) == 6
+
+    contact = report["contact_sheet"]
+    assert contact["file"] == "contact_sheet.png" and len(contact["rows"]) == 2
+    for row in contact["rows"]:
+        assert row["pick_score"] >= row["candidate0_score"]
+    with Image.open(out / "contact_sheet.png") as sheet:
+        assert sheet.size == evaluate.contact_sheet_size(2)
+
+    page = (out / "report.html").read_text()
+    assert page.count("<svg") == 2 and 'src="contact_sheet.png"' in page
+    assert "NaN" not in (out / "evaluation.json").read_text()
+
+
+def test_reversed_predictor_is_perfectly_wrong(tiny, dataset, tmp_path):
+    predictor = write_predictor(tmp_path / "predictor", predictor_config(tiny), sign=-1.0)
+    out = tmp_path / "report"
+    assert run(dataset, predictor, str(out), "--contact-prompts", "0", "--k", "2") == 0
+    report = json.loads((out / "evaluation.json").read_text())
+    assert report["spearman_per_prompt_mean"] == pytest.approx(-1.0)
+    assert set(report["ndcg"]) == {"2", "3"} and report["ndcg"]["2"] < 0.5
+    assert report["p_pick_best"] == 0.0 and report["top1_gain"] < 0
+    # Worse than a random seed: best-of-1 already matches it.
+    assert report["renders_for_equal_quality"] == pytest.approx(1.0)
+    assert report["contact_sheet"] is None and not (out / "contact_sheet.png").exists()
+    assert (out / "report.html").read_text().count("<svg") == 2
+
+
+def test_untrained_predictor_figures_are_in_range(tiny, dataset, tmp_path):
+    predictor = write_predictor(tmp_path / "predictor", predictor_config(tiny))
+    out = tmp_path / "report"
+    assert run(dataset, predictor, str(out), "--contact-prompts", "0") == 0
+    report = json.loads((out / "evaluation.json").read_text())
+    for key in ("spearman_global", "spearman_per_prompt_mean", "spearman_per_prompt_median"):
+        assert -1.0 <= report[key] <= 1.0
+    assert all(0.0 <= value <= 1.0 for value in report["ndcg"].values())
+    assert 0.0 <= report["p_pick_best"] <= 1.0
+    curve = report["gain_curve"]
+    assert all(point["oracle"] >= point["predictor"] - 1e-12 for point in curve)
+    assert [point["oracle"] for point in curve] == sorted(point["oracle"] for point in curve)
+    saved = report["renders_for_equal_quality"]
+    assert saved is None or 1.0 <= saved <= 8.0
+
+
+def test_test_split_keeps_only_held_out_prompts(tiny, dataset, tmp_path):
+    split = {"salt": "half", "train": 0.4, "val": 0.1}
+    held_out = [f"p{i}" for i in range(len(PROMPTS)) if split_of(f"p{i}", "half", 0.4, 0.1) == "test"]
+    assert 0 < len(held_out) < len(PROMPTS)  # this salt splits the six prompts; pick another if the hash changes
+    predictor = write_predictor(tmp_path / "predictor", predictor_config(tiny, split), sign=1.0)
+    out = tmp_path / "report"
+    assert run(dataset, predictor, str(out), "--contact-prompts", "0") == 0
+    report = json.loads((out / "evaluation.json").read_text())
+    assert sorted(row["prompt_id"] for row in report["per_prompt"]) == held_out
+    assert report["prompts_by_split"]["test"] == len(held_out)
+    assert run(dataset, predictor, str(tmp_path / "all"), "--contact-prompts", "0", "--split", "all") == 0
+    assert json.loads((tmp_path / "all" / "evaluation.json").read_text())["prompts"] == 6
+
+
+def test_dataset_from_another_pipeline_setting_is_refused(tiny, tmp_path, capsys):
+    predictor = write_predictor(tmp_path / "predictor", predictor_config(tiny), sign=1.0)
+    other = write_dataset(tmp_path / "collect-steps", tiny, steps=3)
+    assert run(other, predictor, str(tmp_path / "report"), "--contact-prompts", "0") == 2
+    message = capsys.readouterr().err
+    assert "steps: predictor 1, dataset 3" in message and "measures nothing" in message
+    assert not (tmp_path / "report" / "evaluation.json").exists()
+
+    other_rater = write_dataset(tmp_path / "collect-rater", tiny, rater="sharpness")
+    assert run(other_rater, predictor, str(tmp_path / "report"), "--contact-prompts", "0") == 2
+    assert "rater: predictor 'colorfulness', dataset 'sharpness'" in capsys.readouterr().err
+
+
+def test_bad_inputs_exit_2_with_the_fix(tiny, dataset, tmp_path, capsys):
+    predictor = write_predictor(tmp_path / "predictor", predictor_config(tiny, split={}), sign=1.0)
+    assert run(dataset, predictor, str(tmp_path / "a"), "--contact-prompts", "0") == 2
+    assert "--split all" in capsys.readouterr().err
+    assert run(str(tmp_path / "nowhere"), predictor, str(tmp_path / "b")) == 2
+    assert "seedsift collect" in capsys.readouterr().err
+    assert run(dataset, str(tmp_path / "no-predictor"), str(tmp_path / "c")) == 2
+    assert "config.json" in capsys.readouterr().err
+    assert run(dataset, predictor, str(tmp_path / "d"), "--k", "0") == 2

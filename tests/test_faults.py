@@ -1,0 +1,351 @@
+"""Exactly-once under faults: a killed driver, killed actors, a removed node, an S3 outage and a duplicated corpus.
+
+Each test ends with jobs.verify.verify_output: every committed row once, every ok row's image present, no orphan.
+The multi-process ones are marked slow; sizes stay tiny (2 steps, 64x64, a few prompts) for 2-core machines.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pytest
+
+from jobs.verify import verify_output
+from orchestrator import pipeline
+from orchestrator.config import GenerateConfig
+from orchestrator.dedup import DuplicateFilter
+from orchestrator.storage import Output
+from tests.conftest import REPO_ROOT, free_port
+
+PROMPTS = [f"a {colour} {thing} at dawn" for colour in ("red", "blue", "green", "yellow")
+           for thing in ("cube", "fox", "lighthouse", "bowl of ramen")]  # 16 distinct prompts
+TIMEOUT_S = 180
+
+
+def write_txt(path: Path, prompts: list[str]) -> str:
+    path.write_text("\n".join(prompts) + "\n")
+    return str(path)
+
+
+def small_config(prompts: str, out: str, **overrides) -> GenerateConfig:
+    values = dict(prompts=prompts, out=out, candidates=4, keep=2, steps=2, batch_size=4, guidance=3.0,
+                  generator_cpus=1)
+    values.update(overrides)
+    return GenerateConfig(**values)
+
+
+def manifest(output: Output) -> pd.DataFrame:
+    table = output.read_tables(output.list_keys("manifest", ".parquet"))
+    return table.to_pandas(types_mapper={pa.int64(): pd.Int64Dtype(), pa.int32(): pd.Int32Dtype()}.get)
+
+
+def comparable(rows: pd.DataFrame) -> pd.DataFrame:
+    """The columns an interrupted and an uninterrupted run must agree on (timing and paths aside)."""
+    columns = ["prompt_id", "seed", "candidate_index", "status", "error", "score"]
+    return rows[columns].sort_values(["prompt_id", "candidate_index"]).reset_index(drop=True)
+
+
+def assert_clean(output: Output, rows: int) -> dict:
+    report = verify_output(output)
+    assert report["strict_clean"], json.dumps(report, indent=2)
+    assert report["committed_rows"] == rows, json.dumps(report, indent=2)
+    return report
+
+
+def wait_for(condition, timeout: float, what: str, thread: threading.Thread | None = None) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        if thread is not None and not thread.is_alive():
+            pytest.fail(f"the run ended before {what}")
+        if time.time() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+class Background:
+    """pipeline.run in a thread of the test process (the session's Ray), keeping its result or exception."""
+
+    def __init__(self, config: GenerateConfig):
+        self.result = self.error = None
+        self.thread = threading.Thread(target=self._run, args=(config,), daemon=True)
+        self.thread.start()
+
+    def _run(self, config):
+        try:
+            self.result = pipeline.run(config)
+        except BaseException as exc:  # handed to the test thread
+            self.error = exc
+
+    def join(self, timeout: float = TIMEOUT_S):
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "the run did not finish in time"
+        return self
+
+
+def parts(output: Output) -> int:
+    try:
+        return len(output.list_keys("manifest", ".parquet"))
+    except Exception:  # an S3 outage in progress
+        return 0
+
+
+# --- duplicates -----------------------------------------------------------------------------------------------
+
+
+def test_duplicate_filter_keeps_the_first_and_honours_committed_sources(tmp_path):
+    batch = pa.Table.from_pylist([
+        {"prompt_id": "a", "prompt": "a red cube", "source": "c:1", "status": "ok", "error": None},
+        {"prompt_id": "b", "prompt": "a blue cube", "source": "c:2", "status": "ok", "error": None},
+        {"prompt_id": "a", "prompt": "something else", "source": "c:3", "status": "ok", "error": None},
+        {"prompt_id": "c", "prompt": "A  red cube ", "source": "c:4", "status": "ok", "error": None},
+        {"prompt_id": "q", "prompt": None, "source": "c:5", "status": "quarantined", "error": "empty"},
+    ])
+    out = DuplicateFilter()(batch).to_pylist()
+    assert [r["status"] for r in out] == ["ok", "ok", "quarantined", "quarantined", "quarantined"]
+    assert [r["error"] for r in out][2:] == ["duplicate of c:1", "duplicate of c:1", "empty"]
+    # Rows committed by an earlier run are first occurrences, whatever arrives first now (multi-file corpora).
+    output = Output(str(tmp_path / "o"))
+    from orchestrator.manifest import manifest_table
+    output.write_table("manifest/part-x.parquet", manifest_table(
+        [{"prompt_id": "a", "prompt": "something else", "source": "c:3", "seed": 1, "status": "ok"}]))
+    again = DuplicateFilter(output)(batch).to_pylist()
+    assert [r["status"] for r in again][:4] == ["quarantined", "ok", "ok", "ok"]
+    assert again[0]["error"] == "duplicate of c:3"
+
+
+def test_duplicate_prompts_and_ids_are_quarantined_and_stable(ray_session, tmp_path):
+    lines = [{"id": "a", "prompt": "a red cube"}, {"id": "b", "prompt": "a blue cube"},
+             {"id": "a", "prompt": "a different text, same id"}, {"id": "c", "prompt": "A red  cube"},
+             {"id": "d", "prompt": "a green cube"}, {"id": "a", "prompt": "a third copy of id a"}]
+    corpus = tmp_path / "prompts.jsonl"
+    corpus.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    first, second = Output(str(tmp_path / "one")), Output(str(tmp_path / "two"))
+    pipeline.run(small_config(str(corpus), first.uri, keep=1, candidates=2))
+    rows = manifest(first)
+    quarantined = rows[rows.status == "quarantined"].sort_values("source")
+    assert list(quarantined.source) == [f"{corpus}:3", f"{corpus}:4", f"{corpus}:6"]
+    assert set(quarantined.error) == {f"duplicate of {corpus}:1"}
+    assert sorted(rows[rows.status == "ok"].prompt_id) == ["a", "b", "d"]
+    assert_clean(first, rows=6)
+
+    again = pipeline.run(small_config(str(corpus), first.uri, keep=1, candidates=2))
+    assert again["this_run"]["rows"] == 0  # nothing new: the duplicates were committed as quarantined rows
+    pipeline.run(small_config(str(corpus), second.uri, keep=1, candidates=2))
+    assert comparable(manifest(second)).drop(columns="score").equals(comparable(rows).drop(columns="score"))
+    assert_clean(first, rows=6)
+
+
+# --- driver SIGKILL -------------------------------------------------------------------------------------------
+
+
+def private_ray_env(cache: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
+    env.update(RAY_TMPDIR=tempfile.mkdtemp(prefix="ssf-", dir="/tmp"), SEEDSIFT_CACHE=cache, PYTHONUNBUFFERED="1")
+    return env
+
+
+def generate_command(corpus: str, out: str) -> list[str]:
+    return [sys.executable, "-m", "jobs.generate", "--prompts", corpus, "--out", out, "--candidates", "4",
+            "--keep", "4", "--steps", "2", "--guidance", "3.0", "--batch-size", "4", "--generator-cpus", "1"]
+
+
+def kill_run(process: subprocess.Popen, env: dict) -> None:
+    """SIGKILL the job's whole process group, then whatever its private Ray left (found by its RAY_TMPDIR)."""
+    from tests.test_cluster import stop_private_ray
+
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait()
+    stop_private_ray(env["RAY_TMPDIR"], roots=[process.pid])
+
+
+@pytest.mark.slow
+def test_driver_sigkill_then_rerun_matches_an_uninterrupted_run(ray_session, tmp_path):
+    from orchestrator.embedded import resolve_model
+
+    resolve_model("embedded:tiny-sd")  # built into the session cache before the job uses it
+    corpus = write_txt(tmp_path / "prompts.txt", PROMPTS)
+    killed, clean = Output(str(tmp_path / "killed")), Output(str(tmp_path / "clean"))
+    env = private_ray_env(os.environ["SEEDSIFT_CACHE"])
+    log = open(tmp_path / "job.log", "wb")
+    job = subprocess.Popen(generate_command(corpus, killed.uri), cwd=REPO_ROOT, env=env, stdout=log,
+                           stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for(lambda: parts(killed) >= 1 or job.poll() is not None, TIMEOUT_S, "the first manifest part")
+        assert job.poll() is None, "the job finished before it could be killed: " + (tmp_path / "job.log").read_text()[-2000:]
+        kill_run(job, env)
+        partial = verify_output(killed)
+        assert partial["clean"] and 0 < partial["committed_rows"] <= 64, partial  # mid-run, nothing duplicated
+        rerun = subprocess.run(generate_command(corpus, killed.uri), cwd=REPO_ROOT, env=env, capture_output=True,
+                               text=True, timeout=TIMEOUT_S, start_new_session=True)
+        assert rerun.returncode == 0, rerun.stderr[-3000:]
+        summary = json.loads(rerun.stdout[rerun.stdout.index("{"):])
+        assert summary["this_run"]["skipped_already_committed"] == partial["committed_rows"]
+    finally:
+        kill_run(job, env)
+        from tests.test_cluster import stop_private_ray
+
+        stop_private_ray(env["RAY_TMPDIR"])
+    pipeline.run(small_config(corpus, clean.uri, keep=4))  # the uninterrupted reference, in the session's Ray
+    assert_clean(killed, rows=64)
+    assert_clean(clean, rows=64)
+    a, b = comparable(manifest(killed)), comparable(manifest(clean))
+    assert a.drop(columns="score").equals(b.drop(columns="score"))
+    assert (a.score.astype(float) - b.score.astype(float)).abs().max() < 1e-3
+
+
+# --- actor kills ------------------------------------------------------------------------------------------------
+
+
+def stage_actor_pids(stage: str) -> list[int]:
+    """Pids of this session's alive Ray Data actors of one stage (GCS actor table, no dashboard needed)."""
+    import psutil
+    import ray
+
+    pids = []
+    for info in ray._private.state.actors().values():
+        if info["State"] != "ALIVE" or not info.get("Pid"):
+            continue
+        try:
+            title = " ".join(psutil.Process(info["Pid"]).cmdline())
+        except psutil.Error:
+            continue
+        if stage in title or stage in (info.get("ActorClassName") or ""):
+            pids.append(info["Pid"])
+    return pids
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["GeneratorStage", "ScorerStage"])
+def test_killed_actor_is_restarted_and_every_row_lands_once(ray_session, tmp_path, stage):
+    corpus = write_txt(tmp_path / "prompts.txt", PROMPTS[:12])
+    output = Output(str(tmp_path / "out"))
+    run = Background(small_config(corpus, output.uri, scorer_batch_size=2))
+    wait_for(lambda: stage_actor_pids(stage), TIMEOUT_S, f"a {stage} actor", run.thread)
+    if stage == "GeneratorStage":  # mid-run: some rows are committed, others are on their way
+        wait_for(lambda: parts(output) >= 1, TIMEOUT_S, "the first manifest part", run.thread)
+    victims = stage_actor_pids(stage)
+    for pid in victims:
+        os.kill(pid, signal.SIGKILL)  # an honest actor death: the worker process is gone
+    run.join()
+    assert run.error is None, repr(run.error)
+    assert run.result["images"] == 24
+    assert_clean(output, rows=24)
+
+
+# --- node removal -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_removed_worker_node_the_job_still_finishes(ray_session, tmp_path):
+    from tests.test_cluster import stop_private_ray
+
+    env = private_ray_env(os.environ["SEEDSIFT_CACHE"])
+    env["RAY_AUTH_MODE"] = "disabled"
+    out = tmp_path / "out"
+    script = subprocess.Popen([sys.executable, str(REPO_ROOT / "tests" / "cluster_failover.py"), str(out)],
+                              env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              start_new_session=True)
+    try:
+        text, _ = script.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        stop_private_ray(env["RAY_TMPDIR"], roots=[script.pid])
+        text, _ = script.communicate()
+        pytest.fail(f"cluster_failover.py did not finish in {TIMEOUT_S} s:\n{text.decode()[-4000:]}")
+    finally:
+        stop_private_ray(env["RAY_TMPDIR"], roots=[script.pid])
+    text = text.decode(errors="replace")
+    lines = [line for line in text.splitlines() if line.startswith("RESULT:")]
+    assert script.returncode == 0 and lines, f"cluster_failover.py exited {script.returncode}:\n{text[-4000:]}"
+    result = json.loads(lines[-1].removeprefix("RESULT:"))
+    assert result["removed_node_had_generator"], result
+    assert result["summary_images"] == result["expected_rows"]
+    assert_clean(Output(str(out)), rows=result["expected_rows"])
+
+
+# --- S3 outages -------------------------------------------------------------------------------------------------
+
+
+class Endpoint:
+    """A moto S3 server of this test's own on a fixed port, which can be stopped and started again.
+
+    moto keeps its buckets in the process, so a restarted server serves what was written before the outage.
+    """
+
+    def __init__(self):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = None
+        self.start()
+
+    def start(self):
+        from moto.server import ThreadedMotoServer
+
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port)
+        self.server.start()
+
+    def stop(self):
+        self.server.stop()
+
+
+@pytest.fixture
+def own_endpoint(s3_endpoint):
+    endpoint = Endpoint()
+    yield endpoint
+    endpoint.stop()
+
+
+def s3_output(endpoint: Endpoint, **extra) -> Output:
+    import uuid
+
+    import s3fs
+
+    bucket = f"faults-{uuid.uuid4().hex[:10]}"
+    s3fs.S3FileSystem(endpoint_url=endpoint.url).mkdir(bucket)
+    return Output(f"s3://{bucket}/run", {"endpoint_url": endpoint.url, **extra})
+
+
+@pytest.mark.slow
+def test_s3_outage_is_ridden_out_by_retries(ray_session, own_endpoint, tmp_path):
+    corpus = write_txt(tmp_path / "prompts.txt", PROMPTS[:12])
+    output = s3_output(own_endpoint)
+    run = Background(small_config(corpus, output.uri, storage_options=output.storage_options))
+    wait_for(lambda: parts(output) >= 1, TIMEOUT_S, "the first manifest part", run.thread)
+    own_endpoint.stop()
+    time.sleep(4)
+    own_endpoint.start()
+    run.join()
+    assert run.error is None, repr(run.error)
+    assert_clean(output, rows=24)
+
+
+@pytest.mark.slow
+def test_s3_outage_longer_than_retries_fails_clearly_and_the_rerun_resumes(ray_session, own_endpoint, tmp_path):
+    corpus = write_txt(tmp_path / "prompts.txt", PROMPTS[:12])
+    short = {"config_kwargs": {"retries": {"max_attempts": 2, "mode": "standard"}, "connect_timeout": 1}}
+    output = s3_output(own_endpoint, **short)
+    run = Background(small_config(corpus, output.uri, storage_options=output.storage_options))
+    wait_for(lambda: parts(output) >= 1, TIMEOUT_S, "the first manifest part", run.thread)
+    own_endpoint.stop()
+    try:
+        run.join()
+    finally:
+        own_endpoint.start()
+    assert run.error is not None, "the run finished although the store was down"
+    assert output.uri in str(run.error) and "rerun the same command" in str(run.error), str(run.error)[-2000:]
+
+    summary = pipeline.run(small_config(corpus, output.uri, storage_options=output.storage_options))
+    assert summary["images"] == 24 and summary["this_run"]["skipped_already_committed"] > 0
+    assert_clean(output, rows=24)
