@@ -12,7 +12,9 @@ import torch
 
 from actors import diffusion
 from orchestrator.embedded import resolve_model
+from orchestrator.manifest import row_key
 from orchestrator.seeds import batch_noise, candidate_seeds
+from orchestrator.budget import keep_budget
 from orchestrator.selection import keep_first, keep_top_k
 
 PASS_THROUGH = ("prompt_id", "prompt", "source")
@@ -34,6 +36,7 @@ class ScorerStage:
         width: int,
         predictor_path: str | None = None,
         all_candidates: bool = False,
+        budget_rule: dict | None = None,
         num_threads: int = 1,
         done: list | None = None,
     ):
@@ -49,7 +52,8 @@ class ScorerStage:
         self.guidance = guidance
         self.latent_shape = diffusion.latent_shape(model_path, height, width)
         self.predictor = None
-        if self.policy == "predictor":
+        self.budget_rule = budget_rule
+        if self.policy in ("predictor", "budget"):
             from orchestrator.predictor import load_predictor, resolve_predictor  # only this policy needs them
 
             self.predictor = load_predictor(resolve_predictor(predictor_path, model), model_path, height, width)
@@ -77,7 +81,7 @@ class ScorerStage:
                 continue
             prompt_seeds = candidate_seeds(self.run_seed, str(batch["prompt_id"][row]), self.candidates)
             scores = self._predict(prompt_seeds, embeds, position[row])
-            chosen = keep_first(self.candidates, self.keep) if scores is None else keep_top_k(scores, self.keep)
+            chosen = self._choose(scores)
             for rank, index in enumerate(chosen):
                 out_rows.append(row)
                 out_embed_rows.append(position[row])
@@ -99,6 +103,14 @@ class ScorerStage:
         )
         out.update(_gather_embeddings(embeds, out_embed_rows, self.pipe, self.guidance))
         return out
+
+    def _choose(self, scores: np.ndarray | None) -> list[int]:
+        if scores is None:
+            return keep_first(self.candidates, self.keep)
+        if self.policy == "budget":
+            rule = self.budget_rule
+            return keep_budget(scores, rule["threshold"], self.keep, 1, rule["residual_std"], rule["residual_ratio"])
+        return keep_top_k(scores, self.keep)
 
     def _predict(self, seeds: list[int], embeds: dict[str, np.ndarray], row: int) -> np.ndarray | None:
         """Predicted score of each candidate for one prompt, or None when the policy needs no prediction."""
@@ -127,5 +139,6 @@ def _drop_rows(out: dict[str, np.ndarray], done: set) -> dict[str, np.ndarray]:
     """Leave out rows an earlier run already committed, so a resumed run renders only what is missing."""
     if not done:
         return out
-    keep = np.asarray([(str(p), int(s)) not in done for p, s in zip(out["prompt_id"], out["seed"])], dtype=bool)
+    keys = zip(out["prompt_id"], out["seed"], out["source"])
+    keep = np.asarray([row_key(str(p), int(s), str(source)) not in done for p, s, source in keys], dtype=bool)
     return {name: values[keep] for name, values in out.items()}

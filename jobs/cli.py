@@ -11,7 +11,10 @@ import sys
 JOBS = {
     "generate": "render k selected seeds per prompt for a corpus",
     "collect": "render and rate all N candidates per prompt into a predictor training set",
+    "train": "train the noise-quality predictor on a collected set",
+    "evaluate": "score a collected set with a predictor and report how well it picks seeds",
     "reproduce": "rebuild one image from its manifest row",
+    "verify": "check an output's exactly-once invariants (duplicates, missing images, orphans)",
 }
 
 

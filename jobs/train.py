@@ -102,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         from actors import diffusion
+        from orchestrator.budget import fit_residual_model, record_spread_quantiles
         from orchestrator.embedded import resolve_model
         from orchestrator.predictor import PredictorConfig, save_predictor
         from orchestrator.training import Examples, TrainingSettings, group_by_prompt, predict_groups, split_groups, train
@@ -141,11 +142,16 @@ def main(argv: list[str] | None = None) -> int:
         model, history = train(config, examples["train"], examples["val"], settings)
         model = model.cpu()
         train_predictions = predict_groups(model, examples["train"], "cpu")
-        spreads = [float(np.std(p * score_std + score_mean)) for p in train_predictions]
-        config.spread_quantiles = [float(q) for q in np.quantile(spreads, np.linspace(0, 1, 21))]
+        val_predictions = predict_groups(model, examples["val"], "cpu")
+        val_in_units = [p * score_std + score_mean for p in val_predictions]
+        # For the budget policy: spreads and residual error on held-out (validation) prompts, in the rater's units.
+        config.spread_quantiles = record_spread_quantiles(val_in_units)
+        residual_std, residual_ratio = fit_residual_model(val_in_units, parts["val"].scores)
         config.metrics = {
             "train": summarise_split(train_predictions, parts["train"], score_mean, score_std),
-            "val": summarise_split(predict_groups(model, examples["val"], "cpu"), parts["val"], score_mean, score_std),
+            "val": summarise_split(val_predictions, parts["val"], score_mean, score_std),
+            "residual_std": residual_std,
+            "residual_ratio": residual_ratio,
             "best_epoch": history["best"]["epoch"],
             "epochs_run": len(history["history"]),
             "candidates_per_prompt": int(np.median([len(s) for s in groups.seeds])),

@@ -11,7 +11,7 @@ import json
 import os
 from dataclasses import dataclass, field
 
-POLICIES = ("random", "predictor")
+POLICIES = ("random", "predictor", "budget")
 DEFAULT_MODEL = "embedded:tiny-sd"
 
 
@@ -51,6 +51,9 @@ class GenerateConfig:
     save_images: bool = True
     sample: float | None = None  # keep this stable fraction of prompts (by prompt id hash), e.g. for a training set
     predictor_digest: str | None = None  # content hash of the predictor's weights, set when the run is prepared
+    budget: float | None = None  # budget policy: average renders per prompt (--keep is then the most per prompt)
+    budget_images: int | None = None  # or a total for the corpus, turned into renders per prompt by a counting pass
+    budget_rule: dict | None = None  # the calibrated threshold and error model, set when the run is prepared
 
     def validate(self) -> None:
         """Raise ConfigError for anything that would fail later; touches no model and no storage."""
@@ -80,8 +83,17 @@ class GenerateConfig:
             problems.append(f"--sample must be in (0, 1] (got {self.sample})")
         if self.image_format not in ("png", "jpeg", "webp"):
             problems.append(f"--image-format {self.image_format!r} is unknown; use png, jpeg or webp")
-        if self.policy == "predictor" and not self.predictor and self.model != DEFAULT_MODEL:
-            problems.append("--policy predictor needs --predictor PATH for a model other than the embedded default")
+        if self.policy in ("predictor", "budget") and not self.predictor and self.model != DEFAULT_MODEL:
+            problems.append(f"--policy {self.policy} needs --predictor PATH for a model other than the embedded default")
+        if self.policy == "budget":
+            if (self.budget is None) == (self.budget_images is None):
+                problems.append("--policy budget needs one of --budget (renders per prompt) or --budget-images")
+            elif self.budget is not None and not 1 <= self.budget <= self.keep:
+                problems.append(f"--budget {self.budget} must be between 1 and --keep {self.keep} (the most per prompt)")
+            elif self.budget_images is not None and self.budget_images < 1:
+                problems.append(f"--budget-images must be at least 1 (got {self.budget_images})")
+        elif self.budget is not None or self.budget_images is not None:
+            problems.append("--budget and --budget-images go with --policy budget")
         problems += _model_problems(self.model)
         if problems:
             raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
@@ -102,6 +114,8 @@ class GenerateConfig:
             "seed": self.seed,
             "image_format": self.image_format,
             "sample": self.sample,
+            "budget": self.budget,
+            "budget_images": self.budget_images,
         }
 
     def fingerprint(self) -> str:

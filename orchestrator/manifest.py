@@ -63,8 +63,16 @@ def image_key(prompt_id: str, seed: int, image_format: str = "png") -> str:
     return f"images/{_short_hash(prompt_id, 1)}/{safe_key(prompt_id)}_{int(seed)}.{image_format}"
 
 
-def part_key(pairs: list[tuple[str, int]]) -> str:
-    """Manifest part key named by its content, so a retried unit of work rewrites the same object."""
+def row_key(prompt_id: str, seed, source: str) -> tuple[str, str]:
+    """What identifies a row for exactly-once: (prompt_id, seed), or for a row without a seed (quarantined) its
+    source line, so several quarantined copies of one id are each delivered once."""
+    if seed is not None and int(seed) >= 0:
+        return (prompt_id, str(int(seed)))
+    return (prompt_id, f"source:{source}")
+
+
+def part_key(pairs: list[tuple[str, str]]) -> str:
+    """Manifest part key named by its content (row keys), so a retried unit of work rewrites the same object."""
     digest = hashlib.blake2b(digest_size=12)
     for prompt_id, seed in sorted(pairs):
         digest.update(f"{prompt_id}\x1f{seed}\x1e".encode("utf-8"))

@@ -21,7 +21,8 @@ from orchestrator.dedup import drop_duplicates
 from orchestrator.embedded import resolve_model
 from orchestrator.reader import READ_CPUS, read_corpus
 from orchestrator.sink import write_unit
-from orchestrator.storage import Output
+from orchestrator.manifest import row_key
+from orchestrator.storage import Output, storage_error_in
 
 logger = logging.getLogger("seedsift")
 RUN_FILE = "run.json"
@@ -51,6 +52,21 @@ def prepare(config: GenerateConfig) -> tuple[Output, str]:
     return output, model_path
 
 
+def budget_rule(config: GenerateConfig, trained) -> dict:
+    """The budget policy's threshold, calibrated on the predictor's recorded spreads so that the corpus-average
+    renders per prompt meet the budget; prompts stream, so the rule cannot look at the whole corpus first."""
+    from orchestrator.budget import calibrate_threshold
+
+    residual_std = float(trained.metrics.get("residual_std", 0.0))
+    residual_ratio = float(trained.metrics.get("residual_ratio", 0.0))
+    if not trained.spread_quantiles or (residual_std <= 0 and residual_ratio <= 0):
+        raise ConfigError("--policy budget: this predictor records no spread quantiles or residual error; "
+                          "retrain it with the current `seedsift train`")
+    threshold = calibrate_threshold(trained.spread_quantiles, config.budget, config.candidates, config.keep, 1,
+                                    residual_std, residual_ratio)
+    return {"threshold": threshold, "residual_std": residual_std, "residual_ratio": residual_ratio}
+
+
 def _check_predictor(config: GenerateConfig, model_path: str, latent_shape: tuple) -> str:
     """Refuse a predictor trained for another pipeline before any compute; returns its weights' digest."""
     from orchestrator.predictor import PredictorMismatch, check_compatible, read_config, resolve_predictor, weights_digest
@@ -67,6 +83,8 @@ def _check_predictor(config: GenerateConfig, model_path: str, latent_shape: tupl
     if differences:
         logger.warning("predictor %s was trained at %s; this run uses other settings: its ranking may be weaker",
                        folder, ", ".join(f"{k}={a} (run: {b})" for k, (a, b) in differences.items()))
+    if config.policy == "budget" and config.budget is not None:
+        config.budget_rule = budget_rule(config, trained)
     return weights_digest(folder)
 
 
@@ -90,14 +108,30 @@ def _check_run_file(output: Output, config: GenerateConfig) -> None:
     })
 
 
-def committed_pairs(output: Output) -> set[tuple[str, int]]:
-    """(prompt_id, seed) of every committed row that needs no more work; a column read of the manifest parts."""
-    table = output.read_tables(output.list_keys("manifest", ".parquet"), ["prompt_id", "seed", "status"])
+def committed_pairs(output: Output) -> set[tuple[str, str]]:
+    """Row keys of every committed row that needs no more work (failed rows are retried); a column read."""
+    table = output.read_tables(output.list_keys("manifest", ".parquet"), ["prompt_id", "seed", "source", "status"])
     if table is None:
         return set()
     table = table.filter(pc.is_in(table["status"], value_set=pc.cast(["ok", "quarantined"], table["status"].type)))
-    seeds = table["seed"].fill_null(-1).to_pylist()
-    return set(zip(table["prompt_id"].to_pylist(), seeds))
+    columns = [table[name].to_pylist() for name in ("prompt_id", "seed", "source")]
+    return {row_key(prompt_id, seed, source) for prompt_id, seed, source in zip(*columns)}
+
+
+def resolve_image_budget(config: GenerateConfig) -> None:
+    """--budget-images: a counting pass over the corpus (reading only) turns the total into renders per prompt."""
+    from orchestrator.predictor import read_config, resolve_predictor
+
+    prompts = 0
+    for batch in read_corpus(config.prompts, config.storage_options, config.limit, config.sample).iter_batches(
+            batch_format="pyarrow", batch_size=None):
+        prompts += batch["status"].to_pylist().count("ok")
+    if prompts == 0:
+        raise ConfigError(f"--prompts {config.prompts}: no usable prompt to spend --budget-images on")
+    config.budget = min(float(config.keep), max(1.0, config.budget_images / prompts))
+    logger.info("budget: %d images over %d prompts = %.3f renders per prompt", config.budget_images, prompts,
+                config.budget)
+    config.budget_rule = budget_rule(config, read_config(resolve_predictor(config.predictor, config.model)))
 
 
 def connect_ray(address: str | None) -> None:
@@ -153,7 +187,8 @@ def build_dataset(config: GenerateConfig, output: Output, model_path: str, done:
         fn_constructor_kwargs=dict(
             run_seed=config.seed, candidates=config.candidates, keep=config.keep, policy=config.policy,
             guidance=config.guidance, height=config.height, width=config.width, predictor_path=config.predictor,
-            all_candidates=config.all_candidates, num_threads=max(1, int(config.scorer_cpus)), done=[done_ref],
+            all_candidates=config.all_candidates, budget_rule=config.budget_rule,
+            num_threads=max(1, int(config.scorer_cpus)), done=[done_ref],
         ),
         batch_format="numpy", batch_size=config.scorer_batch_size, concurrency=config.scorers,
         num_cpus=config.scorer_cpus,
@@ -188,16 +223,26 @@ def run(config: GenerateConfig) -> dict:
     """Run a generate (or collect) job to the end and return its summary, also written to OUT/summary.json."""
     started = time.time()
     output, model_path = prepare(config)
+    output.sweep_temporaries()  # left by writers of a killed run; runs into one output never overlap
     done = committed_pairs(output)
     connect_ray(config.address)
+    if config.policy == "budget" and config.budget is None:
+        resolve_image_budget(config)
     ds = build_dataset(config, output, model_path, done)
     this_run = {"rows": 0, "images": 0, "failed": 0, "quarantined": 0}
-    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-        statuses = batch["status"].to_pylist()
-        this_run["rows"] += len(statuses)
-        this_run["images"] += statuses.count("ok")
-        this_run["failed"] += statuses.count("failed")
-        this_run["quarantined"] += statuses.count("quarantined")
+    try:
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            statuses = batch["status"].to_pylist()
+            this_run["rows"] += len(statuses)
+            this_run["images"] += statuses.count("ok")
+            this_run["failed"] += statuses.count("failed")
+            this_run["quarantined"] += statuses.count("quarantined")
+    except Exception as exc:
+        # An outage longer than the storage retries: one line naming the output, and the rerun resumes.
+        cause = storage_error_in(exc)
+        if cause is not None:
+            raise cause from exc
+        raise
     wall = time.time() - started
     summary = summarise(output, config, this_run, wall, skipped=len(done))
     output.write_json(SUMMARY_FILE, summary)
@@ -234,6 +279,11 @@ def summarise(output: Output, config: GenerateConfig, this_run: dict, wall: floa
         "denoising_steps_best_of_n": best_of_n_steps,
         "steps_saved_vs_best_of_n": 1 - steps_spent / best_of_n_steps if best_of_n_steps else 0.0,
         "prompt_difficulty": difficulty,
+        "budget": None if config.policy != "budget" else {
+            "renders_per_prompt_target": config.budget,
+            "renders_per_prompt_spent": round(images / len(ok_prompts), 4) if ok_prompts else 0.0,
+            "threshold": config.budget_rule["threshold"] if config.budget_rule else None,
+        },
         "this_run": {
             **this_run,
             "skipped_already_committed": skipped,

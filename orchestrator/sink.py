@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from orchestrator.manifest import MANIFEST_COLUMNS, image_key, manifest_table, part_key
+from orchestrator.manifest import MANIFEST_COLUMNS, image_key, manifest_table, part_key, row_key
 from orchestrator.storage import Output
 
 
@@ -37,7 +37,7 @@ def write_unit(
             row["seed"] = row["candidate_index"] = None
         rows.append(row)
     table = manifest_table(rows)
-    output.write_table(part_key([(r["prompt_id"], r["seed"] if r["seed"] is not None else -1) for r in rows]), table)
+    output.write_table(part_key([row_key(r["prompt_id"], r["seed"], r["source"]) for r in rows]), table)
     return table
 
 

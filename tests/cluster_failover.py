@@ -28,21 +28,12 @@ def free_port() -> int:
 
 
 def generator_nodes() -> set[str]:
-    """Node ids hosting an alive generator actor (GCS actor table, read through the process title)."""
-    import psutil
-    import ray
+    """Node ids hosting an alive generator actor, from Ray's public state API (needs the dashboard)."""
+    from ray.util.state import list_actors
 
-    nodes = set()
-    for info in ray._private.state.actors().values():
-        if info["State"] != "ALIVE" or not info.get("Pid"):
-            continue
-        try:
-            title = " ".join(psutil.Process(info["Pid"]).cmdline())
-        except psutil.Error:
-            continue
-        if "GeneratorStage" in title:
-            nodes.add(info["Address"]["NodeID"])
-    return nodes
+    actors = list_actors(detail=True, limit=1000, raise_on_missing_output=False,
+                         filters=[("state", "=", "ALIVE")])
+    return {actor.node_id for actor in actors if "GeneratorStage" in (actor.class_name or "")}
 
 
 def main(out: str) -> dict:
@@ -54,7 +45,8 @@ def main(out: str) -> dict:
     from orchestrator import pipeline
     from orchestrator.config import GenerateConfig
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 0, "include_dashboard": False})
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 0, "include_dashboard": True,
+                                                              "dashboard_port": free_port()})
     try:
         workers = [cluster.add_node(num_cpus=2, num_gpus=1) for _ in range(2)]
         cluster.wait_for_nodes()
