@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--val", type=float, default=0.15, help="fraction of prompts for early stopping")
     parser.add_argument("--test", type=float, default=0.15, help="fraction of prompts held out for evaluate")
     parser.add_argument("--channels", default="32,64,128", help="noise encoder widths, one stage each")
-    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--hidden", type=int, default=256, help="width of the noise and text features")
+    parser.add_argument("--head", default="256,64", help="MLP head widths after the joint features")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -130,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
             text_dim=diffusion.text_embedding_dim(model_path),
             channels=tuple(int(c) for c in args.channels.split(",")),
             hidden=args.hidden,
+            head=tuple(int(c) for c in args.head.split(",")),
             pipeline={**identity, "family": diffusion.pipeline_family(model_path)},
             rater=identity["rater"],
             score_mean=score_mean,

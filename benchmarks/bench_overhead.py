@@ -1,0 +1,252 @@
+"""Figure 1, orchestration overhead: `seedsift generate` (local Ray, one generator) vs a plain diffusers loop.
+
+Both render the same (prompt, seed) list with the same pipeline, batch size, steps, guidance and torch threads
+(`--policy random --candidates 1 --keep 1`, so the images are the same) and save PNGs. Each run is its own process;
+the parent interleaves them per size, so both see the same machine load. Reports steady-state and end-to-end
+throughput ratios, the fixed start-up costs, the images needed to amortise them, and Ray Data's ds.stats().
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+import tempfile
+import time
+
+T_PROCESS = time.perf_counter()  # before any heavy import: start-up includes imports
+
+import _common  # noqa: E402,F401
+from _common import PYTHON, REPO_ROOT, LoadSampler, emit, machine, run_child, save, table  # noqa: E402
+
+# Images excluded from the steady-state window: warm-up and pipeline fill. A generator task renders one scorer
+# output block (scorer_batch_size = 32 rows) before its rows move on, so the driver sees results 32 at a time.
+STEADY_AFTER = 32
+
+
+def make_corpus(path: str, count: int) -> list[str]:
+    """`count` distinct prompts (the PartiPrompts sample, cycled with a suffix so the dedup stage keeps them all)."""
+    with open(REPO_ROOT / "examples" / "parti-sample.tsv", encoding="utf-8") as handle:
+        base = [row["Prompt"] for row in csv.DictReader(handle, delimiter="\t")]
+    prompts = [base[i % len(base)] + ("" if i < len(base) else f", variation {i // len(base)}") for i in range(count)]
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write("\n".join(prompts) + "\n")
+    return prompts
+
+
+def steady_rate(marks: list[tuple[float, int]], after: int) -> float | None:
+    """Images per second between the mark where `after` images were done and the last mark."""
+    start = next(((t, n) for t, n in marks if n >= after), None)
+    if start is None or marks[-1][1] <= start[1]:
+        return None
+    return (marks[-1][1] - start[1]) / (marks[-1][0] - start[0])
+
+
+def child_plain(args) -> None:
+    """The plain diffusers loop: load once, then pipe(prompt=..., latents=...) per batch, PNGs saved."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    torch.set_num_threads(args.threads)
+    from diffusers import DiffusionPipeline
+
+    from orchestrator.corpus import prompt_id_for
+    from orchestrator.embedded import resolve_model
+    from orchestrator.seeds import batch_noise, candidate_seeds
+    from actors import diffusion
+
+    t_imported = time.perf_counter()
+    path = resolve_model(args.model)
+    pipe = DiffusionPipeline.from_pretrained(path)
+    pipe.set_progress_bar_config(disable=True)
+    shape = diffusion.latent_shape(path, args.size, args.size)
+    t_loaded = time.perf_counter()
+    prompts = [line.rstrip("\n") for line in open(args.prompts, encoding="utf-8") if line.strip()]
+    os.makedirs(args.out, exist_ok=True)
+    marks, done = [], 0
+    for start in range(0, len(prompts), args.batch_size):
+        batch = prompts[start:start + args.batch_size]
+        ids = [prompt_id_for(p) for p in batch]
+        seeds = [candidate_seeds(args.seed, pid, 1)[0] for pid in ids]
+        result = pipe(prompt=batch, latents=batch_noise(seeds, shape), num_inference_steps=args.steps,
+                      guidance_scale=args.guidance, height=args.size, width=args.size, output_type="np")
+        images = (np.asarray(result.images) * 255).round().clip(0, 255).astype(np.uint8)
+        for pid, seed, image in zip(ids, seeds, images):
+            Image.fromarray(image).save(os.path.join(args.out, f"{pid}_{seed}.png"))
+        done += len(batch)
+        marks.append((time.perf_counter(), done))
+    emit({"imports_s": t_imported - T_PROCESS, "load_s": t_loaded - t_imported,
+          "first_batch_s": marks[0][0] - t_loaded, "total_in_process_s": marks[-1][0] - T_PROCESS,
+          "marks": [(t - T_PROCESS, n) for t, n in marks], "images": done, "threads": torch.get_num_threads()})
+
+
+def child_seedsift(args) -> None:
+    """pipeline.run's steps, with a timestamp at each committed unit and Ray Data's stats at the end."""
+    from orchestrator import pipeline
+    from orchestrator.config import GenerateConfig
+
+    t_imported = time.perf_counter()
+    config = GenerateConfig(prompts=args.prompts, out=args.out, model=args.model, policy="random", candidates=1,
+                            keep=1, steps=args.steps, guidance=args.guidance, width=args.size, height=args.size,
+                            batch_size=args.batch_size, seed=args.seed)
+    output, model_path = pipeline.prepare(config)
+    done = pipeline.committed_pairs(output)
+    pipeline.connect_ray(None)
+    t_ray = time.perf_counter()
+    import ray
+
+    resources = pipeline.plan_resources(config)
+    ds = pipeline.build_dataset(config, output, model_path, done)
+    marks, images = [], 0
+    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        images += batch["status"].to_pylist().count("ok")
+        marks.append((time.perf_counter(), images))
+    t_end = time.perf_counter()
+    stats = ds.stats()
+    ray.shutdown()
+    emit({"imports_s": t_imported - T_PROCESS, "ray_start_s": t_ray - t_imported,
+          "first_unit_s": marks[0][0] - t_ray, "total_in_process_s": t_end - T_PROCESS,
+          "marks": [(t - T_PROCESS, n) for t, n in marks], "images": images, "stats": stats,
+          "generator_threads": max(1, int(resources["generator_cpus"])), "resources": resources})
+
+
+def compare_images(plain_dir: str, seedsift_dir: str) -> dict:
+    """Pixel comparison of the two runs' PNGs, matched by (prompt id, seed)."""
+    import numpy as np
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    rows = pq.read_table(os.path.join(seedsift_dir, "manifest")).to_pylist()
+    diffs, matched = [], 0
+    for row in rows:
+        if row["status"] != "ok":
+            continue
+        a = np.asarray(Image.open(row["image_uri"].removeprefix("file://")), dtype=np.int16)
+        b = np.asarray(Image.open(os.path.join(plain_dir, f"{row['prompt_id']}_{row['seed']}.png")), dtype=np.int16)
+        diffs.append(int(np.abs(a - b).max()))
+        matched += 1
+    return {"matched": matched, "identical": sum(d == 0 for d in diffs), "max_abs_uint8_diff": max(diffs or [0])}
+
+
+def operator_wall_s(stats: str, name: str) -> float | None:
+    """Total remote wall time of one operator in ds.stats() text (the seconds its tasks were running)."""
+    lines = stats.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("Operator") and name in line:
+            for follow in lines[i + 1:i + 4]:
+                if "Remote wall time" in follow:
+                    total = follow.rsplit(",", 1)[1].strip().removesuffix(" total")
+                    for unit, scale in (("ms", 1e-3), ("us", 1e-6), ("s", 1.0)):
+                        if total.endswith(unit):
+                            return float(total.removesuffix(unit)) * scale
+    return None
+
+
+def generator_stats(stats: str) -> str:
+    """The per-operator lines of ds.stats() worth reading: each operator's header and its wall/CPU time rows."""
+    keep = []
+    for line in stats.splitlines():
+        text = line.strip()
+        if text.startswith(("Operator", "* Remote wall time", "* Remote cpu time", "* Operator throughput",
+                            "* Total input num rows", "* Ray Data throughput", "Dataset iterator time",
+                            "* Total time overall", "* Total time in")):
+            keep.append(text)
+    return "\n".join(keep)
+
+
+def parent(args) -> None:
+    sizes = [tuple(int(x) for x in spec.split(":")) for spec in args.sizes]  # size:steps:images
+    rows, raw = [], []
+    start_machine = machine()
+    with LoadSampler() as load:
+        for repeat in range(args.repeats):
+            for size, steps, count in sizes:
+                with tempfile.TemporaryDirectory(prefix="seedsift-overhead-") as tmp:
+                    prompts = os.path.join(tmp, "prompts.txt")
+                    make_corpus(prompts, count)
+                    common = ["--prompts", prompts, "--size", str(size), "--steps", str(steps), "--batch-size",
+                              str(args.batch_size), "--guidance", str(args.guidance), "--model", args.model]
+                    env = {"RAY_TMPDIR": os.path.join(tmp, "ray"), "RAY_ADDRESS": ""}
+                    os.makedirs(env["RAY_TMPDIR"])
+                    # The generator gets generator_cpus threads: locally max(1, (cores + 2 - 2) // generators).
+                    threads = max(1, (os.cpu_count() or 1))
+                    load_before = os.getloadavg()[0]
+                    plain, plain_wall = run_child([PYTHON, __file__, "--child", "plain", "--out", f"{tmp}/plain",
+                                                   "--threads", str(threads)] + common)
+                    seedsift, seedsift_wall = run_child([PYTHON, __file__, "--child", "seedsift", "--out",
+                                                         f"{tmp}/seedsift"] + common, env=env)
+                    load_after = os.getloadavg()[0]
+                    same = compare_images(f"{tmp}/plain", f"{tmp}/seedsift")
+                p_rate = steady_rate(plain["marks"], STEADY_AFTER)
+                s_rate = steady_rate(seedsift["marks"], STEADY_AFTER)
+                if p_rate is None or s_rate is None:
+                    raise SystemExit(f"{count} images is too few for a steady-state window after {STEADY_AFTER}")
+                busy = operator_wall_s(seedsift["stats"], "GeneratorStage")
+                # Fixed cost = wall time not explained by steady-state throughput.
+                p_fixed = plain_wall - count / p_rate
+                s_fixed = seedsift_wall - count / s_rate
+                steady_ratio = s_rate / p_rate
+                # Images n at which (n / p_rate + p_fixed) / (n / s_rate + s_fixed) reaches 0.95 of the steady ratio.
+                target = 0.95 * steady_ratio
+                denominator = target / s_rate - 1 / p_rate
+                amortise = (p_fixed - target * s_fixed) / denominator if denominator else float("inf")
+                row = {
+                    "size": f"{size}x{size}", "steps": steps, "images": count, "repeat": repeat,
+                    "plain s/img": 1 / p_rate, "seedsift s/img": 1 / s_rate,
+                    "steady ratio": steady_ratio,
+                    "generator busy s/img": busy / count if busy else "",
+                    "plain wall s": plain_wall, "seedsift wall s": seedsift_wall,
+                    "end-to-end ratio": plain_wall / seedsift_wall,
+                    "plain fixed s": p_fixed, "seedsift fixed s": s_fixed,
+                    "images to amortise": amortise if amortise > 0 else 0,
+                    "identical images": f"{same['identical']}/{same['matched']} (max diff {same['max_abs_uint8_diff']})",
+                    "load1 before/after": f"{load_before:.1f}/{load_after:.1f}",
+                }
+                rows.append(row)
+                raw.append({"row": row, "plain": plain, "seedsift": {k: v for k, v in seedsift.items() if k != "stats"},
+                            "seedsift_stats": seedsift["stats"]})
+                print(json.dumps(row), flush=True)
+    load_summary = load.summary()
+    columns = ["size", "steps", "images", "plain s/img", "seedsift s/img", "steady ratio", "generator busy s/img", "plain wall s",
+               "seedsift wall s", "end-to-end ratio", "plain fixed s", "seedsift fixed s", "images to amortise",
+               "identical images", "load1 before/after"]
+    text = (f"Orchestration overhead: seedsift generate (local Ray, 1 generator, {args.batch_size}/batch, guidance "
+            f"{args.guidance}) vs plain diffusers loop, both {os.cpu_count()} torch threads; load avg 1-min during "
+            f"run {load_summary}\n\n" + table(rows, columns)
+            + "\n\n'images to amortise': corpus size at which the end-to-end ratio reaches 95% of the steady ratio."
+            + "\n\nRay Data stats of the last seedsift run (per operator):\n\n```\n"
+            + generator_stats(raw[-1]["seedsift_stats"]) + "\n```")
+    save("overhead", {"args": vars(args), "machine_at_start": start_machine, "load_during": load_summary,
+                      "rows": rows, "raw": raw}, text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--child", choices=["plain", "seedsift"])
+    parser.add_argument("--sizes", nargs="+", default=["64:4:96", "128:8:64"],
+                        help="SIZE:STEPS:IMAGES per configuration (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--guidance", type=float, default=7.5)
+    parser.add_argument("--model", default="embedded:tiny-sd")
+    parser.add_argument("--seed", type=int, default=0)
+    # child arguments
+    parser.add_argument("--prompts")
+    parser.add_argument("--out")
+    parser.add_argument("--size", type=int)
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--threads", type=int)
+    args = parser.parse_args()
+    if args.child == "plain":
+        child_plain(args)
+    elif args.child == "seedsift":
+        child_seedsift(args)
+    else:
+        parent(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

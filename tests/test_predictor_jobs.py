@@ -1,0 +1,145 @@
+"""collect -> train -> evaluate -> generate with the predictor and budget policies, end to end on a real local Ray."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from actors import diffusion
+from jobs import evaluate, train
+from jobs.collect import write_dataset
+from orchestrator import pipeline
+from orchestrator.config import ConfigError, GenerateConfig
+from orchestrator.embedded import resolve_model
+from orchestrator.predictor import EMBEDDED_PREDICTORS, PredictorMismatch, load_predictor
+from orchestrator.seeds import batch_noise, candidate_seeds
+from orchestrator.storage import Output
+
+PROMPTS = [f"{thing} in the style of {style}" for thing in ("a fox", "a red car", "a lighthouse", "a bowl of soup",
+                                                            "an owl", "a city street")
+           for style in ("watercolour", "pixel art", "a photograph", "an oil painting")]
+SETTINGS = dict(steps=2, guidance=3.0, batch_size=8, generator_cpus=1, rater="colorfulness", seed=3)
+
+
+def manifest(out: str) -> pd.DataFrame:
+    output = Output(out)
+    return output.read_tables(output.list_keys("manifest", ".parquet")).to_pandas()
+
+
+@pytest.fixture(scope="module")
+def trained(ray_session, tmp_path_factory):
+    """A small collect (24 prompts x 6 candidates) and a small predictor trained on it by the train job."""
+    folder = tmp_path_factory.mktemp("predictor-jobs")
+    corpus = folder / "prompts.txt"
+    corpus.write_text("\n".join(PROMPTS) + "\n")
+    collect_out = str(folder / "collect")
+    summary = pipeline.run(GenerateConfig(prompts=str(corpus), out=collect_out, candidates=6, keep=6,
+                                          all_candidates=True, save_images=False, **SETTINGS))
+    rows = write_dataset(Output(collect_out))
+    predictor = str(folder / "predictor")
+    code = train.main(["--dataset", collect_out, "--out", predictor, "--epochs", "4", "--patience", "4",
+                       "--val", "0.25", "--test", "0.25", "--channels", "8,16", "--hidden", "16", "--head", "16",
+                       "--prompts-per-batch", "4"])
+    assert code == 0
+    return {"folder": folder, "corpus": str(corpus), "collect": collect_out, "predictor": predictor,
+            "summary": summary, "rows": rows}
+
+
+def test_collect_renders_every_candidate_and_writes_the_training_set(trained):
+    assert trained["summary"]["images"] == 24 * 6 and trained["rows"] == 24 * 6
+    dataset = pd.read_parquet(Path(trained["collect"]) / "dataset.parquet")
+    assert set(dataset.columns) >= {"prompt_id", "prompt", "seed", "score", "model", "rater", "steps"}
+    for prompt_id, group in dataset.groupby("prompt_id"):
+        assert list(group.sort_values("candidate_index").seed) == candidate_seeds(3, prompt_id, 6)
+    assert dataset.score.notna().all() and dataset.score.std() > 0
+    assert not list((Path(trained["collect"]) / "images").glob("**/*.png"))  # --no-images
+
+
+def test_predictor_is_safetensors_plus_json_recording_its_pipeline(trained):
+    folder = Path(trained["predictor"])
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    config = json.loads((folder / "config.json").read_text())
+    assert config["latent_shape"] == [4, 32, 32] and config["text_dim"] == 32
+    assert config["pipeline"]["model"] == "embedded:tiny-sd" and config["pipeline"]["steps"] == 2
+    assert config["rater"] == "colorfulness"
+    assert {"train", "val", "residual_std", "residual_ratio", "best_epoch"} <= set(config["metrics"])
+    assert len(config["spread_quantiles"]) == 50
+
+
+def test_loading_into_another_pipeline_fails_clearly(trained, tiny_pixart_path):
+    with pytest.raises(PredictorMismatch, match="trained for a sd pipeline, this one is pixart"):
+        load_predictor(trained["predictor"], tiny_pixart_path, 64, 64)
+    with pytest.raises(PredictorMismatch, match=r"shape \(4, 32, 32\), this run draws \(4, 64, 64\)"):
+        load_predictor(trained["predictor"], resolve_model("embedded:tiny-sd"), 128, 128)
+
+
+def test_generate_refuses_a_mismatched_predictor_before_compute(trained):
+    config = GenerateConfig(prompts=trained["corpus"], out=str(trained["folder"] / "bad"), policy="predictor",
+                            predictor=trained["predictor"], candidates=6, keep=1, width=128, height=128, **SETTINGS)
+    with pytest.raises(ConfigError, match="does not fit this pipeline"):
+        pipeline.run(config)
+    assert not (trained["folder"] / "bad" / "manifest").exists()
+
+
+def test_evaluate_reports_on_held_out_prompts(trained):
+    report = trained["folder"] / "report"
+    assert evaluate.main(["--dataset", trained["collect"], "--predictor", trained["predictor"], "--out", str(report),
+                          "--contact-prompts", "1"]) == 0
+    figures = json.loads((report / "evaluation.json").read_text())
+    assert figures["split"] == "test" and 0 < figures["prompts"] < 24
+    for key in ("spearman_per_prompt_mean", "top1_gain_std_units", "p_pick_best", "gain_curve", "ndcg"):
+        assert key in figures
+    assert (report / "report.html").exists() and (report / "contact_sheet.png").exists()
+
+
+def test_generate_with_the_predictor_keeps_its_top_k(trained):
+    out = str(trained["folder"] / "generate-predictor")
+    summary = pipeline.run(GenerateConfig(prompts=trained["corpus"], out=out, policy="predictor",
+                                          predictor=trained["predictor"], candidates=6, keep=2, **SETTINGS))
+    rows = manifest(out)
+    assert summary["images"] == 24 * 2 and rows.predicted_score.notna().all()
+    difficulty = summary["prompt_difficulty"]
+    assert difficulty["prompts"] == 24 and len(difficulty["hardest_prompts"]) == 10
+
+    # Recompute the predictions in this process: the kept seeds are the two best of the six candidates.
+    model_path = resolve_model("embedded:tiny-sd")
+    predictor = load_predictor(trained["predictor"], model_path, 64, 64)
+    pipe = diffusion.load_pipeline(model_path, "text")
+    shape = diffusion.latent_shape(model_path, 64, 64)
+    for prompt_id, group in list(rows.groupby("prompt_id"))[:4]:
+        prompt = group.prompt.iloc[0]
+        embeds = diffusion.encode_prompts(pipe, [prompt], SETTINGS["guidance"])
+        seeds = candidate_seeds(3, prompt_id, 6)
+        scores = predictor.score_candidates(batch_noise(seeds, shape), {k: v[0] for k, v in embeds.items()
+                                                                         if k != "truncated"})
+        best_two = {seeds[i] for i in np.argsort(-scores)[:2]}
+        assert set(group.seed) == best_two
+        np.testing.assert_allclose(sorted(group.predicted_score), sorted(np.sort(scores)[-2:]), rtol=1e-4)
+        np.testing.assert_allclose(group.prompt_predicted_mean.iloc[0], scores.mean(), rtol=1e-4)
+        # The same run seed as the collect: generate's candidates are the collect's candidates.
+        assert set(group.seed) <= set(candidate_seeds(3, prompt_id, 6))
+
+
+def test_budget_policy_spends_the_budget_unevenly(trained):
+    out = str(trained["folder"] / "generate-budget")
+    summary = pipeline.run(GenerateConfig(prompts=trained["corpus"], out=out, policy="budget",
+                                          predictor=trained["predictor"], candidates=6, keep=4, budget=2.0,
+                                          **SETTINGS))
+    counts = manifest(out).groupby("prompt_id").size()
+    assert counts.min() >= 1 and counts.max() <= 4
+    assert summary["budget"]["renders_per_prompt_target"] == 2.0
+    # Calibrated on the predictor's recorded spreads, not on this corpus: close to the budget, not exact.
+    assert 1.0 <= summary["budget"]["renders_per_prompt_spent"] <= 3.0
+
+
+def test_embedded_default_predictor_fits_the_embedded_pipeline():
+    folder = EMBEDDED_PREDICTORS["tiny-sd"]
+    if not (folder / "model.safetensors").exists():
+        pytest.skip("the embedded predictor is built by scripts/train_embedded_predictor.sh")
+    predictor = load_predictor(str(folder), resolve_model("embedded:tiny-sd"), 64, 64)
+    assert predictor.config.rater == "colorfulness"
+    assert (folder / "model.safetensors").stat().st_size < 2 * 1024 * 1024
