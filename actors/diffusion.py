@@ -100,6 +100,8 @@ def load_pipeline(model_path: str, part: str, device: str = "cpu", dtype: torch.
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.disable_progress_bar()  # one bar per actor start is noise in a corpus job's log
+    # Its truncation warning prints every dropped token; encode_prompts records truncation in each row instead.
+    diffusers_logging.set_verbosity_error()
     if part not in PARTS:
         raise ValueError(f"part {part!r}: unknown (expected one of {', '.join(PARTS)})")
     family = pipeline_family(model_path)

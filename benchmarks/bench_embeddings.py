@@ -16,7 +16,7 @@ import tempfile
 import time
 
 import _common  # noqa: F401
-from _common import PYTHON, LoadSampler, emit, machine, max_rss_mb, run_child, save, table, vm_rss_mb
+from _common import PYTHON, LoadSampler, emit, machine, run_child, save, table, vm_rss_mb
 
 T5_LARGEISH = {"d_model": 1024, "d_kv": 64, "d_ff": 2816, "num_layers": 8, "num_heads": 16,
                "feed_forward_proj": "gated-gelu"}
@@ -55,52 +55,89 @@ def prompts_and_seeds(count: int) -> tuple[list[str], list[int]]:
     return prompts, [candidate_seeds(0, prompt_id_for(p), 1)[0] for p in prompts]
 
 
+def vm_hwm_mb() -> float:
+    """Peak RSS of this process image (VmHWM: reset at exec, unlike getrusage's ru_maxrss)."""
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def call_full(pipe, prompts, latents, args):
+    return pipe(prompt=prompts, latents=latents, num_inference_steps=args.steps, guidance_scale=args.guidance,
+                height=args.size, width=args.size, output_type="np", use_resolution_binning=False,
+                clean_caption=False, max_sequence_length=MAX_SEQUENCE_LENGTH)
+
+
 def child(args) -> None:
-    import numpy as np
+    """Memory and load time of one way to hold the pipeline: load it, render one batch, report RSS at each point."""
     import torch
 
     torch.set_num_threads(args.threads)
     from actors import diffusion
     from orchestrator.seeds import batch_noise
 
-    rss_start = vm_rss_mb()
+    rss_imports = vm_rss_mb()
     started = time.perf_counter()
-    part = {"full": "full", "render": "render", "text": "text"}[args.child]
-    pipe = diffusion.load_pipeline(args.model_path, part)
+    pipe = diffusion.load_pipeline(args.model_path, args.child)
     load_s = time.perf_counter() - started
     rss_loaded = vm_rss_mb()
-    prompts, seeds = prompts_and_seeds(args.images)
-    shape = diffusion.latent_shape(args.model_path, args.size, args.size)
-    times = []
+    prompts, seeds = prompts_and_seeds(args.batch_size)
+    latents = batch_noise(seeds, diffusion.latent_shape(args.model_path, args.size, args.size))
+    started = time.perf_counter()
     if args.child == "text":
-        embeds = {}
-        for start in range(0, len(prompts), args.batch_size):
-            t = time.perf_counter()
-            out = diffusion.encode_prompts(pipe, prompts[start:start + args.batch_size], args.guidance)
-            times.append((time.perf_counter() - t) / len(out["prompt_embeds"]))
-            for key, value in out.items():
-                embeds.setdefault(key, []).append(value)
-        np.savez(args.embeddings, **{k: np.concatenate(v) for k, v in embeds.items()})
+        diffusion.encode_prompts(pipe, prompts, args.guidance)
+    elif args.child == "full":
+        call_full(pipe, prompts, latents, args)
     else:
-        stored = np.load(args.embeddings) if args.child == "render" else None
-        for start in range(0, len(prompts), args.batch_size):
-            stop = min(start + args.batch_size, len(prompts))
-            latents = batch_noise(seeds[start:stop], shape)
-            t = time.perf_counter()
-            if args.child == "render":
-                embeds = {k: stored[k][start:stop] for k in stored.files if k != "truncated"}
+        # The embeddings arrive in the row; here they are zeros of the right shapes (the cost is the same).
+        import numpy as np
+
+        width = T5_LARGEISH["d_model"]
+        shape = (len(prompts), MAX_SEQUENCE_LENGTH, width)
+        embeds = {"prompt_embeds": np.zeros(shape, np.float32), "negative_prompt_embeds": np.zeros(shape, np.float32),
+                  "prompt_attention_mask": np.ones(shape[:2], np.int64),
+                  "negative_prompt_attention_mask": np.ones(shape[:2], np.int64)}
+        diffusion.render(pipe, embeds, latents, steps=args.steps, guidance_scale=args.guidance, height=args.size,
+                         width=args.size)
+    batch_s = time.perf_counter() - started
+    emit({"part": args.child, "load_s": load_s, "rss_after_imports_mb": rss_imports, "rss_after_load_mb": rss_loaded,
+          "rss_after_batch_mb": vm_rss_mb(), "peak_rss_mb": vm_hwm_mb(), "first_batch_s": batch_s,
+          "params": {name: sum(p.numel() for p in module.parameters())
+                     for name, module in pipe.components.items() if hasattr(module, "parameters")}})
+
+
+def child_timing(args) -> dict:
+    """Per-image time of (a) prompt strings and (b) embeddings, alternated batch by batch in one process so both
+    see the same machine load; medians over rounds. (c) is the encoder alone (the scorer's share)."""
+    import statistics
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from actors import diffusion
+    from orchestrator.seeds import batch_noise
+
+    pipe = diffusion.load_pipeline(args.model_path, "full")
+    prompts, seeds = prompts_and_seeds(args.batch_size)
+    latents = batch_noise(seeds, diffusion.latent_shape(args.model_path, args.size, args.size))
+    embeds = diffusion.encode_prompts(pipe, prompts, args.guidance)
+    embeds.pop("truncated")
+    times = {"a": [], "b": [], "c": []}
+    for round_ in range(args.rounds + 1):  # round 0 warms up
+        for key in ("a", "b", "c"):
+            started = time.perf_counter()
+            if key == "a":
+                call_full(pipe, prompts, latents, args)
+            elif key == "b":
                 diffusion.render(pipe, embeds, latents, steps=args.steps, guidance_scale=args.guidance,
                                  height=args.size, width=args.size)
             else:
-                pipe(prompt=prompts[start:stop], latents=latents, num_inference_steps=args.steps,
-                     guidance_scale=args.guidance, height=args.size, width=args.size, output_type="np",
-                     use_resolution_binning=False, clean_caption=False, max_sequence_length=MAX_SEQUENCE_LENGTH)
-            times.append((time.perf_counter() - t) / (stop - start))
-    steady = times[1:] or times  # the first batch warms up
-    emit({"part": part, "load_s": load_s, "rss_start_mb": rss_start, "rss_after_load_mb": rss_loaded,
-          "peak_rss_mb": max_rss_mb(), "s_per_image_batches": times, "s_per_image": sum(steady) / len(steady),
-          "params": {name: sum(p.numel() for p in module.parameters())
-                     for name, module in pipe.components.items() if hasattr(module, "parameters")}})
+                diffusion.encode_prompts(pipe, prompts, args.guidance)
+            if round_:
+                times[key].append((time.perf_counter() - started) / len(prompts))
+    emit({"s_per_image": {k: statistics.median(v) for k, v in times.items()}, "all": times})
 
 
 def transport(rows: int, repeats: int) -> dict:
@@ -151,31 +188,27 @@ def parent(args) -> None:
     if not os.path.isdir(cache):
         build_pipeline(cache + ".partial")
         os.rename(cache + ".partial", cache)
-    common = ["--model-path", cache, "--images", str(args.images), "--batch-size", str(args.batch_size),
+    common = ["--model-path", cache, "--batch-size", str(args.batch_size),
               "--steps", str(args.steps), "--size", str(args.size), "--guidance", str(args.guidance),
               "--threads", str(args.threads)]
-    with tempfile.TemporaryDirectory() as tmp, LoadSampler() as load:
-        embeddings = os.path.join(tmp, "embeds.npz")
-        text, _ = run_child([PYTHON, __file__, "--child", "text", "--embeddings", embeddings] + common)
+    with LoadSampler() as load:
         full, _ = run_child([PYTHON, __file__, "--child", "full"] + common)
-        render, _ = run_child([PYTHON, __file__, "--child", "render", "--embeddings", embeddings] + common)
+        render, _ = run_child([PYTHON, __file__, "--child", "render"] + common)
+        text, _ = run_child([PYTHON, __file__, "--child", "text"] + common)
+        timing, _ = run_child([PYTHON, __file__, "--child", "timing", "--rounds", str(args.rounds)] + common)
         moved = transport(args.transport_rows, 5)
     load_summary = load.summary()
-    rows = [
-        {"process": "(a) full pipeline, prompt= strings", "load s": full["load_s"],
-         "RSS after load MB": full["rss_after_load_mb"], "peak RSS MB": full["peak_rss_mb"],
-         "s per image": full["s_per_image"]},
-        {"process": "(b) render part + scorer's embeddings", "load s": render["load_s"],
-         "RSS after load MB": render["rss_after_load_mb"], "peak RSS MB": render["peak_rss_mb"],
-         "s per image": render["s_per_image"]},
-        {"process": "(c) scorer side: text part + encode_prompts", "load s": text["load_s"],
-         "RSS after load MB": text["rss_after_load_mb"], "peak RSS MB": text["peak_rss_mb"],
-         "s per image": text["s_per_image"]},
-        {"process": "saved by (b) vs (a)", "load s": full["load_s"] - render["load_s"],
-         "RSS after load MB": full["rss_after_load_mb"] - render["rss_after_load_mb"],
-         "peak RSS MB": full["peak_rss_mb"] - render["peak_rss_mb"],
-         "s per image": full["s_per_image"] - render["s_per_image"]},
-    ]
+    per_image = timing["s_per_image"]
+    rows = []
+    for label, entry, seconds in (("(a) full pipeline, prompt= strings", full, per_image["a"]),
+                                  ("(b) render part + scorer's embeddings", render, per_image["b"]),
+                                  ("(c) scorer side: text part, encode_prompts only", text, per_image["c"])):
+        rows.append({"process": label, "load s": entry["load_s"], "RSS after load MB": entry["rss_after_load_mb"],
+                     "peak RSS MB": entry["peak_rss_mb"], "s per image": seconds})
+    rows.append({"process": "saved per generator by (b) vs (a)", "load s": full["load_s"] - render["load_s"],
+                 "RSS after load MB": full["rss_after_load_mb"] - render["rss_after_load_mb"],
+                 "peak RSS MB": full["peak_rss_mb"] - render["peak_rss_mb"],
+                 "s per image": per_image["a"] - per_image["b"]})
     move_rows = [{"embeddings": name, "bytes per row": v["bytes_per_row"], "batch rows": v["rows"],
                   "batch MB": v["batch_mb"], "ray.put s": v["put_s"], "ray.get s (task)": v["get_s"],
                   "ms per row (put+get)": 1e3 * (v["put_s"] + v["get_s"]) / v["rows"]} for name, v in moved.items()]
@@ -187,20 +220,20 @@ def parent(args) -> None:
         f"{args.guidance}, batch {args.batch_size}, {args.threads} torch threads; each row its own process; load avg "
         f"1-min during run {load_summary}\n\n"
         + table(rows, ["process", "load s", "RSS after load MB", "peak RSS MB", "s per image"])
-        + f"\n\nPer-image time ratio (b)/(a): {render['s_per_image'] / full['s_per_image']:.3f}\n\n"
+        + f"\n\nPer-image time ratio (b)/(a): {per_image['b'] / per_image['a']:.3f} (medians of {args.rounds} "
+        "alternated rounds in one process; RSS and load time from one fresh process per row, VmRSS/VmHWM)\n\n"
         + "Moving embeddings (prompt + negative for CFG, plus PixArt's int64 masks) through Ray's object store:\n\n"
         + table(move_rows, ["embeddings", "bytes per row", "batch rows", "batch MB", "ray.put s", "ray.get s (task)",
                             "ms per row (put+get)"]))
     save("embeddings", {"args": vars(args), "machine_at_start": start_machine, "load_during": load_summary,
-                        "full": full, "render": render, "text": text, "transport": moved}, text_out)
+                        "full": full, "render": render, "text": text, "timing": timing, "transport": moved}, text_out)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--child", choices=["full", "render", "text"])
+    parser.add_argument("--child", choices=["full", "render", "text", "timing"])
     parser.add_argument("--model-path")
-    parser.add_argument("--embeddings")
-    parser.add_argument("--images", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--size", type=int, default=64)
@@ -208,7 +241,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--transport-rows", type=int, default=32, help="rows per batch moved through the object store")
     args = parser.parse_args()
-    if args.child:
+    if args.child == "timing":
+        child_timing(args)
+    elif args.child:
         child(args)
     else:
         parent(args)

@@ -23,6 +23,8 @@ def find_row(output: Output, prompt_id: str, seed: int) -> dict:
     if table is None:
         raise ConfigError(f"{output.uri} has no manifest parts; is it the --out of a generate run?")
     match = table.filter(pc.and_(pc.equal(table["prompt_id"], prompt_id), pc.equal(table["seed"], seed)))
+    delivered = match.filter(pc.equal(match["status"], "ok"))  # a failed attempt may precede the delivered row
+    match = delivered if delivered.num_rows else match
     if match.num_rows == 0:
         raise ConfigError(f"{output.uri}: no manifest row for prompt_id {prompt_id!r} and seed {seed}")
     return match.slice(0, 1).to_pylist()[0]

@@ -87,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="predictor folder to write (local or s3://)")
     parser.add_argument("--epochs", type=int, default=150)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--weight-decay", type=float, default=1e-4)
+    parser.add_argument("--dropout", type=float, default=0.1, help="on the joint features during training")
     parser.add_argument("--rank-weight", type=float, default=1.0, help="within-prompt ranking loss weight")
     parser.add_argument("--patience", type=int, default=25, help="early stopping on validation Spearman")
     parser.add_argument("--prompts-per-batch", type=int, default=16)
@@ -132,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             channels=tuple(int(c) for c in args.channels.split(",")),
             hidden=args.hidden,
             head=tuple(int(c) for c in args.head.split(",")),
+            dropout=args.dropout,
             pipeline={**identity, "family": diffusion.pipeline_family(model_path)},
             rater=identity["rater"],
             score_mean=score_mean,
@@ -139,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
             split=split,
         )
         settings = TrainingSettings(epochs=args.epochs, learning_rate=args.learning_rate, rank_weight=args.rank_weight,
+                                    weight_decay=args.weight_decay,
                                     patience=args.patience, prompts_per_batch=args.prompts_per_batch, seed=args.seed,
                                     device=device)
         model, history = train(config, examples["train"], examples["val"], settings)
@@ -155,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
             "residual_std": residual_std,
             "residual_ratio": residual_ratio,
             "best_epoch": history["best"]["epoch"],
+            "readout_only_val_spearman": history["best"]["readout_only_val_spearman"],
             "epochs_run": len(history["history"]),
             "candidates_per_prompt": int(np.median([len(s) for s in groups.seeds])),
             "train_seconds": round(time.time() - started, 1),

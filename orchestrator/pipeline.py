@@ -252,8 +252,14 @@ def run(config: GenerateConfig) -> dict:
 def summarise(output: Output, config: GenerateConfig, this_run: dict, wall: float, skipped: int) -> dict:
     """Totals over every committed row of the output, plus what this run did."""
     table = output.read_tables(output.list_keys("manifest", ".parquet"),
-                               ["prompt_id", "prompt", "status", "prompt_predicted_mean", "prompt_predicted_std"])
+                               ["prompt_id", "prompt", "seed", "status", "prompt_predicted_mean", "prompt_predicted_std"])
     statuses = table["status"].to_pylist() if table is not None else []
+    # A failed row whose (prompt_id, seed) was delivered by a later run is history, not a failure.
+    delivered = set()
+    failed = set()
+    if table is not None:
+        for prompt_id, seed, status in zip(table["prompt_id"].to_pylist(), table["seed"].to_pylist(), statuses):
+            (delivered if status == "ok" else failed if status == "failed" else set()).add((prompt_id, seed))
     ok_prompts = set()
     quarantined = 0
     if table is not None:
@@ -272,7 +278,7 @@ def summarise(output: Output, config: GenerateConfig, this_run: dict, wall: floa
         "prompts": len(ok_prompts),
         "prompts_quarantined": quarantined,
         "images": images,
-        "failures": statuses.count("failed"),
+        "failures": len(failed - delivered),
         "candidates_per_prompt": config.candidates,
         "kept_per_prompt": config.candidates if config.all_candidates else config.keep,
         "denoising_steps_spent": steps_spent,

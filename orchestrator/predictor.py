@@ -34,6 +34,7 @@ class PredictorConfig:
     channels: tuple[int, ...] = (32, 64, 128)  # noise encoder: one residual stage per entry, each halving h and w
     hidden: int = 256  # width of the noise and text features
     head: tuple[int, ...] = (256, 64)  # MLP head after the concatenated features (the paper: 512 -> 256 -> 64 -> 1)
+    dropout: float = 0.1  # on the joint features during training
     pipeline: dict = field(default_factory=dict)  # model, family, pipeline class, steps, guidance, width, height
     rater: str = ""
     score_mean: float = 0.0  # the rater's units: predictions are trained on standardised scores
@@ -119,29 +120,43 @@ class NoiseQualityPredictor(nn.Module):
         # Statistics pooled at every scale (the finest ones carry pixel-level spread) plus the noise's own
         # second-order statistics. They differ between noises by about 1/sqrt(pixels) of their size, so they are
         # standardised across samples (BatchNorm1d, running statistics saved with the weights) before the head.
-        statistics_width = noise_statistics(torch.zeros(1, *config.latent_shape)).shape[1]
-        pooled_width = 2 * (sum(widths[:-1]) + widths[-1]) + statistics_width
+        self.statistics_width = noise_statistics(torch.zeros(1, *config.latent_shape)).shape[1]
+        pooled_width = 2 * (sum(widths[:-1]) + widths[-1]) + self.statistics_width
         self.noise_norm = nn.BatchNorm1d(pooled_width)
         self.noise_proj = nn.Linear(pooled_width, config.hidden)
+        # The wide part: a linear read-out of the noise statistics alone, standardised with fixed training-set
+        # moments. The train job fits it in closed form (ridge) and freezes it: it generalises from few prompts
+        # where a deep model overfits. The deep part then learns what the read-out misses, from zero.
+        self.register_buffer("statistics_mean", torch.zeros(self.statistics_width))
+        self.register_buffer("statistics_scale", torch.ones(self.statistics_width))
+        self.statistics_readout = nn.Linear(self.statistics_width, 1)
         self.text_query = nn.Parameter(torch.zeros(1, 1, config.text_dim))
         self.text_key = nn.Linear(config.text_dim, config.text_dim)
         self.text_proj = nn.Linear(config.text_dim, config.hidden)
-        layers: list[nn.Module] = []
+        layers: list[nn.Module] = [nn.Dropout(config.dropout)]
         width = config.hidden * 3
         for size in config.head:
             layers += [nn.Linear(width, size), nn.SiLU()]
             width = size
         layers.append(nn.Linear(width, 1))
+        nn.init.zeros_(layers[-1].weight)  # an untrained deep part adds nothing to the read-out
+        nn.init.zeros_(layers[-1].bias)
         self.head = nn.Sequential(*layers)
 
-    def encode_noise(self, noise: torch.Tensor) -> torch.Tensor:
-        pooled = [noise_statistics(noise)]
+    def standardised_statistics(self, noise: torch.Tensor) -> torch.Tensor:
+        return (noise_statistics(noise) - self.statistics_mean) / self.statistics_scale
+
+    def encode_noise(self, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(noise features for the head, standardised noise statistics for the wide read-out)."""
+        statistics = noise_statistics(noise)
+        pooled = [statistics]
         x = self.stem(noise)
         for stage in self.stages:
             features, x = stage(x)
             pooled.append(mean_and_std(features))
         pooled.append(mean_and_std(x))
-        return self.noise_proj(self.noise_norm(torch.cat(pooled, dim=1)))
+        standardised = self.noise_norm(torch.cat(pooled, dim=1))
+        return self.noise_proj(standardised), (statistics - self.statistics_mean) / self.statistics_scale
 
     def encode_text(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Attention pooling with one learned query over the prompt's token embeddings (padding masked out)."""
@@ -152,10 +167,10 @@ class NoiseQualityPredictor(nn.Module):
 
     def forward(self, noise: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Standardised predicted score of each (noise, prompt) pair: noise (B,C,h,w), tokens (B,T,D), mask (B,T)."""
-        noise_features = self.encode_noise(noise)
+        noise_features, statistics = self.encode_noise(noise)
         text_features = self.encode_text(tokens, mask)
         joint = torch.cat([noise_features, text_features, noise_features * text_features], dim=1)
-        return self.head(joint).squeeze(-1)
+        return (self.head(joint) + self.statistics_readout(statistics)).squeeze(-1)
 
 
 class Predictor:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from orchestrator.metrics import spearman
-from orchestrator.predictor import NoiseQualityPredictor, PredictorConfig, split_of
+from orchestrator.predictor import NoiseQualityPredictor, PredictorConfig, noise_statistics, split_of
 from orchestrator.seeds import batch_noise
 
 logger = logging.getLogger("seedsift.train")
@@ -32,6 +32,7 @@ class TrainingSettings:
     patience: int = 25  # epochs without a better validation per-prompt Spearman before stopping
     seed: int = 0
     device: str = "cpu"
+    ridge: float = 100.0  # L2 penalty of the closed-form read-out fit (features are standardised)
 
 
 @dataclass
@@ -126,13 +127,42 @@ def mean_prompt_spearman(predicted: list[np.ndarray], groups: PromptGroups) -> f
     return float(np.mean(values)) if values else float("nan")
 
 
+@torch.no_grad()
+def fit_statistics_readout(model: NoiseQualityPredictor, train_set: Examples, ridge: float) -> None:
+    """Closed-form ridge fit of the wide read-out on within-prompt centred noise statistics and targets, then frozen.
+
+    Centring within each prompt fits what ranks a prompt's seeds; the prompt's level is left to the deep part.
+    """
+    statistics = [noise_statistics(noise).double() for noise in train_set.noise]
+    stacked = torch.cat(statistics)
+    mean, scale = stacked.mean(dim=0), stacked.std(dim=0).clamp_min(1e-12)
+    features = torch.cat([(s - mean) / scale - ((s - mean) / scale).mean(dim=0) for s in statistics])
+    targets = torch.cat([(t - t.mean()).double() for t in train_set.targets])
+    gram = features.T @ features + ridge * torch.eye(features.shape[1], dtype=torch.float64)
+    weights = torch.linalg.solve(gram, features.T @ targets)
+    model.statistics_mean.copy_(mean.float())
+    model.statistics_scale.copy_(scale.float())
+    model.statistics_readout.weight.copy_(weights.float()[None, :])
+    model.statistics_readout.bias.zero_()
+    model.statistics_readout.requires_grad_(False)
+
+
 def train(config: PredictorConfig, train_set: Examples, val_set: Examples, settings: TrainingSettings):
-    """Train with early stopping on validation per-prompt Spearman; returns (best model, history)."""
+    """Fit the wide read-out, then train the deep part with early stopping on validation per-prompt Spearman.
+
+    Training starts from the read-out alone (the deep head's last layer is zero), which is the first candidate for
+    the best model, so the deep part is kept only where it improves held-out ranking. Returns (model, history).
+    """
     torch.manual_seed(settings.seed)
     rng = np.random.default_rng(settings.seed)
-    model = NoiseQualityPredictor(config).to(settings.device)
-    optimiser = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
-    best = {"epoch": -1, "val_spearman": -np.inf}
+    model = NoiseQualityPredictor(config)
+    fit_statistics_readout(model, train_set, settings.ridge)
+    model = model.to(settings.device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimiser = torch.optim.AdamW(trainable, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    readout_only = mean_prompt_spearman(predict_groups(model, val_set, settings.device), val_set.groups)
+    logger.info("read-out alone: val per-prompt spearman %.3f", readout_only)
+    best = {"epoch": -1, "val_spearman": readout_only, "readout_only_val_spearman": readout_only}
     best_state = copy.deepcopy(model.state_dict())
     history = []
     for epoch in range(settings.epochs):
@@ -147,12 +177,12 @@ def train(config: PredictorConfig, train_set: Examples, val_set: Examples, setti
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
         val_spearman = mean_prompt_spearman(predict_groups(model, val_set, settings.device), val_set.groups)
         history.append({"epoch": epoch, "loss": float(np.mean(losses)), "val_spearman": val_spearman})
         logger.info("epoch %d loss %.4f val per-prompt spearman %.3f", epoch, np.mean(losses), val_spearman)
         if val_spearman > best["val_spearman"]:
-            best = {"epoch": epoch, "val_spearman": val_spearman}
+            best = {**best, "epoch": epoch, "val_spearman": val_spearman}
             best_state = copy.deepcopy(model.state_dict())
         elif epoch - best["epoch"] >= settings.patience:
             break

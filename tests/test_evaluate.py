@@ -66,40 +66,23 @@ def predictor_config(tiny, split: dict | None = None) -> PredictorConfig:
 
 
 def write_predictor(folder, config: PredictorConfig, sign: float | None = None) -> str:
-    """An untrained predictor, or (sign=+1/-1) one rigged to output an increasing/decreasing function of the score.
+    """An untrained predictor, or (sign=+1/-1) one rigged to output +/- the noise's channel-0 mean.
 
-    noise_proj's input has a column that is an affine function of the raw noise's channel-0 mean; it is found by
-    probing (so the rig survives changes to the layers before it), and unit 0 of noise_proj is set to read exactly
-    that mean. With the text path and the rest of noise_proj and the head zeroed, the output is
-    silu(sign * mean + 10): monotone in the mean, since SiLU increases for inputs above -1.28.
+    The wide read-out sees the raw noise statistics, whose first entry is the channel-0 mean; with unit scale, zero
+    mean and the deep head's last layer at zero (its initial value), the output is exactly sign * that mean.
     """
     torch.manual_seed(0)
     model = NoiseQualityPredictor(config).eval()
     if sign is not None:
-        probe = torch.randn(16, *config.latent_shape)
-        target = probe[:, 0].mean(dim=(1, 2))
-        seen = []
-        handle = model.noise_proj.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0]))
         with torch.no_grad():
-            model.encode_noise(probe)
-        handle.remove()
-        features = seen[0]
-        slope = ((features - features.mean(0)) * (target - target.mean())[:, None]).sum(0) / (
-            (target - target.mean()) ** 2).sum()
-        intercept = features.mean(0) - slope * target.mean()
-        error = (features - (intercept + slope * target[:, None])).abs().max(0).values
-        column = int(torch.argmin(torch.where(slope.abs() > 1e-3, error, torch.full_like(error, float("inf")))))
-        assert error[column] < 1e-4, "no input of noise_proj is an affine function of the noise's channel means"
-        with torch.no_grad():
-            for layer in (model.noise_proj, model.text_key, model.text_proj, *model.head):
-                for parameter in layer.parameters():
-                    parameter.zero_()
-            model.text_query.zero_()
-            model.noise_proj.weight[0, column] = 1.0 / slope[column]
-            model.noise_proj.bias[0] = -intercept[column] / slope[column]
-            model.head[0].weight[0, 0] = sign
-            model.head[0].bias[0] = 10.0
-            model.head[-1].weight[0, 0] = 1.0
+            model.statistics_mean.zero_()
+            model.statistics_scale.fill_(1.0)
+            model.statistics_readout.weight.zero_()
+            model.statistics_readout.bias.zero_()
+            model.statistics_readout.weight[0, 0] = sign
+        probe = torch.randn(8, *config.latent_shape)
+        output = model(probe, torch.zeros(8, 4, config.text_dim), torch.ones(8, 4)).detach()
+        assert torch.allclose(output, sign * probe[:, 0].mean(dim=(1, 2)), atol=1e-5), "the rig no longer holds"
     save_predictor(str(folder), config, model)
     return str(folder)
 
