@@ -88,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=150)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--weight-decay", type=float, default=1e-4)
+    parser.add_argument("--ridge", type=float, default=1000.0, help="L2 penalty of the closed-form read-out")
     parser.add_argument("--dropout", type=float, default=0.1, help="on the joint features during training")
     parser.add_argument("--rank-weight", type=float, default=1.0, help="within-prompt ranking loss weight")
     parser.add_argument("--patience", type=int, default=25, help="early stopping on validation Spearman")
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             split=split,
         )
         settings = TrainingSettings(epochs=args.epochs, learning_rate=args.learning_rate, rank_weight=args.rank_weight,
-                                    weight_decay=args.weight_decay,
+                                    weight_decay=args.weight_decay, ridge=args.ridge,
                                     patience=args.patience, prompts_per_batch=args.prompts_per_batch, seed=args.seed,
                                     device=device)
         model, history = train(config, examples["train"], examples["val"], settings)

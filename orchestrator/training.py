@@ -32,7 +32,7 @@ class TrainingSettings:
     patience: int = 25  # epochs without a better validation per-prompt Spearman before stopping
     seed: int = 0
     device: str = "cpu"
-    ridge: float = 100.0  # L2 penalty of the closed-form read-out fit (features are standardised)
+    ridge: float = 1000.0  # L2 penalty of the closed-form read-out fit (features are standardised)
 
 
 @dataclass

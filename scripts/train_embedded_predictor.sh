@@ -11,7 +11,8 @@ settings=(--model embedded:tiny-sd --steps 4 --guidance 7.5 --rater colorfulness
 .venv/bin/seedsift collect --prompts "$corpus" --out "$work/collect" --sample 0.2 --candidates 16 \
   --batch-size 16 --no-images "${settings[@]}"
 .venv/bin/seedsift train --dataset "$work/collect" --out "$work/predictor" \
-  --channels 16,32,64 --hidden 128 --head 128,64 --epochs 80 --patience 15
+  --channels 16,32,64 --hidden 128 --head 128,64 --epochs 20 --patience 5 \
+  --learning-rate 3e-4 --weight-decay 1e-2 --dropout 0.2
 .venv/bin/seedsift evaluate --dataset "$work/collect" --predictor "$work/predictor" --out "$work/evaluation" \
   --contact-prompts 4
 mkdir -p orchestrator/predictors/tiny-sd-colorfulness
