@@ -3,4 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/seedsift generate --prompts examples/parti-sample.tsv --out "${1:-out/demo}" "${@:2}"
+# The embedded predictor picks 1 of 16 candidate seeds per prompt; it was trained at these settings (4 steps).
+exec .venv/bin/seedsift generate --prompts examples/parti-sample.tsv --out "${1:-out/demo}" \
+  --policy predictor --candidates 16 --keep 1 --steps 4 "${@:2}"

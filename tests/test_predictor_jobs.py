@@ -138,8 +138,9 @@ def test_budget_policy_spends_the_budget_unevenly(trained):
 
 def test_embedded_default_predictor_fits_the_embedded_pipeline():
     folder = EMBEDDED_PREDICTORS["tiny-sd"]
-    if not (folder / "model.safetensors").exists():
-        pytest.skip("the embedded predictor is built by scripts/train_embedded_predictor.sh")
     predictor = load_predictor(str(folder), resolve_model("embedded:tiny-sd"), 64, 64)
-    assert predictor.config.rater == "colorfulness"
+    assert predictor.config.rater == "colorfulness" and predictor.config.pipeline["steps"] == 4
+    held_out = json.loads((folder / "evaluation.json").read_text())
+    assert held_out["split"] == "test" and held_out["spearman_per_prompt_mean"] >= 0.4
+    assert held_out["top1_gain_std_units"] >= 0.5
     assert (folder / "model.safetensors").stat().st_size < 2 * 1024 * 1024
