@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 
 import pyarrow as pa
+import ray
 
 from orchestrator.reader import READ_CPUS
 from orchestrator.storage import Output
@@ -93,5 +94,5 @@ def drop_duplicates(ds, output: Output | None = None):
     """The dedup stage on a corpus dataset: one actor, never restarted empty (see the module docstring)."""
     return ds.map_batches(
         DuplicateFilter, fn_constructor_kwargs={"output": output}, batch_format="pyarrow", batch_size=None,
-        concurrency=1, num_cpus=READ_CPUS, max_restarts=0,
+        compute=ray.data.ActorPoolStrategy(size=1), num_cpus=READ_CPUS, max_restarts=0,
     )

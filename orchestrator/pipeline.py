@@ -190,7 +190,7 @@ def build_dataset(config: GenerateConfig, output: Output, model_path: str, done:
             all_candidates=config.all_candidates, budget_rule=config.budget_rule,
             num_threads=max(1, int(config.scorer_cpus)), done=[done_ref],
         ),
-        batch_format="numpy", batch_size=config.scorer_batch_size, concurrency=config.scorers,
+        batch_format="numpy", batch_size=config.scorer_batch_size, compute=ray.data.ActorPoolStrategy(size=config.scorers),
         num_cpus=config.scorer_cpus,
     )
     ds = ds.map_batches(
@@ -200,14 +200,14 @@ def build_dataset(config: GenerateConfig, output: Output, model_path: str, done:
             steps=config.steps, guidance=config.guidance, height=config.height, width=config.width,
             num_threads=max(1, int(resources["generator_cpus"])),
         ),
-        batch_format="numpy", batch_size=config.batch_size, concurrency=config.generators,
+        batch_format="numpy", batch_size=config.batch_size, compute=ray.data.ActorPoolStrategy(size=config.generators),
         num_cpus=resources["generator_cpus"], num_gpus=resources["generator_gpus"],
     )
     ds = ds.map_batches(
         RaterStage,
         fn_constructor_args=(config.rater,),
         fn_constructor_kwargs=dict(num_threads=max(1, int(config.rater_cpus))),
-        batch_format="numpy", batch_size=config.batch_size, concurrency=1,
+        batch_format="numpy", batch_size=config.batch_size, compute=ray.data.ActorPoolStrategy(size=1),
         num_cpus=config.rater_cpus, num_gpus=config.rater_gpus,
     )
     ds = ds.map_batches(
