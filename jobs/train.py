@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         from actors import diffusion
         from orchestrator.budget import fit_residual_model, record_spread_quantiles
         from orchestrator.embedded import resolve_model
-        from orchestrator.predictor import PredictorConfig, save_predictor
+        from orchestrator.predictor import PredictorConfig
         from orchestrator.training import Examples, TrainingSettings, group_by_prompt, predict_groups, split_groups, train
 
         if not 0 < args.val < 1 or not 0 <= args.test < 1 or args.val + args.test >= 1:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -18,9 +17,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import psutil
 import pyarrow.parquet as pq
 import pytest
+
+from tests.helpers_ray import run_cluster_script, stop_private_ray
 
 pytestmark = pytest.mark.slow
 
@@ -67,41 +67,6 @@ def ray_env(model_cache: str) -> Iterator[dict]:
     yield env
     stop_private_ray(ray_tmp)
     shutil.rmtree(ray_tmp, ignore_errors=True)
-
-
-def stop_private_ray(ray_tmp: str, roots: list[int] = ()) -> None:
-    """Stop only the processes of one private Ray: descendants of `roots` and anything started with its RAY_TMPDIR.
-
-    `ray stop` is not used: it terminates every Ray process of the user on the machine, other tests' included.
-    """
-    victims: dict[int, psutil.Process] = {}
-    for pid in roots:
-        try:
-            root = psutil.Process(pid)
-            victims[root.pid] = root
-            victims.update({child.pid: child for child in root.children(recursive=True)})
-        except psutil.Error:
-            pass
-    me = os.getpid()
-    for proc in psutil.process_iter():
-        try:
-            if proc.pid != me and proc.environ().get("RAY_TMPDIR") == ray_tmp:
-                victims[proc.pid] = proc
-        except psutil.Error:
-            pass
-    procs = list(victims.values())
-    for proc in procs:
-        try:
-            proc.send_signal(signal.SIGTERM)
-        except psutil.Error:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=15)
-    for proc in alive:
-        try:
-            proc.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(alive, timeout=5)
 
 
 def start_head(env: dict, log_path: Path) -> tuple[subprocess.Popen, str]:
@@ -179,22 +144,7 @@ def test_generate_job_through_jobs_api(ray_env: dict, tmp_path: Path) -> None:
 def test_generators_land_on_gpu_nodes(ray_env: dict, tmp_path: Path) -> None:
     started = time.time()
     out = tmp_path / "out"
-    script = subprocess.Popen(
-        [sys.executable, str(REPO_ROOT / "tests" / "cluster_placement.py"), str(out)],
-        env=ray_env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    try:
-        output, _ = script.communicate(timeout=JOB_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        stop_private_ray(ray_env["RAY_TMPDIR"], roots=[script.pid])
-        output, _ = script.communicate()
-        pytest.fail(f"cluster_placement.py did not finish in {JOB_TIMEOUT_S} s:\n{output.decode()[-4000:]}")
-    finally:
-        stop_private_ray(ray_env["RAY_TMPDIR"], roots=[script.pid])
-    text = output.decode(errors="replace")
-    lines = [line for line in text.splitlines() if line.startswith("RESULT:")]
-    assert script.returncode == 0 and lines, f"cluster_placement.py exited {script.returncode}:\n{text[-4000:]}"
-    result = json.loads(lines[-1].removeprefix("RESULT:"))
+    result = run_cluster_script("cluster_placement.py", out, ray_env, JOB_TIMEOUT_S)
     print(f"placement test: {time.time() - started:.1f} s")
 
     assert result["cluster_gpus"] == 2

@@ -21,6 +21,7 @@ import pyarrow as pa
 import pytest
 
 from jobs.verify import verify_output
+from tests.helpers_ray import run_cluster_script
 from orchestrator import pipeline
 from orchestrator.config import GenerateConfig
 from orchestrator.dedup import DuplicateFilter
@@ -161,7 +162,7 @@ def generate_command(corpus: str, out: str) -> list[str]:
 
 def kill_run(process: subprocess.Popen, env: dict) -> None:
     """SIGKILL the job's whole process group, then whatever its private Ray left (found by its RAY_TMPDIR)."""
-    from tests.test_cluster import stop_private_ray
+    from tests.helpers_ray import stop_private_ray
 
     try:
         os.killpg(process.pid, signal.SIGKILL)
@@ -195,7 +196,7 @@ def test_driver_sigkill_then_rerun_matches_an_uninterrupted_run(ray_session, tmp
         assert summary["this_run"]["skipped_already_committed"] == partial["committed_rows"]
     finally:
         kill_run(job, env)
-        from tests.test_cluster import stop_private_ray
+        from tests.helpers_ray import stop_private_ray
 
         stop_private_ray(env["RAY_TMPDIR"])
     pipeline.run(small_config(corpus, clean.uri, keep=4))  # the uninterrupted reference, in the session's Ray
@@ -250,26 +251,11 @@ def test_killed_actor_is_restarted_and_every_row_lands_once(ray_session, tmp_pat
 
 @pytest.mark.slow
 def test_removed_worker_node_the_job_still_finishes(ray_session, tmp_path):
-    from tests.test_cluster import stop_private_ray
 
     env = private_ray_env(os.environ["SEEDSIFT_CACHE"])
     env["RAY_AUTH_MODE"] = "disabled"
     out = tmp_path / "out"
-    script = subprocess.Popen([sys.executable, str(REPO_ROOT / "tests" / "cluster_failover.py"), str(out)],
-                              env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              start_new_session=True)
-    try:
-        text, _ = script.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        stop_private_ray(env["RAY_TMPDIR"], roots=[script.pid])
-        text, _ = script.communicate()
-        pytest.fail(f"cluster_failover.py did not finish in {TIMEOUT_S} s:\n{text.decode()[-4000:]}")
-    finally:
-        stop_private_ray(env["RAY_TMPDIR"], roots=[script.pid])
-    text = text.decode(errors="replace")
-    lines = [line for line in text.splitlines() if line.startswith("RESULT:")]
-    assert script.returncode == 0 and lines, f"cluster_failover.py exited {script.returncode}:\n{text[-4000:]}"
-    result = json.loads(lines[-1].removeprefix("RESULT:"))
+    result = run_cluster_script("cluster_failover.py", out, env, TIMEOUT_S)
     assert result["removed_node_had_generator"], result
     assert result["summary_images"] == result["expected_rows"]
     assert_clean(Output(str(out)), rows=result["expected_rows"])

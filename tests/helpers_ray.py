@@ -1,0 +1,74 @@
+"""Helpers for tests that run a private Ray (a local head or a ray.cluster_utils.Cluster) in a subprocess.
+
+Such tests never touch the pytest session's own Ray instance.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def stop_private_ray(ray_tmp: str, roots: list[int] = ()) -> None:
+    """Stop only the processes of one private Ray: descendants of `roots` and anything started with its RAY_TMPDIR.
+
+    `ray stop` is not used: it terminates every Ray process of the user on the machine, other tests' included.
+    """
+    victims: dict[int, psutil.Process] = {}
+    for pid in roots:
+        try:
+            root = psutil.Process(pid)
+            victims[root.pid] = root
+            victims.update({child.pid: child for child in root.children(recursive=True)})
+        except psutil.Error:
+            pass
+    me = os.getpid()
+    for proc in psutil.process_iter():
+        try:
+            if proc.pid != me and proc.environ().get("RAY_TMPDIR") == ray_tmp:
+                victims[proc.pid] = proc
+        except psutil.Error:
+            pass
+    procs = list(victims.values())
+    for proc in procs:
+        try:
+            proc.send_signal(signal.SIGTERM)
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=15)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=5)
+
+
+def run_cluster_script(name: str, out: Path, env: dict, timeout: float) -> dict:
+    """Run tests/NAME with the venv's python in its own session; return the JSON it prints after `RESULT:`.
+
+    Whatever happens, the script's private Ray is stopped (by its process tree and its RAY_TMPDIR).
+    """
+    script = subprocess.Popen([sys.executable, str(REPO_ROOT / "tests" / name), str(out)], env=env, cwd=REPO_ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        output, _ = script.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        stop_private_ray(env["RAY_TMPDIR"], roots=[script.pid])
+        output, _ = script.communicate()
+        pytest.fail(f"{name} did not finish in {timeout} s:\n{output.decode()[-4000:]}")
+    finally:
+        stop_private_ray(env["RAY_TMPDIR"], roots=[script.pid])
+    text = output.decode(errors="replace")
+    lines = [line for line in text.splitlines() if line.startswith("RESULT:")]
+    assert script.returncode == 0 and lines, f"{name} exited {script.returncode}:\n{text[-4000:]}"
+    return json.loads(lines[-1].removeprefix("RESULT:"))
