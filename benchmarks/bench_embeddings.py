@@ -137,7 +137,8 @@ def child_timing(args) -> dict:
                 diffusion.encode_prompts(pipe, prompts, args.guidance)
             if round_:
                 times[key].append((time.perf_counter() - started) / len(prompts))
-    emit({"s_per_image": {k: statistics.median(v) for k, v in times.items()}, "all": times})
+    emit({"s_per_image": {k: statistics.median(v) for k, v in times.items()},
+          "s_per_image_min": {k: min(v) for k, v in times.items()}, "all": times})
 
 
 def transport(rows: int, repeats: int) -> dict:
@@ -179,6 +180,9 @@ def transport(rows: int, repeats: int) -> dict:
         results[name] = {"rows": rows, "bytes_per_row": nbytes // rows, "batch_mb": nbytes / 1e6,
                          "put_s": sorted(puts)[len(puts) // 2], "get_s": sorted(gets)[len(gets) // 2]}
     ray.shutdown()
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)
     return results
 
 
@@ -198,17 +202,19 @@ def parent(args) -> None:
         timing, _ = run_child([PYTHON, __file__, "--child", "timing", "--rounds", str(args.rounds)] + common)
         moved = transport(args.transport_rows, 5)
     load_summary = load.summary()
-    per_image = timing["s_per_image"]
+    per_image, fastest = timing["s_per_image"], timing["s_per_image_min"]
     rows = []
-    for label, entry, seconds in (("(a) full pipeline, prompt= strings", full, per_image["a"]),
-                                  ("(b) render part + scorer's embeddings", render, per_image["b"]),
-                                  ("(c) scorer side: text part, encode_prompts only", text, per_image["c"])):
+    for key, label, entry in (("a", "(a) full pipeline, prompt= strings", full),
+                              ("b", "(b) render part + scorer's embeddings", render),
+                              ("c", "(c) scorer side: text part, encode_prompts only", text)):
         rows.append({"process": label, "load s": entry["load_s"], "RSS after load MB": entry["rss_after_load_mb"],
-                     "peak RSS MB": entry["peak_rss_mb"], "s per image": seconds})
+                     "peak RSS MB": entry["peak_rss_mb"], "s per image (median)": per_image[key],
+                     "s per image (min)": fastest[key]})
     rows.append({"process": "saved per generator by (b) vs (a)", "load s": full["load_s"] - render["load_s"],
                  "RSS after load MB": full["rss_after_load_mb"] - render["rss_after_load_mb"],
                  "peak RSS MB": full["peak_rss_mb"] - render["peak_rss_mb"],
-                 "s per image": per_image["a"] - per_image["b"]})
+                 "s per image (median)": per_image["a"] - per_image["b"],
+                 "s per image (min)": fastest["a"] - fastest["b"]})
     move_rows = [{"embeddings": name, "bytes per row": v["bytes_per_row"], "batch rows": v["rows"],
                   "batch MB": v["batch_mb"], "ray.put s": v["put_s"], "ray.get s (task)": v["get_s"],
                   "ms per row (put+get)": 1e3 * (v["put_s"] + v["get_s"]) / v["rows"]} for name, v in moved.items()]
@@ -219,9 +225,12 @@ def parent(args) -> None:
         f"{params.get('transformer', 0) / 1e6:.2f} M, {args.size}x{args.size}, {args.steps} steps, guidance "
         f"{args.guidance}, batch {args.batch_size}, {args.threads} torch threads; each row its own process; load avg "
         f"1-min during run {load_summary}\n\n"
-        + table(rows, ["process", "load s", "RSS after load MB", "peak RSS MB", "s per image"])
-        + f"\n\nPer-image time ratio (b)/(a): {per_image['b'] / per_image['a']:.3f} (medians of {args.rounds} "
-        "alternated rounds in one process; RSS and load time from one fresh process per row, VmRSS/VmHWM)\n\n"
+        + table(rows, ["process", "load s", "RSS after load MB", "peak RSS MB", "s per image (median)",
+                       "s per image (min)"])
+        + f"\n\nPer-image time ratio (b)/(a): {per_image['b'] / per_image['a']:.3f} on medians, "
+        f"{fastest['b'] / fastest['a']:.3f} on minima ({args.rounds} alternated rounds in one process; RSS and load "
+        "time from one fresh process per row, VmRSS/VmHWM). Load time barely changes because safetensors weights "
+        "are memory-mapped: the encoder's 412 MB become resident when it first runs, which the peak RSS shows.\n\n"
         + "Moving embeddings (prompt + negative for CFG, plus PixArt's int64 masks) through Ray's object store:\n\n"
         + table(move_rows, ["embeddings", "bytes per row", "batch rows", "batch MB", "ray.put s", "ray.get s (task)",
                             "ms per row (put+get)"]))

@@ -21,9 +21,11 @@ T_PROCESS = time.perf_counter()  # before any heavy import: start-up includes im
 import _common  # noqa: E402,F401
 from _common import PYTHON, REPO_ROOT, LoadSampler, emit, machine, run_child, save, table  # noqa: E402
 
-# Images excluded from the steady-state window: warm-up and pipeline fill. A generator task renders one scorer
-# output block (scorer_batch_size = 32 rows) before its rows move on, so the driver sees results 32 at a time.
-STEADY_AFTER = 32
+# Images excluded from the steady-state window (warm-up: first two batches of 4). Both sides are timed where images
+# are produced: the plain loop after each batch, seedsift's generator after each batch (a GeneratorStage subclass
+# that appends a timestamp to a file). The driver cannot time it: a generator task renders a whole scorer output
+# block (scorer_batch_size = 32 rows) before its rows move on, so committed rows reach the driver 32 at a time.
+STEADY_AFTER = 8
 
 
 def make_corpus(path: str, count: int) -> list[str]:
@@ -85,13 +87,28 @@ def child_plain(args) -> None:
 
 def child_seedsift(args) -> None:
     """pipeline.run's steps, with a timestamp at each committed unit and Ray Data's stats at the end."""
+    from actors.generator import GeneratorStage
     from orchestrator import pipeline
     from orchestrator.config import GenerateConfig
 
+    marks_file = args.out + ".generator-marks"
+
+    class TimedGenerator(GeneratorStage):
+        """GeneratorStage plus one line per rendered batch: wall-clock time and image count (same machine)."""
+
+        def __call__(self, batch):
+            out = super().__call__(batch)
+            with open(marks_file, "a") as handle:
+                handle.write(f"{time.time()} {int((out['status'] == 'ok').sum())}\n")
+            return out
+
+    pipeline.GeneratorStage = TimedGenerator  # build_dataset reads the name from its module
     t_imported = time.perf_counter()
     config = GenerateConfig(prompts=args.prompts, out=args.out, model=args.model, policy="random", candidates=1,
                             keep=1, steps=args.steps, guidance=args.guidance, width=args.size, height=args.size,
-                            batch_size=args.batch_size, seed=args.seed, generators=args.generators)
+                            batch_size=args.batch_size, seed=args.seed, generators=args.generators,
+                            generator_cpus=args.generator_cpus or None,
+                            scorer_batch_size=args.scorer_batch_size or GenerateConfig.scorer_batch_size)
     output, model_path = pipeline.prepare(config)
     done = pipeline.committed_pairs(output)
     pipeline.connect_ray(None)
@@ -107,9 +124,17 @@ def child_seedsift(args) -> None:
     t_end = time.perf_counter()
     stats = ds.stats()
     ray.shutdown()
+    # time.time() in the actor -> this process's perf_counter scale.
+    offset = time.perf_counter() - time.time()
+    generator_marks, rendered = [], 0
+    for line in sorted(open(marks_file).read().split("\n")[:-1], key=lambda text: float(text.split()[0])):
+        stamp, count = line.split()
+        rendered += int(count)
+        generator_marks.append((float(stamp) + offset - T_PROCESS, rendered))
     emit({"imports_s": t_imported - T_PROCESS, "ray_start_s": t_ray - t_imported,
           "first_unit_s": marks[0][0] - t_ray, "total_in_process_s": t_end - T_PROCESS,
-          "marks": [(t - T_PROCESS, n) for t, n in marks], "images": images, "stats": stats,
+          "driver_marks": [(t - T_PROCESS, n) for t, n in marks], "marks": generator_marks, "images": images,
+          "stats": stats,
           "generator_threads": max(1, int(resources["generator_cpus"])), "resources": resources,
           "generators": args.generators})
 
@@ -204,8 +229,11 @@ def parent(args) -> None:
                     make_corpus(prompts, count)
                     common = ["--prompts", prompts, "--size", str(size), "--steps", str(steps), "--batch-size",
                               str(args.batch_size), "--guidance", str(args.guidance), "--model", args.model]
-                    # The generator gets generator_cpus threads: locally max(1, (cores + 2 - 2) // generators).
-                    threads = max(1, (os.cpu_count() or 1))
+                    # The generator gets generator_cpus threads: locally max(1, (cores + 2 - 2) // generators)
+                    # unless --generator-cpus says otherwise; the plain loop gets the same number.
+                    threads = args.generator_cpus or max(1, (os.cpu_count() or 1))
+                    if args.generator_cpus:
+                        common += ["--generator-cpus", str(args.generator_cpus)]
                     load_before = os.getloadavg()[0]
                     plain, plain_wall = run_child([PYTHON, __file__, "--child", "plain", "--out", f"{tmp}/plain",
                                                    "--threads", str(threads)] + common)
@@ -226,7 +254,7 @@ def parent(args) -> None:
                         s_rate = steady_rate(seedsift["marks"], STEADY_AFTER)
                         if p_rate is None or s_rate is None:
                             raise SystemExit(f"{count} images is too few for a steady window after {STEADY_AFTER}")
-                        busy = operator_wall_s(seedsift["stats"], "GeneratorStage")
+                        busy = operator_wall_s(seedsift["stats"], "TimedGenerator")
                         # Fixed cost = wall time not explained by steady-state throughput.
                         s_fixed = seedsift_wall - count / s_rate
                         steady_ratio = s_rate / p_rate
@@ -257,10 +285,12 @@ def parent(args) -> None:
                "seedsift fixed s", "images to amortise", "identical images", "leftover processes",
                "load1 before/after"]
     text = (f"Orchestration overhead: seedsift generate (local Ray, 1 generator, {args.batch_size}/batch, guidance "
-            f"{args.guidance}) vs plain diffusers loop, both {os.cpu_count()} torch threads; load avg 1-min during "
+            f"{args.guidance}) vs plain diffusers loop, both {args.generator_cpus or os.cpu_count()} torch threads; load avg "
+            "1-min during "
             f"run {load_summary}\n\n" + table(rows, columns)
-            + "\n\nsteady = images/s after the first 32 images (the driver sees results one scorer block, 32 rows, at a"
-            " time); fixed = wall - images / steady rate (imports, model loads, Ray and actor start-up); 'images to"
+            + f"\n\nsteady = images/s after the first {STEADY_AFTER} images, timed where images are produced (plain: after"
+            " each batch; seedsift: in the generator actor after each batch); 'generator busy' = the generator"
+            " operator's remote wall time per image from ds.stats() (equal to seedsift s/img: never idle); fixed = wall - images / steady rate (imports, model loads, Ray and actor start-up); 'images to"
             " amortise' = corpus size at which the end-to-end ratio reaches 95% of the steady ratio; 'leftover"
             " processes' = Ray processes of the run still alive 3 s after its driver exited."
             + "\n\nRay Data stats of the last seedsift run (per operator):\n\n```\n"
@@ -272,7 +302,7 @@ def parent(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--child", choices=["plain", "seedsift"])
-    parser.add_argument("--sizes", nargs="+", default=["64:4:96", "128:8:64"],
+    parser.add_argument("--sizes", nargs="+", default=["64:4:48", "128:4:48"],
                         help="SIZE:STEPS:IMAGES per configuration (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--niceness-variant", type=int, default=1, help="also run seedsift with RAY_worker_niceness=0")
@@ -287,6 +317,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int)
     parser.add_argument("--threads", type=int)
     parser.add_argument("--generators", type=int, default=1)
+    parser.add_argument("--scorer-batch-size", type=int, default=0, help="child only: override scorer_batch_size")
+    parser.add_argument("--generator-cpus", type=int, default=0,
+                        help="generator CPUs = torch threads of both sides (0: the pipeline's local default, the cores)")
     args = parser.parse_args()
     if args.child == "plain":
         child_plain(args)

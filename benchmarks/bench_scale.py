@@ -58,16 +58,17 @@ def child_stream(args) -> None:
                 from actors.scorer import ScorerStage
                 from orchestrator.config import GenerateConfig
 
-                config = GenerateConfig(prompts=args.prompts, out=out, scorers=args.scorers)
+                config = GenerateConfig(prompts=args.prompts, out=out, scorers=args.scorers[0])
                 done_ref = ray.put(set())
                 ds = ds.map_batches(
                     ScorerStage, fn_constructor_args=(config.model,),
                     fn_constructor_kwargs=dict(
                         run_seed=config.seed, candidates=config.candidates, keep=config.keep, policy="random",
                         guidance=config.guidance, height=64, width=64, predictor_path=None, all_candidates=False,
+                        budget_rule=getattr(config, "budget_rule", None),
                         num_threads=max(1, int(config.scorer_cpus)), done=[done_ref]),
-                    batch_format="numpy", batch_size=config.scorer_batch_size, concurrency=config.scorers,
-                    num_cpus=config.scorer_cpus)
+                    batch_format="numpy", batch_size=config.scorer_batch_size,
+                    compute=ray.data.ActorPoolStrategy(size=config.scorers), num_cpus=config.scorer_cpus)
                 ds = ds.drop_columns(EMBEDDING_COLUMNS)
             rows, first_row_at, timeline, capped = 0, None, [], False
             stream_started = time.perf_counter()
@@ -153,7 +154,9 @@ def parent(args) -> None:
                            "corpus": label, "scorers": count if mode == "score" else "",
                            "rows done": result["rows"], "capped": "yes" if result["capped"] else "",
                            "rows/s": result["rows_per_s"],
-                           "rows/s per scorer": result["rows_per_s"] / count if mode == "score" else "",
+                           "rows/s after first row": result["rows_per_s_after_first"] or "",
+                           "rows/s per scorer (after first)": ((result["rows_per_s_after_first"] or 0) / count
+                                                               if mode == "score" else ""),
                            "driver peak RSS MB": result["driver_peak_rss_mb"], "process wall s": wall,
                            "load1 before/after": f"{load_before:.1f}/{os.getloadavg()[0]:.1f}"}
                     stream_rows.append(row)
@@ -194,7 +197,8 @@ def parent(args) -> None:
     load_summary = load.summary()
     text = (f"Scale: driver memory and throughput by corpus size (one fresh driver per row, local Ray with "
             f"{os.cpu_count()}+2 logical CPUs); load avg 1-min during run {load_summary}\n\n"
-            + table(stream_rows, ["stages", "corpus", "scorers", "rows done", "capped", "rows/s", "rows/s per scorer",
+            + table(stream_rows, ["stages", "corpus", "scorers", "rows done", "capped", "rows/s", "rows/s after first row",
+                                  "rows/s per scorer (after first)",
                                   "driver peak RSS MB", "process wall s", "load1 before/after"]))
     if cluster_row:
         text += ("\n\nPlacement on ray.cluster_utils.Cluster (CPU head + "
@@ -207,6 +211,9 @@ def parent(args) -> None:
                  "(cores + 2 - 2) // generators):\n\n" + table(generator_rows, [
                      "generators", "threads each", "images", "steady img/s", "speed-up vs 1 (steady)",
                      "end-to-end img/s", "process wall s", "load1 before/after"]))
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)
     save("scale", {"args": vars(args), "machine_at_start": start_machine, "load_during": load_summary,
                    "stream": stream_rows, "cluster": cluster_row, "generators": generator_rows, "raw": raw}, text)
 

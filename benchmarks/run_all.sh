@@ -9,9 +9,13 @@ PY=.venv/bin/python
 export SEEDSIFT_CACHE="${SEEDSIFT_CACHE:-$HOME/.cache/seedsift}"
 echo "start: $(uptime)"
 $PY benchmarks/bench_selection.py          # figure 2: scoring 16 candidates vs rendering one SD 1.5 image
-$PY benchmarks/bench_overhead.py           # figure 1: seedsift generate vs a plain diffusers loop
+# figure 1: seedsift generate vs a plain diffusers loop. 1 torch thread on both sides: on a shared 2-core machine
+# two-thread runs mostly measure the neighbours (OpenMP barriers stall when one thread is preempted); drop the flag
+# on a quiet machine to measure the pipeline's local default (generator_cpus = the cores).
+$PY benchmarks/bench_overhead.py --generator-cpus 1
 $PY benchmarks/bench_embeddings.py         # figure 3: prompt embeddings from the scorer, no text encoder in the generator
-$PY benchmarks/bench_scale.py              # figure 4: 10k -> 1M prompts, cluster placement, 1 vs 2 generators
+# figure 4: 10k -> 1M prompts (scoring runs capped at 120 s each), cluster placement, 1 vs 2 generators
+$PY benchmarks/bench_scale.py --score-time-cap 120 --generator-images 64
 echo "end: $(uptime)"
 {
   echo "# Latest benchmark tables ($(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, no GPU)"

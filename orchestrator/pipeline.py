@@ -144,6 +144,8 @@ def connect_ray(address: str | None) -> None:
     else:
         # Light stages (reading, scoring, rating, writing) mostly wait; two spare logical CPUs let them run
         # beside generators that own every physical core.
+        # Ray starts workers at nice 15; locally the generator is the job, not background work.
+        os.environ.setdefault("RAY_worker_niceness", "0")
         ray.init(address="local", num_cpus=(os.cpu_count() or 1) + 2)
 
 
@@ -190,7 +192,10 @@ def build_dataset(config: GenerateConfig, output: Output, model_path: str, done:
             all_candidates=config.all_candidates, budget_rule=config.budget_rule,
             num_threads=max(1, int(config.scorer_cpus)), done=[done_ref],
         ),
-        batch_format="numpy", batch_size=config.scorer_batch_size, compute=ray.data.ActorPoolStrategy(size=config.scorers),
+        # A generator task renders a whole scorer block before any row moves on: keep blocks about one round of
+        # generator batches, so rows commit early and several generators share a small corpus evenly.
+        batch_format="numpy", batch_size=min(config.scorer_batch_size, config.batch_size * config.generators),
+        compute=ray.data.ActorPoolStrategy(size=config.scorers),
         num_cpus=config.scorer_cpus,
     )
     ds = ds.map_batches(
