@@ -78,9 +78,10 @@ def test_csv_without_prompt_column_names_what_it_found():
 def test_partiprompts_tsv_reads_every_prompt(parti_path):
     with open(parti_path, "rb") as f:
         rows = list(parse_lines(f, "tsv", "PartiPrompts.tsv"))
-    assert len(rows) == 1632
+    full = parti_path.endswith("shared/data/PartiPrompts.tsv")  # else the bundled 48-prompt sample
+    assert len(rows) == (1632 if full else 48)
     assert all(r["status"] == "ok" for r in rows)
-    assert len({r["prompt_id"] for r in rows}) > 1600  # a few prompts repeat verbatim in the set
+    assert len({r["prompt_id"] for r in rows}) > (1600 if full else 47)  # a few prompts repeat verbatim
 
 
 def test_parquet_nulls_and_ids(tmp_path):
