@@ -16,11 +16,12 @@ import torch
 FAMILY_BY_PIPELINE = {
     "StableDiffusionPipeline": "sd",
     "PixArtAlphaPipeline": "pixart",
+    "PixArtSigmaPipeline": "pixart",
 }
 # The component that denoises latents: its config holds the latent channel count.
 DENOISER_BY_FAMILY = {"sd": "unet", "pixart": "transformer"}
-# PixArt-alpha's T5 context length (the pipeline's own default for `max_sequence_length`).
-PIXART_MAX_SEQUENCE_LENGTH = 120
+# T5 context length of each PixArt pipeline (its own default for `max_sequence_length`).
+PIXART_MAX_SEQUENCE_LENGTH = {"PixArtAlphaPipeline": 120, "PixArtSigmaPipeline": 300}
 # Both pipelines' `check_inputs` reject image sizes that are not multiples of 8.
 PIPELINE_SIZE_MULTIPLE = 8
 PARTS = ("full", "text", "render")
@@ -123,7 +124,7 @@ def _to_numpy(tensor: torch.Tensor, dtype: type) -> np.ndarray:
 
 def _max_text_tokens(pipe, family: str) -> int:
     if family == "pixart":
-        return PIXART_MAX_SEQUENCE_LENGTH
+        return PIXART_MAX_SEQUENCE_LENGTH[type(pipe).__name__]
     return int(pipe.tokenizer.model_max_length)
 
 
@@ -156,7 +157,7 @@ def encode_prompts(pipe, prompts: list[str], guidance_scale: float) -> dict[str,
             negative_prompt="",
             device=device,
             clean_caption=False,
-            max_sequence_length=PIXART_MAX_SEQUENCE_LENGTH,
+            max_sequence_length=_max_text_tokens(pipe, family),
         )
         out["prompt_embeds"] = _to_numpy(embeds, np.float32)
         out["prompt_attention_mask"] = _to_numpy(mask, np.int64)
@@ -210,7 +211,7 @@ def render(
             negative_prompt=None,
             use_resolution_binning=False,
             clean_caption=False,
-            max_sequence_length=PIXART_MAX_SEQUENCE_LENGTH,
+            max_sequence_length=PIXART_MAX_SEQUENCE_LENGTH[type(pipe).__name__],
         )
     result = pipe(
         latents=latents.to(device=device, dtype=dtype),

@@ -280,3 +280,25 @@ def test_render_without_negative_embeds_explains_the_fix(model_paths, pipes):
         diffusion.render(
             pipes[("sd", "render")], embeds, latents, steps=1, guidance_scale=GUIDANCE, height=SIZE, width=SIZE
         )
+
+
+def test_pixart_sigma_uses_the_pixart_adapter_with_its_longer_context(tiny_pixart_path, tmp_path):
+    """PixArt-Sigma shares PixArt-alpha's call signature; only its T5 context (300 tokens) differs."""
+    from diffusers import PixArtAlphaPipeline, PixArtSigmaPipeline
+
+    alpha = PixArtAlphaPipeline.from_pretrained(tiny_pixart_path)
+    folder = str(tmp_path / "tiny-pixart-sigma")
+    PixArtSigmaPipeline(tokenizer=alpha.tokenizer, text_encoder=alpha.text_encoder, vae=alpha.vae,
+                        transformer=alpha.transformer, scheduler=alpha.scheduler).save_pretrained(folder)
+    assert diffusion.pipeline_family(folder) == "pixart"
+    full = diffusion.load_pipeline(folder, "full")
+    render_only = diffusion.load_pipeline(folder, "render")
+    embeds = diffusion.encode_prompts(full, ["a lighthouse", "a fox"], 2.0)
+    assert embeds["prompt_embeds"].shape[1] == 300 and not embeds["truncated"].any()
+    embeds.pop("truncated")
+    latents = batch_noise([1, 2], diffusion.latent_shape(folder, 64, 64))
+    images = diffusion.render(render_only, embeds, latents, steps=2, guidance_scale=2.0, height=64, width=64)
+    plain = full(prompt=["a lighthouse", "a fox"], latents=latents.clone(), num_inference_steps=2, guidance_scale=2.0,
+                 height=64, width=64, output_type="np", use_resolution_binning=False, clean_caption=False).images
+    assert images.shape == (2, 64, 64, 3)
+    assert np.abs(images.astype(int) - (plain * 255).round().clip(0, 255).astype(int)).max() <= 1
