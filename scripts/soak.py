@@ -10,6 +10,7 @@ to finish. At the end one run goes to completion and jobs.verify checks the outp
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import shutil
@@ -116,9 +117,13 @@ def main(argv: list[str] | None = None) -> int:
     finished += final_ok
     report = verify_output(out)
     expected = args.prompts * KEEP
+    # Rows the killed runs had committed: the final run must have skipped them, not rendered them again.
+    final_summary = json.loads(Path(out, "summary.json").read_text()) if final_ok else {}
+    committed_before_final = final_summary.get("this_run", {}).get("skipped_already_committed")
     rows = [
         ("runs", runs), ("killed (SIGKILL)", kills), ("finished", finished),
         ("rows expected", expected), ("rows delivered", report["committed_rows"]),
+        ("rows committed by killed runs (skipped by the final run)", committed_before_final),
         ("duplicates", report["duplicates"]), ("missing images", report["missing_images"]),
         ("orphan images", report["orphan_images"]), ("temporary files", report["temporary_files"]),
         ("worst mid-soak duplicates", worst_mid["duplicates"]),
