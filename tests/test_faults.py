@@ -155,9 +155,11 @@ def private_ray_env(cache: str) -> dict:
     return env
 
 
-def generate_command(corpus: str, out: str) -> list[str]:
-    return [sys.executable, "-m", "jobs.generate", "--prompts", corpus, "--out", out, "--candidates", "4",
-            "--keep", "4", "--steps", "2", "--guidance", "3.0", "--batch-size", "4", "--generator-cpus", "1"]
+def job_command(job: str, corpus: str, out: str) -> list[str]:
+    """generate keeping all 4 candidates, or collect (which renders all 4 by definition): 64 rows for 16 prompts."""
+    keep = ["--keep", "4"] if job == "generate" else []
+    return [sys.executable, "-m", f"jobs.{job}", "--prompts", corpus, "--out", out, "--candidates", "4", *keep,
+            "--steps", "2", "--guidance", "3.0", "--batch-size", "4", "--generator-cpus", "1"]
 
 
 def kill_run(process: subprocess.Popen, env: dict) -> None:
@@ -173,7 +175,8 @@ def kill_run(process: subprocess.Popen, env: dict) -> None:
 
 
 @pytest.mark.slow
-def test_driver_sigkill_then_rerun_matches_an_uninterrupted_run(ray_session, tmp_path):
+@pytest.mark.parametrize("job", ["generate", "collect"])
+def test_driver_sigkill_then_rerun_matches_an_uninterrupted_run(ray_session, tmp_path, job):
     from orchestrator.embedded import resolve_model
 
     resolve_model("embedded:tiny-sd")  # built into the session cache before the job uses it
@@ -181,30 +184,35 @@ def test_driver_sigkill_then_rerun_matches_an_uninterrupted_run(ray_session, tmp
     killed, clean = Output(str(tmp_path / "killed")), Output(str(tmp_path / "clean"))
     env = private_ray_env(os.environ["SEEDSIFT_CACHE"])
     log = open(tmp_path / "job.log", "wb")
-    job = subprocess.Popen(generate_command(corpus, killed.uri), cwd=REPO_ROOT, env=env, stdout=log,
-                           stderr=subprocess.STDOUT, start_new_session=True)
+    process = subprocess.Popen(job_command(job, corpus, killed.uri), cwd=REPO_ROOT, env=env, stdout=log,
+                               stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        wait_for(lambda: parts(killed) >= 1 or job.poll() is not None, TIMEOUT_S, "the first manifest part")
-        assert job.poll() is None, "the job finished before it could be killed: " + (tmp_path / "job.log").read_text()[-2000:]
-        kill_run(job, env)
+        wait_for(lambda: parts(killed) >= 1 or process.poll() is not None, TIMEOUT_S, "the first manifest part")
+        assert process.poll() is None, "the job finished before it could be killed: " + (
+            tmp_path / "job.log").read_text()[-2000:]
+        kill_run(process, env)
         partial = verify_output(killed)
         assert partial["clean"] and 0 < partial["committed_rows"] <= 64, partial  # mid-run, nothing duplicated
-        rerun = subprocess.run(generate_command(corpus, killed.uri), cwd=REPO_ROOT, env=env, capture_output=True,
+        rerun = subprocess.run(job_command(job, corpus, killed.uri), cwd=REPO_ROOT, env=env, capture_output=True,
                                text=True, timeout=TIMEOUT_S, start_new_session=True)
         assert rerun.returncode == 0, rerun.stderr[-3000:]
         summary = json.loads(rerun.stdout[rerun.stdout.index("{"):])
         assert summary["this_run"]["skipped_already_committed"] == partial["committed_rows"]
     finally:
-        kill_run(job, env)
+        kill_run(process, env)
         from tests.helpers_ray import stop_private_ray
 
         stop_private_ray(env["RAY_TMPDIR"])
-    pipeline.run(small_config(corpus, clean.uri, keep=4))  # the uninterrupted reference, in the session's Ray
+    # The uninterrupted reference, in the session's Ray.
+    pipeline.run(small_config(corpus, clean.uri, keep=4, all_candidates=job == "collect"))
     assert_clean(killed, rows=64)
     assert_clean(clean, rows=64)
     a, b = comparable(manifest(killed)), comparable(manifest(clean))
     assert a.drop(columns="score").equals(b.drop(columns="score"))
     assert (a.score.astype(float) - b.score.astype(float)).abs().max() < 1e-3
+    if job == "collect":  # the training set is rebuilt from every committed row: each (prompt, seed) once
+        dataset = pd.read_parquet(Path(killed.uri) / "dataset.parquet")
+        assert len(dataset) == 64 and not dataset.duplicated(["prompt_id", "seed"]).any()
 
 
 # --- actor kills ------------------------------------------------------------------------------------------------
