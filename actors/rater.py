@@ -39,6 +39,8 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from orchestrator.config import looks_like_local_path
+
 DEFAULT_RATER_SPEC = "colorfulness"
 RATER_NAMES = ("colorfulness", "sharpness", "clip", "pickscore", "hpsv2", "imagereward")
 
@@ -142,9 +144,7 @@ def check_model_location(path: str, spec: str, what: str, needs_config: bool) ->
             f"rater spec {spec!r}: {what} {path!r} is a remote URL; copy it to a local folder and give that path"
         )
     local = os.path.expanduser(path)
-    # Hub ids are exactly owner/name; anything else (absolute, ./, ~, bare name, deeper paths) is a folder.
-    looks_local = os.path.exists(local) or path.startswith(("/", ".", "~")) or "\\" in path or path.count("/") != 1
-    if not looks_local:
+    if not looks_like_local_path(path):
         return
     if not os.path.isdir(local):
         raise ValueError(f"rater spec {spec!r}: {what} folder {path!r} does not exist; check the path")

@@ -32,7 +32,6 @@ def find_row(output: Output, prompt_id: str, seed: int) -> dict:
 
 def reproduce_image(row: dict):
     """The image of one manifest row, rendered alone (batch of one) through the same code path as the generator."""
-    import torch
 
     from actors import diffusion
     from actors.generator import device_and_dtype
@@ -45,7 +44,6 @@ def reproduce_image(row: dict):
         raise ConfigError(f"the manifest row used scheduler {row['scheduler']}, but {row['model']} now has "
                           f"{identity['scheduler']}; the model folder changed since the run")
     device, dtype = device_and_dtype()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     pipe = diffusion.load_pipeline(model_path, "full", device=device, dtype=dtype)
     embeds = diffusion.encode_prompts(pipe, [row["prompt"]], row["guidance"])
     embeds.pop("truncated", None)

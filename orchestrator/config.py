@@ -129,6 +129,12 @@ class GenerateConfig:
         return values
 
 
+def looks_like_local_path(path: str) -> bool:
+    """Hub ids are exactly owner/name; anything else (absolute, ./, ~, a bare name, deeper paths) is a folder."""
+    return (os.path.exists(os.path.expanduser(path)) or path.startswith(("/", ".", "~")) or "\\" in path
+            or path.count("/") != 1)
+
+
 def _model_problems(model: str) -> list[str]:
     if model.startswith("embedded:"):
         from orchestrator.embedded import EMBEDDED_MODELS
@@ -138,8 +144,7 @@ def _model_problems(model: str) -> list[str]:
             return [f"--model {model}: unknown embedded model; use one of "
                     + ", ".join(f"embedded:{n}" for n in EMBEDDED_MODELS)]
         return []
-    looks_local = model.startswith((".", "/", "~")) or os.path.exists(model) or model.count("/") != 1
-    if looks_local:
+    if looks_like_local_path(model):
         folder = os.path.expanduser(model)
         if not os.path.isdir(folder):
             return [f"--model {model}: no such folder; give a diffusers pipeline folder or a hub id (owner/name)"]

@@ -259,20 +259,20 @@ def summarise(output: Output, config: GenerateConfig, this_run: dict, wall: floa
     table = output.read_tables(output.list_keys("manifest", ".parquet"),
                                ["prompt_id", "prompt", "seed", "status", "prompt_predicted_mean", "prompt_predicted_std"])
     statuses = table["status"].to_pylist() if table is not None else []
+    prompt_ids = table["prompt_id"].to_pylist() if table is not None else []
+    seeds = table["seed"].to_pylist() if table is not None else []
     # A failed row whose (prompt_id, seed) was delivered by a later run is history, not a failure.
-    delivered = set()
-    failed = set()
-    if table is not None:
-        for prompt_id, seed, status in zip(table["prompt_id"].to_pylist(), table["seed"].to_pylist(), statuses):
-            (delivered if status == "ok" else failed if status == "failed" else set()).add((prompt_id, seed))
-    ok_prompts = set()
+    delivered, failed, ok_prompts = set(), set(), set()
     quarantined = 0
-    if table is not None:
-        for prompt_id, status in zip(table["prompt_id"].to_pylist(), statuses):
-            if status == "quarantined":
-                quarantined += 1
-            else:
-                ok_prompts.add(prompt_id)
+    for prompt_id, seed, status in zip(prompt_ids, seeds, statuses):
+        if status == "quarantined":
+            quarantined += 1
+            continue
+        ok_prompts.add(prompt_id)
+        if status == "ok":
+            delivered.add((prompt_id, seed))
+        elif status == "failed":
+            failed.add((prompt_id, seed))
     images = statuses.count("ok")
     difficulty = prompt_difficulty(table) if table is not None else None
     steps_spent = images * config.steps

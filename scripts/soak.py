@@ -14,7 +14,6 @@ import argparse
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -28,29 +27,11 @@ FINAL_RESERVE_S = 150  # time kept for a cycle's resuming run
 KEEP = 2
 
 
-def stop_private_ray(process: subprocess.Popen, ray_tmp: str) -> None:
-    """SIGKILL the run's process group, then any process started with its private RAY_TMPDIR (never `ray stop`)."""
-    import psutil
+def stop_run(process: subprocess.Popen, ray_tmp: str) -> None:
+    """SIGKILL the run's process group and its private Ray (never `ray stop`), then drop its temp folder."""
+    from tests.helpers_ray import kill_run
 
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    process.wait()
-    me = os.getpid()
-    leftovers = []
-    for proc in psutil.process_iter():
-        try:
-            if proc.pid != me and proc.environ().get("RAY_TMPDIR") == ray_tmp:
-                leftovers.append(proc)
-        except psutil.Error:
-            pass
-    for proc in leftovers:
-        try:
-            proc.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(leftovers, timeout=10)
+    kill_run(process, ray_tmp)
     shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
@@ -98,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         while process.poll() is None and time.time() < deadline:
             time.sleep(0.2)
         killed = process.poll() is None
-        stop_private_ray(process, ray_tmp)
+        stop_run(process, ray_tmp)
         if killed:
             totals["kills"] += 1
             if os.path.exists(os.path.join(out, "manifest")):
@@ -111,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 process.wait(timeout=FINAL_RESERVE_S)
             finally:
-                stop_private_ray(process, ray_tmp)
+                stop_run(process, ray_tmp)
         report = verify_output(out)
         expected = args.prompts * KEEP
         totals["rows_expected"] += expected

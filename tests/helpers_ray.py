@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import psutil
-import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,11 +52,23 @@ def stop_private_ray(ray_tmp: str, roots: list[int] = ()) -> None:
     psutil.wait_procs(alive, timeout=5)
 
 
+def kill_run(process: subprocess.Popen, ray_tmp: str) -> None:
+    """SIGKILL a job's whole process group (the fault under test), then stop what its private Ray left behind."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait()
+    stop_private_ray(ray_tmp, roots=[process.pid])
+
+
 def run_cluster_script(name: str, out: Path, env: dict, timeout: float) -> dict:
     """Run tests/NAME with the venv's python in its own session; return the JSON it prints after `RESULT:`.
 
     Whatever happens, the script's private Ray is stopped (by its process tree and its RAY_TMPDIR).
     """
+    import pytest  # only the tests call this; scripts/soak.py imports this module without pytest's machinery
+
     script = subprocess.Popen([sys.executable, str(REPO_ROOT / "tests" / name), str(out)], env=env, cwd=REPO_ROOT,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pytest
 
 from jobs.verify import verify_output
-from tests.helpers_ray import run_cluster_script
+from tests.helpers_ray import kill_run, run_cluster_script
 from orchestrator import pipeline
 from orchestrator.config import GenerateConfig
 from orchestrator.dedup import DuplicateFilter
@@ -162,18 +162,6 @@ def job_command(job: str, corpus: str, out: str) -> list[str]:
             "--steps", "2", "--guidance", "3.0", "--batch-size", "4", "--generator-cpus", "1"]
 
 
-def kill_run(process: subprocess.Popen, env: dict) -> None:
-    """SIGKILL the job's whole process group, then whatever its private Ray left (found by its RAY_TMPDIR)."""
-    from tests.helpers_ray import stop_private_ray
-
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    process.wait()
-    stop_private_ray(env["RAY_TMPDIR"], roots=[process.pid])
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("job", ["generate", "collect"])
 def test_driver_sigkill_then_rerun_matches_an_uninterrupted_run(ray_session, tmp_path, job):
@@ -190,7 +178,7 @@ def test_driver_sigkill_then_rerun_matches_an_uninterrupted_run(ray_session, tmp
         wait_for(lambda: parts(killed) >= 1 or process.poll() is not None, TIMEOUT_S, "the first manifest part")
         assert process.poll() is None, "the job finished before it could be killed: " + (
             tmp_path / "job.log").read_text()[-2000:]
-        kill_run(process, env)
+        kill_run(process, env["RAY_TMPDIR"])
         partial = verify_output(killed)
         assert partial["clean"] and 0 < partial["committed_rows"] <= 64, partial  # mid-run, nothing duplicated
         rerun = subprocess.run(job_command(job, corpus, killed.uri), cwd=REPO_ROOT, env=env, capture_output=True,
@@ -199,10 +187,7 @@ def test_driver_sigkill_then_rerun_matches_an_uninterrupted_run(ray_session, tmp
         summary = json.loads(rerun.stdout[rerun.stdout.index("{"):])
         assert summary["this_run"]["skipped_already_committed"] == partial["committed_rows"]
     finally:
-        kill_run(process, env)
-        from tests.helpers_ray import stop_private_ray
-
-        stop_private_ray(env["RAY_TMPDIR"])
+        kill_run(process, env["RAY_TMPDIR"])  # also stops what the rerun left: it used the same RAY_TMPDIR
     # The uninterrupted reference, in the session's Ray.
     pipeline.run(small_config(corpus, clean.uri, keep=4, all_candidates=job == "collect"))
     assert_clean(killed, rows=64)
