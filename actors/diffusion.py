@@ -1,4 +1,4 @@
-"""Model-family adapters: load, encode prompts and render for Stable-Diffusion-style and PixArt-style pipelines.
+"""Model-family adapters: load, encode prompts and render for Stable Diffusion (1.x/2.x), SDXL and PixArt pipelines.
 
 Shared by scorer, generator and reproduce: prompts become embeddings once; renders reuse them with given latents.
 """
@@ -15,11 +15,28 @@ import torch
 # Pipeline class (model_index.json `_class_name`) -> family; only families whose call signature we know.
 FAMILY_BY_PIPELINE = {
     "StableDiffusionPipeline": "sd",
+    "StableDiffusionXLPipeline": "sdxl",
     "PixArtAlphaPipeline": "pixart",
     "PixArtSigmaPipeline": "pixart",
 }
 # The component that denoises latents: its config holds the latent channel count.
-DENOISER_BY_FAMILY = {"sd": "unet", "pixart": "transformer"}
+DENOISER_BY_FAMILY = {"sd": "unet", "sdxl": "unet", "pixart": "transformer"}
+# Text-side components: SDXL has two CLIP encoders whose token embeddings are concatenated along the width.
+TEXT_ENCODERS_BY_FAMILY = {
+    "sd": ("text_encoder",),
+    "sdxl": ("text_encoder", "text_encoder_2"),
+    "pixart": ("text_encoder",),
+}
+TOKENIZERS_BY_FAMILY = {"sd": ("tokenizer",), "sdxl": ("tokenizer", "tokenizer_2"), "pixart": ("tokenizer",)}
+# Every embedding array encode_prompts can return; they travel in the row from the scorer to the generator.
+EMBEDDING_KEYS = (
+    "prompt_embeds",
+    "negative_prompt_embeds",
+    "prompt_attention_mask",
+    "negative_prompt_attention_mask",
+    "pooled_prompt_embeds",
+    "negative_pooled_prompt_embeds",
+)
 # T5 context length of each PixArt pipeline (its own default for `max_sequence_length`).
 PIXART_MAX_SEQUENCE_LENGTH = {"PixArtAlphaPipeline": 120, "PixArtSigmaPipeline": 300}
 # Both pipelines' `check_inputs` reject image sizes that are not multiples of 8.
@@ -51,7 +68,7 @@ def _family_of_class(class_name: str, where: str) -> str:
 
 
 def pipeline_family(path_or_pipe: Any) -> str:
-    """Family name, "sd" or "pixart", from a pipeline folder's model_index.json or from a loaded pipeline object."""
+    """Family name ("sd", "sdxl" or "pixart") from a pipeline folder's model_index.json or from a loaded pipeline object."""
     if isinstance(path_or_pipe, (str, os.PathLike)):
         path = os.fspath(path_or_pipe)
         class_name = _read_config(path).get("_class_name", "<missing _class_name>")
@@ -90,9 +107,12 @@ def default_image_size(model_path: str) -> tuple[int, int]:
 
 
 def text_embedding_dim(model_path: str) -> int:
-    """Width of the text encoder's token embeddings (CLIP hidden_size, T5 d_model); configs only."""
-    config = _read_config(model_path, "text_encoder")
-    return int(config.get("hidden_size") or config["d_model"])
+    """Width of the token embeddings the denoiser sees (CLIP hidden_size, T5 d_model, summed for SDXL); configs only."""
+    width = 0
+    for component in TEXT_ENCODERS_BY_FAMILY[pipeline_family(model_path)]:
+        config = _read_config(model_path, component)
+        width += int(config.get("hidden_size") or config["d_model"])
+    return width
 
 
 def load_pipeline(model_path: str, part: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
@@ -111,7 +131,7 @@ def load_pipeline(model_path: str, part: str, device: str = "cpu", dtype: torch.
     if part == "text":
         skipped = {DENOISER_BY_FAMILY[family]: None, "vae": None}
     elif part == "render":
-        skipped = {"text_encoder": None, "tokenizer": None}
+        skipped = dict.fromkeys(TEXT_ENCODERS_BY_FAMILY[family] + TOKENIZERS_BY_FAMILY[family])
     pipe = DiffusionPipeline.from_pretrained(model_path, dtype=dtype, **skipped)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
@@ -133,7 +153,8 @@ def encode_prompts(pipe, prompts: list[str], guidance_scale: float) -> dict[str,
     """Text embeddings of `prompts` (and of the empty negative prompt when guidance_scale > 1), as numpy arrays.
 
     Keys: prompt_embeds (B,T,D) float32, negative_prompt_embeds when guided, PixArt's int64 attention masks
-    (prompt_attention_mask, negative_prompt_attention_mask), and truncated (B,) bool.
+    (prompt_attention_mask, negative_prompt_attention_mask), SDXL's pooled (B,D2) embeddings
+    (pooled_prompt_embeds, negative_pooled_prompt_embeds), and truncated (B,) bool.
     """
     family = pipeline_family(pipe)
     if pipe.text_encoder is None or pipe.tokenizer is None:
@@ -150,6 +171,16 @@ def encode_prompts(pipe, prompts: list[str], guidance_scale: float) -> dict[str,
         out["prompt_embeds"] = _to_numpy(embeds, np.float32)
         if guided:
             out["negative_prompt_embeds"] = _to_numpy(negative, np.float32)
+    elif family == "sdxl":
+        # As in a plain call: no negative prompt, so SDXL's force_zeros_for_empty_prompt decides (zeros by default).
+        embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
+            prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=guided, negative_prompt=None
+        )
+        out["prompt_embeds"] = _to_numpy(embeds, np.float32)
+        out["pooled_prompt_embeds"] = _to_numpy(pooled, np.float32)
+        if guided:
+            out["negative_prompt_embeds"] = _to_numpy(negative, np.float32)
+            out["negative_pooled_prompt_embeds"] = _to_numpy(negative_pooled, np.float32)
     else:
         embeds, mask, negative, negative_mask = pipe.encode_prompt(
             prompts,
@@ -202,6 +233,11 @@ def render(
     kwargs: dict[str, Any] = {"prompt_embeds": tensor("prompt_embeds", dtype)}
     if guided:
         kwargs["negative_prompt_embeds"] = tensor("negative_prompt_embeds", dtype)
+    if family == "sdxl":
+        # Size conditioning (add_time_ids) comes from height and width, as in a plain call at that size.
+        kwargs["pooled_prompt_embeds"] = tensor("pooled_prompt_embeds", dtype)
+        if guided:
+            kwargs["negative_pooled_prompt_embeds"] = tensor("negative_pooled_prompt_embeds", dtype)
     if family == "pixart":
         kwargs["prompt_attention_mask"] = tensor("prompt_attention_mask", torch.long)
         if guided:

@@ -14,7 +14,6 @@ from actors import diffusion
 from orchestrator.embedded import resolve_model
 from orchestrator.seeds import batch_noise
 
-EMBEDDING_COLUMNS = ("prompt_embeds", "negative_prompt_embeds", "prompt_attention_mask", "negative_prompt_attention_mask")
 logger = logging.getLogger("seedsift.generator")
 
 
@@ -45,7 +44,7 @@ class GeneratorStage:
         ok = np.flatnonzero(status == "ok")
         if len(ok):
             try:
-                embeds = {name: batch[name][ok] for name in EMBEDDING_COLUMNS if name in batch}
+                embeds = {name: batch[name][ok] for name in diffusion.EMBEDDING_KEYS if name in batch}
                 latents = batch_noise([int(s) for s in batch["seed"][ok]], self.latent_shape)
                 images[ok] = diffusion.render(
                     self.pipe, embeds, latents,
@@ -55,6 +54,6 @@ class GeneratorStage:
                 logger.exception("render failed for %d rows", len(ok))
                 status[ok] = "failed"
                 error[ok] = f"render failed: {type(exc).__name__}: {exc}"
-        out = {name: value for name, value in batch.items() if name not in EMBEDDING_COLUMNS}
+        out = {name: value for name, value in batch.items() if name not in diffusion.EMBEDDING_KEYS}
         out.update(status=status, error=error, image=images)
         return out

@@ -1,4 +1,4 @@
-"""Embedded default pipelines: tiny Stable-Diffusion and PixArt pipelines built offline with random weights.
+"""Embedded default pipelines: tiny Stable Diffusion, SDXL and PixArt pipelines built offline with random weights.
 
 Sits before every model-holding stage: `resolve_model` turns `embedded:NAME` into a cached local pipeline folder.
 """
@@ -114,7 +114,7 @@ def _tiny_vae():
 def build_tiny_sd(folder: str) -> None:
     """Save a tiny random-weight StableDiffusionPipeline (about 1.4 M UNet parameters) into `folder`."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel
 
     tokenizer = _tiny_clip_tokenizer()
     # fork_rng keeps the caller's global RNG untouched while the weights come from a fixed seed.
@@ -134,19 +134,7 @@ def build_tiny_sd(folder: str) -> None:
         torch.manual_seed(BUILD_SEED)
         vae = _tiny_vae()
         torch.manual_seed(BUILD_SEED)
-        text_config = CLIPTextConfig(
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            hidden_size=32,
-            intermediate_size=37,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            layer_norm_eps=1e-5,
-            max_position_embeddings=77,
-            vocab_size=len(tokenizer),
-        )
-        text_encoder = CLIPTextModel(text_config)
+        text_encoder = CLIPTextModel(_tiny_clip_text_config(tokenizer))
     # Stable Diffusion 1.x's own scheduler settings.
     scheduler = DDIMScheduler(
         beta_start=0.00085,
@@ -167,6 +155,81 @@ def build_tiny_sd(folder: str) -> None:
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
+    )
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(folder)
+
+
+def _tiny_clip_text_config(tokenizer, projection_dim: int | None = None):
+    """A 2-layer, 32-wide CLIP text encoder config sized for `tokenizer` (with a projection head when asked)."""
+    from transformers import CLIPTextConfig
+
+    extra = {} if projection_dim is None else {"projection_dim": projection_dim}
+    return CLIPTextConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        layer_norm_eps=1e-5,
+        max_position_embeddings=77,
+        vocab_size=len(tokenizer),
+        **extra,
+    )
+
+
+def build_tiny_sdxl(folder: str) -> None:
+    """Save a tiny random-weight StableDiffusionXLPipeline (two CLIP encoders, size conditioning) into `folder`."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    tokenizer = _tiny_clip_tokenizer()
+    pooled_width = 32  # text_encoder_2's projection: SDXL's pooled prompt embedding
+    time_embed_dim = 8  # per size/crop number; SDXL conditions on six of them
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(BUILD_SEED)
+        unet = UNet2DConditionModel(
+            block_out_channels=(32, 64),
+            layers_per_block=2,
+            sample_size=32,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=(2, 4),
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=time_embed_dim,
+            transformer_layers_per_block=(1, 2),
+            projection_class_embeddings_input_dim=6 * time_embed_dim + pooled_width,
+            cross_attention_dim=32 + 32,  # both encoders' token embeddings side by side
+            norm_num_groups=2,
+        )
+        torch.manual_seed(BUILD_SEED)
+        vae = _tiny_vae()
+        torch.manual_seed(BUILD_SEED)
+        text_encoder = CLIPTextModel(_tiny_clip_text_config(tokenizer))
+        torch.manual_seed(BUILD_SEED + 1)
+        text_encoder_2 = CLIPTextModelWithProjection(_tiny_clip_text_config(tokenizer, projection_dim=pooled_width))
+    # SDXL base's own scheduler settings.
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        prediction_type="epsilon",
+        timestep_spacing="leading",
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        text_encoder_2=text_encoder_2.eval(),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=unet.eval(),
+        scheduler=scheduler,
     )
     Path(folder).mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(folder)
@@ -231,6 +294,7 @@ def build_tiny_pixart(folder: str) -> None:
 
 EMBEDDED_MODELS: dict[str, Callable[[str], None]] = {
     "tiny-sd": build_tiny_sd,
+    "tiny-sdxl": build_tiny_sdxl,
     "tiny-pixart": build_tiny_pixart,
 }
 

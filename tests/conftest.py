@@ -11,13 +11,20 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.embedded import build_tiny_pixart, build_tiny_sd
+from orchestrator.embedded import build_tiny_pixart, build_tiny_sd, build_tiny_sdxl
 
 
 @pytest.fixture(scope="session")
 def tiny_sd_path(tmp_path_factory: pytest.TempPathFactory) -> str:
     folder = str(tmp_path_factory.mktemp("models") / "tiny-sd")
     build_tiny_sd(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_path(tmp_path_factory: pytest.TempPathFactory) -> str:
+    folder = str(tmp_path_factory.mktemp("models") / "tiny-sdxl")
+    build_tiny_sdxl(folder)
     return folder
 
 

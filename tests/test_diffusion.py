@@ -26,16 +26,19 @@ STEPS = 3
 GUIDANCE = 4.0
 PROMPTS = ["a photo of a cat", "Ünïcödé prompt 日本語 🐱"]
 LONG_PROMPT = "a very long prompt " * 40
-FAMILIES = ["sd", "pixart"]
+FAMILIES = ["sd", "sdxl", "pixart"]
 DENOISER_WEIGHTS = {
     "sd": "unet/diffusion_pytorch_model.safetensors",
+    "sdxl": "unet/diffusion_pytorch_model.safetensors",
     "pixart": "transformer/diffusion_pytorch_model.safetensors",
 }
+# Token-embedding width the denoiser sees: SDXL concatenates its two 32-wide CLIP encoders.
+EMBED_WIDTH = {"sd": 32, "sdxl": 64, "pixart": 32}
 
 
 @pytest.fixture(scope="module")
-def model_paths(tiny_sd_path: str, tiny_pixart_path: str) -> dict[str, str]:
-    return {"sd": tiny_sd_path, "pixart": tiny_pixart_path}
+def model_paths(tiny_sd_path: str, tiny_sdxl_path: str, tiny_pixart_path: str) -> dict[str, str]:
+    return {"sd": tiny_sd_path, "sdxl": tiny_sdxl_path, "pixart": tiny_pixart_path}
 
 
 @pytest.fixture(scope="module")
@@ -61,13 +64,14 @@ def max_level_difference(a: np.ndarray, b: np.ndarray) -> int:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_build_is_deterministic_and_leaves_caller_rng_alone(family, model_paths, tmp_path):
-    builder = {"sd": embedded.build_tiny_sd, "pixart": embedded.build_tiny_pixart}[family]
+    builder = {"sd": embedded.build_tiny_sd, "sdxl": embedded.build_tiny_sdxl, "pixart": embedded.build_tiny_pixart}[family]
     rng_before = torch.get_rng_state()
     builder(str(tmp_path / "again"))
     assert torch.equal(rng_before, torch.get_rng_state())
 
     vae_weights = "vae/diffusion_pytorch_model.safetensors"
-    for weights in (DENOISER_WEIGHTS[family], vae_weights, "text_encoder/model.safetensors"):
+    text_weights = [f"{name}/model.safetensors" for name in diffusion.TEXT_ENCODERS_BY_FAMILY[family]]
+    for weights in (DENOISER_WEIGHTS[family], vae_weights, *text_weights):
         first = load_file(os.path.join(model_paths[family], weights))
         second = load_file(str(tmp_path / "again" / weights))
         assert first.keys() == second.keys()
@@ -187,11 +191,12 @@ def test_latent_shape_rejects_indivisible_sizes(family, model_paths):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_load_pipeline_parts_skip_components(family, pipes):
     denoiser = diffusion.DENOISER_BY_FAMILY[family]
+    text_side = diffusion.TEXT_ENCODERS_BY_FAMILY[family] + diffusion.TOKENIZERS_BY_FAMILY[family]
     text = pipes[(family, "text")]
-    assert text.text_encoder is not None and text.tokenizer is not None
+    assert all(getattr(text, name) is not None for name in text_side)
     assert getattr(text, denoiser) is None and text.vae is None
     render = pipes[(family, "render")]
-    assert render.text_encoder is None and render.tokenizer is None
+    assert all(getattr(render, name) is None for name in text_side)
     assert getattr(render, denoiser) is not None and render.vae is not None
     with pytest.raises(ValueError, match="part"):
         diffusion.load_pipeline("unused", "everything")
@@ -205,27 +210,37 @@ def test_model_identity_is_small_and_json_able(family, model_paths):
     assert json.loads(json.dumps(identity)) == identity
     expected = {
         "sd": ("StableDiffusionPipeline", "DDIMScheduler", "UNet2DConditionModel"),
+        "sdxl": ("StableDiffusionXLPipeline", "EulerDiscreteScheduler", "UNet2DConditionModel"),
         "pixart": ("PixArtAlphaPipeline", "DPMSolverMultistepScheduler", "PixArtTransformer2DModel"),
     }[family]
     assert (identity["pipeline"], identity["scheduler"], identity["denoiser"]) == expected
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_encode_prompts_shapes_and_truncation(family, pipes):
+def test_encode_prompts_shapes_and_truncation(family, model_paths, pipes):
     text = pipes[(family, "text")]
-    tokens = {"sd": 77, "pixart": 120}[family]
+    tokens = {"sd": 77, "sdxl": 77, "pixart": 120}[family]
+    width = EMBED_WIDTH[family]
+    assert diffusion.text_embedding_dim(model_paths[family]) == width
     guided = diffusion.encode_prompts(text, PROMPTS + [LONG_PROMPT], GUIDANCE)
-    assert guided["prompt_embeds"].shape == (3, tokens, 32)
+    assert guided["prompt_embeds"].shape == (3, tokens, width)
     assert guided["prompt_embeds"].dtype == np.float32
-    assert guided["negative_prompt_embeds"].shape == (3, tokens, 32)
+    assert guided["negative_prompt_embeds"].shape == (3, tokens, width)
     assert guided["truncated"].tolist() == [False, False, True]
     if family == "pixart":
         for key in ("prompt_attention_mask", "negative_prompt_attention_mask"):
             assert guided[key].shape == (3, tokens) and guided[key].dtype == np.int64
         assert guided["prompt_attention_mask"][2].all() and not guided["prompt_attention_mask"][0].all()
+    if family == "sdxl":
+        # The second encoder's projection: one pooled vector per prompt, conditioning the UNet with the image size.
+        for key in ("pooled_prompt_embeds", "negative_pooled_prompt_embeds"):
+            assert guided[key].shape == (3, 32) and guided[key].dtype == np.float32
+        # force_zeros_for_empty_prompt: an unset negative prompt is all zeros, as in a plain pipeline call.
+        assert not guided["negative_prompt_embeds"].any() and not guided["negative_pooled_prompt_embeds"].any()
+    assert set(guided) - {"truncated"} <= set(diffusion.EMBEDDING_KEYS)
 
     unguided = diffusion.encode_prompts(text, PROMPTS, 1.0)
-    assert "negative_prompt_embeds" not in unguided and "negative_prompt_attention_mask" not in unguided
+    assert not [key for key in unguided if key.startswith("negative_")]
     np.testing.assert_array_equal(unguided["prompt_embeds"], guided["prompt_embeds"][:2])
 
 
