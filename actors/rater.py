@@ -10,11 +10,17 @@ Rater specs (what a job config carries, and what manifests record as the rater's
     pickscore:PATH_OR_ID[,processor=P]
                                       PickScore (a CLIP model, scored the same way); its processor lives in a
                                       separate repo, e.g. processor=laion/CLIP-ViT-H-14-laion2B-s32B-b79K
-    hpsv2, imagereward                recognised, not wired in (need the `hpsv2` / `image-reward` packages)
+    hpsv2:FILE[,tokenizer=T][,config=JSON]
+                                      HPSv2 / v2.1 from its released checkpoint (HPS_v2.1_compressed.pt);
+                                      tokenizer defaults to laion/CLIP-ViT-H-14-laion2B-s32B-b79K
+    imagereward:FILE[,tokenizer=T][,config=JSON]
+                                      ImageReward from ImageReward.pt; tokenizer defaults to
+                                      google-bert/bert-base-uncased
 
 The text after `NAME:` is the model path, then optional `key=value` options separated by commas, so a model path
 cannot contain a comma. Paths are local folders or Hugging Face hub ids (owner/name); nothing is downloaded at run
-time, so a hub id only loads if it is already in the local Hugging Face cache.
+time, so a hub id only loads if it is already in the local Hugging Face cache. HPSv2 and ImageReward checkpoints
+are local files; `config=` names a JSON architecture for variants of them (see actors/reward_models.py).
 
 The weight-free raters are stand-ins so the pipeline runs end to end without a model; neither looks at the
 prompt, and neither measures what people prefer:
@@ -27,11 +33,11 @@ prompt, and neither measures what people prefer:
 
 CLIP and PickScore compute score = logit_scale.exp() * cosine(image_embedding, text_embedding), as PickScore's
 reference code does; PickScore is a CLIP model fine-tuned on human preferences, so it is the real preference metric.
+HPSv2 and ImageReward are rebuilt from their checkpoints without their packages (actors/reward_models.py).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -45,10 +51,19 @@ DEFAULT_RATER_SPEC = "colorfulness"
 RATER_NAMES = ("colorfulness", "sharpness", "clip", "pickscore", "hpsv2", "imagereward")
 
 # Options each rater accepts after its path; raters missing here take no path and no options.
-MODEL_RATERS = ("clip", "pickscore")
-MODEL_RATER_OPTIONS = ("processor",)
-# Raters backed by a third-party package: import name, and what to pip install.
-PACKAGE_RATERS = {"hpsv2": ("hpsv2", "hpsv2"), "imagereward": ("ImageReward", "image-reward")}
+RATER_OPTIONS = {
+    "clip": ("processor",),
+    "pickscore": ("processor",),
+    "hpsv2": ("tokenizer", "config"),
+    "imagereward": ("tokenizer", "config"),
+}
+# Raters whose path is a CLIPModel folder or hub id; the others with options take a checkpoint file.
+CLIP_RATERS = ("clip", "pickscore")
+# Where each checkpoint rater's weights are published, for error messages.
+CHECKPOINT_SOURCES = {
+    "hpsv2": "HPS_v2.1_compressed.pt from the xswu/HPSv2 hub repo",
+    "imagereward": "ImageReward.pt from the THUDM/ImageReward hub repo",
+}
 
 
 class Rater(Protocol):
@@ -84,16 +99,17 @@ def parse_rater_spec(spec: str) -> RaterSpec:
             raise ValueError(f"rater spec {spec!r}: option {part!r} is not key=value")
         options[key.strip()] = value.strip()
 
-    if name in MODEL_RATERS:
+    if name in RATER_OPTIONS:
         if not path:
-            raise ValueError(f"rater spec {spec!r}: {name} needs a model; write {name}:PATH_OR_HUB_ID")
-        unknown = sorted(set(options) - set(MODEL_RATER_OPTIONS))
+            what = "PATH_OR_HUB_ID" if name in CLIP_RATERS else "CHECKPOINT_FILE"
+            raise ValueError(f"rater spec {spec!r}: {name} needs a model; write {name}:{what}")
+        unknown = sorted(set(options) - set(RATER_OPTIONS[name]))
         if unknown:
             raise ValueError(
                 f"rater spec {spec!r}: unknown option(s) {', '.join(unknown)}; {name} accepts: "
-                f"{', '.join(MODEL_RATER_OPTIONS)}"
+                f"{', '.join(RATER_OPTIONS[name])}"
             )
-    elif name not in PACKAGE_RATERS and (path or options):
+    elif path or options:
         raise ValueError(f"rater spec {spec!r}: {name} takes no path or options; write just {name!r}")
     return RaterSpec(name=name, path=path, options=options)
 
@@ -101,12 +117,16 @@ def parse_rater_spec(spec: str) -> RaterSpec:
 def validate_rater_spec(spec: str) -> None:
     """Fail fast, before any compute, if `spec` cannot give a rater; never loads a model. Raises ValueError."""
     parsed = parse_rater_spec(spec)
-    if parsed.name in PACKAGE_RATERS:
-        check_package_rater(parsed.name, spec)
-    if parsed.name in MODEL_RATERS:
+    if parsed.name in CLIP_RATERS:
         check_model_location(parsed.path, spec, what="model", needs_config=True)
         if "processor" in parsed.options:
             check_model_location(parsed.options["processor"], spec, what="processor", needs_config=False)
+    elif parsed.name in CHECKPOINT_SOURCES:
+        check_checkpoint_file(parsed.path, spec, parsed.name)
+        if "tokenizer" in parsed.options:
+            check_model_location(parsed.options["tokenizer"], spec, what="tokenizer", needs_config=False)
+        if "config" in parsed.options:
+            check_local_file(parsed.options["config"], spec, what="config")
 
 
 def make_rater(spec: str = DEFAULT_RATER_SPEC) -> Rater:
@@ -118,23 +138,33 @@ def make_rater(spec: str = DEFAULT_RATER_SPEC) -> Rater:
         return ColorfulnessRater(name)
     if parsed.name == "sharpness":
         return SharpnessRater(name)
-    # Only clip and pickscore reach here: validate_rater_spec rejected the package raters.
+    if parsed.name in CHECKPOINT_SOURCES:
+        from actors.reward_models import HPSv2Rater, ImageRewardRater
+
+        rater_class = HPSv2Rater if parsed.name == "hpsv2" else ImageRewardRater
+        return rater_class(name, parsed.path, tokenizer=parsed.options.get("tokenizer"),
+                           config=parsed.options.get("config"))
     return ClipScoreRater(name, parsed.path, processor_path=parsed.options.get("processor"))
 
 
-def check_package_rater(name: str, spec: str) -> None:
-    """hpsv2 and imagereward are recognised but not wired in: say what to install, or that it is not supported."""
-    module_name, pip_name = PACKAGE_RATERS[name]
-    if importlib.util.find_spec(module_name) is None:
+def check_local_file(path: str, spec: str, what: str) -> None:
+    """`path` must be an existing local file (not a URL, not a folder)."""
+    if "://" in path:
+        raise ValueError(f"rater spec {spec!r}: {what} {path!r} is a remote URL; copy it to a local file first")
+    if not os.path.isfile(os.path.expanduser(path)):
+        raise ValueError(f"rater spec {spec!r}: {what} file {path!r} does not exist; check the path")
+
+
+def check_checkpoint_file(path: str, spec: str, name: str) -> None:
+    """A checkpoint rater's weights: an existing local file with a known suffix."""
+    from actors.reward_models import CHECKPOINT_SUFFIXES
+
+    check_local_file(path, spec, what="checkpoint")
+    if not path.endswith(CHECKPOINT_SUFFIXES):
         raise ValueError(
-            f"rater spec {spec!r}: {name} needs the {pip_name!r} package, which is not installed; "
-            f"run `pip install {pip_name}`, or use clip:PATH or pickscore:PATH instead"
+            f"rater spec {spec!r}: checkpoint {path!r} is not a {', '.join(CHECKPOINT_SUFFIXES)} file; "
+            f"{name} loads {CHECKPOINT_SOURCES[name]}"
         )
-    # Their loaders fetch weights from the hub at run time, which seedsift jobs must not do.
-    raise ValueError(
-        f"rater spec {spec!r}: {name} is installed but seedsift does not load it yet (its weights would be "
-        f"downloaded at run time); use pickscore:PATH or clip:PATH with a local folder instead"
-    )
 
 
 def check_model_location(path: str, spec: str, what: str, needs_config: bool) -> None:

@@ -134,6 +134,28 @@ def test_pixart_pipeline_with_clip_rater(ray_session, tiny_pixart_path, tmp_path
     assert set(rows.rater) == {f"clip:{clip}"}
 
 
+def test_imagereward_and_hpsv2_raters_selected_by_name(ray_session, tmp_path):
+    """Checkpoint raters run inside the rater actors like any other; each row records the spec that scored it."""
+    from tests.helpers_clip import tiny_clip_tokenizer
+    from tests.helpers_raters import DATA, tiny_bert_tokenizer
+
+    tiny_clip_tokenizer().save_pretrained(tmp_path / "clip-tokenizer")
+    tiny_bert_tokenizer().save_pretrained(tmp_path / "bert-tokenizer")
+    corpus = write_txt(tmp_path / "p.txt", PROMPTS[:2])
+    specs = {
+        "hpsv2": f"hpsv2:{DATA / 'hps_tiny.pt'},tokenizer={tmp_path / 'clip-tokenizer'},"
+                 f"config={DATA / 'hps_tiny_config.json'}",
+        "imagereward": f"imagereward:{DATA / 'imagereward_tiny.pt'},tokenizer={tmp_path / 'bert-tokenizer'},"
+                       f"config={DATA / 'imagereward_tiny_config.json'}",
+    }
+    for name, spec in specs.items():
+        out = str(tmp_path / name)
+        summary = pipeline.run(small_config(corpus, out, rater=spec, keep=1))
+        rows = manifest(out)
+        assert summary["images"] == 2 and rows.status.eq("ok").all(), rows.error.tolist()
+        assert np.isfinite(rows.score).all() and set(rows.rater) == {spec}
+
+
 def test_s3_corpus_and_output_through_the_endpoint(ray_session, s3_bucket, tmp_path):
     import s3fs
 
