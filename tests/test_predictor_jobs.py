@@ -147,7 +147,7 @@ def test_embedded_default_predictor_fits_the_embedded_pipeline():
     assert (folder / "model.safetensors").stat().st_size < 2 * 1024 * 1024
 
 
-def test_sdxl_collect_train_generate_and_reproduce(ray_session, tiny_sdxl_path, tmp_path):
+def test_sdxl_collect_train_evaluate_generate_and_reproduce(ray_session, tiny_sdxl_path, tmp_path):
     """The SDXL recipe at toy size: pooled embeddings and size conditioning travel from scorer to generator."""
     corpus = tmp_path / "prompts.txt"
     corpus.write_text("\n".join(PROMPTS[:12]) + "\n")
@@ -163,6 +163,11 @@ def test_sdxl_collect_train_generate_and_reproduce(ray_session, tiny_sdxl_path, 
     config = json.loads((Path(predictor) / "config.json").read_text())
     # Both CLIP encoders' token embeddings, side by side, are what the predictor pools over.
     assert config["text_dim"] == 64 and config["pipeline"]["family"] == "sdxl"
+    report = tmp_path / "report"
+    assert evaluate.main(["--dataset", collect_out, "--predictor", predictor, "--out", str(report),
+                          "--contact-prompts", "1"]) == 0
+    assert json.loads((report / "evaluation.json").read_text())["prompts"] > 0
+    assert (report / "contact_sheet.png").exists()
 
     out = str(tmp_path / "generate")
     summary = pipeline.run(GenerateConfig(prompts=str(corpus), out=out, policy="predictor", predictor=predictor,

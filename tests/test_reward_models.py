@@ -159,3 +159,12 @@ def test_rater_stage_with_a_checkpoint_rater(tokenizers):
     np.testing.assert_allclose(out["score"][[0, 2]], np.asarray(EXPECTED["imagereward"]["square"])[[0, 2]],
                                atol=TOLERANCE["imagereward"] * 2)
     assert np.isnan(out["score"][1]) and list(out["status"]) == ["ok", "failed", "ok"]
+
+
+def test_hpsv2_unescapes_html_like_open_clip(tokenizers):
+    """open_clip's tokenizer unescapes HTML entities before its BPE; transformers' does not, so the rater does."""
+    rater = make_rater(spec("hpsv2", tokenizers))
+    images, _ = rating_cases()["square"]
+    plain = rater.score(images[:2], ["fish & chips", "a <b> tag"])
+    escaped = rater.score(images[:2], ["fish &amp; chips", "a &amp;lt;b&amp;gt; tag"])
+    np.testing.assert_array_equal(plain, escaped)
