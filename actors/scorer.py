@@ -34,7 +34,7 @@ class ScorerStage:
         guidance: float,
         height: int,
         width: int,
-        predictor_path: str | None = None,
+        predictor_files: list | None = None,
         all_candidates: bool = False,
         budget_rule: dict | None = None,
         num_threads: int = 1,
@@ -54,9 +54,11 @@ class ScorerStage:
         self.predictor = None
         self.budget_rule = budget_rule
         if self.policy in ("predictor", "budget"):
-            from orchestrator.predictor import load_predictor, resolve_predictor  # only this policy needs them
+            from orchestrator.predictor import predictor_from_files  # only these policies need it
 
-            self.predictor = load_predictor(resolve_predictor(predictor_path, model), model_path, height, width)
+            # A one-item list, so Ray hands over the reference and the bytes are fetched here, once per actor.
+            files = ray.get(predictor_files[0])
+            self.predictor = predictor_from_files(files, model_path, height, width, source="the run's predictor")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return _drop_rows(self.score(batch), self.done)

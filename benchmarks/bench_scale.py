@@ -64,7 +64,7 @@ def child_stream(args) -> None:
                     ScorerStage, fn_constructor_args=(config.model,),
                     fn_constructor_kwargs=dict(
                         run_seed=config.seed, candidates=config.candidates, keep=config.keep, policy="random",
-                        guidance=config.guidance, height=64, width=64, predictor_path=None, all_candidates=False,
+                        guidance=config.guidance, height=64, width=64, predictor_files=None, all_candidates=False,
                         budget_rule=getattr(config, "budget_rule", None),
                         num_threads=max(1, int(config.scorer_cpus)), done=[done_ref]),
                     batch_format="numpy", batch_size=config.scorer_batch_size,

@@ -24,7 +24,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     add("--policy", default="random", help="selection policy: random, predictor (top k) or budget")
     add("--budget", type=float, default=None, help="budget policy: average renders per prompt (at most --keep)")
     add("--budget-images", type=int, default=None, help="budget policy: total renders for the corpus")
-    add("--predictor", default=None, help="predictor checkpoint folder (for --policy predictor)")
+    add("--predictor", default=None,
+        help="predictor folder, local or s3:// (--policy predictor/budget); the driver reads it and sends it to the scorers")
     add("--steps", type=int, default=20, help="denoising steps")
     add("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
     add("--width", type=int, default=None, help="image width (default: the pipeline's native size)")

@@ -7,7 +7,6 @@ report.html and contact_sheet.png. Reads what collect and train wrote; nothing l
 from __future__ import annotations
 
 import argparse
-import contextlib
 import html
 import io
 import json
@@ -15,10 +14,7 @@ import logging
 import math
 import os
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 
@@ -95,14 +91,14 @@ def evaluate(args: argparse.Namespace) -> dict:
 
     table = read_dataset(args.dataset)
     identity = dataset_identity(table)
-    with _local_predictor(args.predictor, storage_options) as folder:
-        config = _read_predictor_config(folder, args.predictor)
-        check_same_pipeline(identity, config, args.dataset, args.predictor)
-        groups = group_by_prompt(table)
-        groups, split_counts = select_prompts(groups, config, args.split, args.predictor)
-        groups, incomplete = complete_prompts(groups)
-        model_path = resolve_model(identity["model"])
-        predictor = _load_predictor(folder, model_path, identity, args.predictor)
+    predictor_files = _read_predictor_files(args.predictor, storage_options)
+    config = _read_predictor_config(predictor_files, args.predictor)
+    check_same_pipeline(identity, config, args.dataset, args.predictor)
+    groups = group_by_prompt(table)
+    groups, split_counts = select_prompts(groups, config, args.split, args.predictor)
+    groups, incomplete = complete_prompts(groups)
+    model_path = resolve_model(identity["model"])
+    predictor = _load_predictor(predictor_files, model_path, identity, args.predictor)
 
     from actors import diffusion
 
@@ -154,41 +150,31 @@ def _storage_options(text: str) -> dict:
         raise ConfigError(f"--storage-options is not valid JSON ({exc.msg}); pass an object like '{{\"anon\": false}}'")
 
 
-@contextlib.contextmanager
-def _local_predictor(uri: str, storage_options: dict) -> Iterator[str]:
-    """The predictor folder on local disk: itself, or a temporary copy of an s3:// (or other remote) folder."""
-    from orchestrator.predictor import CONFIG_FILE, WEIGHTS_FILE
-
-    if "://" not in uri or uri.startswith("file://"):
-        yield os.path.expanduser(uri.removeprefix("file://"))
-        return
-    remote = Output(uri, storage_options)
-    with tempfile.TemporaryDirectory(prefix="seedsift-predictor-") as folder:
-        for name in (CONFIG_FILE, WEIGHTS_FILE):
-            if not remote.exists(name):
-                raise ConfigError(f"--predictor {uri}: no {name} there; pass the folder a train job wrote")
-            Path(folder, name).write_bytes(remote.read_bytes(name))
-        yield folder
-
-
-def _read_predictor_config(folder: str, where: str):
-    from orchestrator.predictor import PredictorMismatch, read_config
+def _read_predictor_files(uri: str, storage_options: dict) -> dict[str, bytes]:
+    from orchestrator.predictor import PredictorMismatch, read_predictor_files
 
     try:
-        return read_config(folder)
+        return read_predictor_files(uri, "", storage_options)
     except PredictorMismatch as exc:
-        raise ConfigError(str(exc).replace(folder, where)) from exc
+        raise ConfigError(str(exc)) from exc
+
+
+def _read_predictor_config(files: dict[str, bytes], where: str):
+    from orchestrator.predictor import read_config
+
+    try:
+        return read_config(files)
     except (ValueError, TypeError) as exc:  # a config.json that is not a predictor's
         raise ConfigError(f"--predictor {where}: config.json is not a seedsift predictor config ({exc})") from exc
 
 
-def _load_predictor(folder: str, model_path: str, identity: dict, where: str):
-    from orchestrator.predictor import PredictorMismatch, load_predictor
+def _load_predictor(files: dict[str, bytes], model_path: str, identity: dict, where: str):
+    from orchestrator.predictor import PredictorMismatch, predictor_from_files
 
     try:
-        return load_predictor(folder, model_path, identity["height"], identity["width"])
+        return predictor_from_files(files, model_path, identity["height"], identity["width"], source=where)
     except PredictorMismatch as exc:
-        raise ConfigError(str(exc).replace(folder, where)) from exc
+        raise ConfigError(str(exc)) from exc
 
 
 def _same_setting(key: str, recorded, collected) -> bool:

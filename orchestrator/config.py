@@ -54,6 +54,7 @@ class GenerateConfig:
     budget: float | None = None  # budget policy: average renders per prompt (--keep is then the most per prompt)
     budget_images: int | None = None  # or a total for the corpus, turned into renders per prompt by a counting pass
     budget_rule: dict | None = None  # the calibrated threshold and error model, set when the run is prepared
+    predictor_files: dict | None = field(default=None, repr=False)  # the predictor's bytes, read when prepared
 
     def validate(self) -> None:
         """Raise ConfigError for anything that would fail later; touches no model and no storage."""
@@ -125,6 +126,7 @@ class GenerateConfig:
     def public_dict(self) -> dict:
         """The configuration without secrets, for run.json, summaries and logs."""
         values = dataclasses.asdict(self)
+        values.pop("predictor_files")  # megabytes of weights; predictor_digest names them
         values["storage_options"] = sorted(self.storage_options)  # option names only, never their values
         return values
 

@@ -68,16 +68,19 @@ def budget_rule(config: GenerateConfig, trained) -> dict:
 
 
 def _check_predictor(config: GenerateConfig, model_path: str, latent_shape: tuple) -> str:
-    """Refuse a predictor trained for another pipeline before any compute; returns its weights' digest."""
-    from orchestrator.predictor import PredictorMismatch, check_compatible, read_config, resolve_predictor, weights_digest
+    """Read the predictor once and refuse one trained for another pipeline, before any compute; returns its digest."""
+    from orchestrator.predictor import PredictorMismatch, check_compatible, read_config, read_predictor_files, weights_digest
 
+    folder = config.predictor or config.model
     try:
-        folder = resolve_predictor(config.predictor, config.model)
-        trained = read_config(folder)
+        config.predictor_files = read_predictor_files(config.predictor, config.model, config.storage_options)
+        trained = read_config(config.predictor_files)
         check_compatible(trained, latent_shape, diffusion.text_embedding_dim(model_path),
                          diffusion.pipeline_family(model_path), folder)
     except PredictorMismatch as exc:
         raise ConfigError(str(exc)) from exc
+    except (ValueError, TypeError) as exc:  # a config.json that is not a predictor's
+        raise ConfigError(f"--predictor {folder}: config.json is not a seedsift predictor config ({exc})") from exc
     differences = {k: (trained.pipeline.get(k), getattr(config, k)) for k in ("steps", "guidance")
                    if trained.pipeline.get(k) not in (None, getattr(config, k))}
     if differences:
@@ -85,7 +88,7 @@ def _check_predictor(config: GenerateConfig, model_path: str, latent_shape: tupl
                        folder, ", ".join(f"{k}={a} (run: {b})" for k, (a, b) in differences.items()))
     if config.policy == "budget" and config.budget is not None:
         config.budget_rule = budget_rule(config, trained)
-    return weights_digest(folder)
+    return weights_digest(config.predictor_files)
 
 
 def _check_run_file(output: Output, config: GenerateConfig) -> None:
@@ -120,7 +123,7 @@ def committed_pairs(output: Output) -> set[tuple[str, str]]:
 
 def resolve_image_budget(config: GenerateConfig) -> None:
     """--budget-images: a counting pass over the corpus (reading only) turns the total into renders per prompt."""
-    from orchestrator.predictor import read_config, resolve_predictor
+    from orchestrator.predictor import read_config
 
     prompts = 0
     for batch in read_corpus(config.prompts, config.storage_options, config.limit, config.sample).iter_batches(
@@ -131,7 +134,7 @@ def resolve_image_budget(config: GenerateConfig) -> None:
     config.budget = min(float(config.keep), max(1.0, config.budget_images / prompts))
     logger.info("budget: %d images over %d prompts = %.3f renders per prompt", config.budget_images, prompts,
                 config.budget)
-    config.budget_rule = budget_rule(config, read_config(resolve_predictor(config.predictor, config.model)))
+    config.budget_rule = budget_rule(config, read_config(config.predictor_files))
 
 
 def connect_ray(address: str | None) -> None:
@@ -181,6 +184,8 @@ def build_dataset(config: GenerateConfig, output: Output, model_path: str, done:
         "run_id": config.fingerprint(),
     }
     done_ref = ray.put(done or set())
+    # Scorer actors on any node get the predictor from the object store, not from a path only the driver sees.
+    predictor_ref = ray.put(config.predictor_files) if config.predictor_files else None
     ds = read_corpus(config.prompts, config.storage_options, config.limit, config.sample)
     ds = drop_duplicates(ds, output)  # later copies of a prompt id or text become quarantined rows
     ds = ds.map_batches(
@@ -188,7 +193,7 @@ def build_dataset(config: GenerateConfig, output: Output, model_path: str, done:
         fn_constructor_args=(config.model,),
         fn_constructor_kwargs=dict(
             run_seed=config.seed, candidates=config.candidates, keep=config.keep, policy=config.policy,
-            guidance=config.guidance, height=config.height, width=config.width, predictor_path=config.predictor,
+            guidance=config.guidance, height=config.height, width=config.width, predictor_files=[predictor_ref],
             all_candidates=config.all_candidates, budget_rule=config.budget_rule,
             num_threads=max(1, int(config.scorer_cpus)), done=[done_ref],
         ),

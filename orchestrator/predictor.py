@@ -13,11 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save_file
 from torch import nn
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
+PREDICTOR_FILES = (CONFIG_FILE, WEIGHTS_FILE)
 EMBEDDED_PREDICTORS = {"tiny-sd": Path(__file__).parent / "predictors" / "tiny-sd-colorfulness"}
 
 
@@ -216,9 +218,9 @@ def split_of(prompt_id: str, salt: str, train: float, val: float) -> str:
     return "val" if position < train + val else "test"
 
 
-def weights_digest(folder: str) -> str:
+def weights_digest(files: dict[str, bytes]) -> str:
     """Content hash of a predictor's weights: part of a run's fingerprint."""
-    return hashlib.blake2b(Path(folder, WEIGHTS_FILE).read_bytes(), digest_size=8).hexdigest()
+    return hashlib.blake2b(files[WEIGHTS_FILE], digest_size=8).hexdigest()
 
 
 def resolve_predictor(spec: str | None, model: str) -> str:
@@ -232,11 +234,25 @@ def resolve_predictor(spec: str | None, model: str) -> str:
     return str(EMBEDDED_PREDICTORS[name])
 
 
-def read_config(folder: str) -> PredictorConfig:
-    path = Path(folder, CONFIG_FILE)
-    if not path.exists() or not Path(folder, WEIGHTS_FILE).exists():
-        raise PredictorMismatch(f"--predictor {folder}: expected {CONFIG_FILE} and {WEIGHTS_FILE} in that folder")
-    return PredictorConfig.from_json(path.read_text())
+def read_predictor_files(spec: str | None, model: str, storage_options: dict | None = None) -> dict[str, bytes]:
+    """A predictor's config.json and model.safetensors as bytes, from a local folder, a URL or the embedded default.
+
+    Jobs read them once on the driver and hand the bytes to their actors, so every node of a cluster scores with
+    the same predictor without a shared filesystem. `storage_options` go to fsspec for URLs such as s3://.
+    """
+    from orchestrator.storage import Output
+
+    location = resolve_predictor(spec, model)
+    folder = Output(location, storage_options or {})  # fsspec: local folders and s3:// alike
+    missing = [name for name in PREDICTOR_FILES if not folder.exists(name)]
+    if missing:
+        raise PredictorMismatch(f"--predictor {location}: no {' or '.join(missing)} there; expected {CONFIG_FILE} "
+                                f"and {WEIGHTS_FILE}, as a train job's --out folder holds")
+    return {name: folder.read_bytes(name) for name in PREDICTOR_FILES}
+
+
+def read_config(files: dict[str, bytes]) -> PredictorConfig:
+    return PredictorConfig.from_json(files[CONFIG_FILE].decode("utf-8"))
 
 
 def check_compatible(config: PredictorConfig, latent_shape: tuple, text_dim: int, family: str, where: str) -> None:
@@ -263,14 +279,20 @@ def save_predictor(folder: str, config: PredictorConfig, model: NoiseQualityPred
 
 def load_predictor(folder: str, model_path: str | None = None, height: int | None = None,
                    width: int | None = None) -> Predictor:
-    """Load weights (safetensors only, never pickle) and, given the pipeline, check that they fit it."""
-    config = read_config(folder)
+    """Load a predictor folder (local or URL) and, given the pipeline, check that it fits; see predictor_from_files."""
+    return predictor_from_files(read_predictor_files(folder, ""), model_path, height, width, source=folder)
+
+
+def predictor_from_files(files: dict[str, bytes], model_path: str | None = None, height: int | None = None,
+                         width: int | None = None, source: str = "") -> Predictor:
+    """Build the predictor from its files' bytes (safetensors only, never pickle), checked against the pipeline."""
+    config = read_config(files)
     if model_path is not None:
         from actors import diffusion
 
         shape = diffusion.latent_shape(model_path, height or config.pipeline["height"], width or config.pipeline["width"])
         check_compatible(config, shape, diffusion.text_embedding_dim(model_path), diffusion.pipeline_family(model_path),
-                         folder)
+                         source)
     model = NoiseQualityPredictor(config)
-    model.load_state_dict(load_file(str(Path(folder, WEIGHTS_FILE))))
-    return Predictor(config, model, source=folder)
+    model.load_state_dict(load_safetensors(files[WEIGHTS_FILE]))
+    return Predictor(config, model, source=source)

@@ -106,23 +106,45 @@ def test_generate_with_the_predictor_keeps_its_top_k(trained):
     difficulty = summary["prompt_difficulty"]
     assert difficulty["prompts"] == 24 and len(difficulty["hardest_prompts"]) == 10
 
-    # Recompute the predictions in this process: the kept seeds are the two best of the six candidates.
-    model_path = resolve_model("embedded:tiny-sd")
-    predictor = load_predictor(trained["predictor"], model_path, 64, 64)
-    pipe = diffusion.load_pipeline(model_path, "text")
-    shape = diffusion.latent_shape(model_path, 64, 64)
     for prompt_id, group in list(rows.groupby("prompt_id"))[:4]:
-        prompt = group.prompt.iloc[0]
-        embeds = diffusion.encode_prompts(pipe, [prompt], SETTINGS["guidance"])
-        seeds = candidate_seeds(3, prompt_id, 6)
-        scores = predictor.score_candidates(batch_noise(seeds, shape), {k: v[0] for k, v in embeds.items()
-                                                                         if k != "truncated"})
-        best_two = {seeds[i] for i in np.argsort(-scores)[:2]}
-        assert set(group.seed) == best_two
-        np.testing.assert_allclose(sorted(group.predicted_score), sorted(np.sort(scores)[-2:]), rtol=1e-4)
-        np.testing.assert_allclose(group.prompt_predicted_mean.iloc[0], scores.mean(), rtol=1e-4)
-        # The same run seed as the collect: generate's candidates are the collect's candidates.
-        assert set(group.seed) <= set(candidate_seeds(3, prompt_id, 6))
+        assert set(group.seed) == best_seeds(trained["predictor"], group.prompt.iloc[0], prompt_id, 6, 2)
+
+
+def best_seeds(predictor_folder: str, prompt: str, prompt_id: str, candidates: int, keep: int) -> set[int]:
+    """The `keep` best of a prompt's candidate seeds by the predictor, recomputed in this process."""
+    model_path = resolve_model("embedded:tiny-sd")
+    predictor = load_predictor(predictor_folder, model_path, 64, 64)
+    pipe = diffusion.load_pipeline(model_path, "text")
+    embeds = diffusion.encode_prompts(pipe, [prompt], SETTINGS["guidance"])
+    seeds = candidate_seeds(SETTINGS["seed"], prompt_id, candidates)
+    scores = predictor.score_candidates(batch_noise(seeds, diffusion.latent_shape(model_path, 64, 64)),
+                                        {k: v[0] for k, v in embeds.items() if k != "truncated"})
+    return {seeds[i] for i in np.argsort(-scores)[:keep]}
+
+
+def test_generate_with_a_predictor_in_object_storage(trained, s3_bucket):
+    """The driver reads the predictor once and ships it to the scorer actors: any node can use an s3:// one."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem()  # the loopback endpoint, from the standard AWS variables
+    remote = f"{s3_bucket}/predictors/small"
+    for name in ("config.json", "model.safetensors"):
+        fs.put_file(str(Path(trained["predictor"]) / name), f"{remote}/{name}")
+    out = str(trained["folder"] / "generate-s3-predictor")
+    summary = pipeline.run(GenerateConfig(prompts=trained["corpus"], out=out, policy="predictor", predictor=remote,
+                                          candidates=6, keep=1, limit=6, **SETTINGS))
+    rows = manifest(out)
+    assert summary["images"] == 6 and rows.predicted_score.notna().all()
+    for prompt_id, group in list(rows.groupby("prompt_id"))[:3]:
+        assert set(group.seed) == best_seeds(trained["predictor"], group.prompt.iloc[0], prompt_id, 6, 1)
+    # run.json names the predictor by its digest and never carries its weights.
+    run = json.loads((Path(out) / "run.json").read_text())
+    assert run["fingerprint_fields"]["predictor"] and len(json.dumps(run)) < 10_000
+
+    with pytest.raises(ConfigError, match="no model.safetensors there"):
+        fs.rm(f"{remote}/model.safetensors")
+        pipeline.run(GenerateConfig(prompts=trained["corpus"], out=out + "-missing", policy="predictor",
+                                    predictor=remote, candidates=6, keep=1, **SETTINGS))
 
 
 def test_budget_policy_spends_the_budget_unevenly(trained):
