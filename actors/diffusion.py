@@ -234,6 +234,9 @@ def render(
     if guided:
         kwargs["negative_prompt_embeds"] = tensor("negative_prompt_embeds", dtype)
     if family == "sdxl":
+        if "pooled_prompt_embeds" not in embeds:
+            raise ValueError("an SDXL render needs pooled_prompt_embeds; encode the prompts with encode_prompts "
+                             "on this SDXL pipeline")
         # Size conditioning (add_time_ids) comes from height and width, as in a plain call at that size.
         kwargs["pooled_prompt_embeds"] = tensor("pooled_prompt_embeds", dtype)
         if guided:

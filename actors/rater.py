@@ -38,6 +38,7 @@ HPSv2 and ImageReward are rebuilt from their checkpoints without their packages 
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -122,6 +123,9 @@ def validate_rater_spec(spec: str) -> None:
         if "processor" in parsed.options:
             check_model_location(parsed.options["processor"], spec, what="processor", needs_config=False)
     elif parsed.name in CHECKPOINT_SOURCES:
+        if parsed.name == "hpsv2" and importlib.util.find_spec("ftfy") is None:
+            raise ValueError(f"rater spec {spec!r}: hpsv2 cleans prompts with ftfy, as open_clip does; "
+                             "run `pip install ftfy` (or seedsift[raters])")
         check_checkpoint_file(parsed.path, spec, parsed.name)
         if "tokenizer" in parsed.options:
             check_model_location(parsed.options["tokenizer"], spec, what="tokenizer", needs_config=False)
@@ -255,14 +259,14 @@ class ClipScoreRater:
         model_location = os.path.expanduser(model_path)
         processor_location = os.path.expanduser(processor_path) if processor_path else model_location
         try:
-            self.processor = CLIPProcessor.from_pretrained(processor_location)
+            self.processor = CLIPProcessor.from_pretrained(processor_location, local_files_only=True)
         except (OSError, ValueError) as err:
             raise ValueError(
                 f"rater spec {name!r}: could not load a CLIP processor from {processor_location!r} ({err}); "
                 f"give processor=PATH pointing at a folder with the tokenizer and image processor files"
             ) from err
         try:
-            model = CLIPModel.from_pretrained(model_location, dtype=self.dtype)
+            model = CLIPModel.from_pretrained(model_location, dtype=self.dtype, local_files_only=True)
         except (OSError, ValueError) as err:
             raise ValueError(
                 f"rater spec {name!r}: could not load a CLIPModel from {model_location!r} ({err}); "

@@ -19,11 +19,13 @@ tests/data/raters/ holds tiny checkpoints in both formats and the scores the pac
 
 from __future__ import annotations
 
+import contextlib
 import html
 import itertools
 import json
 import os
 import pickle
+import re
 
 import numpy as np
 import torch
@@ -59,6 +61,12 @@ IMAGEREWARD_CONFIG = {
     },
 }
 IMAGEREWARD_TOKENIZER = "google-bert/bert-base-uncased"
+# Keys a config= JSON must give (the released configs above show their meaning).
+HPSV2_REQUIRED = {"embed_dim": (), "vision_cfg": ("image_size", "layers", "width", "patch_size"),
+                  "text_cfg": ("context_length", "vocab_size", "width", "heads", "layers")}
+IMAGEREWARD_REQUIRED = {"vision": ("image_size", "patch_size", "width", "layers", "heads"),
+                        "text": ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                                 "max_position_embeddings", "vocab_size", "encoder_width")}
 IMAGEREWARD_MAX_TOKENS = 35
 IMAGEREWARD_MEAN = 0.16717362830052426
 IMAGEREWARD_STD = 1.0333394966054072
@@ -68,16 +76,39 @@ IMAGEREWARD_HEAD_WIDTHS = (1024, 128, 64, 16, 1)
 IMAGEREWARD_HEAD_DROPOUTS = 3
 
 
-def read_model_config(path: str | None, default: dict, what: str) -> dict:
+def read_model_config(path: str | None, default: dict, required: dict, what: str) -> dict:
     """The architecture config: the released model's by default, or a JSON file in the same layout."""
     if path is None:
         return default
     with open(os.path.expanduser(path), encoding="utf-8") as handle:
         config = json.load(handle)
-    missing = [key for key in default if key not in config]
+    missing = [section for section in required if section not in config]
+    missing += [f"{section}.{key}" for section, keys in required.items() if isinstance(config.get(section), dict)
+                for key in keys if key not in config[section]]
     if missing:
-        raise ValueError(f"{what} config {path!r}: missing {', '.join(missing)}; expected the keys {', '.join(default)}")
+        raise ValueError(f"{what} config {path!r}: missing {', '.join(missing)}; see the released config in "
+                         "actors/reward_models.py for the layout")
     return config
+
+
+def load_tokenizer(tokenizer_class, location: str, rater: str):
+    """A tokenizer from a local folder or the local Hugging Face cache; never downloaded at run time."""
+    try:
+        return tokenizer_class.from_pretrained(os.path.expanduser(location), local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise ValueError(
+            f"{rater}: could not load its tokenizer from {location!r} ({err}); fetch it once "
+            f"(`hf download {location}` on every rater node) or pass tokenizer=PATH to a local folder"
+        ) from err
+
+
+def without_random_init():
+    """Skip transformers' random initialisation: the checkpoint overwrites every weight (saves ~11 s on ViT-H)."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # an older or newer transformers without it: initialise, only slower
+        return contextlib.nullcontext()
+    return no_init_weights()
 
 
 def load_state_dict(path: str) -> dict[str, torch.Tensor]:
@@ -159,6 +190,37 @@ def resize_shorter_side_and_crop(images: np.ndarray, size: int) -> torch.Tensor:
 
 
 # --- HPSv2 ----------------------------------------------------------------------------------------------------
+
+
+def open_clip_clean(text: str) -> str:
+    """open_clip's text clean-up before its BPE: ftfy.fix_text, HTML unescaped twice, whitespace runs to one space.
+
+    transformers' CLIPTokenizer only normalises Unicode (NFC) and whitespace, so curly quotes, full-width letters
+    or ligatures would otherwise give other tokens than the ones HPSv2 was trained on.
+    """
+    import ftfy
+
+    return re.sub(r"\s+", " ", html.unescape(html.unescape(ftfy.fix_text(text)))).strip()
+
+
+def open_clip_token_ids(tokenizer, prompts: list[str], context_length: int) -> torch.Tensor:
+    """Token ids as open_clip makes them: start, BPE of the cleaned text, end (kept when cut), then zeros.
+
+    The BPE runs through the tokenizer's own normaliser, pre-tokeniser and model but not its added-token table:
+    CLIP tokenizers exported from open_clip register "!" as the pad token, which would split every "!" in a
+    prompt out of its word.
+    """
+    from tokenizers import Tokenizer
+
+    backend = tokenizer.backend_tokenizer
+    bpe = Tokenizer(backend.model)
+    bpe.normalizer, bpe.pre_tokenizer = backend.normalizer, backend.pre_tokenizer
+    ids = torch.zeros((len(prompts), context_length), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        body = bpe.encode(open_clip_clean(prompt), add_special_tokens=False).ids[: context_length - 2]
+        tokens = [tokenizer.bos_token_id, *body, tokenizer.eos_token_id]
+        ids[row, : len(tokens)] = torch.tensor(tokens)
+    return ids
 
 
 def hpsv2_clip_config(config: dict, eos_token_id: int):
@@ -246,12 +308,13 @@ class HPSv2Rater:
 
         self.name = name
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
-        architecture = read_model_config(config, HPSV2_CONFIG, "hpsv2")
-        self.tokenizer = CLIPTokenizer.from_pretrained(os.path.expanduser(tokenizer or HPSV2_TOKENIZER))
-        model = CLIPModel(hpsv2_clip_config(architecture, self.tokenizer.eos_token_id))
+        architecture = read_model_config(config, HPSV2_CONFIG, HPSV2_REQUIRED, "hpsv2")
+        self.tokenizer = load_tokenizer(CLIPTokenizer, tokenizer or HPSV2_TOKENIZER, name)
+        with without_random_init():
+            model = CLIPModel(hpsv2_clip_config(architecture, self.tokenizer.eos_token_id))
         load_exactly(model, open_clip_to_transformers(load_state_dict(checkpoint)), checkpoint)
-        self.model = model.to(self.device, self.dtype).eval()
+        # float32 weights, with autocast on a GPU: what hpsv2 does (precision="amp").
+        self.model = model.to(self.device).eval()
         self.image_size = int(architecture["vision_cfg"]["image_size"])
         self.context_length = int(architecture["text_cfg"]["context_length"])
 
@@ -259,15 +322,13 @@ class HPSv2Rater:
         from actors.rater import check_image_batch
 
         check_image_batch(images, prompts)
-        # open_clip unescapes HTML entities (twice, for double-escaped text) before its BPE; so does this.
-        texts = [html.unescape(html.unescape(prompt)) for prompt in prompts]
-        # open_clip pads with id 0; the causal mask keeps padding from reaching the pooled end-of-text token.
-        tokens = self.tokenizer(texts, padding="max_length", truncation=True, max_length=self.context_length,
-                                return_tensors="pt")
+        input_ids = open_clip_token_ids(self.tokenizer, prompts, self.context_length)
         pixels = resize_longer_side_and_pad(images, self.image_size)
-        with torch.inference_mode():
-            image_embeds = self.model.get_image_features(pixel_values=pixels.to(self.device, self.dtype))
-            text_embeds = self.model.get_text_features(input_ids=tokens["input_ids"].to(self.device))
+        autocast = torch.autocast("cuda") if self.device.type == "cuda" else contextlib.nullcontext()
+        with torch.inference_mode(), autocast:
+            image_embeds = self.model.get_image_features(pixel_values=pixels.to(self.device))
+            # No attention mask, as in open_clip: the causal mask keeps the zero padding out of the end token.
+            text_embeds = self.model.get_text_features(input_ids=input_ids.to(self.device))
             cosine = F.cosine_similarity(_as_tensor(image_embeds).float(), _as_tensor(text_embeds).float(), dim=-1)
         return cosine.cpu().numpy().astype(np.float32)
 
@@ -384,12 +445,13 @@ class ImageRewardRater:
 
         self.name = name
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
-        architecture = read_model_config(config, IMAGEREWARD_CONFIG, "imagereward")
-        self.tokenizer = BertTokenizer.from_pretrained(os.path.expanduser(tokenizer or IMAGEREWARD_TOKENIZER))
-        model = ImageRewardModel(architecture)
+        architecture = read_model_config(config, IMAGEREWARD_CONFIG, IMAGEREWARD_REQUIRED, "imagereward")
+        self.tokenizer = load_tokenizer(BertTokenizer, tokenizer or IMAGEREWARD_TOKENIZER, name)
+        with without_random_init():
+            model = ImageRewardModel(architecture)
         load_exactly(model, blip_to_image_reward(load_state_dict(checkpoint)), checkpoint)
-        self.model = model.to(self.device, self.dtype).eval()
+        # float32 on any device, as ImageReward itself runs: its linear head is sensitive to rounding.
+        self.model = model.to(self.device).eval()
         self.image_size = int(architecture["vision"]["image_size"])
 
     def score(self, images: np.ndarray, prompts: list[str]) -> np.ndarray:
@@ -400,6 +462,6 @@ class ImageRewardRater:
                                 max_length=IMAGEREWARD_MAX_TOKENS, return_tensors="pt")
         pixels = resize_shorter_side_and_crop(images, self.image_size)
         with torch.inference_mode():
-            rewards = self.model(pixels.to(self.device, self.dtype), tokens["input_ids"].to(self.device),
+            rewards = self.model(pixels.to(self.device), tokens["input_ids"].to(self.device),
                                  tokens["attention_mask"].to(self.device))
         return rewards.cpu().numpy().astype(np.float32)

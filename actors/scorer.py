@@ -17,8 +17,6 @@ from orchestrator.seeds import batch_noise, candidate_seeds
 from orchestrator.budget import keep_budget
 from orchestrator.selection import keep_first, keep_top_k
 
-PASS_THROUGH = ("prompt_id", "prompt", "source")
-
 
 class ScorerStage:
     """Ray Data callable class: one instance per scorer actor, holding the text encoder (and the predictor)."""
@@ -35,6 +33,7 @@ class ScorerStage:
         height: int,
         width: int,
         predictor_files: list | None = None,
+        predictor_source: str = "",
         all_candidates: bool = False,
         budget_rule: dict | None = None,
         num_threads: int = 1,
@@ -58,7 +57,7 @@ class ScorerStage:
 
             # A one-item list, so Ray hands over the reference and the bytes are fetched here, once per actor.
             files = ray.get(predictor_files[0])
-            self.predictor = predictor_from_files(files, model_path, height, width, source="the run's predictor")
+            self.predictor = predictor_from_files(files, model_path, height, width, source=predictor_source)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return _drop_rows(self.score(batch), self.done)
@@ -93,7 +92,12 @@ class ScorerStage:
                 predicted.append(np.nan if scores is None else float(scores[index]))
                 prompt_mean.append(np.nan if scores is None else float(np.mean(scores)))
                 prompt_std.append(np.nan if scores is None else float(np.std(scores)))
-        out = {name: batch[name][out_rows] for name in PASS_THROUGH + ("status", "error")}
+        out = {name: batch[name][out_rows] for name in ("prompt_id", "source", "status")}
+        # Strings, never None, from here to the sink: a block whose rows all lack a prompt (all quarantined) or an
+        # error would otherwise get Arrow's null type, which cannot be merged with a block of strings.
+        for name in ("prompt", "error"):
+            out[name] = np.array(["" if batch[name][i] is None else str(batch[name][i]) for i in out_rows],
+                                 dtype=object)
         out["seed"] = np.asarray(seeds, dtype=np.int64)
         out["candidate_index"] = np.asarray(indices, dtype=np.int32)
         out["rank"] = np.asarray(ranks, dtype=np.int32)

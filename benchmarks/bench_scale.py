@@ -20,7 +20,7 @@ from _common import PYTHON, REPO_ROOT, LoadSampler, RssSampler, emit, machine, r
 
 CORPUS_DIR = os.path.join(tempfile.gettempdir(), "seedsift-bench", "corpora")
 SIZES = {"10k": 10_000, "100k": 100_000, "1M": 1_000_000}
-EMBEDDING_COLUMNS = ["prompt_embeds", "negative_prompt_embeds"]
+EMBEDDING_COLUMNS = ["prompt_embeds", "negative_prompt_embeds"]  # what the tiny SD scorer emits at guidance > 1
 
 
 def corpus(size: int) -> str:

@@ -160,12 +160,12 @@ def _read_predictor_files(uri: str, storage_options: dict) -> dict[str, bytes]:
 
 
 def _read_predictor_config(files: dict[str, bytes], where: str):
-    from orchestrator.predictor import read_config
+    from orchestrator.predictor import PredictorMismatch, read_config
 
     try:
-        return read_config(files)
-    except (ValueError, TypeError) as exc:  # a config.json that is not a predictor's
-        raise ConfigError(f"--predictor {where}: config.json is not a seedsift predictor config ({exc})") from exc
+        return read_config(files, where)
+    except PredictorMismatch as exc:
+        raise ConfigError(str(exc)) from exc
 
 
 def _load_predictor(files: dict[str, bytes], model_path: str, identity: dict, where: str):

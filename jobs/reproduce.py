@@ -43,12 +43,15 @@ def reproduce_image(row: dict):
     if identity["scheduler"] != row["scheduler"]:
         raise ConfigError(f"the manifest row used scheduler {row['scheduler']}, but {row['model']} now has "
                           f"{identity['scheduler']}; the model folder changed since the run")
-    device, dtype = device_and_dtype()
-    pipe = diffusion.load_pipeline(model_path, "full", device=device, dtype=dtype)
-    embeds = diffusion.encode_prompts(pipe, [row["prompt"]], row["guidance"])
+    # As in a run: the scorer embeds on CPU in float32, the generator renders on its device from those embeddings.
+    text_pipe = diffusion.load_pipeline(model_path, "text")
+    embeds = diffusion.encode_prompts(text_pipe, [row["prompt"]], row["guidance"])
     embeds.pop("truncated", None)
+    del text_pipe
+    device, dtype = device_and_dtype()
+    render_pipe = diffusion.load_pipeline(model_path, "render", device=device, dtype=dtype)
     latents = batch_noise([row["seed"]], diffusion.latent_shape(model_path, row["height"], row["width"]))
-    return diffusion.render(pipe, embeds, latents, steps=row["steps"], guidance_scale=row["guidance"],
+    return diffusion.render(render_pipe, embeds, latents, steps=row["steps"], guidance_scale=row["guidance"],
                             height=row["height"], width=row["width"])[0]
 
 

@@ -19,9 +19,9 @@ from actors.scorer import ScorerStage
 from orchestrator.config import ConfigError, GenerateConfig
 from orchestrator.dedup import drop_duplicates
 from orchestrator.embedded import resolve_model
+from orchestrator.manifest import row_key
 from orchestrator.reader import READ_CPUS, read_corpus
 from orchestrator.sink import write_unit
-from orchestrator.manifest import row_key
 from orchestrator.storage import Output, storage_error_in
 
 logger = logging.getLogger("seedsift")
@@ -69,23 +69,28 @@ def budget_rule(config: GenerateConfig, trained) -> dict:
 
 def _check_predictor(config: GenerateConfig, model_path: str, latent_shape: tuple) -> str:
     """Read the predictor once and refuse one trained for another pipeline, before any compute; returns its digest."""
-    from orchestrator.predictor import PredictorMismatch, check_compatible, read_config, read_predictor_files, weights_digest
+    from orchestrator.predictor import (
+        PredictorMismatch,
+        predictor_from_files,
+        read_predictor_files,
+        resolve_predictor,
+        weights_digest,
+    )
 
-    folder = config.predictor or config.model
     try:
+        location = resolve_predictor(config.predictor, config.model)
         config.predictor_files = read_predictor_files(config.predictor, config.model, config.storage_options)
-        trained = read_config(config.predictor_files)
-        check_compatible(trained, latent_shape, diffusion.text_embedding_dim(model_path),
-                         diffusion.pipeline_family(model_path), folder)
+        # Built once here, so a damaged or mismatched predictor stops the run before any actor starts.
+        trained = predictor_from_files(config.predictor_files, model_path, config.height, config.width,
+                                       source=location).config
     except PredictorMismatch as exc:
         raise ConfigError(str(exc)) from exc
-    except (ValueError, TypeError) as exc:  # a config.json that is not a predictor's
-        raise ConfigError(f"--predictor {folder}: config.json is not a seedsift predictor config ({exc})") from exc
+    config.predictor_source = location
     differences = {k: (trained.pipeline.get(k), getattr(config, k)) for k in ("steps", "guidance")
                    if trained.pipeline.get(k) not in (None, getattr(config, k))}
     if differences:
         logger.warning("predictor %s was trained at %s; this run uses other settings: its ranking may be weaker",
-                       folder, ", ".join(f"{k}={a} (run: {b})" for k, (a, b) in differences.items()))
+                       location, ", ".join(f"{k}={a} (run: {b})" for k, (a, b) in differences.items()))
     if config.policy == "budget" and config.budget is not None:
         config.budget_rule = budget_rule(config, trained)
     return weights_digest(config.predictor_files)
@@ -168,6 +173,19 @@ def plan_resources(config: GenerateConfig) -> dict:
     return {"generator_gpus": gpus, "generator_cpus": cpus}
 
 
+def scorer_prompts_per_block(config: GenerateConfig) -> int:
+    """Prompts per scorer call, sized by the rows it emits (k per prompt, or all N when collecting).
+
+    A generator task renders a whole scorer block before any row moves on: blocks of about one round of generator
+    batches commit rows early and spread a small corpus over several generators. Counting rows, not prompts, also
+    bounds a block's memory: an SDXL row carries about 1.3 MB of embeddings, so 32 prompts x 20 collected
+    candidates would make an 800 MB block.
+    """
+    rows_per_prompt = config.candidates if config.all_candidates else config.keep
+    rows_per_block = min(config.scorer_batch_size, config.batch_size * config.generators)
+    return max(1, rows_per_block // rows_per_prompt)
+
+
 def build_dataset(config: GenerateConfig, output: Output, model_path: str, done: set | None = None):
     """The lazy Ray dataset of committed manifest rows for a run."""
     resources = plan_resources(config)
@@ -193,13 +211,12 @@ def build_dataset(config: GenerateConfig, output: Output, model_path: str, done:
         fn_constructor_args=(config.model,),
         fn_constructor_kwargs=dict(
             run_seed=config.seed, candidates=config.candidates, keep=config.keep, policy=config.policy,
-            guidance=config.guidance, height=config.height, width=config.width, predictor_files=[predictor_ref],
+            guidance=config.guidance, height=config.height, width=config.width,
+            predictor_files=[predictor_ref], predictor_source=config.predictor_source,
             all_candidates=config.all_candidates, budget_rule=config.budget_rule,
             num_threads=max(1, int(config.scorer_cpus)), done=[done_ref],
         ),
-        # A generator task renders a whole scorer block before any row moves on: keep blocks about one round of
-        # generator batches, so rows commit early and several generators share a small corpus evenly.
-        batch_format="numpy", batch_size=min(config.scorer_batch_size, config.batch_size * config.generators),
+        batch_format="numpy", batch_size=scorer_prompts_per_block(config),
         compute=ray.data.ActorPoolStrategy(size=config.scorers),
         num_cpus=config.scorer_cpus,
     )

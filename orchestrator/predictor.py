@@ -24,7 +24,7 @@ EMBEDDED_PREDICTORS = {"tiny-sd": Path(__file__).parent / "predictors" / "tiny-s
 
 
 class PredictorMismatch(ValueError):
-    """A predictor used with a pipeline (or size) it was not trained for."""
+    """A predictor that cannot be used: unreadable, malformed, or trained for another pipeline (or size)."""
 
 
 @dataclass
@@ -244,15 +244,24 @@ def read_predictor_files(spec: str | None, model: str, storage_options: dict | N
 
     location = resolve_predictor(spec, model)
     folder = Output(location, storage_options or {})  # fsspec: local folders and s3:// alike
-    missing = [name for name in PREDICTOR_FILES if not folder.exists(name)]
+    try:
+        missing = [name for name in PREDICTOR_FILES if not folder.exists(name)]
+        files = {name: folder.read_bytes(name) for name in PREDICTOR_FILES if name not in missing}
+    except Exception as exc:  # fsspec backends raise their own types (OSError, botocore's credential errors, ...)
+        raise PredictorMismatch(f"--predictor {location}: could not read it ({type(exc).__name__}: {exc})") from exc
     if missing:
         raise PredictorMismatch(f"--predictor {location}: no {' or '.join(missing)} there; expected {CONFIG_FILE} "
                                 f"and {WEIGHTS_FILE}, as a train job's --out folder holds")
-    return {name: folder.read_bytes(name) for name in PREDICTOR_FILES}
+    return files
 
 
-def read_config(files: dict[str, bytes]) -> PredictorConfig:
-    return PredictorConfig.from_json(files[CONFIG_FILE].decode("utf-8"))
+def read_config(files: dict[str, bytes], where: str = "") -> PredictorConfig:
+    """The PredictorConfig in a predictor's config.json, or PredictorMismatch saying why it is not one."""
+    try:
+        return PredictorConfig.from_json(files[CONFIG_FILE].decode("utf-8"))
+    except (ValueError, KeyError, TypeError) as exc:  # not JSON, or JSON of something else
+        raise PredictorMismatch(f"predictor {where}: {CONFIG_FILE} is not a seedsift predictor config "
+                                f"({type(exc).__name__}: {exc}); pass the folder a train job wrote") from exc
 
 
 def check_compatible(config: PredictorConfig, latent_shape: tuple, text_dim: int, family: str, where: str) -> None:
@@ -286,7 +295,7 @@ def load_predictor(folder: str, model_path: str | None = None, height: int | Non
 def predictor_from_files(files: dict[str, bytes], model_path: str | None = None, height: int | None = None,
                          width: int | None = None, source: str = "") -> Predictor:
     """Build the predictor from its files' bytes (safetensors only, never pickle), checked against the pipeline."""
-    config = read_config(files)
+    config = read_config(files, source)
     if model_path is not None:
         from actors import diffusion
 
@@ -294,5 +303,10 @@ def predictor_from_files(files: dict[str, bytes], model_path: str | None = None,
         check_compatible(config, shape, diffusion.text_embedding_dim(model_path), diffusion.pipeline_family(model_path),
                          source)
     model = NoiseQualityPredictor(config)
-    model.load_state_dict(load_safetensors(files[WEIGHTS_FILE]))
+    try:
+        model.load_state_dict(load_safetensors(files[WEIGHTS_FILE]))
+    except Exception as exc:  # safetensors' own error type for a damaged file, torch's for other shapes or names
+        raise PredictorMismatch(f"predictor {source}: {WEIGHTS_FILE} does not load into the model its {CONFIG_FILE} "
+                                f"describes ({type(exc).__name__}: {str(exc)[:300]}); the folder is damaged or "
+                                "mixes two trainings") from exc
     return Predictor(config, model, source=source)

@@ -35,6 +35,7 @@ def write_unit(
             row["image_uri"] = output.uri_of(key)
         if row.get("seed", -1) < 0:  # a quarantined prompt has no seed
             row["seed"] = row["candidate_index"] = None
+        row["prompt"] = row.get("prompt") or None  # rows travel with "" for "no prompt"; the manifest says null
         rows.append(row)
     table = manifest_table(rows)
     output.write_table(part_key([row_key(r["prompt_id"], r["seed"], r["source"]) for r in rows]), table)

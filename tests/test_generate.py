@@ -217,3 +217,20 @@ def test_cli_refuses_unwritable_output(tmp_path):
 def test_cli_lists_jobs():
     result = run_cli("--help")
     assert result.returncode == 0 and "generate" in result.stdout and "reproduce" in result.stdout
+
+
+def test_a_block_of_only_quarantined_rows_keeps_string_columns(tiny_sd_path):
+    """All-None columns would become Arrow's null type and break the merge with other blocks downstream."""
+    from actors.scorer import ScorerStage
+
+    scorer = ScorerStage(tiny_sd_path, run_seed=0, candidates=4, keep=2, policy="random", guidance=3.0,
+                         height=64, width=64)
+    # A block of quarantined rows (no prompt), then a block of good rows (no error).
+    for prompts, errors in (([None, ""], ["invalid UTF-8", "prompt is empty"]), (["a cat", "a dog"], [None, None])):
+        status = "quarantined" if errors[0] else "ok"
+        batch = {"prompt_id": np.array(["p1", "p2"], dtype=object), "prompt": np.array(prompts, dtype=object),
+                 "source": np.array(["a:1", "a:2"], dtype=object), "status": np.array([status] * 2, dtype=object),
+                 "error": np.array(errors, dtype=object)}
+        out = scorer(batch)
+        for column in ("prompt", "error"):
+            assert pa.array(list(out[column])).type == pa.string(), (column, prompts)

@@ -86,6 +86,29 @@ def test_generate_refuses_a_mismatched_predictor_before_compute(trained):
     assert not (trained["folder"] / "bad" / "manifest").exists()
 
 
+def test_generate_and_evaluate_refuse_a_damaged_predictor_before_compute(trained, tmp_path, capsys):
+    damaged = {"truncated-weights": ("model.safetensors", lambda data: data[: len(data) // 2],
+                                     "model.safetensors does not load"),
+               "config-missing-a-field": ("config.json", lambda data: json.dumps(
+                   {k: v for k, v in json.loads(data).items() if k != "channels"}).encode(),
+                   "config.json is not a seedsift predictor config")}
+    for name, (file_name, damage, message) in damaged.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        for original in Path(trained["predictor"]).iterdir():
+            data = original.read_bytes()
+            (folder / original.name).write_bytes(damage(data) if original.name == file_name else data)
+        out = tmp_path / f"out-{name}"
+        config = GenerateConfig(prompts=trained["corpus"], out=str(out), policy="predictor", predictor=str(folder),
+                                candidates=6, keep=1, **SETTINGS)
+        with pytest.raises(ConfigError, match=message):
+            pipeline.run(config)
+        assert not out.exists()  # refused before run.json or any manifest was written
+        assert evaluate.main(["--dataset", trained["collect"], "--predictor", str(folder), "--out",
+                              str(tmp_path / f"report-{name}")]) == 2
+        assert message in capsys.readouterr().err
+
+
 def test_evaluate_reports_on_held_out_prompts(trained):
     report = trained["folder"] / "report"
     assert evaluate.main(["--dataset", trained["collect"], "--predictor", trained["predictor"], "--out", str(report),
@@ -198,7 +221,7 @@ def test_sdxl_collect_train_evaluate_generate_and_reproduce(ray_session, tiny_sd
     assert summary["images"] == 12 and rows.status.eq("ok").all() and rows.predicted_score.notna().all()
     assert set(rows.scheduler) == {"EulerDiscreteScheduler"}
 
-    # The stored image is exactly what one manifest row rebuilds through a plain SDXL call path.
+    # One manifest row rebuilds the stored image, in a fresh process's text and render pipelines.
     row = rows.iloc[0]
     target = tmp_path / "again.png"
     assert reproduce.main(["--manifest", out, "--prompt-id", row.prompt_id, "--seed", str(int(row.seed)),

@@ -161,6 +161,47 @@ def test_rater_stage_with_a_checkpoint_rater(tokenizers):
     assert np.isnan(out["score"][1]) and list(out["status"]) == ["ok", "failed", "ok"]
 
 
+# open_clip's own clean-up (basic_clean, then whitespace_clean) gave these outputs for these inputs; with the real
+# CLIP BPE, open_clip_token_ids then matched open_clip's tokenize() on all 16 prompts tried (README of tests/data).
+OPEN_CLIP_CLEANED = {
+    "artist’s “dream”": 'artist\'s "dream"',
+    "ＡＢＣ ﬁne ﬂower": "ABC fine flower",
+    "fish &amp;amp; chips": "fish & chips",
+    "mojibake: cafÃ©": "mojibake: café",
+    "  multiple   spaces\tand\nnewlines ": "multiple spaces and newlines",
+    "a\u00a0non-breaking space": "a non-breaking space",
+    "café crème brûlée — naïve": "café crème brûlée — naïve",
+}
+
+
+@pytest.mark.parametrize("raw, cleaned", OPEN_CLIP_CLEANED.items())
+def test_hpsv2_cleans_prompts_like_open_clip(raw, cleaned):
+    assert reward_models.open_clip_clean(raw) == cleaned
+
+
+def test_hpsv2_token_ids_have_open_clips_layout(tokenizers):
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizers["hpsv2"])
+    ids = reward_models.open_clip_token_ids(tokenizer, ["a cat", "word " * 100], 77)
+    body = tokenizer("a cat", add_special_tokens=False).input_ids
+    assert ids[0, : len(body) + 2].tolist() == [tokenizer.bos_token_id, *body, tokenizer.eos_token_id]
+    assert not ids[0, len(body) + 2 :].any()  # zero padding, as open_clip pads
+    assert ids[1, 0] == tokenizer.bos_token_id and ids[1, -1] == tokenizer.eos_token_id  # cut, end token kept
+
+
+def test_hpsv2_ignores_a_pad_token_that_is_also_text(tokenizers, tmp_path):
+    """open_clip exports register "!" as the pad token; it must not split the "!" out of a prompt's words."""
+    from transformers import CLIPTokenizer
+
+    exclaiming = tmp_path / "pad-is-bang"
+    CLIPTokenizer.from_pretrained(tokenizers["hpsv2"], pad_token="!").save_pretrained(exclaiming)
+    images, _ = rating_cases()["square"]
+    prompts = ["wow!! a cat", "stop! a dog", "a bird"]
+    plain = make_rater(spec("hpsv2", tokenizers)).score(images, prompts)
+    np.testing.assert_array_equal(make_rater(spec("hpsv2", {"hpsv2": str(exclaiming)})).score(images, prompts), plain)
+
+
 def test_hpsv2_unescapes_html_like_open_clip(tokenizers):
     """open_clip's tokenizer unescapes HTML entities before its BPE; transformers' does not, so the rater does."""
     rater = make_rater(spec("hpsv2", tokenizers))
