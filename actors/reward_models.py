@@ -26,6 +26,7 @@ import json
 import os
 import pickle
 import re
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -148,6 +149,18 @@ def load_exactly(model: torch.nn.Module, weights: dict[str, torch.Tensor], path:
         )
         raise ValueError(f"checkpoint {path!r} does not fit this model ({details}); check the file and config=")
     model.load_state_dict(weights, strict=True)
+
+
+def build_from_checkpoint(build: Callable[[], torch.nn.Module], rename: Callable[[dict], dict], checkpoint: str,
+                          device: torch.device) -> torch.nn.Module:
+    """Build a model without random init, load a checkpoint into it (renamed to its layout), move it to `device`.
+
+    Weights stay float32 on every device, as both reference implementations keep them.
+    """
+    with without_random_init():
+        model = build()
+    load_exactly(model, rename(load_state_dict(checkpoint)), checkpoint)
+    return model.to(device).eval()
 
 
 def normalise(pixels: torch.Tensor) -> torch.Tensor:
@@ -310,11 +323,10 @@ class HPSv2Rater:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         architecture = read_model_config(config, HPSV2_CONFIG, HPSV2_REQUIRED, "hpsv2")
         self.tokenizer = load_tokenizer(CLIPTokenizer, tokenizer or HPSV2_TOKENIZER, name)
-        with without_random_init():
-            model = CLIPModel(hpsv2_clip_config(architecture, self.tokenizer.eos_token_id))
-        load_exactly(model, open_clip_to_transformers(load_state_dict(checkpoint)), checkpoint)
-        # float32 weights, with autocast on a GPU: what hpsv2 does (precision="amp").
-        self.model = model.to(self.device).eval()
+        clip_config = hpsv2_clip_config(architecture, self.tokenizer.eos_token_id)
+        # Scored under autocast on a GPU: what hpsv2 does (precision="amp").
+        self.model = build_from_checkpoint(lambda: CLIPModel(clip_config), open_clip_to_transformers, checkpoint,
+                                           self.device)
         self.image_size = int(architecture["vision_cfg"]["image_size"])
         self.context_length = int(architecture["text_cfg"]["context_length"])
 
@@ -447,11 +459,8 @@ class ImageRewardRater:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         architecture = read_model_config(config, IMAGEREWARD_CONFIG, IMAGEREWARD_REQUIRED, "imagereward")
         self.tokenizer = load_tokenizer(BertTokenizer, tokenizer or IMAGEREWARD_TOKENIZER, name)
-        with without_random_init():
-            model = ImageRewardModel(architecture)
-        load_exactly(model, blip_to_image_reward(load_state_dict(checkpoint)), checkpoint)
-        # float32 on any device, as ImageReward itself runs: its linear head is sensitive to rounding.
-        self.model = model.to(self.device).eval()
+        self.model = build_from_checkpoint(lambda: ImageRewardModel(architecture), blip_to_image_reward,
+                                           checkpoint, self.device)
         self.image_size = int(architecture["vision"]["image_size"])
 
     def score(self, images: np.ndarray, prompts: list[str]) -> np.ndarray:

@@ -39,6 +39,30 @@ _T5_TRAINING_TEXT = [
 ]
 
 
+# The UNet shape both tiny Stable Diffusion pipelines share: two levels, cross-attention at the lower one, and a
+# 32x32 latent (64x64 images through the two-level VAE).
+TINY_UNET_LAYOUT = {
+    "block_out_channels": (32, 64),
+    "layers_per_block": 2,
+    "sample_size": 32,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+}
+
+
+# The noise schedule Stable Diffusion 1.x and SDXL were trained with, as their released scheduler configs give it.
+SD_NOISE_SCHEDULE = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "steps_offset": 1,
+    "prediction_type": "epsilon",
+    "timestep_spacing": "leading",
+}
+
+
 def _bytes_to_unicode() -> dict[int, str]:
     """CLIP/GPT-2's reversible byte -> printable character map (each of the 256 bytes gets one symbol)."""
     printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
@@ -120,32 +144,13 @@ def build_tiny_sd(folder: str) -> None:
     # fork_rng keeps the caller's global RNG untouched while the weights come from a fixed seed.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(BUILD_SEED)
-        unet = UNet2DConditionModel(
-            block_out_channels=(32, 64),
-            layers_per_block=2,
-            sample_size=32,
-            in_channels=4,
-            out_channels=4,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            cross_attention_dim=32,
-            norm_num_groups=2,
-        )
+        unet = UNet2DConditionModel(**TINY_UNET_LAYOUT, cross_attention_dim=32, norm_num_groups=2)
         torch.manual_seed(BUILD_SEED)
         vae = _tiny_vae()
         torch.manual_seed(BUILD_SEED)
         text_encoder = CLIPTextModel(_tiny_clip_text_config(tokenizer))
     # Stable Diffusion 1.x's own scheduler settings.
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type="epsilon",
-        timestep_spacing="leading",
-    )
+    scheduler = DDIMScheduler(**SD_NOISE_SCHEDULE, clip_sample=False, set_alpha_to_one=False)
     pipe = StableDiffusionPipeline(
         unet=unet.eval(),
         vae=vae.eval(),
@@ -191,13 +196,7 @@ def build_tiny_sdxl(folder: str) -> None:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(BUILD_SEED)
         unet = UNet2DConditionModel(
-            block_out_channels=(32, 64),
-            layers_per_block=2,
-            sample_size=32,
-            in_channels=4,
-            out_channels=4,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            **TINY_UNET_LAYOUT,
             attention_head_dim=(2, 4),
             use_linear_projection=True,
             addition_embed_type="text_time",
@@ -214,14 +213,7 @@ def build_tiny_sdxl(folder: str) -> None:
         torch.manual_seed(BUILD_SEED + 1)
         text_encoder_2 = CLIPTextModelWithProjection(_tiny_clip_text_config(tokenizer, projection_dim=pooled_width))
     # SDXL base's own scheduler settings.
-    scheduler = EulerDiscreteScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        steps_offset=1,
-        prediction_type="epsilon",
-        timestep_spacing="leading",
-    )
+    scheduler = EulerDiscreteScheduler(**SD_NOISE_SCHEDULE)
     pipe = StableDiffusionXLPipeline(
         vae=vae.eval(),
         text_encoder=text_encoder.eval(),
