@@ -78,6 +78,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     """The whole job: check inputs, predict, measure, render the contact sheet, write the report; returns the JSON."""
     from jobs.train import dataset_identity, read_dataset
     from orchestrator.embedded import resolve_model
+    from orchestrator.predictor import predictor_from_files, read_config, read_predictor_files
     from orchestrator.training import group_by_prompt
 
     started = time.time()
@@ -91,14 +92,16 @@ def evaluate(args: argparse.Namespace) -> dict:
 
     table = read_dataset(args.dataset)
     identity = dataset_identity(table)
-    predictor_files = _read_predictor_files(args.predictor, storage_options)
-    config = _read_predictor_config(predictor_files, args.predictor)
+    # Predictor problems raise PredictorMismatch, a ConfigError that names args.predictor.
+    predictor_files = read_predictor_files(args.predictor, "", storage_options)
+    config = read_config(predictor_files, args.predictor)
     check_same_pipeline(identity, config, args.dataset, args.predictor)
     groups = group_by_prompt(table)
     groups, split_counts = select_prompts(groups, config, args.split, args.predictor)
     groups, incomplete = complete_prompts(groups)
     model_path = resolve_model(identity["model"])
-    predictor = _load_predictor(predictor_files, model_path, identity, args.predictor)
+    predictor = predictor_from_files(predictor_files, model_path, identity["height"], identity["width"],
+                                     source=args.predictor)
 
     from actors import diffusion
 
@@ -148,33 +151,6 @@ def _storage_options(text: str) -> dict:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise ConfigError(f"--storage-options is not valid JSON ({exc.msg}); pass an object like '{{\"anon\": false}}'")
-
-
-def _read_predictor_files(uri: str, storage_options: dict) -> dict[str, bytes]:
-    from orchestrator.predictor import PredictorMismatch, read_predictor_files
-
-    try:
-        return read_predictor_files(uri, "", storage_options)
-    except PredictorMismatch as exc:
-        raise ConfigError(str(exc)) from exc
-
-
-def _read_predictor_config(files: dict[str, bytes], where: str):
-    from orchestrator.predictor import PredictorMismatch, read_config
-
-    try:
-        return read_config(files, where)
-    except PredictorMismatch as exc:
-        raise ConfigError(str(exc)) from exc
-
-
-def _load_predictor(files: dict[str, bytes], model_path: str, identity: dict, where: str):
-    from orchestrator.predictor import PredictorMismatch, predictor_from_files
-
-    try:
-        return predictor_from_files(files, model_path, identity["height"], identity["width"], source=where)
-    except PredictorMismatch as exc:
-        raise ConfigError(str(exc)) from exc
 
 
 def _same_setting(key: str, recorded, collected) -> bool:

@@ -55,7 +55,6 @@ class GenerateConfig:
     budget_images: int | None = None  # or a total for the corpus, turned into renders per prompt by a counting pass
     budget_rule: dict | None = None  # the calibrated threshold and error model, set when the run is prepared
     predictor_files: dict | None = field(default=None, repr=False)  # the predictor's bytes, read when prepared
-    predictor_source: str | None = None  # where they were read from (the embedded default's folder, or --predictor)
 
     def validate(self) -> None:
         """Raise ConfigError for anything that would fail later; touches no model and no storage."""

@@ -69,23 +69,14 @@ def budget_rule(config: GenerateConfig, trained) -> dict:
 
 def _check_predictor(config: GenerateConfig, model_path: str, latent_shape: tuple) -> str:
     """Read the predictor once and refuse one trained for another pipeline, before any compute; returns its digest."""
-    from orchestrator.predictor import (
-        PredictorMismatch,
-        predictor_from_files,
-        read_predictor_files,
-        resolve_predictor,
-        weights_digest,
-    )
+    from orchestrator.predictor import predictor_from_files, read_predictor_files, resolve_predictor, weights_digest
 
-    try:
-        location = resolve_predictor(config.predictor, config.model)
-        config.predictor_files = read_predictor_files(config.predictor, config.model, config.storage_options)
-        # Built once here, so a damaged or mismatched predictor stops the run before any actor starts.
-        trained = predictor_from_files(config.predictor_files, model_path, config.height, config.width,
-                                       source=location).config
-    except PredictorMismatch as exc:
-        raise ConfigError(str(exc)) from exc
-    config.predictor_source = location
+    # Problems raise PredictorMismatch, a ConfigError naming where the predictor was read from.
+    location = resolve_predictor(config.predictor, config.model)
+    config.predictor_files = read_predictor_files(location, config.model, config.storage_options)
+    # Built once here, so a damaged or mismatched predictor stops the run before any actor starts.
+    trained = predictor_from_files(config.predictor_files, model_path, config.height, config.width,
+                                   source=location).config
     differences = {k: (trained.pipeline.get(k), getattr(config, k)) for k in ("steps", "guidance")
                    if trained.pipeline.get(k) not in (None, getattr(config, k))}
     if differences:
@@ -203,7 +194,12 @@ def build_dataset(config: GenerateConfig, output: Output, model_path: str, done:
     }
     done_ref = ray.put(done or set())
     # Scorer actors on any node get the predictor from the object store, not from a path only the driver sees.
-    predictor_ref = ray.put(config.predictor_files) if config.predictor_files else None
+    predictor_ref, predictor_source = None, ""
+    if config.predictor_files:
+        from orchestrator.predictor import resolve_predictor
+
+        predictor_ref = ray.put(config.predictor_files)
+        predictor_source = resolve_predictor(config.predictor, config.model)
     ds = read_corpus(config.prompts, config.storage_options, config.limit, config.sample)
     ds = drop_duplicates(ds, output)  # later copies of a prompt id or text become quarantined rows
     ds = ds.map_batches(
@@ -212,7 +208,7 @@ def build_dataset(config: GenerateConfig, output: Output, model_path: str, done:
         fn_constructor_kwargs=dict(
             run_seed=config.seed, candidates=config.candidates, keep=config.keep, policy=config.policy,
             guidance=config.guidance, height=config.height, width=config.width,
-            predictor_files=[predictor_ref], predictor_source=config.predictor_source,
+            predictor_files=[predictor_ref], predictor_source=predictor_source,
             all_candidates=config.all_candidates, budget_rule=config.budget_rule,
             num_threads=max(1, int(config.scorer_cpus)), done=[done_ref],
         ),

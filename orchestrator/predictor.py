@@ -17,14 +17,19 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 from torch import nn
 
+from orchestrator.config import ConfigError
+
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 PREDICTOR_FILES = (CONFIG_FILE, WEIGHTS_FILE)
 EMBEDDED_PREDICTORS = {"tiny-sd": Path(__file__).parent / "predictors" / "tiny-sd-colorfulness"}
 
 
-class PredictorMismatch(ValueError):
-    """A predictor that cannot be used: unreadable, malformed, or trained for another pipeline (or size)."""
+class PredictorMismatch(ConfigError):
+    """A predictor that cannot be used: unreadable, malformed, or trained for another pipeline (or size).
+
+    A configuration error like any other, so jobs report it in one line before compute starts.
+    """
 
 
 @dataclass
