@@ -11,6 +11,8 @@ import torch
 from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPTokenizer
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
+from orchestrator.embedded import bytes_to_unicode
+
 TINY_IMAGE_SIZE = 32
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -18,23 +20,16 @@ EOS_TOKEN = "<|endoftext|>"
 
 def byte_symbols() -> list[str]:
     """The 256 printable stand-ins for bytes used by byte-level BPE (GPT-2's `bytes_to_unicode`, in byte order)."""
-    printable = list(range(ord("!"), ord("~") + 1))
-    printable += list(range(ord("¡"), ord("¬") + 1))
-    printable += list(range(ord("®"), ord("ÿ") + 1))
-    symbols = {}
-    extra = 0
-    for byte in range(256):
-        if byte in printable:
-            symbols[byte] = chr(byte)
-        else:
-            # Unprintable bytes are shifted past 255 so every byte maps to a visible, unique character.
-            symbols[byte] = chr(256 + extra)
-            extra += 1
+    symbols = bytes_to_unicode()
     return [symbols[byte] for byte in range(256)]
 
 
 def tiny_clip_tokenizer() -> CLIPTokenizer:
-    """A 514-token byte-level CLIP tokenizer with no merges: every text tokenizes, one token per byte."""
+    """A 514-token byte-level CLIP tokenizer with no merges: every text tokenizes, one token per byte.
+
+    Its ids follow byte order, unlike the embedded pipelines' tokenizer (printable bytes first), and the rater
+    reference scores in tests/data/raters were made with these ids, so the two are not interchangeable.
+    """
     symbols = byte_symbols()
     tokens = symbols + [symbol + "</w>" for symbol in symbols] + [BOS_TOKEN, EOS_TOKEN]
     vocab = {token: index for index, token in enumerate(tokens)}
