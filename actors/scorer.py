@@ -1,122 +1,127 @@
 """Scorer stage: embeds each prompt with the pipeline's own text encoder, scores its N candidate seeds, keeps k.
 
-Sits between corpus reading and the generators; the kept rows carry the prompt embeddings so generators skip
-the text encoder.
+Sits between the duplicate filter and the generators; the kept rows carry the prompt embeddings so generators
+skip the text encoder. A row an earlier run already delivered is not emitted again: it is replaced by one tally
+row (status "skipped") so the driver can still account for every corpus row of its shard.
 """
 
 from __future__ import annotations
+
+from collections import OrderedDict
 
 import numpy as np
 import ray
 import torch
 
 from actors import diffusion
-from orchestrator.embedded import resolve_model
-from orchestrator.manifest import row_key
-from orchestrator.seeds import batch_noise, candidate_seeds
 from orchestrator.budget import keep_budget
+from orchestrator.embedded import resolve_model
+from orchestrator.manifest import SKIPPED, Manifest, row_key
+from orchestrator.plan import ScoringPlan
+from orchestrator.seeds import NO_SEED, batch_noise, candidate_seeds
 from orchestrator.selection import keep_first, keep_top_k
+
+PASSED_THROUGH = ("prompt_id", "source", "status", "shard", "shard_row", "shard_rows", "shard_base", "shard_frame",
+                  "prompt_key", "text_key")
+SHARDS_CACHED = 4  # delivered keys of this many shards are kept: a scorer works on a few shards at a time
 
 
 class ScorerStage:
     """Ray Data callable class: one instance per scorer actor, holding the text encoder (and the predictor)."""
 
-    def __init__(
-        self,
-        model: str,
-        *,
-        run_seed: int,
-        candidates: int,
-        keep: int,
-        policy: str,
-        guidance: float,
-        height: int,
-        width: int,
-        predictor_files: list | None = None,
-        predictor_source: str = "",
-        all_candidates: bool = False,
-        budget_rule: dict | None = None,
-        num_threads: int = 1,
-        done: list | None = None,
-    ):
+    def __init__(self, plan: ScoringPlan, *, predictor_files: list | None = None, manifest: Manifest | None = None,
+                 committed_shards: frozenset = frozenset(), num_threads: int = 1):
         torch.set_num_threads(max(1, num_threads))
-        model_path = resolve_model(model)
+        model_path = resolve_model(plan.model)
+        self.plan = plan
         self.pipe = diffusion.load_pipeline(model_path, "text")
-        # (prompt_id, seed) pairs already committed by an earlier run of this job: not rendered again.
-        self.done = ray.get(done[0]) if done else set()
-        self.run_seed = run_seed
-        self.candidates = candidates
-        self.keep = candidates if all_candidates else keep
-        self.policy = "all" if all_candidates else policy
-        self.guidance = guidance
-        self.latent_shape = diffusion.latent_shape(model_path, height, width)
+        self.latent_shape = diffusion.latent_shape(model_path, plan.height, plan.width)
+        # Only shards that held committed rows when the run started can have rows to skip.
+        self.manifest, self.committed_shards = manifest, committed_shards
+        self.delivered: OrderedDict[str, set] = OrderedDict()
         self.predictor = None
-        self.budget_rule = budget_rule
-        if self.policy in ("predictor", "budget"):
+        if plan.policy in ("predictor", "budget"):
             from orchestrator.predictor import predictor_from_files  # only these policies need it
 
             # A one-item list, so Ray hands over the reference and the bytes are fetched here, once per actor.
             files = ray.get(predictor_files[0])
-            self.predictor = predictor_from_files(files, model_path, height, width, source=predictor_source)
+            self.predictor = predictor_from_files(files, model_path, plan.height, plan.width,
+                                                  source=plan.predictor_source)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return _drop_rows(self.score(batch), self.done)
-
-    def score(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        ok = [i for i, status in enumerate(batch["status"]) if status == "ok"]
-        embeds = diffusion.encode_prompts(self.pipe, [batch["prompt"][i] for i in ok], self.guidance) if ok else {}
-        position = {row: j for j, row in enumerate(ok)}
-        out_rows: list[int] = []  # for each output row: the input row it came from
-        out_embed_rows: list[int] = []  # and that row's position in `embeds` (-1 for a quarantined row)
-        seeds, indices, ranks, predicted, prompt_mean, prompt_std = [], [], [], [], [], []
-        for row in range(len(batch["status"])):
-            if row not in position:
-                out_rows.append(row)
-                out_embed_rows.append(-1)
-                seeds.append(-1)
-                indices.append(-1)
-                ranks.append(0)
-                predicted.append(np.nan)
-                prompt_mean.append(np.nan)
-                prompt_std.append(np.nan)
+        plan = self.plan
+        count = len(batch["status"])
+        done = [self._delivered(str(batch["shard"][i])) for i in range(count)]
+        todo = []  # rows to embed: ok rows not already fully delivered
+        for i in range(count):
+            if batch["status"][i] == "ok" and not self._all_delivered(batch, i, done[i]):
+                todo.append(i)
+        embeds = diffusion.encode_prompts(self.pipe, [batch["prompt"][i] for i in todo], plan.guidance) if todo else {}
+        position = {row: j for j, row in enumerate(todo)}
+        out = _Rows()
+        for i in range(count):
+            prompt_id, source = str(batch["prompt_id"][i]), str(batch["source"][i])
+            if batch["status"][i] != "ok":  # a quarantined corpus row: one row, unless an earlier run delivered it
+                if row_key(prompt_id, None, source) in done[i]:
+                    out.add(i, status=SKIPPED, planned=1, tally=1)
+                else:
+                    out.add(i, planned=1)
                 continue
-            prompt_seeds = candidate_seeds(self.run_seed, str(batch["prompt_id"][row]), self.candidates)
-            scores = self._predict(prompt_seeds, embeds, position[row])
+            seeds = candidate_seeds(plan.run_seed, prompt_id, plan.candidates)
+            if i not in position:  # every planned row delivered: nothing to embed or render
+                kept = self._planned_without_scores()
+                out.add(i, status=SKIPPED, planned=kept, tally=kept)
+                continue
+            scores = self._predict(seeds, embeds, position[i])
             chosen = self._choose(scores)
+            delivered = [index for index in chosen if row_key(prompt_id, seeds[index], source) in done[i]]
+            if delivered:
+                out.add(i, status=SKIPPED, planned=len(chosen), tally=len(delivered))
             for rank, index in enumerate(chosen):
-                out_rows.append(row)
-                out_embed_rows.append(position[row])
-                seeds.append(prompt_seeds[index])
-                indices.append(index)
-                ranks.append(rank)
-                predicted.append(np.nan if scores is None else float(scores[index]))
-                prompt_mean.append(np.nan if scores is None else float(np.mean(scores)))
-                prompt_std.append(np.nan if scores is None else float(np.std(scores)))
-        out = {name: batch[name][out_rows] for name in ("prompt_id", "source", "status")}
-        # Strings, never None, from here to the sink: a block whose rows all lack a prompt (all quarantined) or an
-        # error would otherwise get Arrow's null type, which cannot be merged with a block of strings.
-        for name in ("prompt", "error"):
-            out[name] = np.array(["" if batch[name][i] is None else str(batch[name][i]) for i in out_rows],
-                                 dtype=object)
-        out["seed"] = np.asarray(seeds, dtype=np.int64)
-        out["candidate_index"] = np.asarray(indices, dtype=np.int32)
-        out["rank"] = np.asarray(ranks, dtype=np.int32)
-        out["predicted_score"] = np.asarray(predicted, dtype=np.float64)
-        out["prompt_predicted_mean"] = np.asarray(prompt_mean, dtype=np.float64)
-        out["prompt_predicted_std"] = np.asarray(prompt_std, dtype=np.float64)
-        out["truncated"] = np.asarray(
-            [bool(embeds["truncated"][j]) if j >= 0 else False for j in out_embed_rows], dtype=bool
-        )
-        out.update(_gather_embeddings(embeds, out_embed_rows, self.pipe, self.guidance))
-        return out
+                if index in delivered:
+                    continue
+                out.add(i, embed_row=position[i], seed=seeds[index], candidate_index=index, rank=rank,
+                        planned=len(chosen),
+                        predicted=np.nan if scores is None else float(scores[index]),
+                        prompt_mean=np.nan if scores is None else float(np.mean(scores)),
+                        prompt_std=np.nan if scores is None else float(np.std(scores)),
+                        truncated=bool(embeds["truncated"][position[i]]))
+        return out.columns(batch, embeds, self.pipe, plan.guidance)
+
+    def _delivered(self, shard: str) -> set:
+        """Row keys an earlier run delivered in this shard (read from the output once per shard)."""
+        if self.manifest is None or shard not in self.committed_shards:
+            return set()
+        if shard not in self.delivered:
+            self.delivered[shard] = self.manifest.delivered_keys(shard)
+            while len(self.delivered) > SHARDS_CACHED:
+                self.delivered.popitem(last=False)
+        self.delivered.move_to_end(shard)
+        return self.delivered[shard]
+
+    def _planned_without_scores(self) -> int | None:
+        """How many rows the policy keeps when that does not depend on the scores (not for the budget policy)."""
+        return None if self.plan.policy == "budget" else self.plan.keep
+
+    def _all_delivered(self, batch, i: int, done: set) -> bool:
+        """Whether every row this prompt can plan was delivered, known without embedding it: the rows the policy
+        keeps regardless of scores (k, or all N) are all in the shard's delivered keys."""
+        kept = self._planned_without_scores()
+        if not done or kept is None:
+            return False
+        prompt_id, source = str(batch["prompt_id"][i]), str(batch["source"][i])
+        delivered = sum(row_key(prompt_id, seed, source) in done
+                        for seed in candidate_seeds(self.plan.run_seed, prompt_id, self.plan.candidates))
+        return delivered >= kept
 
     def _choose(self, scores: np.ndarray | None) -> list[int]:
         if scores is None:
-            return keep_first(self.candidates, self.keep)
-        if self.policy == "budget":
-            rule = self.budget_rule
-            return keep_budget(scores, rule["threshold"], self.keep, 1, rule["residual_std"], rule["residual_ratio"])
-        return keep_top_k(scores, self.keep)
+            return keep_first(self.plan.candidates, self.plan.keep)
+        if self.plan.policy == "budget":
+            rule = self.plan.budget_rule
+            return keep_budget(scores, rule["threshold"], self.plan.keep, 1, rule["residual_std"],
+                               rule["residual_ratio"])
+        return keep_top_k(scores, self.plan.keep)
 
     def _predict(self, seeds: list[int], embeds: dict[str, np.ndarray], row: int) -> np.ndarray | None:
         """Predicted score of each candidate for one prompt, or None when the policy needs no prediction."""
@@ -126,8 +131,42 @@ class ScorerStage:
         return self.predictor.score_candidates(noise, {k: v[row] for k, v in embeds.items() if k != "truncated"})
 
 
+class _Rows:
+    """The scorer's output rows, gathered column by column; each row remembers the input row it came from."""
+
+    def __init__(self):
+        self.rows: list[dict] = []
+
+    def add(self, source_row: int, *, status: str | None = None, embed_row: int = -1, seed: int = NO_SEED,
+            candidate_index: int = -1, rank: int = 0, planned: int = 1, tally: int = 0, predicted: float = np.nan,
+            prompt_mean: float = np.nan, prompt_std: float = np.nan, truncated: bool = False) -> None:
+        self.rows.append(dict(source_row=source_row, status=status, embed_row=embed_row, seed=seed,
+                              candidate_index=candidate_index, rank=rank, planned=planned, tally=tally,
+                              predicted=predicted, prompt_mean=prompt_mean, prompt_std=prompt_std,
+                              truncated=truncated))
+
+    def columns(self, batch: dict[str, np.ndarray], embeds: dict, pipe, guidance: float) -> dict[str, np.ndarray]:
+        sources = [r["source_row"] for r in self.rows]
+        out = {name: np.asarray(batch[name])[sources] for name in PASSED_THROUGH}
+        out["status"] = np.array([r["status"] or str(batch["status"][r["source_row"]]) for r in self.rows],
+                                 dtype=object)
+        # Strings, never None, from here to the sink: a block whose rows all lack a prompt (all quarantined) or an
+        # error would otherwise get Arrow's null type, which cannot be merged with a block of strings.
+        for name in ("prompt", "error"):
+            out[name] = np.array(["" if batch[name][i] is None else str(batch[name][i]) for i in sources], dtype=object)
+        out["seed"] = np.array([r["seed"] for r in self.rows], dtype=np.int64)
+        for name, key, dtype in (("candidate_index", "candidate_index", np.int32), ("rank", "rank", np.int32),
+                                 ("planned", "planned", np.int32), ("tally", "tally", np.int32),
+                                 ("predicted_score", "predicted", np.float64),
+                                 ("prompt_predicted_mean", "prompt_mean", np.float64),
+                                 ("prompt_predicted_std", "prompt_std", np.float64), ("truncated", "truncated", bool)):
+            out[name] = np.array([r[key] for r in self.rows], dtype=dtype)
+        out.update(_gather_embeddings(embeds, [r["embed_row"] for r in self.rows], pipe, guidance))
+        return out
+
+
 def _gather_embeddings(embeds: dict[str, np.ndarray], rows: list[int], pipe, guidance: float) -> dict[str, np.ndarray]:
-    """Embedding columns for the output rows; quarantined rows get zeros of the same shape (Arrow needs one shape)."""
+    """Embedding columns for the output rows; rows with nothing to render get zeros (Arrow needs one shape)."""
     columns = {}
     if not embeds:
         # A batch with nothing to render still needs the columns; their shape is the pipeline's.
@@ -139,12 +178,3 @@ def _gather_embeddings(embeds: dict[str, np.ndarray], rows: list[int], pipe, gui
         placeholder = np.zeros_like(values[0])
         columns[name] = np.stack([values[j] if j >= 0 else placeholder for j in rows]) if rows else values[:0]
     return columns
-
-
-def _drop_rows(out: dict[str, np.ndarray], done: set) -> dict[str, np.ndarray]:
-    """Leave out rows an earlier run already committed, so a resumed run renders only what is missing."""
-    if not done:
-        return out
-    keys = zip(out["prompt_id"], out["seed"], out["source"])
-    keep = np.asarray([row_key(str(p), int(s), str(source)) not in done for p, s, source in keys], dtype=bool)
-    return {name: values[keep] for name, values in out.items()}

@@ -109,14 +109,17 @@ def child_seedsift(args) -> None:
                             batch_size=args.batch_size, seed=args.seed, generators=args.generators,
                             generator_cpus=args.generator_cpus or None,
                             scorer_batch_size=args.scorer_batch_size or GenerateConfig.scorer_batch_size)
-    output, model_path = pipeline.prepare(config)
-    done = pipeline.committed_pairs(output)
+    plan, files, manifest = pipeline.prepare(config)
+    pipeline.check_run_file(manifest, plan)
+    state = pipeline.OutputState.read(manifest)
     pipeline.connect_ray(None)
     t_ray = time.perf_counter()
+    import dataclasses
+
     import ray
 
-    resources = pipeline.plan_resources(config)
-    ds = pipeline.build_dataset(config, output, model_path, done)
+    resources = dataclasses.asdict(pipeline.plan_resources(config))
+    ds, indexes = pipeline.start_stream(plan, files, manifest, state)
     marks, images = [], 0
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
         images += batch["status"].to_pylist().count("ok")
@@ -145,12 +148,12 @@ def compare_images(plain_dir: str, seedsift_dir: str) -> dict:
     import pyarrow.parquet as pq
     from PIL import Image
 
-    rows = pq.read_table(os.path.join(seedsift_dir, "manifest")).to_pylist()
+    rows = pq.read_table(os.path.join(seedsift_dir, "manifest", "shards")).to_pylist()
     diffs, matched = [], 0
     for row in rows:
         if row["status"] != "ok":
             continue
-        a = np.asarray(Image.open(row["image_uri"].removeprefix("file://")), dtype=np.int16)
+        a = np.asarray(Image.open(os.path.join(seedsift_dir, row["image_key"])), dtype=np.int16)
         b = np.asarray(Image.open(os.path.join(plain_dir, f"{row['prompt_id']}_{row['seed']}.png")), dtype=np.int16)
         diffs.append(int(np.abs(a - b).max()))
         matched += 1

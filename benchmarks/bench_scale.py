@@ -41,9 +41,11 @@ def child_stream(args) -> None:
     """One driver: read -> dedup [-> scorer] -> drop embeddings, consumed by iter_batches; RSS sampled."""
     import ray
 
-    from orchestrator.dedup import drop_duplicates
+    from orchestrator.corpus import list_corpus
+    from orchestrator.dedup import drop_duplicates, start_index
+    from orchestrator.manifest import Manifest
     from orchestrator.pipeline import connect_ray
-    from orchestrator.reader import read_corpus
+    from orchestrator.reader import ReadSettings, read_corpus
     from orchestrator.storage import Output
 
     with RssSampler() as rss:
@@ -51,22 +53,19 @@ def child_stream(args) -> None:
         connect_ray(None)  # the job's own local Ray: cores + 2 logical CPUs
         ray_s = time.perf_counter() - started
         with tempfile.TemporaryDirectory() as out:
-            output = Output(out, {})
-            ds = read_corpus(args.prompts)
-            ds = drop_duplicates(ds, output)
+            manifest = Manifest(Output(out, {}))
+            indexes = start_index(manifest, {}, [], {}, buckets=1)
+            ds = read_corpus(list_corpus(args.prompts), ReadSettings(shard_size=10_000))
+            ds = drop_duplicates(ds, indexes, manifest, {})
             if args.mode == "score":
                 from actors.scorer import ScorerStage
                 from orchestrator.config import GenerateConfig
+                from orchestrator.plan import build_plan
 
                 config = GenerateConfig(prompts=args.prompts, out=out, scorers=args.scorers[0])
-                done_ref = ray.put(set())
                 ds = ds.map_batches(
-                    ScorerStage, fn_constructor_args=(config.model,),
-                    fn_constructor_kwargs=dict(
-                        run_seed=config.seed, candidates=config.candidates, keep=config.keep, policy="random",
-                        guidance=config.guidance, height=64, width=64, predictor_files=None, all_candidates=False,
-                        budget_rule=getattr(config, "budget_rule", None),
-                        num_threads=max(1, int(config.scorer_cpus)), done=[done_ref]),
+                    ScorerStage, fn_constructor_args=(build_plan(config).scoring(),),
+                    fn_constructor_kwargs=dict(num_threads=max(1, int(config.scorer_cpus))),
                     batch_format="numpy", batch_size=config.scorer_batch_size,
                     compute=ray.data.ActorPoolStrategy(size=config.scorers), num_cpus=config.scorer_cpus)
                 ds = ds.drop_columns(EMBEDDING_COLUMNS)

@@ -15,6 +15,7 @@ JOBS = {
     "evaluate": "score a collected set with a predictor and report how well it picks seeds",
     "reproduce": "rebuild one image from its manifest row",
     "verify": "check an output's exactly-once invariants (duplicates, missing images, orphans)",
+    "manifest": "write every committed row of an output, exactly once, to one Parquet file",
 }
 
 

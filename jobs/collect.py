@@ -14,6 +14,7 @@ import pyarrow.compute as pc
 
 from jobs.common import add_run_arguments, config_from_args, run_job
 from orchestrator import pipeline
+from orchestrator.manifest import MANIFEST_SCHEMA, Manifest
 from orchestrator.storage import Output
 
 DATASET_FILE = "dataset.parquet"
@@ -23,13 +24,10 @@ DATASET_COLUMNS = ["prompt_id", "prompt", "seed", "candidate_index", "score", "m
 
 def write_dataset(output: Output) -> int:
     """Gather the committed rows into OUT/dataset.parquet (seeds, not noise: noise is re-derived); returns rows."""
-    table = output.read_tables(output.list_keys("manifest", ".parquet"))
-    table = table.filter(pc.equal(table["status"], "ok")).select(DATASET_COLUMNS)
+    tables = [t.filter(pc.equal(t["status"], "ok")).select(DATASET_COLUMNS)
+              for t in Manifest(output).iter_tables(DATASET_COLUMNS + ["status"])]
+    table = pa.concat_tables(tables) if tables else pa.schema([MANIFEST_SCHEMA.field(c) for c in DATASET_COLUMNS]).empty_table()
     table = table.sort_by([("prompt_id", "ascending"), ("candidate_index", "ascending")])
-    # A prompt repeated verbatim in the corpus has one id and so the same seeds: keep one copy of each row.
-    seen: set = set()
-    first = [not (pair in seen or seen.add(pair)) for pair in zip(table["prompt_id"].to_pylist(), table["seed"].to_pylist())]
-    table = table.filter(pa.array(first, type=pa.bool_()))
     output.write_table(DATASET_FILE, table)
     return table.num_rows
 

@@ -43,6 +43,15 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     add("--rater-gpus", type=float, default=0.0, help="GPU fraction per rater actor (model raters on GPU nodes)")
     add("--image-format", default="png", help="png, jpeg or webp")
     add("--sample", type=float, default=None, help="keep a stable fraction of the prompts (hash of prompt id)")
+    add("--image-output", default="files", choices=("files", "shards"),
+        help="files: one object per image; shards: WebDataset tars, about --shard-images images each")
+    add("--shard-size", type=int, default=10_000,
+        help="corpus rows per manifest shard (fixed for the life of an output; default %(default)s)")
+    add("--shard-images", type=int, default=1000, help="images per WebDataset tar with --image-output shards")
+    add("--dedup-buckets", type=int, default=None, help="duplicate-index actors (default: sized from the output)")
+    add("--wait", action="store_true", help="if another run holds the output, wait for it instead of refusing")
+    add("--lease-seconds", type=float, default=120.0,
+        help="a run's lease on the output expires this long after its last heartbeat (default %(default)s)")
     add("--storage-options", default="{}", help="JSON fsspec storage options (default: the AWS credential chain)")
 
 
@@ -57,14 +66,29 @@ def config_from_args(args: argparse.Namespace, **overrides) -> GenerateConfig:
     return GenerateConfig(**values)
 
 
+EXIT_INPUT = 2  # configuration or input: fix the command or the corpus
+EXIT_STORAGE = 3  # the output stayed unreachable or full after retries: rerun the same command to resume
+EXIT_BUSY = 4  # another run holds the output: wait, or rerun with --wait
+
+
 def run_job(body: Callable[[], int]) -> int:
-    """Run a job body; configuration and storage problems print one clear line and exit 2, not a traceback."""
+    """Run a job body; what a user can cause or meet prints one clear line and a documented exit status."""
+    from orchestrator.corpus import CorpusError
+    from orchestrator.lease import LeaseLost, OutputBusy
+    from orchestrator.storage import StorageError
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         return body()
-    except ConfigError as exc:
+    except (ConfigError, CorpusError) as exc:
         print(f"seedsift: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_INPUT
+    except (OutputBusy, LeaseLost) as exc:
+        print(f"seedsift: {exc}", file=sys.stderr)
+        return EXIT_BUSY
+    except StorageError as exc:
+        print(f"seedsift: {exc}", file=sys.stderr)
+        return EXIT_STORAGE
     except OSError as exc:
         print(f"seedsift: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_STORAGE

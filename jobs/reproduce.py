@@ -10,24 +10,22 @@ import json
 import sys
 
 import fsspec
-import pyarrow.compute as pc
 
 from jobs.common import run_job
 from orchestrator.config import ConfigError
+from orchestrator.manifest import RUN_FILE, Manifest
 from orchestrator.storage import Output
 
 
 def find_row(output: Output, prompt_id: str, seed: int) -> dict:
     """The committed manifest row of (prompt_id, seed); a clear error when there is none."""
-    table = output.read_tables(output.list_keys("manifest", ".parquet"))
-    if table is None:
-        raise ConfigError(f"{output.uri} has no manifest parts; is it the --out of a generate run?")
-    match = table.filter(pc.and_(pc.equal(table["prompt_id"], prompt_id), pc.equal(table["seed"], seed)))
-    delivered = match.filter(pc.equal(match["status"], "ok"))  # a failed attempt may precede the delivered row
-    match = delivered if delivered.num_rows else match
-    if match.num_rows == 0:
+    manifest = Manifest(output)
+    if manifest.read_run() is None and not manifest.legacy_parts():
+        raise ConfigError(f"{output.uri} holds no seedsift run (no {RUN_FILE}); is it the --out of a generate run?")
+    row = manifest.find_row(prompt_id, seed)
+    if row is None:
         raise ConfigError(f"{output.uri}: no manifest row for prompt_id {prompt_id!r} and seed {seed}")
-    return match.slice(0, 1).to_pylist()[0]
+    return row
 
 
 def reproduce_image(row: dict):
@@ -65,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def body() -> int:
-        from orchestrator.sink import encode_image
+        from orchestrator.images import encode_image
 
         output = Output(args.manifest, json.loads(args.storage_options))
         row = find_row(output, args.prompt_id, args.seed)
@@ -74,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         with fsspec.open(args.out, "wb", **output.storage_options) as f:
             f.write(encode_image(pixels, "jpeg" if image_format == "jpg" else image_format))
         print(json.dumps({"prompt_id": row["prompt_id"], "seed": row["seed"], "written": args.out,
-                          "original": row["image_uri"]}))
+                          "original": Manifest(output).image_uri(row), "original_member": row.get("image_member")}))
         return 0
 
     return run_job(body)

@@ -33,7 +33,7 @@ def read_dataset(uri: str):
     output = Output(folder)
     if not output.exists(name):
         raise ConfigError(f"--dataset {uri}: no {name} there; run `seedsift collect` first")
-    return output.read_tables([name])
+    return output.read_table(name)
 
 
 def dataset_identity(table) -> dict:

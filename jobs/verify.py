@@ -1,106 +1,204 @@
 """Check an output's exactly-once invariants: every committed row once, every ok row's image present, no strays.
 
 Run as `seedsift verify --out OUT` or `python -m jobs.verify --out OUT`; prints a JSON report and exits 0 when the
-output is clean, 1 when it is not (2 when it cannot be read). Works on local folders and s3:// prefixes.
+output is clean, 1 when it is not (2 when it cannot be read). Works on local folders and s3:// prefixes, on both
+image layouts, on outputs of seedsift 0.1, and under any spelling of the output's path: rows locate their images
+relative to the output root.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
-import os
 import sys
 from collections import Counter
 
+import numpy as np
+import pyarrow as pa
+
+from orchestrator.manifest import (DELIVERED, FAILED, OPEN_FOLDER, DamagedManifest, Manifest, legacy_to_current,
+                                   row_keys)
 from orchestrator.storage import TEMPORARY_MARK, Output
 
 LISTED = 20  # examples per problem kept in the report
+COLUMNS = ["prompt_id", "seed", "source", "status", "image_key", "image_member", "image_offset", "image_size"]
 
 
-def row_identity(prompt_id: str, seed, source) -> tuple:
-    """What must occur once: (prompt_id, seed) for a rendered candidate; (prompt_id, source) for a seedless row.
-
-    A quarantined row has no seed; its corpus position (source) names it, so two quarantined copies of one id at
-    different lines are two rows, not a duplicate.
-    """
-    return (prompt_id, int(seed)) if seed is not None else (prompt_id, f"source:{source}")
+def _digests(values: list) -> np.ndarray:
+    return np.array([int.from_bytes(hashlib.blake2b(repr(v).encode(), digest_size=8).digest(), "big")
+                     for v in values], dtype=np.uint64)
 
 
-def _relative_key(output: Output, uri_or_path: str) -> str:
-    for prefix in (output.uri + "/", output.path("") + "/"):
-        if uri_or_path.startswith(prefix):
-            return uri_or_path[len(prefix):]
-    return uri_or_path
+class _Check:
+    """What verify accumulates: row identities (as 64-bit digests), images expected, problems found."""
+
+    def __init__(self):
+        self.delivered: list[np.ndarray] = []
+        self.examples: dict[int, tuple] = {}
+        self.status = Counter()
+        self.duplicates: Counter = Counter()
+        self.failed = 0
+        self.failed_retried = 0
+        self.expected_files: dict[str, tuple] = {}  # image key -> row (files layout and 0.1 outputs)
+        self.expected_members: list[tuple] = []  # (tar key, offset, size, row) inside WebDataset tars
+        self.stale_rows = 0
+        self.damaged: list[str] = []
+
+    def add(self, table: pa.Table) -> None:
+        keys = row_keys(table)
+        statuses = table["status"].to_pylist()
+        seen_here: Counter = Counter()
+        delivered_keys = {k for k, s in zip(keys, statuses) if s in DELIVERED}
+        for key, status in zip(keys, statuses):
+            self.status[status] += 1
+            if status == FAILED:
+                self.failed += 1
+                self.failed_retried += key in delivered_keys
+                continue
+            seen_here[key] += 1
+        for key, copies in seen_here.items():
+            if copies > 1:
+                self.duplicates[key] += copies - 1
+        unique = list(seen_here)
+        digests = _digests(unique)
+        self.delivered.append(digests)
+        for digest, key in zip(digests[:LISTED].tolist(), unique[:LISTED]):
+            self.examples.setdefault(digest, key)
+        for row, status in zip(table.select(COLUMNS).to_pylist(), statuses):
+            if status != "ok" or not row["image_key"]:  # collect --no-images commits ok rows without images
+                continue
+            if row["image_member"]:
+                self.expected_members.append((row["image_key"], row["image_offset"], row["image_size"], row))
+            else:
+                self.expected_files[row["image_key"]] = (row["prompt_id"], row["seed"])
+
+    def cross_shard_duplicates(self) -> int:
+        if not self.delivered:
+            return 0
+        everything = np.concatenate(self.delivered)
+        values, counts = np.unique(everything, return_counts=True)
+        repeated = values[counts > 1]
+        for digest in repeated.tolist()[:LISTED]:
+            self.duplicates[self.examples.get(digest, ("<row in another shard>", str(digest)))] += 0
+        return int((counts[counts > 1] - 1).sum())
 
 
 def verify_output(output: Output | str, storage_options: dict | None = None) -> dict:
-    """The exactly-once report of one output. `clean`: no duplicate and no missing image; `strict_clean` also
-    wants no orphan image and no leftover temporary file (both normal just after a crash, gone after a rerun)."""
+    """The exactly-once report of one output. `clean`: no duplicate, no missing image, no damaged object;
+    `strict_clean` also wants no orphan image, no leftover part and no temporary file (all normal just after a
+    crash, gone after a rerun)."""
     if isinstance(output, str):
         output = Output(output, storage_options)
     output.fs.invalidate_cache()  # listings cached by s3fs in this process may predate the run being checked
-    parts = output.list_keys("manifest", ".parquet")
-    columns = ["prompt_id", "seed", "source", "status", "image_uri"]
-    identities: Counter = Counter()  # delivered rows (ok, quarantined): each must occur once
-    failed: Counter = Counter()  # failed rows are retried by the next run, which commits the row again
-    status_counts: Counter = Counter()
-    expected_images: dict[str, tuple] = {}
-    for part in parts:  # part by part: memory holds identities, never a whole manifest
-        table = output.read_tables([part], columns)
-        for prompt_id, seed, source, status, image_uri in zip(*(table[c].to_pylist() for c in columns)):
-            identity = row_identity(prompt_id, seed, source)
-            (failed if status == "failed" else identities)[identity] += 1
-            status_counts[status] += 1
-            if status == "ok" and image_uri:  # collect --no-images commits ok rows without images
-                expected_images[_relative_key(output, image_uri)] = identity
-    duplicates = {identity: n for identity, n in identities.items() if n > 1}
-
-    stored = set()
-    images_root = output.path("images")
-    temporaries = []
-    if output.fs.exists(images_root):
-        for path in output.fs.find(images_root):
-            key = _relative_key(output, path if not output.is_local else os.path.abspath(path))
-            if TEMPORARY_MARK in key:
-                temporaries.append(key)
-            else:
-                stored.add(key)
-    if output.is_local:  # manifest and top-level temporaries too (an S3 PUT leaves none)
-        for folder, _, files in os.walk(output.path("")):
-            if os.path.abspath(folder).startswith(os.path.abspath(images_root)):
+    manifest = Manifest(output)
+    check = _Check()
+    legacy = manifest.legacy_parts()
+    complete = manifest.complete_sizes()
+    open_parts = manifest.open_parts()
+    if legacy:
+        for key in legacy:
+            try:
+                check.add(legacy_to_current(output.read_table(key)))
+            except (pa.ArrowException, DamagedManifest) as exc:
+                check.damaged.append(f"{key}: {exc}")
+    for shard in complete:
+        try:
+            table = manifest.read_complete(shard, COLUMNS)
+        except DamagedManifest as exc:
+            check.damaged.append(str(exc))
+            continue
+        check.add(table)
+        known = set(row_keys(table))
+        for key in open_parts.get(shard, []):  # left by a kill during compaction: nothing the shard lacks
+            try:
+                part, _ = manifest.read_part(key, COLUMNS)
+            except DamagedManifest as exc:
+                check.damaged.append(str(exc))
                 continue
-            temporaries += [_relative_key(output, os.path.join(folder, f)) for f in files if TEMPORARY_MARK in f]
-    missing = sorted(key for key in expected_images if key not in stored)
-    orphans = sorted(stored - set(expected_images))
+            check.stale_rows += sum(k not in known for k in row_keys(part))
+    for shard, parts in open_parts.items():
+        if shard in complete:
+            continue
+        tables = []
+        for key in parts:
+            try:
+                tables.append(manifest.read_part(key, COLUMNS)[0])
+            except DamagedManifest as exc:
+                check.damaged.append(str(exc))
+        if tables:
+            check.add(pa.concat_tables(tables))
+    cross = check.cross_shard_duplicates()
 
+    stored_files, stored_tars = set(), {}
+    for key, size in output.list_sizes("images").items():
+        if key.endswith(".tar"):
+            stored_tars[key] = size
+        else:
+            stored_files.add(key)
+    temporaries = _temporaries(output)
+    open_tars = output.list_sizes(OPEN_FOLDER, ".tar")
+    missing = sorted(key for key in check.expected_files if key not in stored_files)
+    orphans = sorted(stored_files - set(check.expected_files))
+    referenced_tars = {key for key, *_ in check.expected_members}
+    all_tars = {**stored_tars, **open_tars}
+    missing_members = []
+    for tar, offset, size, row in check.expected_members:
+        if tar not in all_tars or offset is None or offset + size > all_tars[tar]:
+            missing_members.append(f"{tar}#{row['image_member']}")
+    missing += sorted(missing_members)
+    orphans += sorted(set(stored_tars) - referenced_tars)
+    orphans += sorted(key for key in open_tars if key[:-4] + ".parquet" not in
+                      {p for parts in open_parts.values() for p in parts})
+    leftover_parts = sorted(p for shard in complete for p in open_parts.get(shard, []))
+
+    duplicates = sum(check.duplicates.values()) + cross
     report = {
         "output": output.uri,
-        "manifest_parts": len(parts),
-        "committed_rows": sum(identities.values()) + sum(failed.values()),
-        "delivered_rows": sum(identities.values()),
-        "distinct_rows": len(identities),
-        "rows_by_status": dict(sorted(status_counts.items())),
-        "duplicates": sum(n - 1 for n in duplicates.values()),
-        "duplicate_examples": [{"row": list(k), "copies": n} for k, n in list(duplicates.items())[:LISTED]],
-        "failed_rows": sum(failed.values()),
-        "failed_rows_retried_since": sum(n for k, n in failed.items() if k in identities),
+        "layout": "0.1 (flat parts)" if legacy else "sharded",
+        "complete_shards": len(complete),
+        "open_shards": len(set(open_parts) - set(complete)),
+        "manifest_objects": len(legacy) + len(complete) + sum(len(p) for p in open_parts.values()),
+        "committed_rows": sum(check.status.values()) - check.failed_retried,
+        "delivered_rows": sum(n for s, n in check.status.items() if s in DELIVERED),
+        "rows_by_status": dict(sorted(check.status.items())),
+        "duplicates": duplicates,
+        "duplicate_examples": [{"row": list(k), "copies": n + 1} for k, n in list(check.duplicates.items())[:LISTED]],
+        "failed_rows": check.failed,
+        "failed_rows_retried_since": check.failed_retried,
         "missing_images": len(missing),
         "missing_image_examples": missing[:LISTED],
         "orphan_images": len(orphans),
         "orphan_image_examples": orphans[:LISTED],
+        "leftover_parts": len(leftover_parts),
+        "leftover_rows_not_in_their_shard": check.stale_rows,
+        "damaged_objects": len(check.damaged),
+        "damaged_object_examples": check.damaged[:LISTED],
         "temporary_files": len(temporaries),
         "temporary_file_examples": sorted(temporaries)[:LISTED],
     }
-    report["clean"] = report["duplicates"] == 0 and report["missing_images"] == 0
-    report["strict_clean"] = report["clean"] and report["orphan_images"] == 0 and report["temporary_files"] == 0
+    report["clean"] = duplicates == 0 and not missing and not check.damaged and check.stale_rows == 0
+    report["strict_clean"] = (report["clean"] and not orphans and not temporaries and not leftover_parts)
     return report
+
+
+def _temporaries(output: Output) -> list[str]:
+    """Temporary files of interrupted local writes (an S3 PUT leaves none)."""
+    if not output.is_local:
+        return []
+    import os
+
+    found = []
+    for folder, _, files in os.walk(output.path("")):
+        found += [output.key_of(os.path.join(folder, name)) for name in files if TEMPORARY_MARK in name]
+    return found
 
 
 def parser() -> argparse.ArgumentParser:
     result = argparse.ArgumentParser(prog="seedsift verify", description=__doc__.splitlines()[0])
     result.add_argument("--out", required=True, help="output folder or s3:// prefix to check")
     result.add_argument("--strict", action="store_true",
-                        help="also fail on orphan images and leftover temporary files (normal right after a crash)")
+                        help="also fail on orphan images, leftover parts and temporary files (normal after a crash)")
     result.add_argument("--storage-options", default="{}", help="JSON fsspec storage options")
     return result
 

@@ -1,6 +1,7 @@
-"""The job configuration: one typed object per run, validated before any compute starts, and its fingerprint.
+"""The job configuration: what the user asked for, validated once when it is built and frozen from then on.
 
-Built by the job entry points from the command line; read by the pipeline and written to OUT/run.json.
+Built by the job entry points from the command line. Values derived from it (image size, predictor bytes and
+digest, budget rule, fingerprint) live in `orchestrator.plan.RunPlan`, never written back here.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import os
 from dataclasses import dataclass, field
 
 POLICIES = ("random", "predictor", "budget")
+IMAGE_FORMATS = ("png", "jpeg", "webp")
+IMAGE_OUTPUTS = ("files", "shards")
 DEFAULT_MODEL = "embedded:tiny-sd"
 
 
@@ -19,7 +22,7 @@ class ConfigError(ValueError):
     """A configuration problem found before compute starts; the message names the input and the fix."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class GenerateConfig:
     prompts: str
     out: str
@@ -30,7 +33,7 @@ class GenerateConfig:
     predictor: str | None = None
     steps: int = 20
     guidance: float = 7.5
-    width: int | None = None
+    width: int | None = None  # None: the pipeline's native size (resolved in the plan)
     height: int | None = None
     batch_size: int = 4
     generators: int = 1
@@ -46,15 +49,21 @@ class GenerateConfig:
     rater_cpus: float = 0.25
     rater_gpus: float = 0.0
     image_format: str = "png"
+    image_output: str = "files"  # files: one object per image; shards: WebDataset tars per manifest shard
+    shard_size: int = 10_000  # corpus rows per manifest shard (fixed for the life of an output)
+    shard_images: int = 1000  # images per WebDataset tar with image_output="shards"
+    dedup_buckets: int | None = None  # None: sized from the output and corpus (about 8M keys per bucket actor)
+    wait: bool = False  # another run holds the output: wait for it instead of refusing
+    lease_seconds: float = 120.0  # a lease not renewed for this long belongs to a dead run and may be taken over
     storage_options: dict = field(default_factory=dict, repr=False)  # may hold credentials: never printed
     all_candidates: bool = False  # collect mode: render every candidate, ignore the policy
     save_images: bool = True
     sample: float | None = None  # keep this stable fraction of prompts (by prompt id hash), e.g. for a training set
-    predictor_digest: str | None = None  # content hash of the predictor's weights, set when the run is prepared
     budget: float | None = None  # budget policy: average renders per prompt (--keep is then the most per prompt)
     budget_images: int | None = None  # or a total for the corpus, turned into renders per prompt by a counting pass
-    budget_rule: dict | None = None  # the calibrated threshold and error model, set when the run is prepared
-    predictor_files: dict | None = field(default=None, repr=False)  # the predictor's bytes, read when prepared
+
+    def __post_init__(self) -> None:
+        self.validate()
 
     def validate(self) -> None:
         """Raise ConfigError for anything that would fail later; touches no model and no storage."""
@@ -75,15 +84,21 @@ class GenerateConfig:
             value = getattr(self, name)
             if value is not None and (value <= 0 or value % 8):
                 problems.append(f"--{name} must be a positive multiple of 8 (got {value})")
-        for name in ("batch_size", "generators", "scorers", "scorer_batch_size"):
+        for name in ("batch_size", "generators", "scorers", "scorer_batch_size", "shard_size", "shard_images"):
             if getattr(self, name) < 1:
                 problems.append(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
+        if self.dedup_buckets is not None and not 1 <= self.dedup_buckets <= 256:
+            problems.append(f"--dedup-buckets must be between 1 and 256 (got {self.dedup_buckets})")
+        if self.lease_seconds < 10:
+            problems.append(f"--lease-seconds must be at least 10 (got {self.lease_seconds})")
         if self.limit is not None and self.limit < 1:
             problems.append(f"--limit must be at least 1 (got {self.limit})")
         if self.sample is not None and not 0 < self.sample <= 1:
             problems.append(f"--sample must be in (0, 1] (got {self.sample})")
-        if self.image_format not in ("png", "jpeg", "webp"):
-            problems.append(f"--image-format {self.image_format!r} is unknown; use png, jpeg or webp")
+        if self.image_format not in IMAGE_FORMATS:
+            problems.append(f"--image-format {self.image_format!r} is unknown; use {', '.join(IMAGE_FORMATS)}")
+        if self.image_output not in IMAGE_OUTPUTS:
+            problems.append(f"--image-output {self.image_output!r} is unknown; use {' or '.join(IMAGE_OUTPUTS)}")
         if self.policy in ("predictor", "budget") and not self.predictor and self.model != DEFAULT_MODEL:
             problems.append(f"--policy {self.policy} needs --predictor PATH for a model other than the embedded default")
         if self.policy == "budget":
@@ -99,14 +114,30 @@ class GenerateConfig:
         if problems:
             raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
 
+    @property
+    def policy_name(self) -> str:
+        """The policy as manifests record it: collect renders every candidate ("all")."""
+        return "all" if self.all_candidates else self.policy
+
+    @property
+    def rows_per_prompt(self) -> int:
+        """The most rows the scorer keeps for one prompt."""
+        return self.candidates if self.all_candidates else self.keep
+
+    @property
+    def uses_predictor(self) -> bool:
+        return self.policy != "random" and not self.all_candidates
+
     def fingerprint_fields(self) -> dict:
-        """What makes two runs produce the same images: a resumed run must match these exactly."""
+        """What the user chose that decides which images a run produces; the plan adds the resolved image size and
+        the predictor's weights digest. Never a value derived from the corpus, so a corpus that grows between
+        scheduled runs keeps its fingerprint."""
         return {
             "model": self.model,
             "candidates": self.candidates,
             "keep": self.keep,
-            "policy": "all" if self.all_candidates else self.policy,
-            "predictor": self.predictor_digest if self.policy != "random" and not self.all_candidates else None,
+            "policy": self.policy_name,
+            "predictor": None,  # the plan puts the weights digest here
             "steps": self.steps,
             "guidance": self.guidance,
             "width": self.width,
@@ -119,16 +150,21 @@ class GenerateConfig:
             "budget_images": self.budget_images,
         }
 
-    def fingerprint(self) -> str:
-        text = json.dumps(self.fingerprint_fields(), sort_keys=True)
-        return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
+    def layout_fields(self) -> dict:
+        """How the output is laid out: fixed for its life, checked apart from the fingerprint."""
+        return {"shard_size": self.shard_size, "image_output": self.image_output,
+                "shard_images": self.shard_images if self.image_output == "shards" else None}
 
     def public_dict(self) -> dict:
         """The configuration without secrets, for run.json, summaries and logs."""
         values = dataclasses.asdict(self)
-        values.pop("predictor_files")  # megabytes of weights; predictor_digest names them
         values["storage_options"] = sorted(self.storage_options)  # option names only, never their values
         return values
+
+
+def fingerprint_of(fields: dict) -> str:
+    text = json.dumps(fields, sort_keys=True)
+    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
 
 
 def looks_like_local_path(path: str) -> bool:

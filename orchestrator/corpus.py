@@ -1,25 +1,34 @@
-"""Corpus reading: txt, jsonl, csv/tsv and parquet, local or s3://, streamed into rows {prompt_id, prompt, source}.
+"""Corpus files and their rows: txt, jsonl, csv/tsv and parquet, compressed or not, local or s3://, one file, a
+folder or a glob. Each row becomes {prompt_id, prompt, source, status, error}.
 
 First stage of the flow. Parsing is line by line, so a bad line becomes a quarantined row with its reason
-instead of failing the read, and the driver never holds the corpus.
+instead of failing the read, and the driver never holds the corpus. The reader (orchestrator/reader.py) cuts
+these rows into shards.
 """
 
 from __future__ import annotations
 
 import csv
+import fnmatch
 import hashlib
 import io
 import json
+import posixpath
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
+import fsspec
 import pyarrow as pa
 
 CORPUS_FORMATS = ("txt", "jsonl", "csv", "tsv", "parquet")
+FORMAT_SUFFIXES = ((".txt", "txt"), (".jsonl", "jsonl"), (".ndjson", "jsonl"), (".csv", "csv"), (".tsv", "tsv"),
+                   (".parquet", "parquet"), (".pq", "parquet"))
+COMPRESSION_SUFFIXES = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz", ".zst": "zstd"}
 PROMPT_COLUMNS = ("prompt", "caption", "text")
 ID_COLUMNS = ("prompt_id", "id")
 ROWS_PER_BLOCK = 4096
 
-# What every corpus row looks like after reading; later stages add columns, never remove these.
+# What every corpus row looks like after parsing; later stages add columns, never remove these.
 CORPUS_SCHEMA = pa.schema(
     [
         ("prompt_id", pa.string()),
@@ -31,14 +40,83 @@ CORPUS_SCHEMA = pa.schema(
 )
 
 
+class CorpusError(ValueError):
+    """A corpus that cannot be read at all (no file, unknown format, no prompt column); found before Ray starts."""
+
+
 def corpus_format(path: str) -> str:
-    """The corpus format named by a path's extension (`.ndjson` counts as jsonl)."""
+    """The corpus format named by a path's extension, after any compression suffix (`.jsonl.gz` is jsonl)."""
     name = path.lower().rstrip("/")
-    for suffix, fmt in ((".txt", "txt"), (".jsonl", "jsonl"), (".ndjson", "jsonl"), (".csv", "csv"),
-                        (".tsv", "tsv"), (".parquet", "parquet"), (".pq", "parquet")):
+    for suffix in COMPRESSION_SUFFIXES:
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+    for suffix, fmt in FORMAT_SUFFIXES:
         if name.endswith(suffix):
             return fmt
-    raise ValueError(f"{path}: unknown corpus format; use one of .txt .jsonl .csv .tsv .parquet")
+    raise CorpusError(f"{path}: unknown corpus format; use one of .txt .jsonl .csv .tsv .parquet "
+                      f"(optionally compressed: {' '.join(COMPRESSION_SUFFIXES)})")
+
+
+def compression_of(path: str) -> str | None:
+    lowered = path.lower()
+    return next((codec for suffix, codec in COMPRESSION_SUFFIXES.items() if lowered.endswith(suffix)), None)
+
+
+@dataclass(frozen=True)
+class CorpusFile:
+    """One file of a corpus. `name` is its path relative to the corpus root: it names the file's shards and its
+    rows' sources, so the same corpus gives the same names however its location is spelled."""
+
+    uri: str
+    name: str
+    fmt: str
+    compression: str | None
+
+
+def list_corpus(uri: str, storage_options: dict | None = None) -> list[CorpusFile]:
+    """The files of a corpus: one file, every corpus file under a folder (recursively), or a glob's matches."""
+    fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    protocol = uri.split("://", 1)[0] + "://" if "://" in uri else ""
+    glob = any(ch in path for ch in "*?[")
+    if glob:
+        root = path[: min(path.index(ch) for ch in "*?[" if ch in path)].rsplit("/", 1)[0]
+        found = sorted(p for p in fs.glob(path) if not fs.isdir(p))
+    elif fs.isdir(path):
+        root = path.rstrip("/")
+        found = sorted(p for p in fs.find(path) if _has_corpus_suffix(p))
+    else:
+        if not fs.exists(path):
+            raise CorpusError(f"--prompts {uri}: no such file or folder")
+        root, found = posixpath.dirname(path.rstrip("/")), [path]
+    if not found:
+        raise CorpusError(f"--prompts {uri}: no corpus files there (.txt .jsonl .csv .tsv .parquet, optionally "
+                          f"{' '.join(COMPRESSION_SUFFIXES)})")
+    files = []
+    for found_path in found:
+        name = found_path[len(root):].lstrip("/") if root and found_path.startswith(root) else posixpath.basename(found_path)
+        files.append(CorpusFile(uri=protocol + found_path if protocol and "://" not in found_path else found_path,
+                                name=name, fmt=corpus_format(found_path), compression=compression_of(found_path)))
+    return files
+
+
+def _has_corpus_suffix(path: str) -> bool:
+    try:
+        corpus_format(path)
+        return not posixpath.basename(path).startswith(".")
+    except CorpusError:
+        return False
+
+
+def matches_glob(name: str, pattern: str) -> bool:
+    return fnmatch.fnmatch(name, pattern)
+
+
+def open_corpus_file(corpus_file: CorpusFile, storage_options: dict | None = None):
+    """A binary stream of the file's (decompressed) bytes; the caller closes it."""
+    return fsspec.open(corpus_file.uri, "rb", compression=corpus_file.compression, **(storage_options or {})).open()
+
+
+# --- identity -----------------------------------------------------------------------------------------------------
 
 
 def prompt_id_for(prompt: str) -> str:
@@ -50,6 +128,24 @@ def in_sample(prompt_id: str, fraction: float) -> bool:
     """Whether a prompt belongs to a stable pseudo-random sample: the same prompts at any corpus size or order."""
     digest = hashlib.blake2b(f"sample\x1f{prompt_id}".encode("utf-8"), digest_size=8).digest()
     return int.from_bytes(digest, "big") < fraction * 2**64
+
+
+def _digest64(kind: str, value: str) -> int:
+    digest = int.from_bytes(hashlib.blake2b(f"{kind}\x1f{value}".encode("utf-8"), digest_size=8).digest(), "big")
+    return digest or 1  # 0 means "no key"
+
+
+def id_digest(prompt_id: str) -> int:
+    """64-bit digest of a prompt id: what duplicate detection compares."""
+    return _digest64("id", prompt_id)
+
+
+def text_digest(prompt: str | None) -> int:
+    """64-bit digest of a prompt's text, trimmed, case and inner whitespace ignored; 0 for no text."""
+    return _digest64("text", " ".join(prompt.split()).casefold()) if prompt else 0
+
+
+# --- rows ------------------------------------------------------------------------------------------------------
 
 
 def corpus_record(prompt, raw_id, source: str) -> dict:
@@ -75,34 +171,39 @@ def corpus_record(prompt, raw_id, source: str) -> dict:
     }
 
 
-def _pick_column(columns: Iterable[str], wanted: tuple[str, ...]) -> str | None:
+def pick_column(columns: Iterable[str], wanted: tuple[str, ...]) -> str | None:
     by_lower = {c.lower(): c for c in columns}
     return next((by_lower[w] for w in wanted if w in by_lower), None)
 
 
-def _decoded_lines(lines: Iterable[bytes], name: str) -> Iterator[tuple[int, str | None, str | None]]:
+def _decoded_lines(lines: Iterable[bytes], first_line: int) -> Iterator[tuple[int, str | None, str | None]]:
     """(line number, text, error) for each line; invalid UTF-8 is reported per line, not per file."""
-    for number, raw in enumerate(lines, start=1):
+    for number, raw in enumerate(lines, start=first_line):
         try:
             yield number, raw.decode("utf-8").rstrip("\r\n"), None
         except UnicodeDecodeError as exc:
             yield number, None, f"invalid UTF-8 at byte {exc.start} of the line"
 
 
-def parse_lines(lines: Iterable[bytes], fmt: str, name: str) -> Iterator[dict]:
-    """Corpus rows from the raw lines of one txt, jsonl, csv or tsv file (`name` is used in sources and errors)."""
+def parse_lines(lines: Iterable[bytes], fmt: str, name: str, first_line: int = 1,
+                header: list[str] | None = None) -> Iterator[dict]:
+    """Corpus rows from the raw lines of one txt, jsonl, csv or tsv file (`name` is used in sources and errors).
+
+    Lazy: it pulls a line only when it needs one, so a caller can tell where in the file each row ends. A csv/tsv
+    parse resumed mid-file takes the file's `header` and the number of the first line it gets.
+    """
     if fmt == "txt":
-        yield from _parse_txt(lines, name)
+        yield from _parse_txt(lines, name, first_line)
     elif fmt == "jsonl":
-        yield from _parse_jsonl(lines, name)
+        yield from _parse_jsonl(lines, name, first_line)
     elif fmt in ("csv", "tsv"):
-        yield from _parse_delimited(lines, name, "," if fmt == "csv" else "\t")
+        yield from _parse_delimited(lines, name, "," if fmt == "csv" else "\t", first_line, header)
     else:
         raise ValueError(f"{name}: parse_lines reads txt, jsonl, csv or tsv, not {fmt}")
 
 
-def _parse_txt(lines: Iterable[bytes], name: str) -> Iterator[dict]:
-    for number, text, error in _decoded_lines(lines, name):
+def _parse_txt(lines: Iterable[bytes], name: str, first_line: int) -> Iterator[dict]:
+    for number, text, error in _decoded_lines(lines, first_line):
         source = f"{name}:{number}"
         if error:
             yield corpus_record(None, None, source) | {"error": error}
@@ -110,8 +211,8 @@ def _parse_txt(lines: Iterable[bytes], name: str) -> Iterator[dict]:
             yield corpus_record(text, None, source)
 
 
-def _parse_jsonl(lines: Iterable[bytes], name: str) -> Iterator[dict]:
-    for number, text, error in _decoded_lines(lines, name):
+def _parse_jsonl(lines: Iterable[bytes], name: str, first_line: int) -> Iterator[dict]:
+    for number, text, error in _decoded_lines(lines, first_line):
         source = f"{name}:{number}"
         if error:
             yield corpus_record(None, None, source) | {"error": error}
@@ -126,8 +227,8 @@ def _parse_jsonl(lines: Iterable[bytes], name: str) -> Iterator[dict]:
         if isinstance(value, str):
             yield corpus_record(value, None, source)
         elif isinstance(value, dict):
-            prompt_key = _pick_column(value.keys(), PROMPT_COLUMNS)
-            id_key = _pick_column(value.keys(), ID_COLUMNS)
+            prompt_key = pick_column(value.keys(), PROMPT_COLUMNS)
+            id_key = pick_column(value.keys(), ID_COLUMNS)
             if prompt_key is None:
                 found = ", ".join(sorted(value.keys())) or "none"
                 yield corpus_record(None, None, source) | {"error": f"no 'prompt' field (found: {found})"}
@@ -137,27 +238,41 @@ def _parse_jsonl(lines: Iterable[bytes], name: str) -> Iterator[dict]:
             yield corpus_record(None, None, source) | {"error": f"a JSON {type(value).__name__}, expected an object or a string"}
 
 
-def _parse_delimited(lines: Iterable[bytes], name: str, delimiter: str) -> Iterator[dict]:
-    decoded = _decoded_lines(lines, name)
+def delimited_header(line: bytes, name: str, delimiter: str) -> list[str]:
+    """The header fields of a csv/tsv file's first line; a missing prompt column is a CorpusError naming the fix."""
+    text = line.decode("utf-8", errors="replace").rstrip("\r\n")
+    header = next(csv.reader([text], delimiter=delimiter), [])
+    if pick_column(header, PROMPT_COLUMNS) is None:
+        raise CorpusError(f"{name} line 1: no 'prompt' column (found: {', '.join(header)})")
+    return header
+
+
+def _parse_delimited(lines: Iterable[bytes], name: str, delimiter: str, first_line: int,
+                     header: list[str] | None) -> Iterator[dict]:
+    lines = iter(lines)
+    if header is None:
+        first = next(lines, None)
+        if first is None:
+            return
+        header = delimited_header(first, name, delimiter)
+        first_line += 1
+    decoded = _decoded_lines(lines, first_line)
     bad: list[tuple[int, str]] = []
+    last_number = [first_line - 1]
 
     def good_lines() -> Iterator[str]:
         # Invalid lines are set aside here and reported in order by the loop below.
         for number, text, error in decoded:
+            last_number[0] = number
             if error:
                 bad.append((number, error))
+                yield "\n"  # an empty line for the csv reader, which it skips
             else:
                 yield text + "\n"
 
     reader = csv.reader(good_lines(), delimiter=delimiter)
-    header = next(reader, None)
-    if header is None:
-        return
-    prompt_col = _pick_column(header, PROMPT_COLUMNS)
-    if prompt_col is None:
-        raise ValueError(f"{name} line 1: no 'prompt' column (found: {', '.join(header)})")
-    prompt_index = header.index(prompt_col)
-    id_col = _pick_column(header, ID_COLUMNS)
+    prompt_index = header.index(pick_column(header, PROMPT_COLUMNS))
+    id_col = pick_column(header, ID_COLUMNS)
     id_index = header.index(id_col) if id_col else None
     while True:
         try:
@@ -165,12 +280,12 @@ def _parse_delimited(lines: Iterable[bytes], name: str, delimiter: str) -> Itera
         except StopIteration:
             break
         except csv.Error as exc:
-            yield corpus_record(None, None, f"{name}:{reader.line_num}") | {"error": f"malformed row: {exc}"}
+            yield corpus_record(None, None, f"{name}:{last_number[0]}") | {"error": f"malformed row: {exc}"}
             continue
         while bad:
             number, error = bad.pop(0)
             yield corpus_record(None, None, f"{name}:{number}") | {"error": error}
-        source = f"{name}:{reader.line_num}"
+        source = f"{name}:{last_number[0]}"
         if not fields:
             continue
         if len(fields) != len(header):
@@ -184,12 +299,17 @@ def _parse_delimited(lines: Iterable[bytes], name: str, delimiter: str) -> Itera
         yield corpus_record(None, None, f"{name}:{number}") | {"error": error}
 
 
+def parquet_columns(names: list[str], file_name: str) -> tuple[str, str | None]:
+    """The prompt and id columns of a parquet file's schema; a missing prompt column is a CorpusError."""
+    prompt_col = pick_column(names, PROMPT_COLUMNS)
+    if prompt_col is None:
+        raise CorpusError(f"{file_name}: no 'prompt' column (found: {', '.join(names)})")
+    return prompt_col, pick_column(names, ID_COLUMNS)
+
+
 def parse_table(table: pa.Table, name: str, first_row: int = 0) -> Iterator[dict]:
     """Corpus rows from a parquet table; nulls and non-text prompts are quarantined, not fatal."""
-    prompt_col = _pick_column(table.column_names, PROMPT_COLUMNS)
-    if prompt_col is None:
-        raise ValueError(f"{name}: no 'prompt' column (found: {', '.join(table.column_names)})")
-    id_col = _pick_column(table.column_names, ID_COLUMNS)
+    prompt_col, id_col = parquet_columns(table.column_names, name)
     prompts = table.column(prompt_col).to_pylist()
     ids = table.column(id_col).to_pylist() if id_col else [None] * len(prompts)
     for offset, (prompt, raw_id) in enumerate(zip(prompts, ids)):
@@ -210,16 +330,16 @@ def rows_to_blocks(rows: Iterable[dict], rows_per_block: int = ROWS_PER_BLOCK) -
 
 def read_corpus_local(path: str, storage_options: dict | None = None) -> Iterator[dict]:
     """All rows of a corpus through fsspec, without Ray: for small corpora, tools and tests."""
-    import fsspec
     import pyarrow.parquet as pq
 
-    fmt = corpus_format(path)
-    with fsspec.open(path, "rb", **(storage_options or {})) as f:
-        if fmt == "parquet":
-            first = 0
-            for batch in pq.ParquetFile(f).iter_batches():
-                table = pa.Table.from_batches([batch])
-                yield from parse_table(table, path, first)
-                first += table.num_rows
-        else:
-            yield from parse_lines(io.BufferedReader(f) if not hasattr(f, "__iter__") else f, fmt, path)
+    for corpus_file in list_corpus(path, storage_options):
+        with open_corpus_file(corpus_file, storage_options) as f:
+            if corpus_file.fmt == "parquet":
+                first = 0
+                for batch in pq.ParquetFile(f).iter_batches():
+                    table = pa.Table.from_batches([batch])
+                    yield from parse_table(table, corpus_file.name, first)
+                    first += table.num_rows
+            else:
+                yield from parse_lines(io.BufferedReader(f) if not hasattr(f, "__iter__") else f, corpus_file.fmt,
+                                       corpus_file.name)

@@ -1,98 +1,225 @@
 """Duplicate prompts and duplicate ids: the first occurrence is rendered, later ones become quarantined rows.
 
-Sits right after corpus reading, before the scorer. One actor (concurrency=1) sees every corpus row, so it holds
-the only global state of the flow: which prompt ids and prompt texts it has already let through.
+Sits right after corpus reading, before the scorer. Why it matters for exactly-once: two corpus rows with the
+same id derive the same seeds, so without this stage they would render the same (prompt_id, seed) twice.
 
-Why this matters for exactly-once: two corpus rows with the same id derive the same seeds, so without this stage
-they would render the same (prompt_id, seed) twice and commit two manifest rows for one image key.
+Sharded and indexed, so that no process holds the corpus:
+- **DuplicateIndex** actors (`buckets` of them) hold 64-bit digests of prompt ids and texts, each actor the keys
+  whose digest falls in its bucket, as sorted numpy arrays (16 bytes a key: the digest and its owner). At start
+  each loads its keys from the output: the `prompt_key`/`text_key` columns of complete shards and open parts.
+- **DuplicateFilter**, one Ray Data actor, sees the corpus rows in reading order. For each block it looks up
+  every key in its bucket, decides row by row (first occurrence wins, earlier rows of the block included), and
+  then registers the keys of the rows it let through. It is the only writer, so lookups and inserts never race.
 
-Determinism. "First" means first in reading order. A single corpus file is read by one read task whose blocks
-reach this single actor in file order (Ray runs the tasks one submitter sends to an actor in submission order),
-so the same file gives the same decisions on every run. Files of a multi-file corpus are read in parallel, so
-which of two cross-file copies arrives first depends on timing; to keep reruns and resumes stable anyway, the
-actor starts from the committed manifest: a prompt already rendered from source S keeps S as its first
-occurrence, whatever arrives first now. A prompt committed earlier is therefore never a duplicate of itself on a
-rerun: its own source matches, the row passes, and the done-set in the scorer skips its committed seeds.
+An owner names the corpus row that holds a key first: (shard ordinal, shard row). Ordinals are per run (the
+driver numbers the shards the output holds; new shards get the next numbers), so the index never stores
+strings; the source named in "duplicate of <source>" is looked up only for the duplicates found.
 
-Failure. The seen-sets live in memory, so this actor runs with max_restarts=0: if it dies the job fails (and a
-rerun resumes from the committed parts) rather than restarting empty and letting a duplicate through.
+Determinism. Within a file, "first" is file order: one read task streams a file in order to the one filter.
+Files of a multi-file corpus are read in parallel, so which of two cross-file copies arrives first depends on
+timing; a copy rendered by an earlier run is always the first occurrence, whatever arrives first now. A row
+re-read by a resumed run has its own owner, so it is never a duplicate of itself.
 
-Cost at 1M prompts: two dicts of 1M entries keyed by 16-byte digests, with the first source as value (about
-250-300 MB in the actor), the same read of committed (prompt_id, prompt, source, status) columns at start, and
-one blake2b per row (about 1 s per million prompts). Throughput is one actor's: hundreds of thousands of rows per
-second, far ahead of any renderer.
+Failure: the index lives in memory, so these actors run with max_restarts=0: if one dies the job fails (and a
+rerun resumes from the committed rows) rather than restarting empty and letting a duplicate through.
 """
 
 from __future__ import annotations
 
-import hashlib
-
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 
+from orchestrator.manifest import QUARANTINED, Manifest
 from orchestrator.reader import READ_CPUS
-from orchestrator.storage import Output
+
+KEYS_PER_BUCKET = 8_000_000  # about 130 MB of keys and owners per index actor
+MERGE_EVERY = 262_144  # keys inserted since the last merge into the sorted arrays
 
 
-def _digest(kind: str, value: str) -> bytes:
-    return hashlib.blake2b(f"{kind}\x1f{value}".encode("utf-8"), digest_size=16).digest()
+def owner_of(ordinal: int, shard_row: np.ndarray) -> np.ndarray:
+    return (np.uint64(ordinal) << np.uint64(32)) | shard_row.astype(np.uint64)
 
 
-def prompt_text_key(prompt: str) -> bytes:
-    """Two prompts are duplicates when their text matches after trimming, case and inner whitespace ignored."""
-    return _digest("text", " ".join(prompt.split()).casefold())
+def bucket_count(expected_keys: int) -> int:
+    return int(min(64, max(1, -(-expected_keys // KEYS_PER_BUCKET))))
 
 
-def prompt_id_key(prompt_id: str) -> bytes:
-    return _digest("id", prompt_id)
+class DuplicateIndex:
+    """One bucket of the duplicate index: sorted digests and their owners, plus a small unsorted recent part."""
+
+    def __init__(self, bucket: int, buckets: int):
+        self.bucket, self.buckets = bucket, buckets
+        self.keys = np.empty(0, np.uint64)
+        self.owners = np.empty(0, np.uint64)
+        self.recent: dict[int, int] = {}
+
+    def load(self, manifest: Manifest, ordinals: dict[str, int], complete: list[str], open_parts: dict) -> int:
+        """Take this bucket's keys from the committed rows; returns how many. Reads a few columns per shard."""
+        columns = ["prompt_key", "text_key", "shard_row", "status"]
+
+        def read(shard: str) -> tuple[np.ndarray, np.ndarray]:
+            table = manifest.shard_columns(shard, columns, shard in complete_set, open_parts.get(shard, []))
+            if table is None or not table.num_rows:
+                return np.empty(0, np.uint64), np.empty(0, np.uint64)
+            table = table.filter(pc.not_equal(table["status"], QUARANTINED))
+            rows = table["shard_row"].to_numpy(zero_copy_only=False)
+            owner = owner_of(ordinals[shard], rows)
+            keys = np.concatenate([table["prompt_key"].to_numpy(zero_copy_only=False),
+                                   table["text_key"].to_numpy(zero_copy_only=False)]).astype(np.uint64)
+            owners = np.concatenate([owner, owner])
+            mine = (keys != 0) & (keys % np.uint64(self.buckets) == np.uint64(self.bucket))
+            return keys[mine], owners[mine]
+
+        complete_set = set(complete)
+        shards = sorted(complete_set | set(open_parts))
+        pieces = manifest.output.read_many(shards, read)
+        if pieces:
+            keys = np.concatenate([self.keys] + [k for k, _ in pieces])
+            owners = np.concatenate([self.owners] + [o for _, o in pieces])
+            self.keys, first = np.unique(keys, return_index=True)
+            self.owners = owners[first]
+        return int(len(self.keys))
+
+    def lookup(self, keys: np.ndarray) -> np.ndarray:
+        """The owner of each key, 0 where the key is new."""
+        keys = np.asarray(keys, dtype=np.uint64)
+        found = np.zeros(len(keys), np.uint64)
+        if len(self.keys):
+            where = np.searchsorted(self.keys, keys)
+            hit = where < len(self.keys)
+            hit[hit] = self.keys[where[hit]] == keys[hit]
+            found[hit] = self.owners[where[hit]]
+        if self.recent:
+            for i in np.flatnonzero(found == 0):
+                found[i] = self.recent.get(int(keys[i]), 0)
+        return found
+
+    def insert(self, keys: np.ndarray, owners: np.ndarray) -> None:
+        for key, owner in zip(np.asarray(keys, np.uint64).tolist(), np.asarray(owners, np.uint64).tolist()):
+            self.recent.setdefault(key, owner)
+        if len(self.recent) >= MERGE_EVERY:
+            self._merge()
+
+    def size(self) -> int:
+        return int(len(self.keys) + len(self.recent))
+
+    def _merge(self) -> None:
+        recent_keys = np.fromiter(self.recent.keys(), np.uint64, len(self.recent))
+        recent_owners = np.fromiter(self.recent.values(), np.uint64, len(self.recent))
+        keys = np.concatenate([self.keys, recent_keys])
+        owners = np.concatenate([self.owners, recent_owners])
+        order = np.argsort(keys, kind="stable")
+        self.keys, self.owners = keys[order], owners[order]
+        self.recent = {}
 
 
 class DuplicateFilter:
     """Ray Data callable class (one actor): quarantines every later occurrence of a prompt id or a prompt text."""
 
-    def __init__(self, output: Output | None = None):
-        self.first: dict[bytes, str] = {}  # id key or text key -> source of the first occurrence
-        if output is not None:
-            self._remember_committed(output)
+    def __init__(self, indexes: list, manifest: Manifest, ordinals: dict[str, int]):
+        self.indexes = indexes
+        self.manifest = manifest
+        self.ordinals = dict(ordinals)
+        self.shards = {ordinal: shard for shard, ordinal in self.ordinals.items()}
+        self.sources: dict[str, dict[int, str]] = {}  # shard -> {shard row: source}, for messages only
 
-    def _remember_committed(self, output: Output) -> None:
-        """Rows rendered (or failed) by earlier runs are first occurrences: reruns keep the same decisions."""
-        table = output.read_tables(output.list_keys("manifest", ".parquet"), ["prompt_id", "prompt", "source", "status"])
-        if table is None:
-            return
-        for prompt_id, prompt, source, status in zip(*(table[c].to_pylist() for c in table.column_names)):
-            if status == "quarantined" or source is None:
-                continue
-            self.first.setdefault(prompt_id_key(prompt_id), source)
-            if prompt:
-                self.first.setdefault(prompt_text_key(prompt), source)
+    def _ordinal(self, shard: str) -> int:
+        if shard not in self.ordinals:
+            self.ordinals[shard] = len(self.ordinals) + 1
+            self.shards[self.ordinals[shard]] = shard
+        return self.ordinals[shard]
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         statuses = batch["status"].to_pylist()
+        candidates = [i for i, status in enumerate(statuses) if status == "ok"]
+        if not candidates:
+            return batch
+        shards = batch["shard"].to_pylist()
+        rows = batch["shard_row"].to_numpy(zero_copy_only=False)
+        owners = np.array([(self._ordinal(shards[i]) << 32) | int(rows[i]) for i in candidates], np.uint64)
+        id_keys = batch["prompt_key"].to_numpy(zero_copy_only=False)[candidates].astype(np.uint64)
+        text_keys = batch["text_key"].to_numpy(zero_copy_only=False)[candidates].astype(np.uint64)
+        known = self._lookup(np.concatenate([id_keys, text_keys]))
+        known_id, known_text = known[: len(candidates)], known[len(candidates):]
+        self._remember_sources(batch, shards)
         errors = batch["error"].to_pylist()
+        seen: dict[int, int] = {}  # keys claimed earlier in this block
+        claimed_keys, claimed_owners = [], []
         changed = False
-        for i, (prompt_id, prompt, source) in enumerate(
-            zip(batch["prompt_id"].to_pylist(), batch["prompt"].to_pylist(), batch["source"].to_pylist())
-        ):
-            if statuses[i] != "ok":
-                continue
-            keys = [prompt_id_key(prompt_id), prompt_text_key(prompt)]
-            earlier = next((self.first[k] for k in keys if k in self.first and self.first[k] != source), None)
+        for j, i in enumerate(candidates):
+            own = int(owners[j])
+            earlier = None
+            for key, stored in ((int(id_keys[j]), int(known_id[j])), (int(text_keys[j]), int(known_text[j]))):
+                first = stored or seen.get(key, 0)
+                if first and first != own:
+                    earlier = first
+                    break
             if earlier is not None:
-                statuses[i], errors[i] = "quarantined", f"duplicate of {earlier}"
+                statuses[i], errors[i] = QUARANTINED, f"duplicate of {self._source_of(earlier)}"
                 changed = True
                 continue
-            for key in keys:
-                self.first.setdefault(key, source)
+            for key, stored in ((int(id_keys[j]), int(known_id[j])), (int(text_keys[j]), int(known_text[j]))):
+                if not stored and key not in seen:
+                    seen[key] = own
+                    claimed_keys.append(key)
+                    claimed_owners.append(own)
+        self._insert(np.array(claimed_keys, np.uint64), np.array(claimed_owners, np.uint64))
         if not changed:
             return batch
         batch = batch.set_column(batch.schema.get_field_index("status"), "status", pa.array(statuses, pa.string()))
         return batch.set_column(batch.schema.get_field_index("error"), "error", pa.array(errors, pa.string()))
 
+    def _buckets(self, keys: np.ndarray) -> np.ndarray:
+        return (keys % np.uint64(len(self.indexes))).astype(np.int64)
 
-def drop_duplicates(ds, output: Output | None = None):
-    """The dedup stage on a corpus dataset: one actor, never restarted empty (see the module docstring)."""
+    def _lookup(self, keys: np.ndarray) -> np.ndarray:
+        found = np.zeros(len(keys), np.uint64)
+        buckets = self._buckets(keys)
+        wanted = [(b, np.flatnonzero(buckets == b)) for b in range(len(self.indexes))]
+        refs = [self.indexes[b].lookup.remote(keys[where]) for b, where in wanted if len(where)]
+        for (b, where), result in zip([w for w in wanted if len(w[1])], ray.get(refs)):
+            found[where] = result
+        return found
+
+    def _insert(self, keys: np.ndarray, owners: np.ndarray) -> None:
+        if not len(keys):
+            return
+        buckets = self._buckets(keys)
+        ray.get([self.indexes[b].insert.remote(keys[buckets == b], owners[buckets == b])
+                 for b in range(len(self.indexes)) if (buckets == b).any()])
+
+    def _remember_sources(self, batch: pa.Table, shards: list) -> None:
+        for shard, row, source in zip(shards, batch["shard_row"].to_pylist(), batch["source"].to_pylist()):
+            self.sources.setdefault(shard, {})[row] = source
+        while len(self.sources) > 8:  # the recent shards only; older ones are read back when a message needs them
+            self.sources.pop(next(iter(self.sources)))
+
+    def _source_of(self, owner: int) -> str:
+        shard, row = self.shards.get(owner >> 32), owner & 0xFFFFFFFF
+        if shard is None:
+            return "an earlier row"
+        if row not in self.sources.get(shard, {}):  # a shard of an earlier run: read its sources once
+            table = self.manifest.read_shard(shard, ["shard_row", "source"])
+            if table is not None:
+                self.sources[shard] = dict(zip(table["shard_row"].to_pylist(), table["source"].to_pylist()))
+        return self.sources.get(shard, {}).get(row, "an earlier row")
+
+
+def start_index(manifest: Manifest, ordinals: dict[str, int], complete: list[str], open_parts: dict,
+                buckets: int) -> list:
+    """The index actors, loaded from the output; they live as long as the driver holds them."""
+    actor = ray.remote(num_cpus=READ_CPUS, max_restarts=0)(DuplicateIndex)
+    indexes = [actor.remote(b, buckets) for b in range(buckets)]
+    ray.get([index.load.remote(manifest, ordinals, complete, open_parts) for index in indexes])
+    return indexes
+
+
+def drop_duplicates(ds, indexes: list, manifest: Manifest, ordinals: dict[str, int]):
+    """The dedup stage on a corpus dataset: one filter actor, never restarted empty (see the module docstring)."""
     return ds.map_batches(
-        DuplicateFilter, fn_constructor_kwargs={"output": output}, batch_format="pyarrow", batch_size=None,
-        compute=ray.data.ActorPoolStrategy(size=1), num_cpus=READ_CPUS, max_restarts=0,
+        DuplicateFilter, fn_constructor_kwargs={"indexes": indexes, "manifest": manifest, "ordinals": ordinals},
+        batch_format="pyarrow", batch_size=None, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=READ_CPUS,
+        max_restarts=0,
     )

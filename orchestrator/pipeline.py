@@ -1,6 +1,9 @@
-"""The pipeline that ties the stages together on Ray Data: read -> score -> render -> rate -> sink, streamed.
+"""The pipeline that ties the stages together on Ray Data: read -> dedup -> score -> render -> rate -> sink.
 
-Called by the generate and collect jobs. The driver validates, plans resources, then only counts committed rows.
+Called by the generate and collect jobs. The driver checks everything it can before Ray starts (configuration,
+corpus, output, lease), then streams the run and keeps a ledger of the shards in flight: when every corpus row
+of a shard is delivered it compacts the shard into one object. Its memory and its start-up do not grow with
+what the output already holds: it reads one footer per complete shard, never their rows.
 """
 
 from __future__ import annotations
@@ -8,129 +11,109 @@ from __future__ import annotations
 import logging
 import os
 import time
+from dataclasses import dataclass
 
-import pyarrow.compute as pc
 import ray
 
-from actors import diffusion
 from actors.generator import GeneratorStage
-from actors.rater import RaterStage, validate_rater_spec
+from actors.rater import RaterStage
 from actors.scorer import ScorerStage
 from orchestrator.config import ConfigError, GenerateConfig
-from orchestrator.dedup import drop_duplicates
-from orchestrator.embedded import resolve_model
-from orchestrator.manifest import row_key
-from orchestrator.reader import READ_CPUS, read_corpus
+from orchestrator.corpus import CorpusFile, list_corpus
+from orchestrator.dedup import bucket_count, drop_duplicates, start_index
+from orchestrator.lease import Lease
+from orchestrator.ledger import ShardLedger
+from orchestrator.manifest import (DELIVERED, LAYOUT_VERSION, RUN_FILE, DamagedManifest, Manifest, ShardRecord,
+                                   split_shard_id)
+from orchestrator.plan import RunPlan, build_plan
+from orchestrator.reader import READ_CPUS, ReadSettings, read_corpus, split_limit
 from orchestrator.sink import write_unit
 from orchestrator.storage import Output, storage_error_in
+from orchestrator.summary import merge_stats, prompt_difficulty, shard_stats
 
 logger = logging.getLogger("seedsift")
-RUN_FILE = "run.json"
 SUMMARY_FILE = "summary.json"
 
 
-def prepare(config: GenerateConfig) -> tuple[Output, str]:
-    """Everything that can fail before compute: configuration, rater, model folder, output. Returns (output, model path)."""
-    config.validate()
-    try:
-        validate_rater_spec(config.rater)
-    except ValueError as exc:
-        raise ConfigError(f"--rater {config.rater}: {exc}") from exc
-    model_path = resolve_model(config.model)
-    default_width, default_height = diffusion.default_image_size(model_path)
-    config.width = config.width or default_width
-    config.height = config.height or default_height
-    try:
-        latent_shape = diffusion.latent_shape(model_path, config.height, config.width)
-    except ValueError as exc:
-        raise ConfigError(f"--width/--height: {exc}") from exc
-    if config.policy != "random" and not config.all_candidates:
-        config.predictor_digest = _check_predictor(config, model_path, latent_shape)
+@dataclass
+class OutputState:
+    """What the output held when the run started: complete shards (their records) and open parts."""
+
+    records: dict[str, ShardRecord]
+    open_parts: dict[str, list[str]]
+
+    @classmethod
+    def read(cls, manifest: Manifest) -> OutputState:
+        return cls(records=manifest.complete_records(), open_parts=manifest.open_parts())
+
+    @property
+    def committed_shards(self) -> frozenset:
+        return frozenset(self.records) | frozenset(self.open_parts)
+
+    def ordinals(self) -> dict[str, int]:
+        """A number for every shard the output holds, for the duplicate index (new shards get later numbers)."""
+        return {shard: i for i, shard in enumerate(sorted(self.committed_shards), start=1)}
+
+    def complete_frames(self) -> dict[str, dict]:
+        """{file key: {shard index: frame}} of complete shards, for the reader to skip."""
+        frames: dict[str, dict] = {}
+        for shard, record in self.records.items():
+            key, index = split_shard_id(shard)
+            frames.setdefault(key, {})[index] = record.frame
+        return frames
+
+    def delivered_rows(self) -> int:
+        return sum(sum(record.stats.get("by_status", {}).get(s, 0) for s in DELIVERED)
+                   for record in self.records.values())
+
+
+def prepare(config: GenerateConfig) -> tuple[RunPlan, list[CorpusFile], Manifest]:
+    """Everything that can fail before Ray starts: plan (model, size, predictor), corpus files, output."""
+    plan = build_plan(config)
+    files = list_corpus(config.prompts, config.storage_options)
     output = Output(config.out, config.storage_options)
     output.check_writable()
-    _check_run_file(output, config)
-    return output, model_path
+    return plan, files, Manifest(output)
 
 
-def budget_rule(config: GenerateConfig, trained) -> dict:
-    """The budget policy's threshold, calibrated on the predictor's recorded spreads so that the corpus-average
-    renders per prompt meet the budget; prompts stream, so the rule cannot look at the whole corpus first."""
-    from orchestrator.budget import calibrate_threshold
-
-    residual_std = float(trained.metrics.get("residual_std", 0.0))
-    residual_ratio = float(trained.metrics.get("residual_ratio", 0.0))
-    if not trained.spread_quantiles or (residual_std <= 0 and residual_ratio <= 0):
-        raise ConfigError("--policy budget: this predictor records no spread quantiles or residual error; "
-                          "retrain it with the current `seedsift train`")
-    threshold = calibrate_threshold(trained.spread_quantiles, config.budget, config.candidates, config.keep, 1,
-                                    residual_std, residual_ratio)
-    return {"threshold": threshold, "residual_std": residual_std, "residual_ratio": residual_ratio}
-
-
-def _check_predictor(config: GenerateConfig, model_path: str, latent_shape: tuple) -> str:
-    """Read the predictor once and refuse one trained for another pipeline, before any compute; returns its digest."""
-    from orchestrator.predictor import predictor_from_files, read_predictor_files, resolve_predictor, weights_digest
-
-    # Problems raise PredictorMismatch, a ConfigError naming where the predictor was read from.
-    location = resolve_predictor(config.predictor, config.model)
-    config.predictor_files = read_predictor_files(location, config.model, config.storage_options)
-    # Built once here, so a damaged or mismatched predictor stops the run before any actor starts.
-    trained = predictor_from_files(config.predictor_files, model_path, config.height, config.width,
-                                   source=location).config
-    differences = {k: (trained.pipeline.get(k), getattr(config, k)) for k in ("steps", "guidance")
-                   if trained.pipeline.get(k) not in (None, getattr(config, k))}
-    if differences:
-        logger.warning("predictor %s was trained at %s; this run uses other settings: its ranking may be weaker",
-                       location, ", ".join(f"{k}={a} (run: {b})" for k, (a, b) in differences.items()))
-    if config.policy == "budget" and config.budget is not None:
-        config.budget_rule = budget_rule(config, trained)
-    return weights_digest(config.predictor_files)
-
-
-def _check_run_file(output: Output, config: GenerateConfig) -> None:
-    """Refuse to mix two run configurations in one output; write run.json for a new output."""
-    if output.exists(RUN_FILE):
-        previous = output.read_json(RUN_FILE)
-        if previous.get("fingerprint") != config.fingerprint():
-            old, new = previous.get("fingerprint_fields", {}), config.fingerprint_fields()
-            changed = ", ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in new if old.get(k) != new[k])
-            raise ConfigError(
-                f"{output.uri} holds a run with another configuration ({changed}); resuming would mix images "
-                "from two configurations. Write to a new --out, or rerun with the earlier settings."
-            )
+def check_run_file(manifest: Manifest, plan: RunPlan) -> None:
+    """Refuse to mix two run configurations or two layouts in one output; write run.json for a new output."""
+    output = manifest.output
+    previous = manifest.read_run()
+    layout = {"version": LAYOUT_VERSION, **plan.config.layout_fields()}
+    if previous is None:
+        if manifest.legacy_parts():
+            raise ConfigError(f"{output.uri} holds manifest parts but no {RUN_FILE}; it is not a seedsift output "
+                              "this version can continue. Write to a new --out")
+        output.write_json(RUN_FILE, {
+            "fingerprint": plan.fingerprint,
+            "fingerprint_fields": plan.fingerprint_fields,
+            "layout": layout,
+            "config": plan.config.public_dict(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        })
         return
-    output.write_json(RUN_FILE, {
-        "fingerprint": config.fingerprint(),
-        "fingerprint_fields": config.fingerprint_fields(),
-        "config": config.public_dict(),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    })
-
-
-def committed_pairs(output: Output) -> set[tuple[str, str]]:
-    """Row keys of every committed row that needs no more work (failed rows are retried); a column read."""
-    table = output.read_tables(output.list_keys("manifest", ".parquet"), ["prompt_id", "seed", "source", "status"])
-    if table is None:
-        return set()
-    table = table.filter(pc.is_in(table["status"], value_set=pc.cast(["ok", "quarantined"], table["status"].type)))
-    columns = [table[name].to_pylist() for name in ("prompt_id", "seed", "source")]
-    return {row_key(prompt_id, seed, source) for prompt_id, seed, source in zip(*columns)}
-
-
-def resolve_image_budget(config: GenerateConfig) -> None:
-    """--budget-images: a counting pass over the corpus (reading only) turns the total into renders per prompt."""
-    from orchestrator.predictor import read_config
-
-    prompts = 0
-    for batch in read_corpus(config.prompts, config.storage_options, config.limit, config.sample).iter_batches(
-            batch_format="pyarrow", batch_size=None):
-        prompts += batch["status"].to_pylist().count("ok")
-    if prompts == 0:
-        raise ConfigError(f"--prompts {config.prompts}: no usable prompt to spend --budget-images on")
-    config.budget = min(float(config.keep), max(1.0, config.budget_images / prompts))
-    logger.info("budget: %d images over %d prompts = %.3f renders per prompt", config.budget_images, prompts,
-                config.budget)
-    config.budget_rule = budget_rule(config, read_config(config.predictor_files))
+    recorded = previous.get("layout")
+    if recorded is None or manifest.legacy_parts():
+        raise ConfigError(
+            f"{output.uri} was written by seedsift 0.1, which committed one manifest part per 16 rows; this version "
+            "keeps a sharded manifest and cannot continue it. Write to a new --out (the old output stays readable: "
+            "seedsift verify, reproduce and manifest read it)")
+    if recorded.get("version") != LAYOUT_VERSION:
+        raise ConfigError(f"{output.uri} has manifest layout {recorded.get('version')}; this seedsift writes "
+                          f"layout {LAYOUT_VERSION}. Use the seedsift that wrote it, or a new --out")
+    changed = {k: (recorded.get(k), v) for k, v in layout.items() if recorded.get(k) != v}
+    if changed:
+        raise ConfigError(f"{output.uri} is laid out with " + ", ".join(f"{k}={a!r}" for k, (a, _) in changed.items())
+                          + "; this run asks for " + ", ".join(f"{k}={b!r}" for k, (_, b) in changed.items())
+                          + ". An output keeps its layout: rerun with the earlier values, or write to a new --out")
+    if previous.get("fingerprint") != plan.fingerprint:
+        old, new = previous.get("fingerprint_fields", {}), plan.fingerprint_fields
+        changed = ", ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in new if old.get(k) != new[k])
+        raise ConfigError(
+            f"{output.uri} holds a run with another configuration ({changed}); resuming would mix images "
+            "from two configurations. Write to a new --out, or rerun with the earlier settings."
+        )
 
 
 def connect_ray(address: str | None) -> None:
@@ -148,7 +131,13 @@ def connect_ray(address: str | None) -> None:
         ray.init(address="local", num_cpus=(os.cpu_count() or 1) + 2)
 
 
-def plan_resources(config: GenerateConfig) -> dict:
+@dataclass(frozen=True)
+class Resources:
+    generator_gpus: float
+    generator_cpus: float
+
+
+def plan_resources(config: GenerateConfig) -> Resources:
     """Per-generator GPUs and CPUs: a whole GPU each where the cluster has GPUs, the cores otherwise."""
     resources = ray.cluster_resources()
     gpus = config.generator_gpus
@@ -161,58 +150,37 @@ def plan_resources(config: GenerateConfig) -> dict:
     cpus = config.generator_cpus
     if cpus is None:
         cpus = 2.0 if gpus > 0 else max(1.0, (resources.get("CPU", 1) - 2) // config.generators)
-    return {"generator_gpus": gpus, "generator_cpus": cpus}
+    return Resources(generator_gpus=gpus, generator_cpus=cpus)
 
 
-def scorer_prompts_per_block(config: GenerateConfig) -> int:
-    """Prompts per scorer call, sized by the rows it emits (k per prompt, or all N when collecting).
-
-    A generator task renders a whole scorer block before any row moves on: blocks of about one round of generator
-    batches commit rows early and spread a small corpus over several generators. Counting rows, not prompts, also
-    bounds a block's memory: an SDXL row carries about 1.3 MB of embeddings, so 32 prompts x 20 collected
-    candidates would make an 800 MB block.
-    """
-    rows_per_prompt = config.candidates if config.all_candidates else config.keep
-    rows_per_block = min(config.scorer_batch_size, config.batch_size * config.generators)
-    return max(1, rows_per_block // rows_per_prompt)
+def count_usable_prompts(plan: RunPlan, files: list[CorpusFile]) -> int:
+    """--budget-images: a counting pass over the corpus (reading only)."""
+    config = plan.config
+    settings = ReadSettings(config.shard_size, config.sample, None, config.storage_options)
+    prompts = 0
+    for batch in read_corpus(files, settings, limits=split_limit(files, config.limit, config.storage_options)
+                             ).iter_batches(batch_format="pyarrow", batch_size=None):
+        prompts += batch["status"].to_pylist().count("ok")
+    return prompts
 
 
-def build_dataset(config: GenerateConfig, output: Output, model_path: str, done: set | None = None):
-    """The lazy Ray dataset of committed manifest rows for a run."""
+def build_dataset(plan: RunPlan, manifest: Manifest, state: OutputState, files: list[CorpusFile], indexes: list,
+                  ordinals: dict[str, int]):
+    """The lazy Ray dataset of a run: one accounting row per row that reached the sink."""
+    config = plan.config
     resources = plan_resources(config)
-    identity = diffusion.model_identity(model_path)
-    run_fields = {
-        "model": config.model,
-        "scheduler": identity["scheduler"],
-        "steps": config.steps,
-        "guidance": config.guidance,
-        "width": config.width,
-        "height": config.height,
-        "policy": "all" if config.all_candidates else config.policy,
-        "rater": config.rater,
-        "run_id": config.fingerprint(),
-    }
-    done_ref = ray.put(done or set())
     # Scorer actors on any node get the predictor from the object store, not from a path only the driver sees.
-    predictor_ref, predictor_source = None, ""
-    if config.predictor_files:
-        from orchestrator.predictor import resolve_predictor
-
-        predictor_ref = ray.put(config.predictor_files)
-        predictor_source = resolve_predictor(config.predictor, config.model)
-    ds = read_corpus(config.prompts, config.storage_options, config.limit, config.sample)
-    ds = drop_duplicates(ds, output)  # later copies of a prompt id or text become quarantined rows
+    predictor_ref = ray.put(plan.predictor.files) if plan.predictor else None
+    settings = ReadSettings(config.shard_size, config.sample, None, config.storage_options)
+    ds = read_corpus(files, settings, state.complete_frames(), split_limit(files, config.limit, config.storage_options))
+    ds = drop_duplicates(ds, indexes, manifest, ordinals)  # later copies of a prompt id or text: quarantined rows
     ds = ds.map_batches(
         ScorerStage,
-        fn_constructor_args=(config.model,),
-        fn_constructor_kwargs=dict(
-            run_seed=config.seed, candidates=config.candidates, keep=config.keep, policy=config.policy,
-            guidance=config.guidance, height=config.height, width=config.width,
-            predictor_files=[predictor_ref], predictor_source=predictor_source,
-            all_candidates=config.all_candidates, budget_rule=config.budget_rule,
-            num_threads=max(1, int(config.scorer_cpus)), done=[done_ref],
-        ),
-        batch_format="numpy", batch_size=scorer_prompts_per_block(config),
+        fn_constructor_args=(plan.scoring(),),
+        fn_constructor_kwargs=dict(predictor_files=[predictor_ref], manifest=manifest,
+                                   committed_shards=state.committed_shards,
+                                   num_threads=max(1, int(config.scorer_cpus))),
+        batch_format="numpy", batch_size=plan.scoring().prompts_per_call,
         compute=ray.data.ActorPoolStrategy(size=config.scorers),
         num_cpus=config.scorer_cpus,
     )
@@ -220,11 +188,11 @@ def build_dataset(config: GenerateConfig, output: Output, model_path: str, done:
         GeneratorStage,
         fn_constructor_args=(config.model,),
         fn_constructor_kwargs=dict(
-            steps=config.steps, guidance=config.guidance, height=config.height, width=config.width,
-            num_threads=max(1, int(resources["generator_cpus"])),
+            steps=config.steps, guidance=config.guidance, height=plan.height, width=plan.width,
+            num_threads=max(1, int(resources.generator_cpus)),
         ),
         batch_format="numpy", batch_size=config.batch_size, compute=ray.data.ActorPoolStrategy(size=config.generators),
-        num_cpus=resources["generator_cpus"], num_gpus=resources["generator_gpus"],
+        num_cpus=resources.generator_cpus, num_gpus=resources.generator_gpus,
     )
     ds = ds.map_batches(
         RaterStage,
@@ -233,115 +201,178 @@ def build_dataset(config: GenerateConfig, output: Output, model_path: str, done:
         batch_format="numpy", batch_size=config.batch_size, compute=ray.data.ActorPoolStrategy(size=1),
         num_cpus=config.rater_cpus, num_gpus=config.rater_gpus,
     )
-    ds = ds.map_batches(
+    return ds.map_batches(
         write_unit,
-        fn_kwargs=dict(output=output, run_fields=run_fields, image_format=config.image_format,
-                       save_images=config.save_images),
+        fn_kwargs=dict(manifest=manifest, run_fields=plan.run_fields, image_format=config.image_format,
+                       image_output=config.image_output, save_images=config.save_images),
         batch_format="numpy", batch_size=max(config.batch_size, 16), num_cpus=READ_CPUS,
     )
-    return ds
+
+
+def start_stream(plan: RunPlan, files: list[CorpusFile], manifest: Manifest, state: OutputState):
+    """The duplicate index, loaded from the output, and the run's dataset; returns (dataset, index actors)."""
+    ordinals = state.ordinals()
+    committed = state.delivered_rows() + sum(len(p) for p in state.open_parts.values()) * plan.config.batch_size
+    buckets = plan.config.dedup_buckets or bucket_count(2 * committed)
+    indexes = start_index(manifest, ordinals, sorted(state.records), state.open_parts, buckets)
+    return build_dataset(plan, manifest, state, files, indexes, ordinals), indexes
+
+
+@ray.remote(num_cpus=READ_CPUS, max_retries=3)
+def _compact(manifest: Manifest, shard: str, frame, image_format: str, shard_images: int) -> ShardRecord | None:
+    return manifest.compact(shard, frame, image_format, shard_images)
+
+
+class Compactions:
+    """Shard compactions running as Ray tasks beside the stream; at most one at a time per shard."""
+
+    def __init__(self, manifest: Manifest, config: GenerateConfig):
+        self.manifest, self.config = manifest, config
+        self.running: dict = {}  # ObjectRef -> shard
+        self.queued: dict[str, object] = {}  # shard -> frame, waiting for its running compaction
+        self.records: dict[str, ShardRecord] = {}
+
+    def submit(self, shard: str, frame=None) -> None:
+        if shard in self.running.values():
+            self.queued[shard] = frame
+            return
+        ref = _compact.remote(self.manifest, shard, frame, self.config.image_format, self.config.shard_images)
+        self.running[ref] = shard
+
+    def collect(self, wait: bool = False) -> None:
+        while self.running:
+            ready, _ = ray.wait(list(self.running), num_returns=len(self.running) if wait else 1,
+                                timeout=None if wait else 0)
+            if not ready:
+                return
+            for ref in ready:
+                shard = self.running.pop(ref)
+                record = ray.get(ref)
+                if record is not None:
+                    self.records[shard] = record
+                if shard in self.queued:
+                    self.submit(shard, self.queued.pop(shard))
 
 
 def run(config: GenerateConfig) -> dict:
     """Run a generate (or collect) job to the end and return its summary, also written to OUT/summary.json."""
     started = time.time()
-    output, model_path = prepare(config)
-    output.sweep_temporaries()  # left by writers of a killed run; runs into one output never overlap
-    done = committed_pairs(output)
-    connect_ray(config.address)
-    if config.policy == "budget" and config.budget is None:
-        resolve_image_budget(config)
-    ds = build_dataset(config, output, model_path, done)
-    this_run = {"rows": 0, "images": 0, "failed": 0, "quarantined": 0}
+    plan, files, manifest = prepare(config)
+    lease = Lease(manifest.output, config.lease_seconds)
+    lease.acquire(wait=config.wait)  # before Ray: a second run into a held output stops here, in seconds
     try:
-        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            statuses = batch["status"].to_pylist()
-            this_run["rows"] += len(statuses)
-            this_run["images"] += statuses.count("ok")
-            this_run["failed"] += statuses.count("failed")
-            this_run["quarantined"] += statuses.count("quarantined")
+        check_run_file(manifest, plan)
+        manifest.output.sweep_temporaries()  # left by writers of a killed run; we hold the lease, nobody else writes
+        lease.start_heartbeat()
+        state = OutputState.read(manifest)
+        connect_ray(config.address)
+        if config.policy == "budget" and plan.budget_per_prompt is None:
+            plan = plan.with_budget(count_usable_prompts(plan, files))
+        return _stream(plan, files, manifest, state, lease, started)
+    except DamagedManifest as exc:
+        raise ConfigError(f"{exc}; `seedsift verify --out {config.out}` names every damaged object") from exc
+    finally:
+        lease.release()
+
+
+def _stream(plan: RunPlan, files: list[CorpusFile], manifest: Manifest, state: OutputState, lease: Lease,
+            started: float) -> dict:
+    config = plan.config
+    compactions = Compactions(manifest, config)
+    for shard in sorted(set(state.records) & set(state.open_parts)):
+        compactions.submit(shard)  # parts left beside a complete shard by a kill during its compaction
+    ds, indexes = start_stream(plan, files, manifest, state)  # the driver holds the index actors for the run
+    ledger = ShardLedger()
+    first_commit = None
+    try:
+        for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+            lease.check()
+            for shard, frame in ledger.add(batch):
+                compactions.submit(shard, frame)
+            if first_commit is None and ledger.totals["rows"]:
+                first_commit = time.time() - _process_started()
+            compactions.collect()
+        compactions.collect(wait=True)
     except Exception as exc:
         # An outage longer than the storage retries: one line naming the output, and the rerun resumes.
         cause = storage_error_in(exc)
         if cause is not None:
             raise cause from exc
         raise
-    wall = time.time() - started
-    summary = summarise(output, config, this_run, wall, skipped=len(done))
-    output.write_json(SUMMARY_FILE, summary)
+    summary_started = time.time()
+    summary = summarise(manifest, plan, state, compactions.records, ledger, started, first_commit)
+    summary["this_run"]["summary_s"] = round(time.time() - summary_started, 3)
+    manifest.output.write_json(SUMMARY_FILE, summary)
     return summary
 
 
-def summarise(output: Output, config: GenerateConfig, this_run: dict, wall: float, skipped: int) -> dict:
-    """Totals over every committed row of the output, plus what this run did."""
-    table = output.read_tables(output.list_keys("manifest", ".parquet"),
-                               ["prompt_id", "prompt", "seed", "status", "prompt_predicted_mean", "prompt_predicted_std"])
-    statuses = table["status"].to_pylist() if table is not None else []
-    prompt_ids = table["prompt_id"].to_pylist() if table is not None else []
-    seeds = table["seed"].to_pylist() if table is not None else []
-    # A failed row whose (prompt_id, seed) was delivered by a later run is history, not a failure.
-    delivered, failed, ok_prompts = set(), set(), set()
-    quarantined = 0
-    for prompt_id, seed, status in zip(prompt_ids, seeds, statuses):
-        if status == "quarantined":
-            quarantined += 1
-            continue
-        ok_prompts.add(prompt_id)
-        if status == "ok":
-            delivered.add((prompt_id, seed))
-        elif status == "failed":
-            failed.add((prompt_id, seed))
-    images = statuses.count("ok")
-    difficulty = prompt_difficulty(table) if table is not None else None
+def summarise(manifest: Manifest, plan: RunPlan, state: OutputState, new_records: dict[str, ShardRecord],
+              ledger: ShardLedger, started: float, first_commit: float | None) -> dict:
+    """Totals over every committed row of the output, folded from shard statistics, plus what this run did."""
+    config = plan.config
+    records = {**state.records, **new_records}
+    open_shards = sorted(set(manifest.open_parts()) - set(new_records))
+    stats = [record.stats for shard, record in records.items() if shard not in open_shards]
+    for shard in open_shards:  # shards still open (failed rows, or a grown shard not done): read their parts
+        table = manifest.read_shard(shard)
+        if table is not None:
+            stats.append(shard_stats(table))
+    total = merge_stats(stats)
+    wall = time.time() - started
+    images, prompts = total["images"], total["prompts"]
     steps_spent = images * config.steps
-    best_of_n_steps = len(ok_prompts) * config.candidates * config.steps
+    best_of_n_steps = prompts * config.candidates * config.steps
     return {
-        "output": output.uri,
-        "run_id": config.fingerprint(),
-        "prompts": len(ok_prompts),
-        "prompts_quarantined": quarantined,
+        "output": manifest.output.uri,
+        "run_id": plan.fingerprint,
+        "prompts": prompts,
+        "prompts_quarantined": total["by_status"].get("quarantined", 0),
         "images": images,
-        "failures": len(failed - delivered),
+        "failures": total["failures"],
         "candidates_per_prompt": config.candidates,
-        "kept_per_prompt": config.candidates if config.all_candidates else config.keep,
+        "kept_per_prompt": config.rows_per_prompt,
         "denoising_steps_spent": steps_spent,
         "denoising_steps_best_of_n": best_of_n_steps,
         "steps_saved_vs_best_of_n": 1 - steps_spent / best_of_n_steps if best_of_n_steps else 0.0,
-        "prompt_difficulty": difficulty,
+        "prompt_difficulty": prompt_difficulty(total),
+        "quarantine_reasons": total["quarantine_reasons"],
+        "failure_reasons": total["failure_reasons"],
+        "score": total["score"],
+        "warnings": list(plan.warnings),
         "budget": None if config.policy != "budget" else {
-            "renders_per_prompt_target": config.budget,
-            "renders_per_prompt_spent": round(images / len(ok_prompts), 4) if ok_prompts else 0.0,
-            "threshold": config.budget_rule["threshold"] if config.budget_rule else None,
+            "renders_per_prompt_target": plan.budget_per_prompt,
+            "renders_per_prompt_spent": round(images / prompts, 4) if prompts else 0.0,
+            "threshold": plan.budget_rule["threshold"] if plan.budget_rule else None,
         },
+        "shards": {"complete": len(records) - len(set(open_shards) & set(records)), "open": len(open_shards),
+                   "shard_size": config.shard_size},
         "this_run": {
-            **this_run,
-            "skipped_already_committed": skipped,
+            **{k: ledger.totals[k] for k in ("rows", "images", "failed", "quarantined")},
+            "skipped_already_committed": state.delivered_rows() + ledger.totals["skipped"],
+            "shards_completed": len(new_records),
             "wall_time_s": round(wall, 2),
-            "images_per_s": round(this_run["images"] / wall, 3) if wall > 0 else 0.0,
+            "first_commit_s": round(first_commit, 2) if first_commit is not None else None,  # from process start
+            "driver_peak_mb": _peak_rss_mb(),
+            "images_per_s": round(ledger.totals["images"] / wall, 3) if wall > 0 else 0.0,
         },
     }
 
 
-def prompt_difficulty(table, listed: int = 10) -> dict | None:
-    """Per-prompt feedback from the predictor: how good its seeds look (mean) and how much choosing gains (spread).
 
-    The per-prompt values are in the manifest (prompt_predicted_mean/std); the summary keeps their distribution
-    and the prompts worth a look, so it stays small at a million prompts.
-    """
-    frame = table.select(["prompt_id", "prompt", "prompt_predicted_mean", "prompt_predicted_std"]).to_pandas()
-    frame = frame.dropna(subset=["prompt_predicted_mean"]).drop_duplicates("prompt_id")
-    if frame.empty:
-        return None
-    quantiles = [0.1, 0.5, 0.9]
+def _process_started() -> float:
+    """When this process started (wall clock): start-up is measured from there, as a user waits for it."""
+    import psutil
 
-    def listing(rows) -> list[dict]:
-        return [{"prompt_id": r.prompt_id, "prompt": r.prompt, "predicted_mean": round(r.prompt_predicted_mean, 4),
-                 "predicted_spread": round(r.prompt_predicted_std, 4)} for r in rows.itertuples()]
+    return psutil.Process().create_time()
 
-    return {
-        "prompts": len(frame),
-        "predicted_mean_quantiles": dict(zip(map(str, quantiles), frame.prompt_predicted_mean.quantile(quantiles).round(4))),
-        "predicted_spread_quantiles": dict(zip(map(str, quantiles), frame.prompt_predicted_std.quantile(quantiles).round(4))),
-        "hardest_prompts": listing(frame.nsmallest(listed, "prompt_predicted_mean")),
-        "most_seed_sensitive_prompts": listing(frame.nlargest(listed, "prompt_predicted_std")),
-    }
+
+def _peak_rss_mb() -> float | None:
+    """This process's peak resident memory (VmHWM), in MB; None where /proc is not available."""
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return None

@@ -1,65 +1,293 @@
-"""Corpus reading on Ray Data: a streaming datasource for txt/jsonl/csv/tsv and Ray's parquet reader for parquet.
+"""Corpus reading on Ray Data: each file is streamed by one read task and cut into shards of `shard_size` rows.
 
-First stage of the flow; rows come out in blocks of the corpus schema, quarantined rows included.
+First stage of the flow. Every row carries its shard (file and number), its place in the shard and the shard's
+frame (the byte or row range it covers, with a digest). A shard the manifest records as complete is skipped
+without parsing: its bytes are hashed and compared with the record, so the cost of a rerun does not grow with
+what the output already holds, and an edited shard is noticed and read again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
 
-import fsspec
 import pyarrow as pa
-import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import ray
-from ray.data.datasource import FileBasedDatasource
+from ray.data.block import BlockMetadata
+from ray.data.datasource import Datasource, ReadTask
 
-from orchestrator.corpus import CORPUS_SCHEMA, corpus_format, in_sample, parse_lines, parse_table, rows_to_blocks
+from orchestrator.corpus import (CORPUS_SCHEMA, CorpusFile, delimited_header, id_digest, in_sample,
+                                 open_corpus_file, parquet_columns, parse_lines, parse_table, text_digest)
+from orchestrator.images import safe_key
+from orchestrator.manifest import ShardFrame, shard_id
 
+logger = logging.getLogger("seedsift")
 READ_CPUS = 0.25  # reading is I/O bound; a whole core would starve the model stages on small machines
+HASH_CHUNK = 1 << 20
+
+# The corpus schema plus the shard bookkeeping every later stage carries.
+READ_SCHEMA = pa.schema(
+    list(CORPUS_SCHEMA)
+    + [
+        ("shard", pa.string()),
+        ("shard_row", pa.int32()),  # the row's place among the shard's rows (quarantined rows count)
+        ("shard_rows", pa.int32()),  # rows the shard holds in this read
+        ("shard_base", pa.int32()),  # its first rows, complete already and not read again (a shard that grew)
+        ("shard_frame", pa.string()),  # the ShardFrame as JSON: what the shard object will record
+        ("prompt_key", pa.uint64()),
+        ("text_key", pa.uint64()),
+    ]
+)
 
 
-class CorpusTextDatasource(FileBasedDatasource):
-    """Streams one text corpus file line by line into bounded blocks; bad lines become quarantined rows."""
-
-    def __init__(self, paths, fmt: str, display_name: str, **kwargs):
-        super().__init__(paths, **kwargs)
-        self.fmt = fmt
-        self.display_name = display_name
-
-    def _read_stream(self, f: pa.NativeFile, path: str):
-        yield from rows_to_blocks(parse_lines(io.BufferedReader(f), self.fmt, self.display_name))
+def file_key(name: str) -> str:
+    """The name a corpus file's shards go by in the manifest: safe for any store, unique per file name."""
+    readable = name.replace("/", "__")
+    return readable if safe_key(readable.replace(".", "_")) == readable.replace(".", "_") and not readable.startswith(".") \
+        else safe_key(readable.replace(".", "_"))
 
 
-def _normalise_parquet(table: pa.Table, display_name: str) -> pa.Table:
-    return pa.Table.from_pylist(list(parse_table(table, display_name)), schema=CORPUS_SCHEMA)
+@dataclass(frozen=True)
+class ReadSettings:
+    shard_size: int
+    sample: float | None = None
+    limit: int | None = None  # rows of this file to read at most (the driver splits --limit over the files)
+    storage_options: dict | None = None
 
 
-def arrow_filesystem(uri: str, storage_options: dict | None) -> tuple[pafs.FileSystem, str]:
-    """A pyarrow filesystem over fsspec, so s3:// reads use the same endpoint and credential chain as writes."""
-    fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
-    if "local" in type(fs).__name__.lower():
-        return pafs.LocalFileSystem(), path
-    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+class _LineStream:
+    """Raw lines of a binary stream with the byte position after each, and the bytes they came from."""
+
+    def __init__(self, raw):
+        self._raw = io.BufferedReader(raw) if not hasattr(raw, "peek") else raw
+        self._pending = b""
+        self.position = 0
+        self.line = 0  # number of the last line read with readline (set by the caller after skipping bytes)
+        self.hasher = None  # set by the framing loop: hashes every byte read while set
+
+    def read_exact(self, size: int) -> bytes:
+        chunks, remaining = [], size
+        if self._pending:
+            chunks.append(self._pending[:remaining])
+            self._pending = self._pending[len(chunks[0]):]
+            remaining -= len(chunks[0])
+        while remaining > 0:
+            chunk = self._raw.read(min(HASH_CHUNK, remaining))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            remaining -= len(chunk)
+        data = b"".join(chunks)
+        self._advance(data)
+        return data
+
+    def unread(self, data: bytes) -> None:
+        self._pending = data + self._pending
+        self.position -= len(data)
+
+    def readline(self) -> bytes:
+        if self._pending:
+            cut = self._pending.find(b"\n")
+            if cut < 0:
+                line, self._pending = self._pending + self._raw.readline(), b""
+            else:
+                line, self._pending = self._pending[:cut + 1], self._pending[cut + 1:]
+        else:
+            line = self._raw.readline()
+        if line:
+            self.line += 1
+        self._advance(line)
+        return line
+
+    def _advance(self, data: bytes) -> None:
+        self.position += len(data)
+        if self.hasher is not None:
+            self.hasher.update(data)
+
+    def lines(self) -> Iterator[bytes]:
+        while True:
+            line = self.readline()
+            if not line:
+                return
+            yield line
 
 
-def _keep_sample(table: pa.Table, fraction: float) -> pa.Table:
-    mask = [in_sample(prompt_id, fraction) for prompt_id in table["prompt_id"].to_pylist()]
-    return table.filter(pa.array(mask, type=pa.bool_()))
+def _digest(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
-def read_corpus(uri: str, storage_options: dict | None = None, limit: int | None = None,
-                sample: float | None = None) -> ray.data.Dataset:
-    """A Ray dataset of corpus rows; the driver only lists the file, workers stream it."""
-    fmt = corpus_format(uri)
-    filesystem, path = arrow_filesystem(uri, storage_options)
-    if fmt == "parquet":
-        ds = ray.data.read_parquet(path, filesystem=filesystem, num_cpus=READ_CPUS)
-        ds = ds.map_batches(_normalise_parquet, batch_format="pyarrow", fn_kwargs={"display_name": uri},
-                            num_cpus=READ_CPUS, batch_size=None)
-    else:
-        source = CorpusTextDatasource(path, fmt, uri, filesystem=filesystem)
-        ds = ray.data.read_datasource(source, num_cpus=READ_CPUS)
-    if sample is not None and sample < 1:
-        ds = ds.map_batches(_keep_sample, batch_format="pyarrow", fn_kwargs={"fraction": sample},
-                            num_cpus=READ_CPUS, batch_size=None)
-    return ds.limit(limit) if limit else ds
+def _shard_table(rows: list[dict], shard: str, base: int, frame: ShardFrame) -> pa.Table:
+    count = base + len(rows)
+    frame_json = frame.to_json()
+    for position, row in enumerate(rows, start=base):
+        row.update(shard=shard, shard_row=position, shard_rows=count, shard_base=base, shard_frame=frame_json,
+                   prompt_key=id_digest(row["prompt_id"]) if row["status"] == "ok" else 0,
+                   text_key=text_digest(row["prompt"]) if row["status"] == "ok" else 0)
+    return pa.Table.from_pylist(rows, schema=READ_SCHEMA)
+
+
+def read_text_shards(corpus_file: CorpusFile, complete: dict[int, ShardFrame], settings: ReadSettings
+                     ) -> Iterator[pa.Table]:
+    """The shards of one txt/jsonl/csv/tsv file that need work, one table each (complete ones skipped unread)."""
+    key = file_key(corpus_file.name)
+    budget = settings.limit
+    with open_corpus_file(corpus_file, settings.storage_options) as raw:
+        stream = _LineStream(raw)
+        header = None
+        if corpus_file.fmt in ("csv", "tsv"):
+            first = stream.readline()
+            if not first:
+                return
+            header = delimited_header(first, corpus_file.name, "," if corpus_file.fmt == "csv" else "\t")
+        index = 0
+        while budget is None or budget > 0:
+            start, base, first_line = stream.position, 0, stream.line + 1
+            hasher = hashlib.blake2b(digest_size=16)
+            known = complete.get(index)
+            if known is not None and known.start == start:
+                data = stream.read_exact(known.end - known.start)
+                if len(data) == known.end - known.start and _digest(data) == known.digest:
+                    stream.line = known.end_line
+                    if known.rows >= settings.shard_size:
+                        index += 1
+                        continue
+                    hasher.update(data)  # a tail shard that was complete at the end of the file: it may grow
+                    base, first_line = known.rows, known.first_line
+                else:
+                    logger.warning("%s changed in shard %d (bytes %d-%d) since it was rendered: reading it again; "
+                                   "rows already delivered are not rendered twice", corpus_file.name, index,
+                                   known.start, known.end)
+                    stream.unread(data)
+            stream.hasher = hasher
+            rows = []
+            wanted = settings.shard_size - base
+            if budget is not None:
+                wanted = min(wanted, budget)
+            for record in parse_lines(stream.lines(), corpus_file.fmt, corpus_file.name, stream.line + 1, header):
+                if settings.sample is not None and not in_sample(record["prompt_id"], settings.sample):
+                    continue
+                rows.append(record)
+                if len(rows) >= wanted:
+                    break
+            stream.hasher = None
+            if not rows:
+                return
+            # The parser reads no further than the last line of the row it yields (or to the end of the file, whose
+            # trailing blank lines then belong to the last shard), so the bytes hashed are exactly [start, end).
+            frame = ShardFrame(file=corpus_file.name, index=index, rows=base + len(rows), start=start,
+                               end=stream.position, first_line=first_line, end_line=stream.line,
+                               digest=hasher.hexdigest())
+            yield _shard_table(rows, shard_id(key, index), base, frame)
+            if budget is not None:
+                budget -= len(rows)
+            if len(rows) < wanted:
+                return
+            index += 1
+
+
+def parquet_identity(corpus_file: CorpusFile, storage_options: dict | None) -> str:
+    """What identifies a parquet corpus file's content: its size and modification time or ETag."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(corpus_file.uri, **(storage_options or {}))
+    info = fs.info(path)
+    stamp = info.get("ETag") or info.get("mtime") or info.get("LastModified") or info.get("created") or ""
+    return f"{info.get('size')}:{stamp}"
+
+
+def read_parquet_shards(corpus_file: CorpusFile, complete: dict[int, ShardFrame], settings: ReadSettings
+                        ) -> Iterator[pa.Table]:
+    """The shards of one parquet file that need work; a file's shards are fixed row ranges of it."""
+    key = file_key(corpus_file.name)
+    identity = parquet_identity(corpus_file, settings.storage_options)
+    budget = settings.limit
+    with open_corpus_file(corpus_file, settings.storage_options) as handle:
+        parquet = pq.ParquetFile(handle)
+        prompt_col, id_col = parquet_columns(parquet.schema_arrow.names, corpus_file.name)
+        columns = [prompt_col] + ([id_col] if id_col else [])
+        total = parquet.metadata.num_rows
+        group_starts, position = [], 0
+        for group in range(parquet.num_row_groups):
+            group_starts.append(position)
+            position += parquet.metadata.row_group(group).num_rows
+        index = 0
+        while index * settings.shard_size < total and (budget is None or budget > 0):
+            start = index * settings.shard_size
+            end = min(total, start + settings.shard_size)
+            digest = _digest(f"{identity}:{start}:{end}".encode())
+            known = complete.get(index)
+            if known is not None and known.digest == digest:
+                index += 1
+                continue
+            groups = [g for g, first in enumerate(group_starts)
+                      if first < end and first + parquet.metadata.row_group(g).num_rows > start]
+            table = parquet.read_row_groups(groups, columns=columns)
+            table = table.slice(start - group_starts[groups[0]], end - start)
+            rows = [r for r in parse_table(table, corpus_file.name, start)
+                    if settings.sample is None or in_sample(r["prompt_id"], settings.sample)]
+            if budget is not None:
+                rows = rows[:budget]
+                budget -= len(rows)
+            if rows:
+                frame = ShardFrame(file=corpus_file.name, index=index, rows=len(rows), start=start, end=end,
+                                   first_line=start, end_line=end - 1, digest=digest)
+                yield _shard_table(rows, shard_id(key, index), 0, frame)
+            index += 1
+
+
+class CorpusDatasource(Datasource):
+    """One read task per corpus file, each yielding the file's shards that need work."""
+
+    def __init__(self, files: list[CorpusFile], complete: dict[str, dict[int, ShardFrame]], settings: ReadSettings,
+                 limits: dict[str, int] | None = None):
+        self.files = files
+        self.complete = complete  # {file key: {shard index: frame}} of the shards the manifest holds complete
+        self.settings = settings
+        self.limits = limits or {}
+
+    def estimate_inmemory_data_size(self) -> int | None:
+        return None
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None, **_) -> list[ReadTask]:
+        tasks = []
+        for corpus_file in self.files:
+            if corpus_file.name in self.limits and self.limits[corpus_file.name] <= 0:
+                continue
+            settings = ReadSettings(self.settings.shard_size, self.settings.sample,
+                                    self.limits.get(corpus_file.name), self.settings.storage_options)
+            complete = self.complete.get(file_key(corpus_file.name), {})
+            read = read_parquet_shards if corpus_file.fmt == "parquet" else read_text_shards
+            metadata = BlockMetadata(num_rows=None, size_bytes=None, input_files=[corpus_file.uri], exec_stats=None)
+            tasks.append(ReadTask(lambda f=corpus_file, c=complete, s=settings, r=read: r(f, c, s), metadata))
+        return tasks
+
+
+def read_corpus(files: list[CorpusFile], settings: ReadSettings, complete: dict | None = None,
+                limits: dict[str, int] | None = None) -> ray.data.Dataset:
+    """A Ray dataset of the corpus rows that need work; the driver only lists files, workers stream them."""
+    source = CorpusDatasource(files, complete or {}, settings, limits)
+    # One block stream per file, never split into smaller read tasks: a shard's rows stay together.
+    return ray.data.read_datasource(source, override_num_blocks=max(1, len(files)),
+                                    ray_remote_args={"num_cpus": READ_CPUS})
+
+
+def split_limit(files: list[CorpusFile], limit: int | None, storage_options: dict | None = None
+                ) -> dict[str, int] | None:
+    """--limit N over a corpus of several files: the first N rows in file order, as a count per file.
+
+    Counting parses the files before the one where the limit falls (a limit is for trials, so N is small).
+    """
+    if limit is None:
+        return None
+    limits, remaining = {}, limit
+    for corpus_file in files:
+        limits[corpus_file.name] = remaining
+        if remaining > 0 and corpus_file is not files[-1]:
+            settings = ReadSettings(shard_size=remaining, limit=remaining, storage_options=storage_options)
+            read = read_parquet_shards if corpus_file.fmt == "parquet" else read_text_shards
+            remaining -= sum(table.num_rows for table in read(corpus_file, {}, settings))
+    return limits

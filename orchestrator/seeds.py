@@ -10,6 +10,7 @@ import hashlib
 import torch
 
 SEED_BITS = 63
+NO_SEED = -1  # between stages only, for rows without a seed (quarantined, tallies); manifests hold null
 
 
 def candidate_seed(run_seed: int, prompt_id: str, index: int) -> int:

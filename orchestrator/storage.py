@@ -1,15 +1,19 @@
 """Output storage through fsspec: local folders and s3:// alike, with atomic object writes.
 
-Used by the sink and the jobs. Credentials come from the AWS/fsspec chain or `storage_options`, never logged.
+Used by the manifest, the sink, the lease and the jobs. Credentials come from the AWS/fsspec chain or
+`storage_options`, and are never logged.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
 import os
 import uuid
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import fsspec
 import pyarrow as pa
@@ -25,6 +29,15 @@ S3_DEFAULTS = {
     "config_kwargs": {"retries": {"max_attempts": 10, "mode": "standard"}, "connect_timeout": 5, "read_timeout": 60},
 }
 TEMPORARY_MARK = ".tmp-"  # local writes go to `<key>.tmp-<uuid>` first, then os.replace
+IO_THREADS = 16  # concurrent small reads (manifest footers, parts): object stores answer many requests at once
+
+
+class StorageError(OSError):
+    """The output could not be read or written after the store's own retries; the message names the output."""
+
+
+class PreconditionFailed(Exception):
+    """A conditional write lost: the object exists (create-only) or changed since it was read (if-match)."""
 
 
 def with_storage_defaults(uri: str, storage_options: dict | None) -> dict:
@@ -39,10 +52,16 @@ def with_storage_defaults(uri: str, storage_options: dict | None) -> dict:
 
 
 class Output:
-    """An output root (`/path` or `s3://bucket/prefix`) that can be pickled to Ray workers and reopened there."""
+    """An output root (`/path` or `s3://bucket/prefix`) that can be pickled to Ray workers and reopened there.
+
+    Keys are always relative to the root, with `/` separators; nothing outside the root is reachable.
+    """
 
     def __init__(self, uri: str, storage_options: dict | None = None):
-        self.uri = uri.rstrip("/")
+        uri = uri.rstrip("/") or "/"
+        if "://" not in uri:  # one spelling per local folder, so keys and URIs do not depend on how it was typed
+            uri = os.path.abspath(os.path.expanduser(uri))
+        self.uri = uri
         self.storage_options = dict(storage_options or {})
         self._fs = None
 
@@ -60,7 +79,7 @@ class Output:
 
     @property
     def is_local(self) -> bool:
-        return "file" in fsspec.utils.get_protocol(self.uri) or "local" in type(self.fs).__name__.lower()
+        return "://" not in self.uri or self.uri.startswith("file://")
 
     def path(self, key: str) -> str:
         root = self.fs._strip_protocol(self.uri)
@@ -69,82 +88,215 @@ class Output:
     def uri_of(self, key: str) -> str:
         return f"{self.uri}/{key}"
 
+    def key_of(self, path: str) -> str:
+        """The key of a path returned by a listing of this output."""
+        root = self.path("")
+        path = os.path.abspath(path) if self.is_local else path
+        return path[len(root):].lstrip("/") if path.startswith(root) else path
+
+    # --- writing --------------------------------------------------------------------------------------------
+
     def write_bytes(self, key: str, data: bytes) -> None:
         """Write one object whole or not at all: an S3 PUT is atomic; a local file goes through a temporary name."""
         path = self.path(key)
         if self.is_local:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
             temporary = f"{path}{TEMPORARY_MARK}{uuid.uuid4().hex}"
-            with open(temporary, "wb") as f:
-                f.write(data)
-            os.replace(temporary, path)
+            try:
+                with _create_local(temporary) as f:
+                    f.write(data)
+                os.replace(temporary, path)
+            except OSError as exc:  # a full disk, a read-only mount, a permission: one line naming the output
+                with contextlib.suppress(OSError):
+                    os.remove(temporary)
+                raise self._storage_error(f"writing {key}", exc) from exc
+            return
+        self._guard(f"writing {key}", self.fs.pipe_file, path, data)
+
+    @contextlib.contextmanager
+    def open_write(self, key: str) -> Iterator[io.BufferedIOBase]:
+        """A file to stream a large object into (a WebDataset tar); it appears under `key` only when closed whole.
+
+        Local: a temporary file renamed at the end. S3: s3fs's multipart upload, which S3 completes atomically.
+        """
+        path = self.path(key)
+        if self.is_local:
+            temporary = f"{path}{TEMPORARY_MARK}{uuid.uuid4().hex}"
+            try:
+                with _create_local(temporary) as f:
+                    yield f
+                os.replace(temporary, path)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(temporary)
             return
         try:
-            self.fs.pipe_file(path, data)
-        except Exception as exc:  # botocore already retried with backoff: the store is down or refusing writes
-            raise OSError(
-                f"output {self.uri}: writing {key} failed after retries ({type(exc).__name__}: {exc}); the object "
-                "store is unreachable or refusing writes. Nothing partial was committed: rerun the same command "
-                "once the store is back and it resumes"
-            ) from exc
+            with self.fs.open(path, "wb") as f:
+                yield f
+        except StorageError:
+            raise
+        except Exception as exc:
+            raise self._storage_error(f"writing {key}", exc) from exc
 
-    def sweep_temporaries(self) -> int:
-        """Delete `*.tmp-*` files left by local writes of a killed run; returns how many. Call before a run starts.
+    def create_exclusive(self, key: str, data: bytes) -> None:
+        """Create `key` only if it does not exist (S3 `If-None-Match: *`, a hard link locally); else raise
+        PreconditionFailed. The lease rests on this."""
+        path = self.path(key)
+        if self.is_local:
+            temporary = f"{path}{TEMPORARY_MARK}{uuid.uuid4().hex}"
+            with _create_local(temporary) as f:
+                f.write(data)
+            try:
+                os.link(temporary, path)  # fails if `path` exists, atomically, on every POSIX filesystem
+            except FileExistsError as exc:
+                raise PreconditionFailed(key) from exc
+            finally:
+                os.remove(temporary)
+            return
+        try:
+            self.fs.pipe_file(path, data, mode="create")
+        except FileExistsError as exc:
+            raise PreconditionFailed(key) from exc
+        except Exception as exc:
+            raise self._storage_error(f"creating {key}", exc) from exc
 
-        Only for local outputs (an S3 PUT leaves nothing behind). Runs into one output must not overlap (see
-        deploy/cron.md), so every temporary file found here belongs to a dead writer.
+    def read_versioned(self, key: str) -> tuple[bytes, str]:
+        """An object's bytes and its version (the ETag on S3, a content hash locally) for replace_if_version."""
+        path = self.path(key)
+        if self.is_local:
+            with open(path, "rb") as f:
+                data = f.read()
+            return data, _content_version(data)
+        etag = self._guard(f"reading {key}", self.fs.info, path).get("ETag", "")
+        return self.read_bytes(key), etag
+
+    def replace_if_version(self, key: str, data: bytes, version: str) -> None:
+        """Overwrite `key` only if it is still at `version` (from read_versioned); else raise PreconditionFailed.
+
+        S3: a PUT with `If-Match: <ETag>`. Locally the compare and the rename run under an exclusive flock of a
+        sibling lock file, so two processes on this machine (or on a filesystem with working POSIX locks) cannot
+        both win.
         """
-        if not self.is_local:
+        path = self.path(key)
+        if self.is_local:
+            import fcntl
+
+            with open(f"{path}.lock", "a+b") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                try:
+                    with open(path, "rb") as f:
+                        current = f.read()
+                except FileNotFoundError as exc:
+                    raise PreconditionFailed(key) from exc
+                if _content_version(current) != version:
+                    raise PreconditionFailed(key)
+                self.write_bytes(key, data)
+            return
+        try:
+            self.fs.pipe_file(path, data, IfMatch=version)
+        except FileNotFoundError as exc:
+            raise PreconditionFailed(key) from exc
+        except OSError as exc:
+            if "pre-condition" in str(exc).lower() or "precondition" in str(exc).lower():
+                raise PreconditionFailed(key) from exc
+            raise self._storage_error(f"replacing {key}", exc) from exc
+
+    def modified(self, key: str) -> float:
+        """When an object was last written, by the store's clock (seconds since the epoch)."""
+        info = self._guard(f"reading {key}", self.fs.info, self.path(key))
+        stamp = info.get("LastModified") or info.get("mtime") or info.get("created")
+        return stamp.timestamp() if hasattr(stamp, "timestamp") else float(stamp)
+
+    def delete(self, keys: Iterable[str]) -> int:
+        """Delete these objects (missing ones are fine); returns how many were asked for."""
+        paths = [self.path(key) for key in keys]
+        if not paths:
             return 0
-        root = self.path("")
-        removed = 0
-        for folder, _, files in os.walk(root):
-            for name in files:
-                if TEMPORARY_MARK in name:
-                    try:
-                        os.remove(os.path.join(folder, name))
-                        removed += 1
-                    except FileNotFoundError:
-                        pass
-        if removed:
-            logger.info("removed %d temporary files left by an interrupted run under %s", removed, self.uri)
-        return removed
+        if self.is_local:
+            for path in paths:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)
+            return len(paths)
+        self._guard("deleting objects", self.fs.rm, paths)  # s3fs batches these into DeleteObjects calls
+        return len(paths)
 
-    def read_bytes(self, key: str) -> bytes:
-        return self.fs.cat_file(self.path(key))
-
-    def exists(self, key: str) -> bool:
-        return self.fs.exists(self.path(key))
+    def remove_empty_folder(self, folder: str) -> None:
+        """Remove a local folder (and its empty parents inside the output) once nothing is left in it; object
+        stores have no folders, so there is nothing to do there."""
+        if not self.is_local:
+            return
+        path, root = self.path(folder), self.path("")
+        while path.startswith(root + "/") and path != root:
+            try:
+                os.rmdir(path)
+            except OSError:  # not empty, or already gone
+                return
+            path = os.path.dirname(path)
 
     def write_json(self, key: str, value: dict) -> None:
         self.write_bytes(key, json.dumps(value, indent=2, sort_keys=True).encode("utf-8"))
 
+    def write_table(self, key: str, table: pa.Table) -> None:
+        buffer = io.BytesIO()
+        pq.write_table(table, buffer, compression="zstd")
+        self.write_bytes(key, buffer.getvalue())
+
+    # --- reading --------------------------------------------------------------------------------------------
+
+    def read_bytes(self, key: str) -> bytes:
+        return self._guard(f"reading {key}", self.fs.cat_file, self.path(key))
+
+    def read_range(self, key: str, start: int, length: int) -> bytes:
+        return self._guard(f"reading {key}", self.fs.cat_file, self.path(key), start=start, end=start + length)
+
+    def read_tail(self, key: str, length: int) -> bytes:
+        """The last `length` bytes of an object (one ranged GET on S3): enough for a Parquet footer."""
+        size = self.size(key)
+        return self.read_range(key, max(0, size - length), min(size, length))
+
+    def size(self, key: str) -> int:
+        return int(self._guard(f"reading {key}", self.fs.size, self.path(key)))
+
+    def exists(self, key: str) -> bool:
+        return self._guard(f"reading {key}", self.fs.exists, self.path(key))
+
     def read_json(self, key: str) -> dict:
         return json.loads(self.read_bytes(key))
 
-    def write_table(self, key: str, table: pa.Table) -> None:
-        buffer = io.BytesIO()
-        pq.write_table(table, buffer)
-        self.write_bytes(key, buffer.getvalue())
+    def read_table(self, key: str, columns: list[str] | None = None) -> pa.Table:
+        return pq.read_table(io.BytesIO(self.read_bytes(key)), columns=columns)
 
     def list_keys(self, folder: str, suffix: str = "") -> list[str]:
-        """Keys directly under `folder`, sorted; temporary files of unfinished local writes are not listed."""
+        """Keys under `folder` (at any depth), sorted; temporary files of unfinished local writes are not listed."""
         base = self.path(folder)
         self.fs.invalidate_cache(base)  # s3fs caches listings per process: other workers may have added keys since
-        if not self.fs.exists(base):
-            return []
-        root = self.path("")
-        keys = []
-        for entry in self.fs.ls(base, detail=False):
-            key = entry[len(root) :].lstrip("/") if entry.startswith(root) else entry
-            if key.endswith(suffix) and ".tmp-" not in key:
-                keys.append(key)
-        return sorted(keys)
+        found = self._guard(f"listing {folder}", self._find, base)
+        keys = [self.key_of(path) for path in list(found)]
+        return sorted(key for key in keys if key.endswith(suffix) and TEMPORARY_MARK not in key)
 
-    def read_tables(self, keys: list[str], columns: list[str] | None = None) -> pa.Table | None:
-        """Concatenated parquet objects (only the named columns), or None when there are none."""
-        tables = [pq.read_table(io.BytesIO(self.read_bytes(k)), columns=columns) for k in keys]
-        return pa.concat_tables(tables) if tables else None
+    def list_sizes(self, folder: str, suffix: str = "") -> dict[str, int]:
+        """Like list_keys, with each object's size (one listing; no request per object)."""
+        base = self.path(folder)
+        self.fs.invalidate_cache(base)
+        found = self._guard(f"listing {folder}", self._find, base, True)
+        sizes = {self.key_of(path): int(info.get("size") or 0) for path, info in found.items()}
+        return {key: sizes[key] for key in sorted(sizes) if key.endswith(suffix) and TEMPORARY_MARK not in key}
+
+    def read_tail_of(self, key: str, size: int, length: int) -> bytes:
+        """The last `length` bytes of an object whose size is known from a listing: one ranged GET."""
+        return self.read_range(key, max(0, size - length), min(size, length))
+
+    def _find(self, base: str, detail: bool = False):
+        try:
+            return self.fs.find(base, detail=detail)
+        except FileNotFoundError:
+            return {} if detail else []
+
+    def read_many(self, keys: list[str], read: Callable[[str], object]) -> list:
+        """`read(key)` for many keys, concurrently (the store serves many requests at once), results in order."""
+        if len(keys) <= 1:
+            return [read(key) for key in keys]
+        with ThreadPoolExecutor(min(IO_THREADS, len(keys))) as pool:
+            return list(pool.map(read, keys))
 
     def check_writable(self) -> None:
         """Fail early with a clear message when the output cannot be written (missing bucket, no permission, offline)."""
@@ -153,13 +305,84 @@ class Output:
             self.write_bytes(probe, b"probe")
             self.fs.rm_file(self.path(probe))
         except Exception as exc:  # any storage error means the job cannot run: say which output and why
-            raise OSError(
-                f"output {self.uri} is not writable ({type(exc).__name__}: {exc}); check the path or bucket, "
-                "the credentials (AWS_* variables or --storage-options) and AWS_ENDPOINT_URL"
-            ) from exc
+            message = (f"output {self.uri} is not writable ({type(exc).__name__}: {exc}); check the path or bucket, "
+                       "the credentials (AWS_* variables or --storage-options) and AWS_ENDPOINT_URL")
+            if _is_unreachable(exc):  # the store is down, not the command wrong: the same command will work later
+                raise StorageError(message) from exc
+            from orchestrator.config import ConfigError
+
+            raise ConfigError(message) from exc
+
+    def sweep_temporaries(self) -> int:
+        """Delete `*.tmp-*` files left by local writes of a killed run; returns how many.
+
+        Only for local outputs (an S3 PUT leaves nothing behind), and only by the run that holds the output's
+        lease: nobody else writes there, so every temporary file found belongs to a dead writer.
+        """
+        if not self.is_local:
+            return 0
+        removed = 0
+        for folder, _, files in os.walk(self.path("")):
+            for name in files:
+                if TEMPORARY_MARK in name:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(os.path.join(folder, name))
+                        removed += 1
+        if removed:
+            logger.info("removed %d temporary files left by an interrupted run under %s", removed, self.uri)
+        return removed
+
+    # --- errors ---------------------------------------------------------------------------------------------
+
+    def _guard(self, what: str, call, *args, **kwargs):
+        """Run a storage call; a failure that outlived botocore's retries becomes one StorageError naming the
+        output. Missing objects stay FileNotFoundError: callers decide what absence means."""
+        try:
+            return call(*args, **kwargs)
+        except FileNotFoundError:
+            raise
+        except Exception as exc:  # fsspec backends raise their own types (OSError, botocore, aiohttp, ...)
+            raise self._storage_error(what, exc) from exc
+
+    def _storage_error(self, what: str, exc: BaseException) -> StorageError:
+        return StorageError(
+            f"output {self.uri}: {what} failed after retries ({type(exc).__name__}: {exc}); the store is "
+            "unreachable, full or refusing writes. Nothing partial was committed: rerun the same command once "
+            "the store is back and it resumes"
+        )
 
 
-def storage_error_in(exc: BaseException) -> OSError | None:
+def _create_local(path: str):
+    """Open a new local file for writing, creating its folders; a compaction may remove an empty folder between
+    the two steps, so they are retried."""
+    for attempt in range(5):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        try:
+            return open(path, "wb")
+        except FileNotFoundError:
+            if attempt == 4:
+                raise
+
+
+def _is_unreachable(exc: BaseException) -> bool:
+    """Whether a storage failure means the store could not be reached (as opposed to a refusal)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        name = type(exc).__name__
+        if isinstance(exc, (ConnectionError, TimeoutError)) or "Connect" in name or "Timeout" in name:
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _content_version(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def storage_error_in(exc: BaseException) -> StorageError | None:
     """The storage error (raised by Output with the output named) behind a Ray Data failure, if there is one.
 
     Ray Data wraps a failed stage in UserCodeException/RayTaskError; the driver can re-raise this cause so the
@@ -168,7 +391,9 @@ def storage_error_in(exc: BaseException) -> OSError | None:
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        if isinstance(exc, OSError) and str(exc).startswith("output "):
+        if isinstance(exc, StorageError):
             return exc
+        if isinstance(exc, OSError) and str(exc).startswith("output "):
+            return StorageError(str(exc))
         exc = exc.__cause__ or exc.__context__
     return None

@@ -71,9 +71,13 @@ def main(out: str) -> dict:
             time.sleep(0.2)
         had_generator = victim.node_id in generator_nodes()
         manifest = Path(out) / "manifest"
-        while thread.is_alive() and not (manifest.exists() and any(manifest.iterdir())) and time.time() < deadline:
+
+        def committed() -> int:
+            return sum(1 for _ in manifest.rglob("*.parquet")) if manifest.exists() else 0
+
+        while thread.is_alive() and not committed() and time.time() < deadline:
             time.sleep(0.1)
-        committed_before = len(list(manifest.iterdir())) if manifest.exists() else 0
+        committed_before = committed()
         cluster.remove_node(victim)
         removed_at = time.time()
         time.sleep(3)

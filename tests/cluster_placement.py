@@ -61,7 +61,7 @@ def main(out: str) -> dict:
              "gpus": (a.required_resources or {}).get("GPU", 0)}
             for a in actors if "GeneratorStage" in (a.class_name or "") + (a.repr_name or "")
         ]
-        manifest = pq.read_table(os.path.join(out, "manifest")).to_pylist()
+        manifest = pq.read_table(os.path.join(out, "manifest", "shards")).to_pylist()
         return {
             "head_node_id": head_id,
             "gpu_node_ids": gpu_ids,
@@ -70,7 +70,7 @@ def main(out: str) -> dict:
             "all_actor_classes": sorted({a.class_name for a in actors}),
             "manifest_ok_rows": sum(row["status"] == "ok" for row in manifest),
             "manifest_rows": len(manifest),
-            "images_exist": all(os.path.exists(row["image_uri"].removeprefix("file://"))
+            "images_exist": all(os.path.exists(os.path.join(out, row["image_key"]))
                                 for row in manifest if row["status"] == "ok"),
             "summary_images": summary["images"],
         }

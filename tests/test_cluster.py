@@ -131,12 +131,12 @@ def test_generate_job_through_jobs_api(ray_env: dict, tmp_path: Path) -> None:
         stop_private_ray(ray_env["RAY_TMPDIR"], roots=[head.pid])
     print(f"jobs API test: {time.time() - started:.1f} s")
 
-    manifest = pq.read_table(out / "manifest").to_pylist()
+    manifest = pq.read_table(out / "manifest" / "shards").to_pylist()
     ok = [row for row in manifest if row["status"] == "ok"]
     assert len(ok) == 4, manifest
     assert len({row["prompt_id"] for row in ok}) == 4
     for row in ok:
-        assert Path(row["image_uri"].removeprefix("file://")).is_file(), row["image_uri"]
+        assert (out / row["image_key"]).is_file(), row["image_key"]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["images"] == 4 and summary["failures"] == 0
 

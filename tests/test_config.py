@@ -2,7 +2,9 @@
 
 import pytest
 
-from orchestrator.config import ConfigError, GenerateConfig
+import dataclasses
+
+from orchestrator.config import ConfigError, GenerateConfig, fingerprint_of
 
 
 def config(**overrides):
@@ -27,11 +29,31 @@ def test_bad_configuration_is_refused(overrides, message):
         config(**overrides).validate()
 
 
+def fingerprint(cfg: GenerateConfig) -> str:
+    return fingerprint_of(cfg.fingerprint_fields())
+
+
 def test_good_configuration_and_fingerprint():
     good = config()
     good.validate()
-    assert good.fingerprint() == config(out="/elsewhere", limit=3).fingerprint()  # where and how much: not identity
-    assert good.fingerprint() != config(steps=21).fingerprint()
+    assert fingerprint(good) == fingerprint(config(out="/elsewhere", limit=3))  # where and how much: not identity
+    assert fingerprint(good) != fingerprint(config(steps=21))
+    # A corpus-derived value never enters it: --budget-images is what the user asked for, not its per-prompt share.
+    budget = dict(policy="budget", budget_images=100, keep=4)
+    assert "budget_per_prompt" not in config(**budget).fingerprint_fields()
+
+
+def test_configuration_is_frozen_once_built():
+    good = config()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        good.width = 64  # derived values live in the run plan, never written back here
+
+
+def test_invalid_configuration_cannot_be_built():
+    with pytest.raises(ConfigError, match="--shard-size must be at least 1"):
+        config(shard_size=0)
+    with pytest.raises(ConfigError, match="--image-output 'tar' is unknown"):
+        config(image_output="tar")
 
 
 def test_secrets_never_in_public_dict_or_repr():

@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import pandas as pd
-import pyarrow as pa
 import pytest
 
 from jobs.verify import verify_output
@@ -27,6 +26,7 @@ from orchestrator.config import GenerateConfig
 from orchestrator.dedup import DuplicateFilter
 from orchestrator.storage import Output
 from tests.conftest import REPO_ROOT, free_port
+from tests.helpers_manifest import manifest_frame
 
 PROMPTS = [f"a {colour} {thing} at dawn" for colour in ("red", "blue", "green", "yellow")
            for thing in ("cube", "fox", "lighthouse", "bowl of ramen")]  # 16 distinct prompts
@@ -46,8 +46,7 @@ def small_config(prompts: str, out: str, **overrides) -> GenerateConfig:
 
 
 def manifest(output: Output) -> pd.DataFrame:
-    table = output.read_tables(output.list_keys("manifest", ".parquet"))
-    return table.to_pandas(types_mapper={pa.int64(): pd.Int64Dtype(), pa.int32(): pd.Int32Dtype()}.get)
+    return manifest_frame(output)
 
 
 def comparable(rows: pd.DataFrame) -> pd.DataFrame:
@@ -103,25 +102,42 @@ def parts(output: Output) -> int:
 # --- duplicates -----------------------------------------------------------------------------------------------
 
 
-def test_duplicate_filter_keeps_the_first_and_honours_committed_sources(tmp_path):
-    batch = pa.Table.from_pylist([
-        {"prompt_id": "a", "prompt": "a red cube", "source": "c:1", "status": "ok", "error": None},
-        {"prompt_id": "b", "prompt": "a blue cube", "source": "c:2", "status": "ok", "error": None},
-        {"prompt_id": "a", "prompt": "something else", "source": "c:3", "status": "ok", "error": None},
-        {"prompt_id": "c", "prompt": "A  red cube ", "source": "c:4", "status": "ok", "error": None},
-        {"prompt_id": "q", "prompt": None, "source": "c:5", "status": "quarantined", "error": "empty"},
-    ])
-    out = DuplicateFilter()(batch).to_pylist()
+def corpus_block(rows: list[tuple], shard: str = "c.jsonl/000000"):
+    """Rows as the reader emits them: one shard's block with its bookkeeping columns."""
+    from orchestrator.manifest import ShardFrame
+    from orchestrator.reader import _shard_table
+
+    records = [{"prompt_id": p, "prompt": text, "source": src, "status": status, "error": None if status == "ok" else "x"}
+               for p, text, src, status in rows]
+    frame = ShardFrame(file="c.jsonl", index=0, rows=len(rows), start=0, end=1, first_line=1, end_line=len(rows),
+                       digest="d")
+    return _shard_table(records, shard, 0, frame)
+
+
+def test_duplicate_filter_keeps_the_first_and_honours_committed_rows(ray_session, tmp_path):
+    from orchestrator.dedup import start_index
+    from orchestrator.manifest import Manifest, ShardFrame, manifest_table
+
+    batch = corpus_block([("a", "a red cube", "c.jsonl:1", "ok"), ("b", "a blue cube", "c.jsonl:2", "ok"),
+                          ("a", "something else", "c.jsonl:3", "ok"), ("c", "A  red cube ", "c.jsonl:4", "ok"),
+                          ("q", None, "c.jsonl:5", "quarantined")])
+    manifest = Manifest(Output(str(tmp_path / "o")))
+    fresh = DuplicateFilter(start_index(manifest, {}, [], {}, buckets=2), manifest, {})
+    out = fresh(batch).to_pylist()
     assert [r["status"] for r in out] == ["ok", "ok", "quarantined", "quarantined", "quarantined"]
-    assert [r["error"] for r in out][2:] == ["duplicate of c:1", "duplicate of c:1", "empty"]
-    # Rows committed by an earlier run are first occurrences, whatever arrives first now (multi-file corpora).
-    output = Output(str(tmp_path / "o"))
-    from orchestrator.manifest import manifest_table
-    output.write_table("manifest/part-x.parquet", manifest_table(
-        [{"prompt_id": "a", "prompt": "something else", "source": "c:3", "seed": 1, "status": "ok"}]))
-    again = DuplicateFilter(output)(batch).to_pylist()
-    assert [r["status"] for r in again][:4] == ["quarantined", "ok", "ok", "ok"]
-    assert again[0]["error"] == "duplicate of c:3"
+    assert [r["error"] for r in out][2:] == ["duplicate of c.jsonl:1", "duplicate of c.jsonl:1", "x"]
+    # Rows committed by an earlier run are first occurrences, whatever arrives first now (multi-file corpora):
+    # here an earlier run rendered id "a" from line 3 (shard row 2).
+    shard = "c.jsonl/000000"
+    committed = batch.slice(2, 1).to_pylist()[0]
+    row = {k: committed[k] for k in ("prompt_id", "prompt", "source", "shard", "shard_row", "prompt_key", "text_key")}
+    frame = ShardFrame.from_json(committed["shard_frame"])
+    part = manifest.commit_part(shard, manifest_table([{**row, "seed": 1, "status": "ok"}]), frame)
+    ordinals = {shard: 1}
+    again = DuplicateFilter(start_index(manifest, ordinals, [], {shard: [part]}, buckets=2), manifest, ordinals)
+    rows = again(batch).to_pylist()
+    assert [r["status"] for r in rows][:4] == ["quarantined", "ok", "ok", "ok"]
+    assert rows[0]["error"] == "duplicate of c.jsonl:3"
 
 
 def test_duplicate_prompts_and_ids_are_quarantined_and_stable(ray_session, tmp_path):
@@ -134,8 +150,8 @@ def test_duplicate_prompts_and_ids_are_quarantined_and_stable(ray_session, tmp_p
     pipeline.run(small_config(str(corpus), first.uri, keep=1, candidates=2))
     rows = manifest(first)
     quarantined = rows[rows.status == "quarantined"].sort_values("source")
-    assert list(quarantined.source) == [f"{corpus}:3", f"{corpus}:4", f"{corpus}:6"]
-    assert set(quarantined.error) == {f"duplicate of {corpus}:1"}
+    assert list(quarantined.source) == ["prompts.jsonl:3", "prompts.jsonl:4", "prompts.jsonl:6"]
+    assert set(quarantined.error) == {"duplicate of prompts.jsonl:1"}
     assert sorted(rows[rows.status == "ok"].prompt_id) == ["a", "b", "d"]
     assert_clean(first, rows=6)
 
@@ -249,7 +265,7 @@ def test_removed_worker_node_the_job_still_finishes(ray_session, tmp_path):
     env["RAY_AUTH_MODE"] = "disabled"
     out = tmp_path / "out"
     result = run_cluster_script("cluster_failover.py", out, env, TIMEOUT_S)
-    assert result["removed_node_had_generator"], result
+    assert result["removed_node_had_generator"], json.dumps(result)
     assert result["summary_images"] == result["expected_rows"]
     assert_clean(Output(str(out)), rows=result["expected_rows"])
 

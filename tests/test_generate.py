@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pytest
 from PIL import Image
@@ -18,9 +17,9 @@ from jobs import reproduce
 from orchestrator import pipeline
 from orchestrator.config import ConfigError, GenerateConfig
 from orchestrator.seeds import candidate_seeds
-from orchestrator.storage import Output
 from tests.conftest import REPO_ROOT
 from tests.helpers_clip import build_tiny_clip
+from tests.helpers_manifest import manifest_frame
 
 PROMPTS = ["a red cube on a table", "a watercolor fox", "   ", "an astronaut riding a horse",
            "a bowl of ramen", "a lighthouse at night"]
@@ -32,10 +31,7 @@ def write_txt(path, prompts, extra: bytes = b"") -> str:
 
 
 def manifest(out: str):
-    output = Output(out)
-    table = output.read_tables(output.list_keys("manifest", ".parquet"))
-    # Nullable integer columns stay integers (a 63-bit seed does not survive a float).
-    return table.to_pandas(types_mapper={pa.int64(): pd.Int64Dtype(), pa.int32(): pd.Int32Dtype()}.get)
+    return manifest_frame(out)
 
 
 def small_config(prompts: str, out: str, **overrides) -> GenerateConfig:
@@ -222,15 +218,20 @@ def test_cli_lists_jobs():
 def test_a_block_of_only_quarantined_rows_keeps_string_columns(tiny_sd_path):
     """All-None columns would become Arrow's null type and break the merge with other blocks downstream."""
     from actors.scorer import ScorerStage
+    from orchestrator.plan import ScoringPlan
 
-    scorer = ScorerStage(tiny_sd_path, run_seed=0, candidates=4, keep=2, policy="random", guidance=3.0,
-                         height=64, width=64)
+    plan = ScoringPlan(model=tiny_sd_path, run_seed=0, candidates=4, keep=2, policy="random", guidance=3.0,
+                       height=64, width=64, prompts_per_call=2)
+    scorer = ScorerStage(plan)
     # A block of quarantined rows (no prompt), then a block of good rows (no error).
     for prompts, errors in (([None, ""], ["invalid UTF-8", "prompt is empty"]), (["a cat", "a dog"], [None, None])):
         status = "quarantined" if errors[0] else "ok"
         batch = {"prompt_id": np.array(["p1", "p2"], dtype=object), "prompt": np.array(prompts, dtype=object),
                  "source": np.array(["a:1", "a:2"], dtype=object), "status": np.array([status] * 2, dtype=object),
-                 "error": np.array(errors, dtype=object)}
+                 "error": np.array(errors, dtype=object), "shard": np.array(["a/000000"] * 2, dtype=object),
+                 "shard_row": np.array([0, 1]), "shard_rows": np.array([2, 2]), "shard_base": np.array([0, 0]),
+                 "shard_frame": np.array(["{}", "{}"], dtype=object), "prompt_key": np.array([1, 2], np.uint64),
+                 "text_key": np.array([3, 4], np.uint64)}
         out = scorer(batch)
         for column in ("prompt", "error"):
             assert pa.array(list(out[column])).type == pa.string(), (column, prompts)

@@ -2,9 +2,10 @@
 
 import pytest
 
-from orchestrator.manifest import MANIFEST_COLUMNS, image_key, manifest_table, part_key, safe_key
+from orchestrator.images import file_image_key, safe_key
+from orchestrator.manifest import MANIFEST_COLUMNS, manifest_table, part_key
 
-REQUIRED = ["prompt_id", "prompt", "seed", "candidate_index", "predicted_score", "score", "image_uri", "model",
+REQUIRED = ["prompt_id", "prompt", "seed", "candidate_index", "predicted_score", "score", "image_key", "model",
             "scheduler", "steps", "guidance", "width", "height", "status", "error"]
 
 
@@ -16,8 +17,8 @@ def test_schema_has_the_promised_columns():
 def test_safe_key_never_escapes(hostile):
     key = safe_key(hostile)
     assert "/" not in key and "\\" not in key and "." not in key and key
-    assert image_key(hostile, 5).startswith("images/")
-    assert ".." not in image_key(hostile, 5)
+    assert file_image_key(hostile, 5, "png").startswith("images/")
+    assert ".." not in file_image_key(hostile, 5, "png")
 
 
 def test_safe_key_keeps_clean_ids_and_separates_lookalikes():
@@ -27,8 +28,9 @@ def test_safe_key_keeps_clean_ids_and_separates_lookalikes():
 
 
 def test_part_key_depends_on_content_not_order():
-    assert part_key([("a", 1), ("b", 2)]) == part_key([("b", 2), ("a", 1)])
-    assert part_key([("a", 1)]) != part_key([("a", 2)])
+    assert part_key("f/000001", [("a", "1"), ("b", "2")]) == part_key("f/000001", [("b", "2"), ("a", "1")])
+    assert part_key("f/000001", [("a", "1")]) != part_key("f/000001", [("a", "2")])
+    assert part_key("f/000001", [("a", "1")]).startswith("manifest/open/f/000001/")
 
 
 def test_manifest_table_rejects_unknown_columns_and_fills_nulls():

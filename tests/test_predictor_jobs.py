@@ -19,6 +19,7 @@ from orchestrator.embedded import resolve_model
 from orchestrator.predictor import EMBEDDED_PREDICTORS, PredictorMismatch, load_predictor
 from orchestrator.seeds import batch_noise, candidate_seeds
 from orchestrator.storage import Output
+from tests.helpers_manifest import manifest_frame
 
 PROMPTS = [f"{thing} in the style of {style}" for thing in ("a fox", "a red car", "a lighthouse", "a bowl of soup",
                                                             "an owl", "a city street")
@@ -27,8 +28,7 @@ SETTINGS = dict(steps=2, guidance=3.0, batch_size=8, generator_cpus=1, rater="co
 
 
 def manifest(out: str) -> pd.DataFrame:
-    output = Output(out)
-    return output.read_tables(output.list_keys("manifest", ".parquet")).to_pandas()
+    return manifest_frame(out)
 
 
 @pytest.fixture(scope="module")

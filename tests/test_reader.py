@@ -6,12 +6,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from orchestrator.corpus import read_corpus_local
-from orchestrator.reader import read_corpus
+from orchestrator.corpus import list_corpus, read_corpus_local
+from orchestrator.reader import ReadSettings, read_corpus, split_limit
+
+
+def ray_dataset(path: str, limit: int | None = None, sample: float | None = None, shard_size: int = 1000):
+    files = list_corpus(path)
+    return read_corpus(files, ReadSettings(shard_size=shard_size, sample=sample), limits=split_limit(files, limit))
 
 
 def ray_rows(path: str, **kwargs) -> list[dict]:
-    return sorted(read_corpus(path, **kwargs).take_all(), key=lambda r: r["source"])
+    return sorted(ray_dataset(path, **kwargs).take_all(), key=lambda r: r["source"])
 
 
 @pytest.fixture
@@ -36,7 +41,18 @@ def test_ray_reader_matches_the_plain_parser(ray_session, corpora, name):
 
 def test_limit_and_sample(ray_session, corpora):
     path = str(corpora / "p.txt")
-    assert len(read_corpus(path, limit=10).take_all()) == 10
-    sampled = read_corpus(path, sample=0.25).take_all()
+    assert len(ray_dataset(path, limit=10).take_all()) == 10
+    sampled = ray_dataset(path, sample=0.25).take_all()
     assert 1000 < len(sampled) < 1600  # about a quarter of 5,003 rows
-    assert {r["prompt_id"] for r in sampled} == {r["prompt_id"] for r in read_corpus(path, sample=0.25).take_all()}
+    assert {r["prompt_id"] for r in sampled} == {r["prompt_id"] for r in ray_dataset(path, sample=0.25).take_all()}
+
+
+def test_rows_carry_their_shard_and_a_folder_is_one_corpus(ray_session, corpora):
+    rows = ray_rows(str(corpora / "p.txt"), shard_size=1000)
+    shards = {}
+    for row in rows:
+        shards.setdefault(row["shard"], []).append(row["shard_row"])
+    assert len(shards) == 6  # 5,002 rows in shards of 1,000
+    assert all(sorted(positions) == list(range(len(positions))) for positions in shards.values())
+    everything = ray_rows(str(corpora))  # the folder: every corpus file in it, one run
+    assert {r["source"].split(":")[0] for r in everything} == {"p.txt", "p.jsonl", "p.csv", "p.tsv", "p.parquet"}

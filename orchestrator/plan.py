@@ -1,0 +1,173 @@
+"""The run plan: every value derived from a frozen GenerateConfig, computed once before compute starts.
+
+Built by the pipeline right after the configuration (image size from the model, the predictor's bytes and digest,
+the budget rule, the fingerprint); the stages get what they need from it. Nothing here is written back into the
+configuration, so run.json, manifests and the summary all see one fingerprint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+
+from orchestrator.config import ConfigError, GenerateConfig, fingerprint_of
+
+logger = logging.getLogger("seedsift")
+
+
+@dataclass(frozen=True)
+class PredictorPlan:
+    """The predictor a run scores with: read once by the driver, shipped to the scorers as bytes."""
+
+    location: str
+    files: dict = field(repr=False)  # config.json and model.safetensors, as bytes
+    digest: str
+    trained: object = field(repr=False)  # its PredictorConfig
+
+
+@dataclass(frozen=True)
+class ScoringPlan:
+    """What a scorer actor needs, in one object instead of a dozen loose arguments."""
+
+    model: str
+    run_seed: int
+    candidates: int
+    keep: int  # rows kept per prompt (all N when collecting)
+    policy: str  # random, predictor, budget or all
+    guidance: float
+    height: int
+    width: int
+    prompts_per_call: int  # prompts embedded and scored per call: sized by the rows that leave the scorer
+    predictor_source: str = ""
+    budget_rule: dict | None = None
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    config: GenerateConfig
+    model_path: str
+    width: int
+    height: int
+    latent_shape: tuple
+    scheduler: str  # the pipeline's scheduler class, recorded in every manifest row
+    predictor: PredictorPlan | None = None
+    budget_per_prompt: float | None = None  # --budget, or --budget-images spread over the corpus
+    budget_rule: dict | None = None
+    warnings: tuple = ()  # setting mismatches worth a line in the log and a place in the summary
+
+    @property
+    def fingerprint_fields(self) -> dict:
+        fields = self.config.fingerprint_fields()
+        fields.update(width=self.width, height=self.height,
+                      predictor=self.predictor.digest if self.predictor and self.config.uses_predictor else None)
+        return fields
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint_of(self.fingerprint_fields)
+
+    @property
+    def run_fields(self) -> dict:
+        """Columns every manifest row of this run carries."""
+        config = self.config
+        return {
+            "model": config.model,
+            "scheduler": self.scheduler,
+            "steps": config.steps,
+            "guidance": config.guidance,
+            "width": self.width,
+            "height": self.height,
+            "policy": config.policy_name,
+            "rater": config.rater,
+            "run_id": self.fingerprint,
+        }
+
+    def scoring(self) -> ScoringPlan:
+        config = self.config
+        rows_per_block = min(config.scorer_batch_size, config.batch_size * config.generators)
+        return ScoringPlan(
+            model=config.model, run_seed=config.seed, candidates=config.candidates, keep=config.rows_per_prompt,
+            policy=config.policy_name, guidance=config.guidance, height=self.height, width=self.width,
+            # A generator task renders a whole scorer block before any row moves on: blocks of about one round of
+            # generator batches commit rows early and spread a small corpus over several generators. Counting rows,
+            # not prompts, also bounds a block's memory (an SDXL row carries about 1.3 MB of embeddings).
+            prompts_per_call=max(1, rows_per_block // config.rows_per_prompt),
+            predictor_source=self.predictor.location if self.predictor else "",
+            budget_rule=self.budget_rule,
+        )
+
+    def with_budget(self, usable_prompts: int) -> RunPlan:
+        """--budget-images: the total spread over the usable prompts of the corpus (a counting pass)."""
+        if usable_prompts == 0:
+            raise ConfigError(f"--prompts {self.config.prompts}: no usable prompt to spend --budget-images on")
+        per_prompt = min(float(self.config.keep), max(1.0, self.config.budget_images / usable_prompts))
+        logger.info("budget: %d images over %d prompts = %.3f renders per prompt", self.config.budget_images,
+                    usable_prompts, per_prompt)
+        return dataclasses.replace(self, budget_per_prompt=per_prompt,
+                                   budget_rule=budget_rule(self.config, self.predictor.trained, per_prompt))
+
+
+def build_plan(config: GenerateConfig) -> RunPlan:
+    """Everything that can be derived, or found wrong, before compute: rater, model folder, size, predictor."""
+    from actors import diffusion
+    from actors.rater import validate_rater_spec
+    from orchestrator.embedded import resolve_model
+
+    try:
+        validate_rater_spec(config.rater)
+    except ValueError as exc:
+        raise ConfigError(f"--rater {config.rater}: {exc}") from exc
+    model_path = resolve_model(config.model)
+    default_width, default_height = diffusion.default_image_size(model_path)
+    width, height = config.width or default_width, config.height or default_height
+    try:
+        latent_shape = diffusion.latent_shape(model_path, height, width)
+    except ValueError as exc:
+        raise ConfigError(f"--width/--height: {exc}") from exc
+    plan = RunPlan(config=config, model_path=model_path, width=width, height=height, latent_shape=latent_shape,
+                   scheduler=diffusion.model_identity(model_path)["scheduler"])
+    if config.uses_predictor:
+        plan = _with_predictor(plan)
+    return plan
+
+
+def _with_predictor(plan: RunPlan) -> RunPlan:
+    """Read the predictor once and refuse one trained for another pipeline, before any compute."""
+    from orchestrator.predictor import predictor_from_files, read_predictor_files, resolve_predictor, weights_digest
+
+    config = plan.config
+    # Problems raise PredictorMismatch, a ConfigError naming where the predictor was read from.
+    location = resolve_predictor(config.predictor, config.model)
+    files = read_predictor_files(location, config.model, config.storage_options)
+    # Built once here, so a damaged or mismatched predictor stops the run before any actor starts.
+    trained = predictor_from_files(files, plan.model_path, plan.height, plan.width, source=location).config
+    warnings = []
+    for name in ("steps", "guidance"):
+        recorded, used = trained.pipeline.get(name), getattr(config, name)
+        if recorded not in (None, used):
+            warnings.append(f"predictor {location} was trained at {name}={recorded}; this run uses {name}={used}: "
+                            "its ranking may be weaker")
+    for warning in warnings:
+        logger.warning(warning)
+    predictor = PredictorPlan(location=location, files=files, digest=weights_digest(files), trained=trained)
+    plan = dataclasses.replace(plan, predictor=predictor, warnings=plan.warnings + tuple(warnings))
+    if config.policy == "budget" and config.budget is not None:
+        plan = dataclasses.replace(plan, budget_per_prompt=config.budget,
+                                   budget_rule=budget_rule(config, trained, config.budget))
+    return plan
+
+
+def budget_rule(config: GenerateConfig, trained, per_prompt: float) -> dict:
+    """The budget policy's threshold, calibrated on the predictor's recorded spreads so that the corpus-average
+    renders per prompt meet the budget; prompts stream, so the rule cannot look at the whole corpus first."""
+    from orchestrator.budget import calibrate_threshold
+
+    residual_std = float(trained.metrics.get("residual_std", 0.0))
+    residual_ratio = float(trained.metrics.get("residual_ratio", 0.0))
+    if not trained.spread_quantiles or (residual_std <= 0 and residual_ratio <= 0):
+        raise ConfigError("--policy budget: this predictor records no spread quantiles or residual error; "
+                          "retrain it with the current `seedsift train`")
+    threshold = calibrate_threshold(trained.spread_quantiles, per_prompt, config.candidates, config.keep, 1,
+                                    residual_std, residual_ratio)
+    return {"threshold": threshold, "residual_std": residual_std, "residual_ratio": residual_ratio}
