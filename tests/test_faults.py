@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -172,14 +173,17 @@ def private_ray_env(cache: str) -> dict:
 
 
 def job_command(job: str, corpus: str, out: str) -> list[str]:
-    """generate keeping all 4 candidates, or collect (which renders all 4 by definition): 64 rows for 16 prompts."""
-    keep = ["--keep", "4"] if job == "generate" else []
-    return [sys.executable, "-m", f"jobs.{job}", "--prompts", corpus, "--out", out, "--candidates", "4", *keep,
-            "--steps", "2", "--guidance", "3.0", "--batch-size", "4", "--generator-cpus", "1"]
+    """generate keeping all 4 candidates, or collect (which renders all 4 by definition): 64 rows for 16 prompts,
+    in shards of 4 prompts, so that shards complete (and are compacted) while the run goes on."""
+    keep = ["--keep", "4"] if job.startswith("generate") else []
+    layout = ["--image-output", "shards", "--shard-images", "5"] if job.endswith("shards") else []
+    return [sys.executable, "-m", f"jobs.{job.split('-')[0]}", "--prompts", corpus, "--out", out, "--candidates", "4",
+            *keep, "--steps", "2", "--guidance", "3.0", "--batch-size", "4", "--generator-cpus", "1",
+            "--shard-size", "4", *layout]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("job", ["generate", "collect"])
+@pytest.mark.parametrize("job", ["generate", "collect", "generate-shards"])
 def test_driver_sigkill_then_rerun_matches_an_uninterrupted_run(ray_session, tmp_path, job):
     from orchestrator.embedded import resolve_model
 
@@ -194,6 +198,9 @@ def test_driver_sigkill_then_rerun_matches_an_uninterrupted_run(ray_session, tmp
         wait_for(lambda: parts(killed) >= 1 or process.poll() is not None, TIMEOUT_S, "the first manifest part")
         assert process.poll() is None, "the job finished before it could be killed: " + (
             tmp_path / "job.log").read_text()[-2000:]
+        time.sleep(random.Random(job).uniform(0, 3))  # past the first commit: parts, completions, compactions
+        if process.poll() is not None:
+            pytest.fail("the job finished before it could be killed: " + (tmp_path / "job.log").read_text()[-2000:])
         kill_run(process, env["RAY_TMPDIR"])
         partial = verify_output(killed)
         assert partial["clean"] and 0 < partial["committed_rows"] <= 64, partial  # mid-run, nothing duplicated
@@ -205,7 +212,7 @@ def test_driver_sigkill_then_rerun_matches_an_uninterrupted_run(ray_session, tmp
     finally:
         kill_run(process, env["RAY_TMPDIR"])  # also stops what the rerun left: it used the same RAY_TMPDIR
     # The uninterrupted reference, in the session's Ray.
-    pipeline.run(small_config(corpus, clean.uri, keep=4, all_candidates=job == "collect"))
+    pipeline.run(small_config(corpus, clean.uri, keep=4, all_candidates=job == "collect", shard_size=4))
     assert_clean(killed, rows=64)
     assert_clean(clean, rows=64)
     a, b = comparable(manifest(killed)), comparable(manifest(clean))
