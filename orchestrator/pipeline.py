@@ -174,6 +174,10 @@ def build_dataset(plan: RunPlan, manifest: Manifest, state: OutputState, files: 
     settings = ReadSettings(config.shard_size, config.sample, None, config.storage_options)
     ds = read_corpus(files, settings, state.complete_frames(), split_limit(files, config.limit, config.storage_options))
     ds = drop_duplicates(ds, indexes, manifest, ordinals)  # later copies of a prompt id or text: quarantined rows
+    # Reading and duplicate detection work in shard-sized blocks (cheap per row); the scorer gets blocks of one call
+    # each, because a map task emits its output only when its input block is done: a 10,000-row block would hold
+    # back the first render until 10,000 prompts were embedded.
+    ds = ds.repartition(target_num_rows_per_block=plan.scoring().prompts_per_call)
     ds = ds.map_batches(
         ScorerStage,
         fn_constructor_args=(plan.scoring(),),
