@@ -42,10 +42,10 @@ def child_stream(args) -> None:
     import ray
 
     from orchestrator.corpus import list_corpus
-    from orchestrator.dedup import drop_duplicates, start_index
+    from orchestrator.dedup import Owners, drop_duplicates, start_index
     from orchestrator.manifest import Manifest
     from orchestrator.pipeline import connect_ray
-    from orchestrator.reader import ReadSettings, read_corpus
+    from orchestrator.reader import ReadSettings, file_key, read_corpus
     from orchestrator.storage import Output
 
     with RssSampler() as rss:
@@ -54,9 +54,11 @@ def child_stream(args) -> None:
         ray_s = time.perf_counter() - started
         with tempfile.TemporaryDirectory() as out:
             manifest = Manifest(Output(out, {}))
-            indexes = start_index(manifest, {}, [], {}, buckets=1)
-            ds = read_corpus(list_corpus(args.prompts), ReadSettings(shard_size=10_000))
-            ds = drop_duplicates(ds, indexes, manifest, {})
+            files = list_corpus(args.prompts)
+            owners = Owners([file_key(f.name) for f in files])
+            indexes = start_index(manifest, owners, [], {}, buckets=1)
+            ds = read_corpus(files, ReadSettings(shard_size=10_000))
+            ds = drop_duplicates(ds, indexes, manifest, owners)
             if args.mode == "score":
                 from actors.scorer import ScorerStage
                 from orchestrator.config import GenerateConfig

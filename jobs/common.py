@@ -16,7 +16,12 @@ from orchestrator.config import DEFAULT_MODEL, ConfigError, GenerateConfig
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
-    add("--prompts", required=True, help="corpus: .txt, .jsonl, .csv, .tsv or .parquet; local path or s3:// URI")
+    add("--prompts", required=True,
+        help="corpus: .txt, .jsonl, .csv, .tsv or .parquet (optionally .gz .bz2 .xz .zst); a file, folder or glob; "
+             "local or s3://")
+    add("--prompt-column", default=None,
+        help="column (or JSON field) holding the prompt (default: the first of prompt, prompts, caption, text)")
+    add("--id-column", default=None, help="column holding the prompt id (default: prompt_id, id or uid if present)")
     add("--out", required=True, help="output folder or s3:// prefix")
     add("--model", default=DEFAULT_MODEL, help="diffusers pipeline folder or hub id (default: %(default)s)")
     add("--candidates", "-n", type=int, default=4, help="candidate seeds scored per prompt (N)")

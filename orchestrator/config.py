@@ -26,6 +26,8 @@ class ConfigError(ValueError):
 class GenerateConfig:
     prompts: str
     out: str
+    prompt_column: str | None = None  # None: detected by name (see orchestrator/corpus.py)
+    id_column: str | None = None
     model: str = DEFAULT_MODEL
     candidates: int = 4
     keep: int = 1
@@ -87,6 +89,8 @@ class GenerateConfig:
         for name in ("batch_size", "generators", "scorers", "scorer_batch_size", "shard_size", "shard_images"):
             if getattr(self, name) < 1:
                 problems.append(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
+        if self.shard_size >= 1 << 24:
+            problems.append(f"--shard-size must be below {1 << 24:,} rows (got {self.shard_size})")
         if self.dedup_buckets is not None and not 1 <= self.dedup_buckets <= 256:
             problems.append(f"--dedup-buckets must be between 1 and 256 (got {self.dedup_buckets})")
         if self.lease_seconds < 10:

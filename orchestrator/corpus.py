@@ -9,7 +9,6 @@ these rows into shards.
 from __future__ import annotations
 
 import csv
-import fnmatch
 import hashlib
 import io
 import json
@@ -24,8 +23,11 @@ CORPUS_FORMATS = ("txt", "jsonl", "csv", "tsv", "parquet")
 FORMAT_SUFFIXES = ((".txt", "txt"), (".jsonl", "jsonl"), (".ndjson", "jsonl"), (".csv", "csv"), (".tsv", "tsv"),
                    (".parquet", "parquet"), (".pq", "parquet"))
 COMPRESSION_SUFFIXES = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz", ".zst": "zstd"}
-PROMPT_COLUMNS = ("prompt", "caption", "text")
-ID_COLUMNS = ("prompt_id", "id")
+# Column names looked for, in this order and ignoring case, when no --prompt-column / --id-column is given:
+# `prompt` (DiffusionDB, PartiPrompts' `Prompt`), `prompts` (DrawBench), `caption` (COCO, Pick-a-Pic), `text`
+# (LAION's `TEXT`); ids: `prompt_id`, `id`, `uid`. Without an id column, a prompt's id is a hash of its text.
+PROMPT_COLUMNS = ("prompt", "prompts", "caption", "text")
+ID_COLUMNS = ("prompt_id", "id", "uid")
 ROWS_PER_BLOCK = 4096
 
 # What every corpus row looks like after parsing; later stages add columns, never remove these.
@@ -60,6 +62,31 @@ def corpus_format(path: str) -> str:
 def compression_of(path: str) -> str | None:
     lowered = path.lower()
     return next((codec for suffix, codec in COMPRESSION_SUFFIXES.items() if lowered.endswith(suffix)), None)
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Which columns (or JSON fields) hold the prompt and the id: the user's choice, or detection by name."""
+
+    prompt: str | None = None  # --prompt-column; None: the first of PROMPT_COLUMNS found
+    id: str | None = None  # --id-column; None: the first of ID_COLUMNS found, else ids are text hashes
+
+    def prompt_of(self, names) -> str | None:
+        return pick_column(names, (self.prompt,) if self.prompt else PROMPT_COLUMNS)
+
+    def id_of(self, names) -> str | None:
+        return pick_column(names, (self.id,) if self.id else ID_COLUMNS)
+
+    def missing(self, where: str, names) -> str:
+        """The one-line error for a file without a prompt column: what was found, and the flag to use."""
+        found = ", ".join(names) or "none"
+        if self.prompt:
+            return f"{where}: no column {self.prompt!r} (--prompt-column; found: {found})"
+        return (f"{where}: no prompt column (found: {found}); looked for {', '.join(PROMPT_COLUMNS)} in any case; "
+                "pass --prompt-column NAME")
+
+
+DETECT = Columns()
 
 
 @dataclass(frozen=True)
@@ -107,13 +134,68 @@ def _has_corpus_suffix(path: str) -> bool:
         return False
 
 
-def matches_glob(name: str, pattern: str) -> bool:
-    return fnmatch.fnmatch(name, pattern)
-
-
 def open_corpus_file(corpus_file: CorpusFile, storage_options: dict | None = None):
     """A binary stream of the file's (decompressed) bytes; the caller closes it."""
     return fsspec.open(corpus_file.uri, "rb", compression=corpus_file.compression, **(storage_options or {})).open()
+
+
+CHECKED_FILES = 32  # files whose header or schema the driver checks before Ray starts
+COUNTED_BYTES = {"local": 512 << 20, "remote": 64 << 20}  # text read to count lines up front, at most
+
+
+def check_corpus(files: list[CorpusFile], columns: Columns = DETECT, storage_options: dict | None = None) -> None:
+    """Find a corpus that cannot be read before Ray starts: each file's header (csv/tsv), schema (parquet) or
+    first object (jsonl) must name a prompt column. Raises CorpusError with one line naming file, found, flag."""
+    import pyarrow.parquet as pq
+
+    for corpus_file in files[:CHECKED_FILES]:
+        if corpus_file.fmt == "txt":
+            continue
+        with open_corpus_file(corpus_file, storage_options) as handle:
+            if corpus_file.fmt == "parquet":
+                parquet_columns(pq.ParquetFile(handle).schema_arrow.names, corpus_file.name, columns)
+            elif corpus_file.fmt in ("csv", "tsv"):
+                delimited_header(handle.readline(), corpus_file.name, "," if corpus_file.fmt == "csv" else "\t",
+                                 columns)
+            else:
+                for _ in range(64):  # the first object that parses decides; broken lines are quarantined later
+                    line = handle.readline()
+                    if not line:
+                        break
+                    try:
+                        value = json.loads(line)
+                    except ValueError:
+                        continue
+                    if isinstance(value, dict) and columns.prompt_of(value.keys()) is None:
+                        raise CorpusError(columns.missing(f"{corpus_file.name} (first object)", sorted(value)))
+                    break
+
+
+def count_rows(files: list[CorpusFile], storage_options: dict | None = None) -> tuple[int | None, bool]:
+    """Corpus rows counted cheaply up front: exact for parquet (its metadata), lines for text files of moderate
+    size. Returns (rows, exact); rows is None when a file is too large to count without reading it all."""
+    import pyarrow.parquet as pq
+
+    total, exact = 0, True
+    for corpus_file in files:
+        fs, path = fsspec.core.url_to_fs(corpus_file.uri, **(storage_options or {}))
+        if corpus_file.fmt == "parquet":
+            with fs.open(path, "rb") as handle:
+                total += pq.ParquetFile(handle).metadata.num_rows
+            continue
+        local = "local" in type(fs).__name__.lower()
+        size = fs.size(path) * (5 if corpus_file.compression else 1)
+        if size > COUNTED_BYTES["local" if local else "remote"]:
+            return None, False
+        lines, last = 0, b"\n"
+        with open_corpus_file(corpus_file, storage_options) as handle:
+            while chunk := handle.read(1 << 20):
+                lines += chunk.count(b"\n")
+                last = chunk[-1:]
+        lines += last != b"\n"
+        total += lines - (corpus_file.fmt in ("csv", "tsv"))
+        exact = False  # blank lines and multi-line csv fields make a line count an estimate
+    return total, exact
 
 
 # --- identity -----------------------------------------------------------------------------------------------------
@@ -186,7 +268,7 @@ def _decoded_lines(lines: Iterable[bytes], first_line: int) -> Iterator[tuple[in
 
 
 def parse_lines(lines: Iterable[bytes], fmt: str, name: str, first_line: int = 1,
-                header: list[str] | None = None) -> Iterator[dict]:
+                header: list[str] | None = None, columns: Columns = DETECT) -> Iterator[dict]:
     """Corpus rows from the raw lines of one txt, jsonl, csv or tsv file (`name` is used in sources and errors).
 
     Lazy: it pulls a line only when it needs one, so a caller can tell where in the file each row ends. A csv/tsv
@@ -195,9 +277,9 @@ def parse_lines(lines: Iterable[bytes], fmt: str, name: str, first_line: int = 1
     if fmt == "txt":
         yield from _parse_txt(lines, name, first_line)
     elif fmt == "jsonl":
-        yield from _parse_jsonl(lines, name, first_line)
+        yield from _parse_jsonl(lines, name, first_line, columns)
     elif fmt in ("csv", "tsv"):
-        yield from _parse_delimited(lines, name, "," if fmt == "csv" else "\t", first_line, header)
+        yield from _parse_delimited(lines, name, "," if fmt == "csv" else "\t", first_line, header, columns)
     else:
         raise ValueError(f"{name}: parse_lines reads txt, jsonl, csv or tsv, not {fmt}")
 
@@ -211,7 +293,7 @@ def _parse_txt(lines: Iterable[bytes], name: str, first_line: int) -> Iterator[d
             yield corpus_record(text, None, source)
 
 
-def _parse_jsonl(lines: Iterable[bytes], name: str, first_line: int) -> Iterator[dict]:
+def _parse_jsonl(lines: Iterable[bytes], name: str, first_line: int, columns: Columns) -> Iterator[dict]:
     for number, text, error in _decoded_lines(lines, first_line):
         source = f"{name}:{number}"
         if error:
@@ -227,34 +309,35 @@ def _parse_jsonl(lines: Iterable[bytes], name: str, first_line: int) -> Iterator
         if isinstance(value, str):
             yield corpus_record(value, None, source)
         elif isinstance(value, dict):
-            prompt_key = pick_column(value.keys(), PROMPT_COLUMNS)
-            id_key = pick_column(value.keys(), ID_COLUMNS)
+            prompt_key = columns.prompt_of(value.keys())
+            id_key = columns.id_of(value.keys())
             if prompt_key is None:
                 found = ", ".join(sorted(value.keys())) or "none"
-                yield corpus_record(None, None, source) | {"error": f"no 'prompt' field (found: {found})"}
+                wanted = repr(columns.prompt) if columns.prompt else "'prompt'"
+                yield corpus_record(None, None, source) | {"error": f"no {wanted} field (found: {found})"}
             else:
                 yield corpus_record(value[prompt_key], value.get(id_key) if id_key else None, source)
         else:
             yield corpus_record(None, None, source) | {"error": f"a JSON {type(value).__name__}, expected an object or a string"}
 
 
-def delimited_header(line: bytes, name: str, delimiter: str) -> list[str]:
+def delimited_header(line: bytes, name: str, delimiter: str, columns: Columns = DETECT) -> list[str]:
     """The header fields of a csv/tsv file's first line; a missing prompt column is a CorpusError naming the fix."""
-    text = line.decode("utf-8", errors="replace").rstrip("\r\n")
+    text = line.decode("utf-8-sig", errors="replace").rstrip("\r\n")  # a byte-order mark is not part of a name
     header = next(csv.reader([text], delimiter=delimiter), [])
-    if pick_column(header, PROMPT_COLUMNS) is None:
-        raise CorpusError(f"{name} line 1: no 'prompt' column (found: {', '.join(header)})")
+    if columns.prompt_of(header) is None:
+        raise CorpusError(columns.missing(f"{name} line 1", header))
     return header
 
 
 def _parse_delimited(lines: Iterable[bytes], name: str, delimiter: str, first_line: int,
-                     header: list[str] | None) -> Iterator[dict]:
+                     header: list[str] | None, columns: Columns) -> Iterator[dict]:
     lines = iter(lines)
     if header is None:
         first = next(lines, None)
         if first is None:
             return
-        header = delimited_header(first, name, delimiter)
+        header = delimited_header(first, name, delimiter, columns)
         first_line += 1
     decoded = _decoded_lines(lines, first_line)
     bad: list[tuple[int, str]] = []
@@ -271,8 +354,8 @@ def _parse_delimited(lines: Iterable[bytes], name: str, delimiter: str, first_li
                 yield text + "\n"
 
     reader = csv.reader(good_lines(), delimiter=delimiter)
-    prompt_index = header.index(pick_column(header, PROMPT_COLUMNS))
-    id_col = pick_column(header, ID_COLUMNS)
+    prompt_index = header.index(columns.prompt_of(header))
+    id_col = columns.id_of(header)
     id_index = header.index(id_col) if id_col else None
     while True:
         try:
@@ -299,17 +382,17 @@ def _parse_delimited(lines: Iterable[bytes], name: str, delimiter: str, first_li
         yield corpus_record(None, None, f"{name}:{number}") | {"error": error}
 
 
-def parquet_columns(names: list[str], file_name: str) -> tuple[str, str | None]:
+def parquet_columns(names: list[str], file_name: str, columns: Columns = DETECT) -> tuple[str, str | None]:
     """The prompt and id columns of a parquet file's schema; a missing prompt column is a CorpusError."""
-    prompt_col = pick_column(names, PROMPT_COLUMNS)
+    prompt_col = columns.prompt_of(names)
     if prompt_col is None:
-        raise CorpusError(f"{file_name}: no 'prompt' column (found: {', '.join(names)})")
-    return prompt_col, pick_column(names, ID_COLUMNS)
+        raise CorpusError(columns.missing(file_name, names))
+    return prompt_col, columns.id_of(names)
 
 
-def parse_table(table: pa.Table, name: str, first_row: int = 0) -> Iterator[dict]:
+def parse_table(table: pa.Table, name: str, first_row: int = 0, columns: Columns = DETECT) -> Iterator[dict]:
     """Corpus rows from a parquet table; nulls and non-text prompts are quarantined, not fatal."""
-    prompt_col, id_col = parquet_columns(table.column_names, name)
+    prompt_col, id_col = parquet_columns(table.column_names, name, columns)
     prompts = table.column(prompt_col).to_pylist()
     ids = table.column(id_col).to_pylist() if id_col else [None] * len(prompts)
     for offset, (prompt, raw_id) in enumerate(zip(prompts, ids)):

@@ -11,17 +11,19 @@ Sharded and indexed, so that no process holds the corpus:
   every key in its bucket, decides row by row (first occurrence wins, earlier rows of the block included), and
   then registers the keys of the rows it let through. It is the only writer, so lookups and inserts never race.
 
-An owner names the corpus row that holds a key first: (shard ordinal, shard row). Ordinals are per run (the
-driver numbers the shards the output holds; new shards get the next numbers), so the index never stores
-strings; the source named in "duplicate of <source>" is looked up only for the duplicates found.
+An owner names the corpus row that holds a key first, packed in 64 bits: the file's number (16 bits, from the
+list of file keys the driver hands to every actor of the run), the shard's index in the file (24 bits) and the
+row in the shard (24 bits). So the index never stores strings, and the filter itself keeps no state that a
+restart would lose; the source named in "duplicate of <source>" is looked up only for the duplicates found.
 
 Determinism. Within a file, "first" is file order: one read task streams a file in order to the one filter.
 Files of a multi-file corpus are read in parallel, so which of two cross-file copies arrives first depends on
 timing; a copy rendered by an earlier run is always the first occurrence, whatever arrives first now. A row
 re-read by a resumed run has its own owner, so it is never a duplicate of itself.
 
-Failure: the index lives in memory, so these actors run with max_restarts=0: if one dies the job fails (and a
-rerun resumes from the committed rows) rather than restarting empty and letting a duplicate through.
+Failure: the index lives in memory, so its actors run with max_restarts=0: if one dies the job fails (and a
+rerun resumes from the committed rows) rather than restarting empty and letting a duplicate through. The filter
+holds nothing that matters, so Ray Data may restart it like any pool actor.
 """
 
 from __future__ import annotations
@@ -31,15 +33,30 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from orchestrator.manifest import QUARANTINED, Manifest
+from orchestrator.manifest import QUARANTINED, Manifest, shard_id, split_shard_id
 from orchestrator.reader import READ_CPUS
 
 KEYS_PER_BUCKET = 8_000_000  # about 130 MB of keys and owners per index actor
 MERGE_EVERY = 262_144  # keys inserted since the last merge into the sorted arrays
 
 
-def owner_of(ordinal: int, shard_row: np.ndarray) -> np.ndarray:
-    return (np.uint64(ordinal) << np.uint64(32)) | shard_row.astype(np.uint64)
+class Owners:
+    """Packs (shard, shard row) into one 64-bit owner and back; the same file list in every actor of a run."""
+
+    def __init__(self, file_keys: list[str]):
+        self.files = list(dict.fromkeys(file_keys))
+        self.codes = {key: code for code, key in enumerate(self.files, start=1)}
+
+    def of(self, shard: str, rows: np.ndarray) -> np.ndarray:
+        key, index = split_shard_id(shard)
+        head = (self.codes[key] << 48) | (index << 24)
+        return np.uint64(head) | np.asarray(rows).astype(np.uint64)
+
+    def shard_of(self, owner: int) -> tuple[str | None, int]:
+        code, index, row = owner >> 48, (owner >> 24) & 0xFFFFFF, owner & 0xFFFFFF
+        if not 1 <= code <= len(self.files):
+            return None, row
+        return shard_id(self.files[code - 1], index), row
 
 
 def bucket_count(expected_keys: int) -> int:
@@ -55,7 +72,7 @@ class DuplicateIndex:
         self.owners = np.empty(0, np.uint64)
         self.recent: dict[int, int] = {}
 
-    def load(self, manifest: Manifest, ordinals: dict[str, int], complete: list[str], open_parts: dict) -> int:
+    def load(self, manifest: Manifest, owners: Owners, complete: list[str], open_parts: dict) -> int:
         """Take this bucket's keys from the committed rows; returns how many. Reads a few columns per shard."""
         columns = ["prompt_key", "text_key", "shard_row", "status"]
 
@@ -65,21 +82,21 @@ class DuplicateIndex:
                 return np.empty(0, np.uint64), np.empty(0, np.uint64)
             table = table.filter(pc.not_equal(table["status"], QUARANTINED))
             rows = table["shard_row"].to_numpy(zero_copy_only=False)
-            owner = owner_of(ordinals[shard], rows)
+            owner = owners.of(shard, rows)
             keys = np.concatenate([table["prompt_key"].to_numpy(zero_copy_only=False),
                                    table["text_key"].to_numpy(zero_copy_only=False)]).astype(np.uint64)
-            owners = np.concatenate([owner, owner])
+            both = np.concatenate([owner, owner])
             mine = (keys != 0) & (keys % np.uint64(self.buckets) == np.uint64(self.bucket))
-            return keys[mine], owners[mine]
+            return keys[mine], both[mine]
 
         complete_set = set(complete)
         shards = sorted(complete_set | set(open_parts))
         pieces = manifest.output.read_many(shards, read)
         if pieces:
             keys = np.concatenate([self.keys] + [k for k, _ in pieces])
-            owners = np.concatenate([self.owners] + [o for _, o in pieces])
+            holders = np.concatenate([self.owners] + [o for _, o in pieces])
             self.keys, first = np.unique(keys, return_index=True)
-            self.owners = owners[first]
+            self.owners = holders[first]
         return int(len(self.keys))
 
     def lookup(self, keys: np.ndarray) -> np.ndarray:
@@ -118,18 +135,11 @@ class DuplicateIndex:
 class DuplicateFilter:
     """Ray Data callable class (one actor): quarantines every later occurrence of a prompt id or a prompt text."""
 
-    def __init__(self, indexes: list, manifest: Manifest, ordinals: dict[str, int]):
+    def __init__(self, indexes: list, manifest: Manifest, owners: Owners):
         self.indexes = indexes
         self.manifest = manifest
-        self.ordinals = dict(ordinals)
-        self.shards = {ordinal: shard for shard, ordinal in self.ordinals.items()}
+        self.owners = owners
         self.sources: dict[str, dict[int, str]] = {}  # shard -> {shard row: source}, for messages only
-
-    def _ordinal(self, shard: str) -> int:
-        if shard not in self.ordinals:
-            self.ordinals[shard] = len(self.ordinals) + 1
-            self.shards[self.ordinals[shard]] = shard
-        return self.ordinals[shard]
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         statuses = batch["status"].to_pylist()
@@ -138,7 +148,7 @@ class DuplicateFilter:
             return batch
         shards = batch["shard"].to_pylist()
         rows = batch["shard_row"].to_numpy(zero_copy_only=False)
-        owners = np.array([(self._ordinal(shards[i]) << 32) | int(rows[i]) for i in candidates], np.uint64)
+        owners = np.array([int(self.owners.of(shards[i], rows[i])) for i in candidates], np.uint64)
         id_keys = batch["prompt_key"].to_numpy(zero_copy_only=False)[candidates].astype(np.uint64)
         text_keys = batch["text_key"].to_numpy(zero_copy_only=False)[candidates].astype(np.uint64)
         known = self._lookup(np.concatenate([id_keys, text_keys]))
@@ -197,7 +207,7 @@ class DuplicateFilter:
             self.sources.pop(next(iter(self.sources)))
 
     def _source_of(self, owner: int) -> str:
-        shard, row = self.shards.get(owner >> 32), owner & 0xFFFFFFFF
+        shard, row = self.owners.shard_of(owner)
         if shard is None:
             return "an earlier row"
         if row not in self.sources.get(shard, {}):  # a shard of an earlier run: read its sources once
@@ -207,19 +217,17 @@ class DuplicateFilter:
         return self.sources.get(shard, {}).get(row, "an earlier row")
 
 
-def start_index(manifest: Manifest, ordinals: dict[str, int], complete: list[str], open_parts: dict,
-                buckets: int) -> list:
+def start_index(manifest: Manifest, owners: Owners, complete: list[str], open_parts: dict, buckets: int) -> list:
     """The index actors, loaded from the output; they live as long as the driver holds them."""
     actor = ray.remote(num_cpus=READ_CPUS, max_restarts=0)(DuplicateIndex)
     indexes = [actor.remote(b, buckets) for b in range(buckets)]
-    ray.get([index.load.remote(manifest, ordinals, complete, open_parts) for index in indexes])
+    ray.get([index.load.remote(manifest, owners, complete, open_parts) for index in indexes])
     return indexes
 
 
-def drop_duplicates(ds, indexes: list, manifest: Manifest, ordinals: dict[str, int]):
-    """The dedup stage on a corpus dataset: one filter actor, never restarted empty (see the module docstring)."""
+def drop_duplicates(ds, indexes: list, manifest: Manifest, owners: Owners):
+    """The dedup stage on a corpus dataset: one filter actor in front of the index actors (module docstring)."""
     return ds.map_batches(
-        DuplicateFilter, fn_constructor_kwargs={"indexes": indexes, "manifest": manifest, "ordinals": ordinals},
+        DuplicateFilter, fn_constructor_kwargs={"indexes": indexes, "manifest": manifest, "owners": owners},
         batch_format="pyarrow", batch_size=None, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=READ_CPUS,
-        max_restarts=0,
     )

@@ -19,14 +19,14 @@ from actors.generator import GeneratorStage
 from actors.rater import RaterStage
 from actors.scorer import ScorerStage
 from orchestrator.config import ConfigError, GenerateConfig
-from orchestrator.corpus import CorpusFile, list_corpus
-from orchestrator.dedup import bucket_count, drop_duplicates, start_index
+from orchestrator.corpus import Columns, CorpusFile, check_corpus, list_corpus
+from orchestrator.dedup import Owners, bucket_count, drop_duplicates, start_index
 from orchestrator.lease import Lease
 from orchestrator.ledger import ShardLedger
 from orchestrator.manifest import (DELIVERED, LAYOUT_VERSION, RUN_FILE, DamagedManifest, Manifest, ShardRecord,
                                    split_shard_id)
 from orchestrator.plan import RunPlan, build_plan
-from orchestrator.reader import READ_CPUS, ReadSettings, read_corpus, split_limit
+from orchestrator.reader import READ_CPUS, ReadSettings, file_key, read_corpus, split_limit
 from orchestrator.sink import write_unit
 from orchestrator.storage import Output, storage_error_in
 from orchestrator.summary import merge_stats, prompt_difficulty, shard_stats
@@ -50,9 +50,10 @@ class OutputState:
     def committed_shards(self) -> frozenset:
         return frozenset(self.records) | frozenset(self.open_parts)
 
-    def ordinals(self) -> dict[str, int]:
-        """A number for every shard the output holds, for the duplicate index (new shards get later numbers)."""
-        return {shard: i for i, shard in enumerate(sorted(self.committed_shards), start=1)}
+    def owners(self, files: list[CorpusFile]) -> Owners:
+        """The file numbering every duplicate-index actor of the run shares: the corpus's files, then any other
+        file the output holds rows of (a file since removed from the corpus)."""
+        return Owners([file_key(f.name) for f in files] + sorted({split_shard_id(s)[0] for s in self.committed_shards}))
 
     def complete_frames(self) -> dict[str, dict]:
         """{file key: {shard index: frame}} of complete shards, for the reader to skip."""
@@ -69,8 +70,10 @@ class OutputState:
 
 def prepare(config: GenerateConfig) -> tuple[RunPlan, list[CorpusFile], Manifest]:
     """Everything that can fail before Ray starts: plan (model, size, predictor), corpus files, output."""
-    plan = build_plan(config)
+    # The corpus first: a wrong column is the commonest first-hour mistake, and this takes a second.
     files = list_corpus(config.prompts, config.storage_options)
+    check_corpus(files, Columns(config.prompt_column, config.id_column), config.storage_options)
+    plan = build_plan(config)
     output = Output(config.out, config.storage_options)
     output.check_writable()
     return plan, files, Manifest(output)
@@ -153,27 +156,34 @@ def plan_resources(config: GenerateConfig) -> Resources:
     return Resources(generator_gpus=gpus, generator_cpus=cpus)
 
 
+def read_settings(config: GenerateConfig) -> ReadSettings:
+    return ReadSettings(shard_size=config.shard_size, sample=config.sample, storage_options=config.storage_options,
+                        columns=Columns(config.prompt_column, config.id_column))
+
+
+def file_limits(config: GenerateConfig, files: list[CorpusFile]) -> dict[str, int] | None:
+    return split_limit(files, config.limit, config.storage_options, Columns(config.prompt_column, config.id_column))
+
+
 def count_usable_prompts(plan: RunPlan, files: list[CorpusFile]) -> int:
     """--budget-images: a counting pass over the corpus (reading only)."""
     config = plan.config
-    settings = ReadSettings(config.shard_size, config.sample, None, config.storage_options)
     prompts = 0
-    for batch in read_corpus(files, settings, limits=split_limit(files, config.limit, config.storage_options)
+    for batch in read_corpus(files, read_settings(config), limits=file_limits(config, files)
                              ).iter_batches(batch_format="pyarrow", batch_size=None):
         prompts += batch["status"].to_pylist().count("ok")
     return prompts
 
 
 def build_dataset(plan: RunPlan, manifest: Manifest, state: OutputState, files: list[CorpusFile], indexes: list,
-                  ordinals: dict[str, int]):
+                  owners: Owners):
     """The lazy Ray dataset of a run: one accounting row per row that reached the sink."""
     config = plan.config
     resources = plan_resources(config)
     # Scorer actors on any node get the predictor from the object store, not from a path only the driver sees.
     predictor_ref = ray.put(plan.predictor.files) if plan.predictor else None
-    settings = ReadSettings(config.shard_size, config.sample, None, config.storage_options)
-    ds = read_corpus(files, settings, state.complete_frames(), split_limit(files, config.limit, config.storage_options))
-    ds = drop_duplicates(ds, indexes, manifest, ordinals)  # later copies of a prompt id or text: quarantined rows
+    ds = read_corpus(files, read_settings(config), state.complete_frames(), file_limits(config, files))
+    ds = drop_duplicates(ds, indexes, manifest, owners)  # later copies of a prompt id or text: quarantined rows
     # Reading and duplicate detection work in shard-sized blocks (cheap per row); the scorer gets blocks of one call
     # each, because a map task emits its output only when its input block is done: a 10,000-row block would hold
     # back the first render until 10,000 prompts were embedded.
@@ -215,11 +225,11 @@ def build_dataset(plan: RunPlan, manifest: Manifest, state: OutputState, files: 
 
 def start_stream(plan: RunPlan, files: list[CorpusFile], manifest: Manifest, state: OutputState):
     """The duplicate index, loaded from the output, and the run's dataset; returns (dataset, index actors)."""
-    ordinals = state.ordinals()
+    owners = state.owners(files)
     committed = state.delivered_rows() + sum(len(p) for p in state.open_parts.values()) * plan.config.batch_size
     buckets = plan.config.dedup_buckets or bucket_count(2 * committed)
-    indexes = start_index(manifest, ordinals, sorted(state.records), state.open_parts, buckets)
-    return build_dataset(plan, manifest, state, files, indexes, ordinals), indexes
+    indexes = start_index(manifest, owners, sorted(state.records), state.open_parts, buckets)
+    return build_dataset(plan, manifest, state, files, indexes, owners), indexes
 
 
 @ray.remote(num_cpus=READ_CPUS, max_retries=3)

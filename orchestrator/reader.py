@@ -8,6 +8,7 @@ what the output already holds, and an edited shard is noticed and read again.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import logging
@@ -20,7 +21,7 @@ import ray
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-from orchestrator.corpus import (CORPUS_SCHEMA, CorpusFile, delimited_header, id_digest, in_sample,
+from orchestrator.corpus import (CORPUS_SCHEMA, DETECT, Columns, CorpusFile, delimited_header, id_digest, in_sample,
                                  open_corpus_file, parquet_columns, parse_lines, parse_table, text_digest)
 from orchestrator.images import safe_key
 from orchestrator.manifest import ShardFrame, shard_id
@@ -57,6 +58,7 @@ class ReadSettings:
     sample: float | None = None
     limit: int | None = None  # rows of this file to read at most (the driver splits --limit over the files)
     storage_options: dict | None = None
+    columns: Columns = DETECT
 
 
 class _LineStream:
@@ -142,7 +144,8 @@ def read_text_shards(corpus_file: CorpusFile, complete: dict[int, ShardFrame], s
             first = stream.readline()
             if not first:
                 return
-            header = delimited_header(first, corpus_file.name, "," if corpus_file.fmt == "csv" else "\t")
+            header = delimited_header(first, corpus_file.name, "," if corpus_file.fmt == "csv" else "\t",
+                                      settings.columns)
         index = 0
         while budget is None or budget > 0:
             start, base, first_line = stream.position, 0, stream.line + 1
@@ -167,7 +170,8 @@ def read_text_shards(corpus_file: CorpusFile, complete: dict[int, ShardFrame], s
             wanted = settings.shard_size - base
             if budget is not None:
                 wanted = min(wanted, budget)
-            for record in parse_lines(stream.lines(), corpus_file.fmt, corpus_file.name, stream.line + 1, header):
+            for record in parse_lines(stream.lines(), corpus_file.fmt, corpus_file.name, stream.line + 1, header,
+                                      settings.columns):
                 if settings.sample is not None and not in_sample(record["prompt_id"], settings.sample):
                     continue
                 rows.append(record)
@@ -207,7 +211,7 @@ def read_parquet_shards(corpus_file: CorpusFile, complete: dict[int, ShardFrame]
     budget = settings.limit
     with open_corpus_file(corpus_file, settings.storage_options) as handle:
         parquet = pq.ParquetFile(handle)
-        prompt_col, id_col = parquet_columns(parquet.schema_arrow.names, corpus_file.name)
+        prompt_col, id_col = parquet_columns(parquet.schema_arrow.names, corpus_file.name, settings.columns)
         columns = [prompt_col] + ([id_col] if id_col else [])
         total = parquet.metadata.num_rows
         group_starts, position = [], 0
@@ -227,7 +231,7 @@ def read_parquet_shards(corpus_file: CorpusFile, complete: dict[int, ShardFrame]
                       if first < end and first + parquet.metadata.row_group(g).num_rows > start]
             table = parquet.read_row_groups(groups, columns=columns)
             table = table.slice(start - group_starts[groups[0]], end - start)
-            rows = [r for r in parse_table(table, corpus_file.name, start)
+            rows = [r for r in parse_table(table, corpus_file.name, start, settings.columns)
                     if settings.sample is None or in_sample(r["prompt_id"], settings.sample)]
             if budget is not None:
                 rows = rows[:budget]
@@ -257,8 +261,7 @@ class CorpusDatasource(Datasource):
         for corpus_file in self.files:
             if corpus_file.name in self.limits and self.limits[corpus_file.name] <= 0:
                 continue
-            settings = ReadSettings(self.settings.shard_size, self.settings.sample,
-                                    self.limits.get(corpus_file.name), self.settings.storage_options)
+            settings = dataclasses.replace(self.settings, limit=self.limits.get(corpus_file.name))
             complete = self.complete.get(file_key(corpus_file.name), {})
             read = read_parquet_shards if corpus_file.fmt == "parquet" else read_text_shards
             metadata = BlockMetadata(num_rows=None, size_bytes=None, input_files=[corpus_file.uri], exec_stats=None)
@@ -271,12 +274,11 @@ def read_corpus(files: list[CorpusFile], settings: ReadSettings, complete: dict 
     """A Ray dataset of the corpus rows that need work; the driver only lists files, workers stream them."""
     source = CorpusDatasource(files, complete or {}, settings, limits)
     # One block stream per file, never split into smaller read tasks: a shard's rows stay together.
-    return ray.data.read_datasource(source, override_num_blocks=max(1, len(files)),
-                                    ray_remote_args={"num_cpus": READ_CPUS})
+    return ray.data.read_datasource(source, override_num_blocks=max(1, len(files)), num_cpus=READ_CPUS)
 
 
-def split_limit(files: list[CorpusFile], limit: int | None, storage_options: dict | None = None
-                ) -> dict[str, int] | None:
+def split_limit(files: list[CorpusFile], limit: int | None, storage_options: dict | None = None,
+                columns: Columns = DETECT) -> dict[str, int] | None:
     """--limit N over a corpus of several files: the first N rows in file order, as a count per file.
 
     Counting parses the files before the one where the limit falls (a limit is for trials, so N is small).
@@ -287,7 +289,8 @@ def split_limit(files: list[CorpusFile], limit: int | None, storage_options: dic
     for corpus_file in files:
         limits[corpus_file.name] = remaining
         if remaining > 0 and corpus_file is not files[-1]:
-            settings = ReadSettings(shard_size=remaining, limit=remaining, storage_options=storage_options)
+            settings = ReadSettings(shard_size=remaining, limit=remaining, storage_options=storage_options,
+                                    columns=columns)
             read = read_parquet_shards if corpus_file.fmt == "parquet" else read_text_shards
             remaining -= sum(table.num_rows for table in read(corpus_file, {}, settings))
     return limits

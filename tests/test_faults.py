@@ -116,14 +116,15 @@ def corpus_block(rows: list[tuple], shard: str = "c.jsonl/000000"):
 
 
 def test_duplicate_filter_keeps_the_first_and_honours_committed_rows(ray_session, tmp_path):
-    from orchestrator.dedup import start_index
+    from orchestrator.dedup import Owners, start_index
     from orchestrator.manifest import Manifest, ShardFrame, manifest_table
 
     batch = corpus_block([("a", "a red cube", "c.jsonl:1", "ok"), ("b", "a blue cube", "c.jsonl:2", "ok"),
                           ("a", "something else", "c.jsonl:3", "ok"), ("c", "A  red cube ", "c.jsonl:4", "ok"),
                           ("q", None, "c.jsonl:5", "quarantined")])
     manifest = Manifest(Output(str(tmp_path / "o")))
-    fresh = DuplicateFilter(start_index(manifest, {}, [], {}, buckets=2), manifest, {})
+    owners = Owners(["c.jsonl"])
+    fresh = DuplicateFilter(start_index(manifest, owners, [], {}, buckets=2), manifest, owners)
     out = fresh(batch).to_pylist()
     assert [r["status"] for r in out] == ["ok", "ok", "quarantined", "quarantined", "quarantined"]
     assert [r["error"] for r in out][2:] == ["duplicate of c.jsonl:1", "duplicate of c.jsonl:1", "x"]
@@ -134,8 +135,7 @@ def test_duplicate_filter_keeps_the_first_and_honours_committed_rows(ray_session
     row = {k: committed[k] for k in ("prompt_id", "prompt", "source", "shard", "shard_row", "prompt_key", "text_key")}
     frame = ShardFrame.from_json(committed["shard_frame"])
     part = manifest.commit_part(shard, manifest_table([{**row, "seed": 1, "status": "ok"}]), frame)
-    ordinals = {shard: 1}
-    again = DuplicateFilter(start_index(manifest, ordinals, [], {shard: [part]}, buckets=2), manifest, ordinals)
+    again = DuplicateFilter(start_index(manifest, owners, [], {shard: [part]}, buckets=2), manifest, owners)
     rows = again(batch).to_pylist()
     assert [r["status"] for r in rows][:4] == ["quarantined", "ok", "ok", "ok"]
     assert rows[0]["error"] == "duplicate of c.jsonl:3"
