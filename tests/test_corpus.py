@@ -71,7 +71,8 @@ def test_csv_with_id_column_quotes_and_bad_rows():
 
 
 def test_csv_without_prompt_column_names_what_it_found():
-    with pytest.raises(ValueError, match=r"no 'prompt' column \(found: text_en, id\)"):
+    with pytest.raises(ValueError, match=r"p.csv line 1: no prompt column \(found: text_en, id\); looked for prompt, "
+                                         r"prompts, caption, text in any case; pass --prompt-column NAME"):
         list(parse_lines(lines(b"text_en,id\na,1\n"), "csv", "p.csv"))
 
 
