@@ -42,6 +42,19 @@ PIXART_MAX_SEQUENCE_LENGTH = {"PixArtAlphaPipeline": 120, "PixArtSigmaPipeline":
 # Both pipelines' `check_inputs` reject image sizes that are not multiples of 8.
 PIPELINE_SIZE_MULTIPLE = 8
 PARTS = ("full", "text", "render")
+# --scheduler names -> (diffusers class, options); each is built with from_config on the pipeline's own scheduler
+# config, so the noise schedule the model was trained with is kept and only the solver changes.
+SCHEDULERS = {
+    "default": None,
+    "ddim": ("DDIMScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler-a": ("EulerAncestralDiscreteScheduler", {}),
+    "dpm++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "use_karras_sigmas": False}),
+    "dpm++-karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+}
+# Solvers that add fresh noise at every step: their renders need a generator per image to be reproducible.
+STOCHASTIC_SCHEDULERS = ("euler-a",)
 
 
 def _read_config(model_path: str, subfolder: str | None = None) -> dict[str, Any]:
@@ -115,8 +128,38 @@ def text_embedding_dim(model_path: str) -> int:
     return width
 
 
-def load_pipeline(model_path: str, part: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
-    """Load the whole pipeline ("full"), only tokenizer + text encoder ("text"), or all but those ("render")."""
+def scheduler_label(model_path: str, scheduler: str = "default") -> str:
+    """What manifests record as the scheduler: the pipeline's own class for "default", else the chosen name."""
+    if scheduler not in SCHEDULERS:
+        raise ValueError(f"--scheduler {scheduler!r} is unknown; use one of {', '.join(SCHEDULERS)}")
+    return model_identity(model_path)["scheduler"] if scheduler == "default" else scheduler
+
+
+def scheduler_from_label(model_path: str, label: str) -> str:
+    """The --scheduler name that rebuilds a recorded label (a name, or the pipeline's own class for "default")."""
+    if label in SCHEDULERS:
+        return label
+    own = model_identity(model_path)["scheduler"]
+    if label == own:
+        return "default"
+    raise ValueError(f"the rows were rendered with scheduler {label}, but {model_path} now ships {own}; the model "
+                     "folder changed since the run")
+
+
+def use_scheduler(pipe, scheduler: str) -> None:
+    """Swap the pipeline's solver for a named one, built from the pipeline's own scheduler config."""
+    import diffusers
+
+    if scheduler == "default":
+        return
+    class_name, options = SCHEDULERS[scheduler]
+    pipe.scheduler = getattr(diffusers, class_name).from_config(pipe.scheduler.config, **options)
+
+
+def load_pipeline(model_path: str, part: str, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                  scheduler: str = "default"):
+    """Load the whole pipeline ("full"), only tokenizer + text encoder ("text"), or all but those ("render"),
+    with the named solver (see SCHEDULERS)."""
     from diffusers import DiffusionPipeline
     from diffusers.utils import logging as diffusers_logging
 
@@ -133,6 +176,7 @@ def load_pipeline(model_path: str, part: str, device: str = "cpu", dtype: torch.
     elif part == "render":
         skipped = dict.fromkeys(TEXT_ENCODERS_BY_FAMILY[family] + TOKENIZERS_BY_FAMILY[family])
     pipe = DiffusionPipeline.from_pretrained(model_path, dtype=dtype, **skipped)
+    use_scheduler(pipe, scheduler)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -215,8 +259,13 @@ def render(
     guidance_scale: float,
     height: int,
     width: int,
+    seeds: list[int] | None = None,
 ) -> np.ndarray:
-    """Images (B,H,W,3) uint8 from precomputed text embeddings and initial latents; needs no text encoder."""
+    """Images (B,H,W,3) uint8 from precomputed text embeddings and initial latents; needs no text encoder.
+
+    `seeds` (one per image) seed the noise a stochastic solver adds at each step, so such renders are
+    reproducible and independent of the batch; deterministic solvers ignore them.
+    """
     family = pipeline_family(pipe)
     denoiser = _denoiser(pipe)
     device, dtype = denoiser.device, denoiser.dtype
@@ -252,6 +301,10 @@ def render(
             clean_caption=False,
             max_sequence_length=PIXART_MAX_SEQUENCE_LENGTH[type(pipe).__name__],
         )
+    if seeds is not None:
+        from orchestrator.seeds import step_noise_generators
+
+        kwargs["generator"] = step_noise_generators(seeds)
     result = pipe(
         latents=latents.to(device=device, dtype=dtype),
         num_inference_steps=steps,

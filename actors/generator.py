@@ -28,11 +28,13 @@ def device_and_dtype(dtype_name: str = "auto") -> tuple[str, torch.dtype]:
 class GeneratorStage:
     """Ray Data callable class: one instance per generator actor."""
 
-    def __init__(self, model: str, *, steps: int, guidance: float, height: int, width: int, num_threads: int = 1):
+    def __init__(self, model: str, *, steps: int, guidance: float, height: int, width: int, num_threads: int = 1,
+                 scheduler: str = "default"):
         torch.set_num_threads(max(1, num_threads))
         self.device, self.dtype = device_and_dtype()
         model_path = resolve_model(model)
-        self.pipe = diffusion.load_pipeline(model_path, "render", device=self.device, dtype=self.dtype)
+        self.pipe = diffusion.load_pipeline(model_path, "render", device=self.device, dtype=self.dtype,
+                                            scheduler=scheduler)
         self.steps, self.guidance, self.height, self.width = steps, guidance, height, width
         self.latent_shape = diffusion.latent_shape(model_path, height, width)
 
@@ -45,10 +47,10 @@ class GeneratorStage:
         if len(ok):
             try:
                 embeds = {name: batch[name][ok] for name in diffusion.EMBEDDING_KEYS if name in batch}
-                latents = batch_noise([int(s) for s in batch["seed"][ok]], self.latent_shape)
+                seeds = [int(s) for s in batch["seed"][ok]]
                 images[ok] = diffusion.render(
-                    self.pipe, embeds, latents,
-                    steps=self.steps, guidance_scale=self.guidance, height=self.height, width=self.width,
+                    self.pipe, embeds, batch_noise(seeds, self.latent_shape),
+                    steps=self.steps, guidance_scale=self.guidance, height=self.height, width=self.width, seeds=seeds,
                 )
             except Exception as exc:  # a batch that cannot render is recorded as failed rows, not a dead job
                 logger.exception("render failed for %d rows", len(ok))

@@ -38,7 +38,7 @@ from _common import PYTHON, REPO_ROOT, LoadSampler, machine, save
 NEW_ROWS = 8  # prompts appended to the corpus after the output was written: what the measured run renders
 SHARD_SIZE = 10_000
 JOB_FLAGS = ["--candidates", "1", "--keep", "1", "--steps", "1", "--guidance", "1.0", "--batch-size", "4",
-             "--generator-cpus", "1", "--shard-size", str(SHARD_SIZE)]
+             "--generator-cpus", "1", "--shard-size", str(SHARD_SIZE), "--json"]
 
 
 def corpus(work: Path, rows: int) -> Path:

@@ -16,6 +16,7 @@ JOBS = {
     "reproduce": "rebuild one image from its manifest row",
     "verify": "check an output's exactly-once invariants (duplicates, missing images, orphans)",
     "manifest": "write every committed row of an output, exactly once, to one Parquet file",
+    "report": "rebuild OUT/report.html: the images with prompts and scores, quarantined and failed rows",
 }
 
 

@@ -6,14 +6,15 @@ Run as `seedsift collect ...` with generate's flags; the same run seed gives the
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from jobs.common import add_run_arguments, config_from_args, run_job
+from jobs.report import write_report
 from orchestrator import pipeline
+from orchestrator.console import Console
 from orchestrator.manifest import MANIFEST_SCHEMA, Manifest
 from orchestrator.storage import Output
 
@@ -44,13 +45,18 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         config = config_from_args(args, all_candidates=True, keep=args.candidates, save_images=not args.no_images)
-        summary = pipeline.run(config)
-        summary["dataset_rows"] = write_dataset(Output(config.out, config.storage_options))
-        summary["dataset"] = f"{config.out.rstrip('/')}/{DATASET_FILE}"
-        print(json.dumps(summary, indent=2))
+        summary = pipeline.run(config, console)
+        output = Output(config.out, config.storage_options)
+        summary["dataset_rows"] = write_dataset(output)
+        summary["dataset"] = output.uri_of(DATASET_FILE)
+        output.write_json(pipeline.SUMMARY_FILE, summary)
+        console.finish(summary, write_report(output))
+        if not args.json:
+            print(f"training set: {summary['dataset']} ({summary['dataset_rows']:,} rated candidates)")
         return 0
 
-    return run_job(body)
+    with Console(verbose=args.verbose, as_json=args.json) as console:
+        return run_job(body)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     add("--predictor", default=None,
         help="predictor folder, local or s3:// (--policy predictor/budget); the driver reads it and sends it to the scorers")
     add("--steps", type=int, default=20, help="denoising steps")
+    add("--scheduler", default="default",
+        help="solver: default (the pipeline's own), ddim, euler, euler-a, dpm++, dpm++-karras, unipc")
     add("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
     add("--width", type=int, default=None, help="image width (default: the pipeline's native size)")
     add("--height", type=int, default=None, help="image height (default: the pipeline's native size)")
@@ -58,6 +60,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     add("--lease-seconds", type=float, default=120.0,
         help="a run's lease on the output expires this long after its last heartbeat (default %(default)s)")
     add("--storage-options", default="{}", help="JSON fsspec storage options (default: the AWS credential chain)")
+    add("--verbose", action="store_true", help="show Ray's and the model libraries' logs instead of a progress bar")
+    add("--json", action="store_true", help="print the full summary as JSON instead of the short one")
 
 
 def config_from_args(args: argparse.Namespace, **overrides) -> GenerateConfig:
@@ -77,23 +81,25 @@ EXIT_BUSY = 4  # another run holds the output: wait, or rerun with --wait
 
 
 def run_job(body: Callable[[], int]) -> int:
-    """Run a job body; what a user can cause or meet prints one clear line and a documented exit status."""
+    """Run a job body; what a user can cause or meet prints one clear line and a documented exit status.
+
+    Inside a quiet Console the line goes to the console (the terminal), not to the log the rest of stderr goes to.
+    """
+    from orchestrator.console import Console
     from orchestrator.corpus import CorpusError
     from orchestrator.lease import LeaseLost, OutputBusy
-    from orchestrator.storage import StorageError
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    stream = Console.ACTIVE.stream if Console.ACTIVE is not None else sys.stderr
     try:
         return body()
     except (ConfigError, CorpusError) as exc:
-        print(f"seedsift: {exc}", file=sys.stderr)
+        print(f"seedsift: {exc}", file=stream)
         return EXIT_INPUT
     except (OutputBusy, LeaseLost) as exc:
-        print(f"seedsift: {exc}", file=sys.stderr)
+        print(f"seedsift: {exc}", file=stream)
         return EXIT_BUSY
-    except StorageError as exc:
-        print(f"seedsift: {exc}", file=sys.stderr)
-        return EXIT_STORAGE
-    except OSError as exc:
-        print(f"seedsift: {exc}", file=sys.stderr)
+    except OSError as exc:  # StorageError, and any other storage failure that reached the job
+        print(f"seedsift: {exc}", file=stream)
         return EXIT_STORAGE

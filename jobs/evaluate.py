@@ -30,7 +30,10 @@ CONTACT_SHEET_FILE = "contact_sheet.png"
 EMBED_BATCH = 32  # prompts per text-encoder call
 EXTRA_NDCG_K = 3  # NDCG is reported at --k and at this depth
 # Pipeline settings a predictor records and a dataset must share: its images come from exactly that pipeline.
-CHECKED_SETTINGS = ("model", "scheduler", "steps", "guidance", "width", "height")
+CHECKED_SETTINGS = ("model", "width", "height")
+# Settings that may differ: the predictor still scores the same noise, but its ranking may weaken; measuring how
+# much is what evaluating on such a set is for, so these are warnings, recorded in evaluation.json.
+WARNED_SETTINGS = ("scheduler", "steps", "guidance")
 SCATTER_MAX_POINTS = 4000  # the scatter plot draws a fixed random subset beyond this, to keep the page small
 SCORER_COST_NOTE = ("compute_saved counts renders: the predictor renders 1 image per prompt, best-of-n renders n. "
                     "The predictor also scores N noises per prompt with a small network (scoring_seconds_per_prompt, "
@@ -53,8 +56,9 @@ def parser() -> argparse.ArgumentParser:
     add("--out", required=True, help="report folder or s3:// prefix")
     add("--k", type=int, default=1, help=f"NDCG depth (NDCG@{EXTRA_NDCG_K} is reported too)")
     add("--contact-prompts", type=int, default=4, help="held-out prompts rendered in the contact sheet (0: none)")
-    add("--split", choices=("test", "all"), default="test",
-        help="test: only the predictor's held-out prompts; all: every prompt (a dataset collected apart from training)")
+    add("--split", choices=("auto", "test", "all"), default="auto",
+        help="test: only the predictor's held-out prompts; all: every prompt; auto (default): test on the dataset "
+             "the predictor was trained on, all on any other")
     add("--storage-options", default="{}", help="JSON fsspec storage options (default: the AWS credential chain)")
     return result
 
@@ -95,9 +99,14 @@ def evaluate(args: argparse.Namespace) -> dict:
     # Predictor problems raise PredictorMismatch, a ConfigError that names args.predictor.
     predictor_files = read_predictor_files(args.predictor, "", storage_options)
     config = read_config(predictor_files, args.predictor)
-    check_same_pipeline(identity, config, args.dataset, args.predictor)
+    warnings = check_same_pipeline(identity, config, args.dataset, args.predictor)
     groups = group_by_prompt(table)
-    groups, split_counts = select_prompts(groups, config, args.split, args.predictor)
+    split, split_reason = choose_split(args.split, config, table)
+    total_prompts = len(groups.prompt_ids)
+    groups, split_counts = select_prompts(groups, config, split, args.predictor)
+    if len(groups.prompt_ids) < total_prompts:
+        logger.warning("evaluating %d of the dataset's %d prompts (%s); pass --split all for every prompt",
+                       len(groups.prompt_ids), total_prompts, split_reason)
     groups, incomplete = complete_prompts(groups)
     model_path = resolve_model(identity["model"])
     predictor = predictor_from_files(predictor_files, model_path, identity["height"], identity["width"],
@@ -126,7 +135,9 @@ def evaluate(args: argparse.Namespace) -> dict:
     evaluation = {
         "dataset": args.dataset,
         "predictor": args.predictor,
-        "split": args.split,
+        "split": split,
+        "split_reason": split_reason,
+        "warnings": warnings,
         **{key: identity[key] for key in ("model", "scheduler", "rater", "steps", "guidance", "width", "height")},
         "prompts": len(groups.prompt_ids),
         "candidates": len(groups.seeds[0]),
@@ -163,16 +174,21 @@ def _same_setting(key: str, recorded, collected) -> bool:
     return str(recorded) == str(collected)
 
 
-def check_same_pipeline(identity: dict, config, dataset: str, predictor: str) -> None:
-    """Refuse a dataset whose images come from another pipeline setting or rater than the predictor was trained on."""
-    problems, unchecked = [], []
+def check_same_pipeline(identity: dict, config, dataset: str, predictor: str) -> list[str]:
+    """Refuse a dataset whose images come from another model, size or rater than the predictor was trained on;
+    return warnings for other steps, guidance or scheduler (evaluated anyway: that is how to measure them)."""
+    problems, unchecked, warnings = [], [], []
     recorded = dict(config.pipeline)
     recorded["rater"] = config.rater or None
-    for key in CHECKED_SETTINGS + ("rater",):
+    for key in CHECKED_SETTINGS + ("rater",) + WARNED_SETTINGS:
         if recorded.get(key) is None:
             unchecked.append(key)
         elif not _same_setting(key, recorded[key], identity[key]):
-            problems.append(f"{key}: predictor {recorded[key]!r}, dataset {identity[key]!r}")
+            message = f"{key}: predictor {recorded[key]!r}, dataset {identity[key]!r}"
+            (warnings if key in WARNED_SETTINGS else problems).append(message)
+    for warning in warnings:
+        logger.warning("the dataset was collected at other settings than the predictor was trained at (%s): its "
+                       "ranking may be weaker; these figures measure how much", warning)
     if problems:
         raise ConfigError(
             f"--dataset {dataset} was not collected with the pipeline --predictor {predictor} was trained for ("
@@ -182,6 +198,21 @@ def check_same_pipeline(identity: dict, config, dataset: str, predictor: str) ->
     if unchecked:
         logger.warning("predictor %s does not record %s; cannot check that the dataset matches them",
                        predictor, ", ".join(unchecked))
+    return [f"settings differ from the predictor's training ({w})" for w in warnings]
+
+
+def choose_split(split: str, config, table) -> tuple[str, str]:
+    """`auto`: the held-out split on the predictor's own training set, every prompt on any other; with why."""
+    from jobs.train import dataset_digest
+
+    if split != "auto":
+        return split, f"--split {split}"
+    recorded = (config.training_set or {}).get("digest")
+    if recorded and recorded == dataset_digest(table):
+        return "test", "the dataset is the predictor's training set: only its held-out test prompts"
+    if recorded:
+        return "all", "the dataset is not the predictor's training set: every prompt"
+    return "test", "the predictor records no training set (trained by an older seedsift): its test split"
 
 
 def select_prompts(groups, config, split: str, predictor: str):
@@ -335,15 +366,16 @@ def _json_safe(value):
 
 def contact_sheet_size(rows: int) -> tuple[int, int]:
     """(width, height) of a contact sheet with `rows` prompts."""
-    return 2 * TILE + 3 * MARGIN, MARGIN + rows * (LINE + TILE + 2 * LINE + MARGIN)
+    return 2 * TILE + 3 * MARGIN, MARGIN + rows * (LINE + TILE + 3 * LINE + MARGIN)
 
 
 def contact_sheet(model_path: str, identity: dict, text_pipe, groups, predicted: list[np.ndarray],
                   chosen: list[int]) -> tuple[bytes, dict]:
     """PNG of the first held-out prompts (by prompt id, not picked by result): candidate 0, which the random
     policy renders, beside the predictor's top-1, each labelled with its rated score from the dataset."""
-    from PIL import Image, ImageDraw, ImageFont, ImageOps
+    from PIL import Image, ImageDraw, ImageOps
 
+    from orchestrator.fonts import text_font
     from orchestrator.selection import keep_top_k
 
     picks = [keep_top_k(predicted[i], 1)[0] for i in chosen]
@@ -353,10 +385,10 @@ def contact_sheet(model_path: str, identity: dict, text_pipe, groups, predicted:
     width, height = contact_sheet_size(len(chosen))
     sheet = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(sheet)
-    font = ImageFont.load_default(size=FONT_SIZE)
+    font = text_font(FONT_SIZE)
     entries = []
     for row, (i, pick) in enumerate(zip(chosen, picks)):
-        top = MARGIN + row * (LINE + TILE + 2 * LINE + MARGIN)
+        top = MARGIN + row * (LINE + TILE + 3 * LINE + MARGIN)
         title = f"{groups.prompt_ids[i]}: {groups.prompts[i]}"
         draw.text((MARGIN, top), _fit(draw, title, font, width - 2 * MARGIN), fill="black", font=font)
         scores, guesses = groups.scores[i], predicted[i]
@@ -371,8 +403,13 @@ def contact_sheet(model_path: str, identity: dict, text_pipe, groups, predicted:
             sheet.paste(picture, (left + (TILE - picture.width) // 2, top + LINE + (TILE - picture.height) // 2))
             draw.text((left, top + LINE + TILE + 2), _fit(draw, line1, font, TILE), fill="black", font=font)
             draw.text((left, top + 2 * LINE + TILE), _fit(draw, line2, font, TILE), fill="black", font=font)
+        lower = bool(scores[pick] < scores[0])
+        if lower:  # said plainly: selection is a bet, and this one lost
+            draw.text((MARGIN, top + 3 * LINE + TILE), "the predictor's pick rated lower than candidate 0",
+                      fill="#b00000", font=font)
         entries.append({"prompt_id": groups.prompt_ids[i], "prompt": groups.prompts[i], "predictor_pick": pick,
-                        "pick_score": float(scores[pick]), "candidate0_score": float(scores[0])})
+                        "pick_score": float(scores[pick]), "candidate0_score": float(scores[0]),
+                        "pick_rated_lower": lower})
     buffer = io.BytesIO()
     sheet.save(buffer, format="PNG")
     return buffer.getvalue(), {"file": CONTACT_SHEET_FILE, "rows": entries,
@@ -389,7 +426,8 @@ def render_candidates(model_path: str, identity: dict, text_pipe, prompts: list[
     from orchestrator.seeds import batch_noise
 
     device, dtype = ("cuda", torch.float16) if torch.cuda.is_available() else ("cpu", torch.float32)
-    pipe = diffusion.load_pipeline(model_path, "render", device=device, dtype=dtype)
+    pipe = diffusion.load_pipeline(model_path, "render", device=device, dtype=dtype,
+                                   scheduler=diffusion.scheduler_from_label(model_path, identity["scheduler"]))
     shape = diffusion.latent_shape(model_path, identity["height"], identity["width"])
     embeds = diffusion.encode_prompts(text_pipe, prompts, identity["guidance"])
     embeds.pop("truncated")
@@ -399,10 +437,11 @@ def render_candidates(model_path: str, identity: dict, text_pipe, prompts: list[
     started = time.time()
     for start in range(0, len(flat), RENDER_BATCH):
         rows = owner[start:start + RENDER_BATCH]
+        chunk = flat[start:start + RENDER_BATCH]
         batch = diffusion.render(pipe, {key: values[rows] for key, values in embeds.items()},
-                                 batch_noise(flat[start:start + RENDER_BATCH], shape), steps=int(identity["steps"]),
+                                 batch_noise(chunk, shape), steps=int(identity["steps"]),
                                  guidance_scale=float(identity["guidance"]), height=int(identity["height"]),
-                                 width=int(identity["width"]))
+                                 width=int(identity["width"]), seeds=chunk)
         images += list(batch)
     return images, (time.time() - started) / max(1, len(images))
 

@@ -6,11 +6,13 @@ Run as `seedsift generate ...` or `python -m jobs.generate ...` (the form `ray j
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from jobs.common import add_run_arguments, config_from_args, run_job
+from jobs.report import write_report
 from orchestrator import pipeline
+from orchestrator.console import Console
+from orchestrator.storage import Output
 
 
 def parser() -> argparse.ArgumentParser:
@@ -23,11 +25,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
 
     def body() -> int:
-        summary = pipeline.run(config_from_args(args))
-        print(json.dumps(summary, indent=2))
+        config = config_from_args(args)
+        summary = pipeline.run(config, console)
+        console.finish(summary, write_report(Output(config.out, config.storage_options)))
         return 0  # failed rows are in the manifest and the summary, and a rerun retries them
 
-    return run_job(body)
+    with Console(verbose=args.verbose, as_json=args.json) as console:
+        return run_job(body)
 
 
 if __name__ == "__main__":

@@ -37,20 +37,20 @@ def reproduce_image(row: dict):
     from orchestrator.seeds import batch_noise
 
     model_path = resolve_model(row["model"])
-    identity = diffusion.model_identity(model_path)
-    if identity["scheduler"] != row["scheduler"]:
-        raise ConfigError(f"the manifest row used scheduler {row['scheduler']}, but {row['model']} now has "
-                          f"{identity['scheduler']}; the model folder changed since the run")
+    try:
+        scheduler = diffusion.scheduler_from_label(model_path, row["scheduler"])
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
     # As in a run: the scorer embeds on CPU in float32, the generator renders on its device from those embeddings.
     text_pipe = diffusion.load_pipeline(model_path, "text")
     embeds = diffusion.encode_prompts(text_pipe, [row["prompt"]], row["guidance"])
     embeds.pop("truncated", None)
     del text_pipe
     device, dtype = device_and_dtype()
-    render_pipe = diffusion.load_pipeline(model_path, "render", device=device, dtype=dtype)
+    render_pipe = diffusion.load_pipeline(model_path, "render", device=device, dtype=dtype, scheduler=scheduler)
     latents = batch_noise([row["seed"]], diffusion.latent_shape(model_path, row["height"], row["width"]))
     return diffusion.render(render_pipe, embeds, latents, steps=row["steps"], guidance_scale=row["guidance"],
-                            height=row["height"], width=row["width"])[0]
+                            height=row["height"], width=row["width"], seeds=[row["seed"]])[0]
 
 
 def main(argv: list[str] | None = None) -> int:

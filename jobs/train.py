@@ -36,6 +36,16 @@ def read_dataset(uri: str):
     return output.read_table(name)
 
 
+def dataset_digest(table) -> str:
+    """What identifies a collected set: a hash of its (prompt_id, seed, score) rows, whatever file holds them."""
+    import hashlib
+
+    digest = hashlib.blake2b(digest_size=12)
+    for prompt_id, seed, score in sorted(zip(*(table[c].to_pylist() for c in ("prompt_id", "seed", "score")))):
+        digest.update(f"{prompt_id}\x1f{seed}\x1f{score!r}\x1e".encode("utf-8"))
+    return digest.hexdigest()
+
+
 def dataset_identity(table) -> dict:
     """The one pipeline setting a dataset was collected with; a mixed dataset is refused."""
     identity = {}
@@ -141,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
             score_mean=score_mean,
             score_std=score_std,
             split=split,
+            training_set={"digest": dataset_digest(table), "rows": table.num_rows,
+                          "prompts": len(groups.prompt_ids)},
         )
         settings = TrainingSettings(epochs=args.epochs, learning_rate=args.learning_rate, rank_weight=args.rank_weight,
                                     weight_decay=args.weight_decay, ridge=args.ridge,

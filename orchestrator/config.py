@@ -35,6 +35,7 @@ class GenerateConfig:
     predictor: str | None = None
     steps: int = 20
     guidance: float = 7.5
+    scheduler: str = "default"  # the solver: default (the pipeline's own) or a name in actors.diffusion.SCHEDULERS
     width: int | None = None  # None: the pipeline's native size (resolved in the plan)
     height: int | None = None
     batch_size: int = 4
@@ -78,6 +79,10 @@ class GenerateConfig:
             problems.append(f"--keep {self.keep} is more than --candidates {self.candidates}; keep at most N")
         if self.policy not in POLICIES:
             problems.append(f"--policy {self.policy!r} is unknown; use one of {', '.join(POLICIES)}")
+        from actors.diffusion import SCHEDULERS
+
+        if self.scheduler not in SCHEDULERS:
+            problems.append(f"--scheduler {self.scheduler!r} is unknown; use one of {', '.join(SCHEDULERS)}")
         if self.steps < 1:
             problems.append(f"--steps must be at least 1 (got {self.steps})")
         if self.guidance < 0:
@@ -136,6 +141,8 @@ class GenerateConfig:
         """What the user chose that decides which images a run produces; the plan adds the resolved image size and
         the predictor's weights digest. Never a value derived from the corpus, so a corpus that grows between
         scheduled runs keeps its fingerprint."""
+        from orchestrator.seeds import SEED_VERSION
+
         return {
             "model": self.model,
             "candidates": self.candidates,
@@ -144,6 +151,8 @@ class GenerateConfig:
             "predictor": None,  # the plan puts the weights digest here
             "steps": self.steps,
             "guidance": self.guidance,
+            "scheduler": self.scheduler,
+            "seeds": SEED_VERSION,
             "width": self.width,
             "height": self.height,
             "rater": self.rater,

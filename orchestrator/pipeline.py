@@ -119,19 +119,22 @@ def check_run_file(manifest: Manifest, plan: RunPlan) -> None:
         )
 
 
-def connect_ray(address: str | None) -> None:
-    """Join the named cluster (or RAY_ADDRESS, set under `ray job submit`), else start a local Ray instance."""
+def connect_ray(address: str | None, log_to_driver: bool = True) -> None:
+    """Join the named cluster (or RAY_ADDRESS, set under `ray job submit`), else start a local Ray instance.
+
+    `log_to_driver=False` keeps the workers' output (library warnings, load bars) in Ray's log files.
+    """
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address)
+        ray.init(address=address, log_to_driver=log_to_driver)
     else:
         # Light stages (reading, scoring, rating, writing) mostly wait; two spare logical CPUs let them run
         # beside generators that own every physical core.
         # Ray starts workers at nice 15; locally the generator is the job, not background work.
         os.environ.setdefault("RAY_worker_niceness", "0")
-        ray.init(address="local", num_cpus=(os.cpu_count() or 1) + 2)
+        ray.init(address="local", num_cpus=(os.cpu_count() or 1) + 2, log_to_driver=log_to_driver)
 
 
 @dataclass(frozen=True)
@@ -203,7 +206,7 @@ def build_dataset(plan: RunPlan, manifest: Manifest, state: OutputState, files: 
         fn_constructor_args=(config.model,),
         fn_constructor_kwargs=dict(
             steps=config.steps, guidance=config.guidance, height=plan.height, width=plan.width,
-            num_threads=max(1, int(resources.generator_cpus)),
+            num_threads=max(1, int(resources.generator_cpus)), scheduler=config.scheduler,
         ),
         batch_format="numpy", batch_size=config.batch_size, compute=ray.data.ActorPoolStrategy(size=config.generators),
         num_cpus=resources.generator_cpus, num_gpus=resources.generator_gpus,
@@ -268,8 +271,11 @@ class Compactions:
                     self.submit(shard, self.queued.pop(shard))
 
 
-def run(config: GenerateConfig) -> dict:
-    """Run a generate (or collect) job to the end and return its summary, also written to OUT/summary.json."""
+def run(config: GenerateConfig, console=None) -> dict:
+    """Run a generate (or collect) job to the end and return its summary, also written to OUT/summary.json.
+
+    `console` (orchestrator.console.Console) shows progress in images; library calls pass none.
+    """
     started = time.time()
     plan, files, manifest = prepare(config)
     lease = Lease(manifest.output, config.lease_seconds)
@@ -279,18 +285,40 @@ def run(config: GenerateConfig) -> dict:
         manifest.output.sweep_temporaries()  # left by writers of a killed run; we hold the lease, nobody else writes
         lease.start_heartbeat()
         state = OutputState.read(manifest)
-        connect_ray(config.address)
+        connect_ray(config.address, log_to_driver=console is None or console.verbose)
+        if console is not None:
+            console.ray_started()
         if config.policy == "budget" and plan.budget_per_prompt is None:
             plan = plan.with_budget(count_usable_prompts(plan, files))
-        return _stream(plan, files, manifest, state, lease, started)
+        progress = None if console is None else console.progress(*expected_images(plan, files, state))
+        return _stream(plan, files, manifest, state, lease, started, progress)
     except DamagedManifest as exc:
         raise ConfigError(f"{exc}; `seedsift verify --out {config.out}` names every damaged object") from exc
     finally:
         lease.release()
 
 
+def expected_images(plan: RunPlan, files: list[CorpusFile], state: OutputState) -> tuple[int | None, int, bool]:
+    """(images the output will hold, images it holds, whether the total is exact): from a cheap count of the
+    corpus (parquet metadata, a line count) and the complete shards' statistics."""
+    from orchestrator.corpus import count_rows
+
+    config = plan.config
+    rows, exact = count_rows(files, config.storage_options)
+    done = sum(record.stats.get("images", 0) for record in state.records.values())
+    if rows is None:
+        return None, done, False
+    if config.limit is not None:
+        rows = min(rows, config.limit)
+    if config.sample is not None:
+        rows, exact = round(rows * config.sample), False
+    per_prompt = plan.budget_per_prompt if config.policy == "budget" and not config.all_candidates else None
+    total = round(rows * (per_prompt or config.rows_per_prompt))
+    return max(total, done), done, exact and per_prompt is None
+
+
 def _stream(plan: RunPlan, files: list[CorpusFile], manifest: Manifest, state: OutputState, lease: Lease,
-            started: float) -> dict:
+            started: float, progress=None) -> dict:
     config = plan.config
     compactions = Compactions(manifest, config)
     for shard in sorted(set(state.records) & set(state.open_parts)):
@@ -301,12 +329,18 @@ def _stream(plan: RunPlan, files: list[CorpusFile], manifest: Manifest, state: O
     try:
         for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
             lease.check()
+            before = dict(ledger.totals)
             for shard, frame in ledger.add(batch):
                 compactions.submit(shard, frame)
+            if progress is not None:
+                progress.update(*(ledger.totals[k] - before[k] for k in ("images", "failed", "quarantined")),
+                                per_prompt=plan.config.rows_per_prompt)
             if first_commit is None and ledger.totals["rows"]:
                 first_commit = time.time() - _process_started()
             compactions.collect()
         compactions.collect(wait=True)
+        if progress is not None:
+            progress.close()
     except Exception as exc:
         # An outage longer than the storage retries: one line naming the output, and the rerun resumes.
         cause = storage_error_in(exc)

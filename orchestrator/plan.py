@@ -126,7 +126,7 @@ def build_plan(config: GenerateConfig) -> RunPlan:
     except ValueError as exc:
         raise ConfigError(f"--width/--height: {exc}") from exc
     plan = RunPlan(config=config, model_path=model_path, width=width, height=height, latent_shape=latent_shape,
-                   scheduler=diffusion.model_identity(model_path)["scheduler"])
+                   scheduler=diffusion.scheduler_label(model_path, config.scheduler))
     if config.uses_predictor:
         plan = _with_predictor(plan)
     return plan
@@ -143,8 +143,9 @@ def _with_predictor(plan: RunPlan) -> RunPlan:
     # Built once here, so a damaged or mismatched predictor stops the run before any actor starts.
     trained = predictor_from_files(files, plan.model_path, plan.height, plan.width, source=location).config
     warnings = []
-    for name in ("steps", "guidance"):
-        recorded, used = trained.pipeline.get(name), getattr(config, name)
+    used_settings = {"steps": config.steps, "guidance": config.guidance, "scheduler": plan.scheduler}
+    for name, used in used_settings.items():
+        recorded = trained.pipeline.get(name)
         if recorded not in (None, used):
             warnings.append(f"predictor {location} was trained at {name}={recorded}; this run uses {name}={used}: "
                             "its ranking may be weaker")

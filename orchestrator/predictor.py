@@ -48,6 +48,7 @@ class PredictorConfig:
     score_std: float = 1.0
     spread_quantiles: list = field(default_factory=list)  # predicted within-prompt std on training prompts
     split: dict = field(default_factory=dict)  # how prompts were split (salt, fractions): evaluate uses the rest
+    training_set: dict = field(default_factory=dict)  # the dataset it was trained on: its digest, rows, location
     metrics: dict = field(default_factory=dict)
 
     @classmethod

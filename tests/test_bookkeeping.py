@@ -405,7 +405,7 @@ def private_env() -> dict:
 def job(corpus: str, out: str, *extra: str, storage_options: dict | None = None) -> list[str]:
     return [sys.executable, "-m", "jobs.generate", "--prompts", corpus, "--out", out, "--candidates", "2", "--keep",
             "2", "--steps", "2", "--guidance", "3.0", "--batch-size", "4", "--generator-cpus", "1", "--shard-size",
-            "4", "--storage-options", json.dumps(storage_options or {}), *extra]
+            "4", "--json", "--storage-options", json.dumps(storage_options or {}), *extra]
 
 
 @pytest.mark.slow

@@ -317,3 +317,33 @@ def test_pixart_sigma_uses_the_pixart_adapter_with_its_longer_context(tiny_pixar
                  height=64, width=64, output_type="np", use_resolution_binning=False, clean_caption=False).images
     assert images.shape == (2, 64, 64, 3)
     assert np.abs(images.astype(int) - (plain * 255).round().clip(0, 255).astype(int)).max() <= 1
+
+
+# --- solvers ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scheduler", [name for name in diffusion.SCHEDULERS if name != "default"])
+@pytest.mark.parametrize("family", ["sd", "pixart"])
+def test_each_named_solver_renders_repeatably_from_the_pipelines_own_schedule(family, scheduler, model_paths, pipes):
+    path = model_paths[family]
+    render = diffusion.load_pipeline(path, "render", scheduler=scheduler)
+    class_name, options = diffusion.SCHEDULERS[scheduler]
+    assert type(render.scheduler).__name__ == class_name
+    for key, value in options.items():
+        assert render.scheduler.config[key] == value
+    own = pipes[(family, "render")].scheduler.config
+    for key in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type"):
+        assert render.scheduler.config[key] == own[key], key  # the model's noise schedule is kept
+    embeds = diffusion.encode_prompts(pipes[(family, "text")], PROMPTS, GUIDANCE)
+    seeds = [41, 42]
+    latents = batch_noise(seeds, diffusion.latent_shape(path, SIZE, SIZE))
+    settings = {"steps": STEPS, "guidance_scale": GUIDANCE, "height": SIZE, "width": SIZE}
+    first = diffusion.render(render, embeds, latents, seeds=seeds, **settings)
+    again = diffusion.load_pipeline(path, "render", scheduler=scheduler)  # as reproduce does, in a fresh load
+    single = diffusion.render(again, {k: v[1:] for k, v in embeds.items()}, latents[1:], seeds=seeds[1:], **settings)
+    assert max_level_difference(first[1:], single) <= 1  # stochastic solvers too: step noise comes from the seed
+    default = diffusion.render(pipes[(family, "render")], embeds, latents, **settings)
+    same_solver = class_name == type(pipes[(family, "render")].scheduler).__name__ and scheduler != "dpm++-karras"
+    assert (max_level_difference(first, default) == 0) == same_solver  # a new solver draws another image
+    assert diffusion.scheduler_label(path, scheduler) == scheduler
+    assert diffusion.scheduler_from_label(path, diffusion.scheduler_label(path, "default")) == "default"

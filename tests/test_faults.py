@@ -179,7 +179,7 @@ def job_command(job: str, corpus: str, out: str) -> list[str]:
     layout = ["--image-output", "shards", "--shard-images", "5"] if job.endswith("shards") else []
     return [sys.executable, "-m", f"jobs.{job.split('-')[0]}", "--prompts", corpus, "--out", out, "--candidates", "4",
             *keep, "--steps", "2", "--guidance", "3.0", "--batch-size", "4", "--generator-cpus", "1",
-            "--shard-size", "4", *layout]
+            "--shard-size", "4", "--json", *layout]
 
 
 @pytest.mark.slow

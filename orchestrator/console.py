@@ -1,0 +1,220 @@
+"""What a run shows its user: one progress bar in images, one short summary, and nothing of Ray's internals.
+
+Used by the generate and collect jobs (never by library calls of pipeline.run). Ray's and transformers' INFO and
+warnings go to the log files in Ray's session folder, whose path is printed once; `--verbose` shows them instead.
+On a terminal the bar is tqdm's; elsewhere (`ray job logs`, a cron log) it is a status line every 30 s, so logs
+stay readable.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+import warnings
+
+STATUS_EVERY_S = 30.0
+
+
+def quiet(verbose: bool) -> None:
+    """Before Ray or any model library is imported: keep their noise out of the console unless --verbose."""
+    if verbose:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        return
+    # The model libraries' banners and progress bars (Ray's own go to its log folder, see Console).
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*RayDeprecationWarning.*")
+    logging.basicConfig(level=logging.WARNING, format="seedsift: %(levelname)s: %(message)s")
+    for name in ("ray", "ray.data", "ray._private", "ray.runtime_env", "filelock", "transformers", "diffusers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    logging.getLogger("seedsift").setLevel(logging.WARNING)
+
+
+def quiet_ray_data() -> None:
+    """After `import ray`: no per-operator bars, no execution plan in the console."""
+    import ray
+
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+class Progress:
+    """Committed images against the expected total (None: unknown), with rate, ETA, failures and quarantined."""
+
+    def __init__(self, total: int | None, done: int = 0, exact: bool = True, stream=None):
+        self.total, self.done, self.exact = total, done, exact
+        self.failed = self.quarantined = 0
+        self.started = time.time()
+        self.new = 0
+        self.stream = stream or sys.stderr
+        self._bar = None
+        self._last_line = 0.0
+        if getattr(self.stream, "isatty", lambda: False)():
+            import shutil
+
+            from tqdm import tqdm
+
+            # A terminal that reports no size (a pty without a window) gets a sensible width, not an empty bar.
+            size = shutil.get_terminal_size(fallback=(100, 24))
+            self._bar = tqdm(total=total, initial=done, unit="img", desc="images", file=self.stream,
+                             ncols=size.columns, nrows=size.lines, smoothing=0.1)
+
+    def update(self, images: int, failed: int, quarantined: int, per_prompt: int) -> None:
+        """Add this batch's counts (quarantined prompts lower the expected total by what they would have made)."""
+        self.new += images
+        self.done += images
+        self.failed += failed
+        self.quarantined += quarantined
+        if self.total is not None:
+            self.total = max(self.done, self.total - quarantined * per_prompt)
+        if self._bar is not None:
+            if self.total is not None and self._bar.total != self.total:
+                self._bar.total = self.total
+            self._bar.set_postfix_str(f"failed={self.failed} quarantined={self.quarantined}", refresh=False)
+            self._bar.update(images)
+        elif time.time() - self._last_line >= STATUS_EVERY_S:
+            self.line()
+
+    def line(self) -> None:
+        """One status line, for logs that are not a terminal."""
+        self._last_line = time.time()
+        elapsed = time.time() - self.started
+        rate = self.new / elapsed if elapsed > 0 else 0.0
+        total = "?" if self.total is None else f"{'' if self.exact else '~'}{self.total:,}"
+        eta = ""
+        if self.total is not None and rate > 0:
+            eta = f", about {_duration(max(0, self.total - self.done) / rate)} left"
+        print(f"seedsift: images {self.done:,}/{total}, {rate:.2f}/s{eta}; {self.failed} failed, "
+              f"{self.quarantined} quarantined", file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        else:
+            self.line()
+
+
+def summary_lines(summary: dict, report: str | None = None) -> list[str]:
+    """The end of a run in a few lines: what was made, what failed and why, what it cost, where it is."""
+    run = summary["this_run"]
+    lines = [f"done: {summary['images']:,} images for {summary['prompts']:,} prompts in the output "
+             f"({run['images']:,} made by this run in {_duration(run['wall_time_s'])}, "
+             f"{run['images_per_s']:.2f} images/s)"]
+    failures = f"{summary['failures']:,} failed"
+    if summary.get("failure_reasons"):
+        failures += " (" + "; ".join(f"{n} {r}" for r, n in list(summary["failure_reasons"].items())[:2]) + ")"
+    quarantined = f"{summary['prompts_quarantined']:,} quarantined"
+    if summary.get("quarantine_reasons"):
+        quarantined += " (" + "; ".join(f"{n} {r}" for r, n in list(summary["quarantine_reasons"].items())[:3]) + ")"
+    lines.append(f"{failures}; {quarantined}")
+    if summary["denoising_steps_best_of_n"]:
+        lines.append(f"denoising steps: {summary['denoising_steps_spent']:,} spent; best-of-"
+                     f"{summary['candidates_per_prompt']} would have spent {summary['denoising_steps_best_of_n']:,} "
+                     f"({summary['steps_saved_vs_best_of_n']:.0%} saved)")
+    for warning in summary.get("warnings") or []:
+        lines.append(f"warning: {warning}")
+    where = f"output: {summary['output']}"
+    if report:
+        where += f"   report: {report}"
+    lines.append(where + f"   summary: {summary['output']}/summary.json")
+    return lines
+
+
+class Console:
+    """The console of one job: quiet by default, --verbose for everything, --json for the full summary.
+
+    Quiet means that what other code writes to the process's stderr (Ray's C++ core, library warnings) is sent to
+    a log file, Ray's session log folder once Ray has started, while the console keeps the terminal it had. Use it
+    as a context manager: the process's stderr is given back at the end.
+    """
+
+    ACTIVE: Console | None = None
+
+    def __init__(self, verbose: bool = False, as_json: bool = False):
+        self.verbose, self.as_json = verbose, as_json
+        self.stream = sys.stderr
+        self._saved_fd = None
+        self._noise = None
+
+    def __enter__(self) -> Console:
+        quiet(self.verbose)
+        if not self.verbose:
+            import tempfile
+
+            sys.stderr.flush()
+            self._saved_fd = os.dup(2)
+            self.stream = os.fdopen(os.dup(2), "w", buffering=1)
+            self._noise = tempfile.NamedTemporaryFile("ab", prefix="seedsift-driver-", suffix=".log", delete=False)
+            os.dup2(self._noise.fileno(), 2)
+        Console.ACTIVE = self
+        import ray
+
+        self._ray_was_up = ray.is_initialized()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        Console.ACTIVE = None
+        import ray
+
+        if ray.is_initialized() and not self._ray_was_up:
+            ray.shutdown()  # here, so what Ray prints while stopping goes to the log too
+        if self._saved_fd is not None:
+            sys.stderr.flush()
+            os.dup2(self._saved_fd, 2)
+            os.close(self._saved_fd)
+            self._saved_fd = None
+        if self.stream is not sys.stderr:
+            self.stream.close()
+            self.stream = sys.stderr
+
+    def say(self, text: str) -> None:
+        print(text, file=self.stream, flush=True)
+
+    def ray_started(self) -> None:
+        """Move the driver's noise into Ray's session log folder and say once where the logs are."""
+        if self.verbose:
+            return
+        quiet_ray_data()
+        try:
+            import ray
+
+            logs = ray._private.worker._global_node.get_logs_dir_path()
+        except Exception:  # noqa: BLE001 - a client connection has no local node: the logs stay where they are
+            self.say(f"seedsift: logs: {self._noise.name}")
+            return
+        target = os.path.join(logs, "seedsift-driver.log")
+        with open(self._noise.name, "rb") as source, open(target, "ab") as log:
+            log.write(source.read())
+        moved = open(target, "ab")
+        os.dup2(moved.fileno(), 2)
+        self._noise.close()
+        os.remove(self._noise.name)
+        self._noise = moved
+        self.say(f"seedsift: Ray's logs, and this driver's, are in {logs}")
+
+    def progress(self, total: int | None, done: int, exact: bool) -> Progress:
+        return Progress(total, done, exact, stream=self.stream)
+
+    def finish(self, summary: dict, report: str | None = None) -> None:
+        import json
+
+        if self.as_json:
+            print(json.dumps(summary, indent=2))
+        else:
+            print("\n".join(summary_lines(summary, report)))
