@@ -42,19 +42,7 @@ PIXART_MAX_SEQUENCE_LENGTH = {"PixArtAlphaPipeline": 120, "PixArtSigmaPipeline":
 # Both pipelines' `check_inputs` reject image sizes that are not multiples of 8.
 PIPELINE_SIZE_MULTIPLE = 8
 PARTS = ("full", "text", "render")
-# --scheduler names -> (diffusers class, options); each is built with from_config on the pipeline's own scheduler
-# config, so the noise schedule the model was trained with is kept and only the solver changes.
-SCHEDULERS = {
-    "default": None,
-    "ddim": ("DDIMScheduler", {}),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler-a": ("EulerAncestralDiscreteScheduler", {}),
-    "dpm++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "use_karras_sigmas": False}),
-    "dpm++-karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True}),
-    "unipc": ("UniPCMultistepScheduler", {}),
-}
-# Solvers that add fresh noise at every step: their renders need a generator per image to be reproducible.
-STOCHASTIC_SCHEDULERS = ("euler-a",)
+from actors.solvers import SCHEDULERS, STOCHASTIC_SCHEDULERS  # noqa: E402,F401  (one owner of the names)
 
 
 def _read_config(model_path: str, subfolder: str | None = None) -> dict[str, Any]:

@@ -11,9 +11,7 @@ import sys
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from jobs.common import add_run_arguments, config_from_args, run_job
-from jobs.report import write_report
-from orchestrator import pipeline
+from jobs.common import add_run_arguments, check_prompts, config_from_args, run_job
 from orchestrator.console import Console
 from orchestrator.manifest import MANIFEST_SCHEMA, Manifest
 from orchestrator.storage import Output
@@ -45,6 +43,10 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         config = config_from_args(args, all_candidates=True, keep=args.candidates, save_images=not args.no_images)
+        check_prompts(config)  # a corpus that cannot be read stops here, before torch and Ray are imported
+        from jobs.report import write_report
+        from orchestrator import pipeline
+
         summary = pipeline.run(config, console)
         output = Output(config.out, config.storage_options)
         summary["dataset_rows"] = write_dataset(output)

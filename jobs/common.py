@@ -75,6 +75,14 @@ def config_from_args(args: argparse.Namespace, **overrides) -> GenerateConfig:
     return GenerateConfig(**values)
 
 
+def check_prompts(config: GenerateConfig) -> None:
+    """The corpus's files and their prompt columns, checked in a second (pipeline.prepare checks them again)."""
+    from orchestrator.corpus import Columns, check_corpus, list_corpus
+
+    check_corpus(list_corpus(config.prompts, config.storage_options), Columns(config.prompt_column, config.id_column),
+                 config.storage_options)
+
+
 EXIT_INPUT = 2  # configuration or input: fix the command or the corpus
 EXIT_STORAGE = 3  # the output stayed unreachable or full after retries: rerun the same command to resume
 EXIT_BUSY = 4  # another run holds the output: wait, or rerun with --wait

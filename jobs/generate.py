@@ -8,9 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jobs.common import add_run_arguments, config_from_args, run_job
-from jobs.report import write_report
-from orchestrator import pipeline
+from jobs.common import add_run_arguments, check_prompts, config_from_args, run_job
 from orchestrator.console import Console
 from orchestrator.storage import Output
 
@@ -26,6 +24,10 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         config = config_from_args(args)
+        check_prompts(config)  # a corpus that cannot be read stops here, before torch and Ray are imported
+        from jobs.report import write_report
+        from orchestrator import pipeline
+
         summary = pipeline.run(config, console)
         console.finish(summary, write_report(Output(config.out, config.storage_options)))
         return 0  # failed rows are in the manifest and the summary, and a rerun retries them

@@ -79,7 +79,7 @@ class GenerateConfig:
             problems.append(f"--keep {self.keep} is more than --candidates {self.candidates}; keep at most N")
         if self.policy not in POLICIES:
             problems.append(f"--policy {self.policy!r} is unknown; use one of {', '.join(POLICIES)}")
-        from actors.diffusion import SCHEDULERS
+        from actors.solvers import SCHEDULERS
 
         if self.scheduler not in SCHEDULERS:
             problems.append(f"--scheduler {self.scheduler!r} is unknown; use one of {', '.join(SCHEDULERS)}")

@@ -136,6 +136,10 @@ def summary_lines(summary: dict, report: str | None = None) -> list[str]:
     return lines
 
 
+def _ray_up() -> bool:
+    return "ray" in sys.modules and sys.modules["ray"].is_initialized()
+
+
 class Console:
     """The console of one job: quiet by default, --verbose for everything, --json for the full summary.
 
@@ -163,17 +167,13 @@ class Console:
             self._noise = tempfile.NamedTemporaryFile("ab", prefix="seedsift-driver-", suffix=".log", delete=False)
             os.dup2(self._noise.fileno(), 2)
         Console.ACTIVE = self
-        import ray
-
-        self._ray_was_up = ray.is_initialized()
+        self._ray_was_up = _ray_up()  # without importing Ray: a job that fails early never needs it
         return self
 
     def __exit__(self, *exc) -> None:
         Console.ACTIVE = None
-        import ray
-
-        if ray.is_initialized() and not self._ray_was_up:
-            ray.shutdown()  # here, so what Ray prints while stopping goes to the log too
+        if _ray_up() and not self._ray_was_up:
+            sys.modules["ray"].shutdown()  # here, so what Ray prints while stopping goes to the log too
         if self._saved_fd is not None:
             sys.stderr.flush()
             os.dup2(self._saved_fd, 2)

@@ -177,17 +177,56 @@ def test_test_split_keeps_only_held_out_prompts(tiny, dataset, tmp_path):
     assert json.loads((tmp_path / "all" / "evaluation.json").read_text())["prompts"] == 6
 
 
-def test_dataset_from_another_pipeline_setting_is_refused(tiny, tmp_path, capsys):
+def test_other_steps_are_evaluated_with_a_warning_but_another_rater_is_refused(tiny, tmp_path, capsys):
     predictor = write_predictor(tmp_path / "predictor", predictor_config(tiny), sign=1.0)
     other = write_dataset(tmp_path / "collect-steps", tiny, steps=3)
-    assert run(other, predictor, str(tmp_path / "report"), "--contact-prompts", "0") == 2
-    message = capsys.readouterr().err
-    assert "steps: predictor 1, dataset 3" in message and "measures nothing" in message
-    assert not (tmp_path / "report" / "evaluation.json").exists()
+    out = tmp_path / "report"
+    assert run(other, predictor, str(out), "--contact-prompts", "0") == 0  # measuring the weakening is the point
+    report = json.loads((out / "evaluation.json").read_text())
+    assert report["warnings"] == ["settings differ from the predictor's training (steps: predictor 1, dataset 3)"]
 
     other_rater = write_dataset(tmp_path / "collect-rater", tiny, rater="sharpness")
-    assert run(other_rater, predictor, str(tmp_path / "report"), "--contact-prompts", "0") == 2
-    assert "rater: predictor 'colorfulness', dataset 'sharpness'" in capsys.readouterr().err
+    assert run(other_rater, predictor, str(tmp_path / "refused"), "--contact-prompts", "0") == 2
+    message = capsys.readouterr().err
+    assert "rater: predictor 'colorfulness', dataset 'sharpness'" in message and "measures nothing" in message
+    assert not (tmp_path / "refused" / "evaluation.json").exists()
+
+
+def test_split_follows_whether_the_dataset_is_the_training_set(tiny, dataset, tmp_path, caplog):
+    from jobs.train import dataset_digest, read_dataset
+
+    split = {"salt": "half", "train": 0.4, "val": 0.1}
+    own = predictor_config(tiny, split)
+    own.training_set = {"digest": dataset_digest(read_dataset(dataset)), "rows": 48}
+    assert run(dataset, write_predictor(tmp_path / "own", own, sign=1.0), str(tmp_path / "a"),
+               "--contact-prompts", "0") == 0
+    report = json.loads((tmp_path / "a" / "evaluation.json").read_text())
+    assert report["split"] == "test" and report["prompts"] < 6 and "training set" in report["split_reason"]
+    assert "evaluating" in caplog.text and "--split all" in caplog.text  # a subset is never silent
+
+    foreign = predictor_config(tiny, split)
+    foreign.training_set = {"digest": "another-dataset", "rows": 10}
+    assert run(dataset, write_predictor(tmp_path / "foreign", foreign, sign=1.0), str(tmp_path / "b"),
+               "--contact-prompts", "0") == 0
+    report = json.loads((tmp_path / "b" / "evaluation.json").read_text())
+    assert report["split"] == "all" and report["prompts"] == 6
+
+
+def test_contact_sheet_font_draws_cjk_and_accents():
+    from PIL import Image, ImageDraw
+
+    from orchestrator.fonts import font_path, text_font
+
+    if font_path() is None or "cjk" not in font_path().lower():
+        pytest.skip("no CJK font installed here (Debian: fonts-noto-cjk)")
+
+    def glyph(char: str) -> bytes:
+        image = Image.new("L", (40, 40), 0)
+        ImageDraw.Draw(image).text((4, 4), char, fill=255, font=text_font(24))
+        return image.tobytes()
+
+    # A font without these glyphs draws the same box for each; a real font draws different shapes.
+    assert len({glyph(c) for c in ("日", "本", "語", "é", "ü")}) == 5
 
 
 def test_bad_inputs_exit_2_with_the_fix(tiny, dataset, tmp_path, capsys):

@@ -1,0 +1,17 @@
+"""The solvers a run can choose with --scheduler: names, and the diffusers class and options each stands for.
+
+Read by the configuration (to validate a name before anything heavy is imported) and by actors/diffusion.py,
+which builds them from a pipeline's own scheduler config.
+"""
+
+SCHEDULERS = {
+    "default": None,  # the pipeline folder's own scheduler, as shipped
+    "ddim": ("DDIMScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler-a": ("EulerAncestralDiscreteScheduler", {}),
+    "dpm++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "use_karras_sigmas": False}),
+    "dpm++-karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+}
+# Solvers that add fresh noise at every step: their renders need a generator per image to be reproducible.
+STOCHASTIC_SCHEDULERS = ("euler-a",)

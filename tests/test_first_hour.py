@@ -1,0 +1,261 @@
+"""A user's first hour: corpora as they come, a console that speaks images, a report to look at, solver choice.
+
+Jobs run as a user runs them (the CLI in a subprocess, a pseudo-terminal for the console), on the tiny SD pipeline.
+"""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from tests.conftest import REPO_ROOT
+from tests.helpers_manifest import manifest_frame
+
+NOISE = ("INFO", "Running Dataset", "logging_progress", "core_worker", "torchvision", "Token authentication",
+         "RayDeprecationWarning", "DeprecationWarning", "Loading weights", "MapBatches")
+FAST = ["--candidates", "2", "--keep", "1", "--steps", "2", "--guidance", "3.0", "--batch-size", "4",
+        "--generator-cpus", "1"]
+
+
+def private_env() -> dict:
+    import tempfile
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
+    env.update(RAY_TMPDIR=tempfile.mkdtemp(prefix="ssh-", dir="/tmp"), PYTHONUNBUFFERED="1")
+    return env
+
+
+def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "jobs.cli", *args], cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=timeout, env=private_env())
+
+
+def in_a_terminal(*args: str, timeout: float = 300) -> tuple[int, str]:
+    """Run the CLI in a pseudo-terminal (util-linux `script`), as a user at a terminal sees it."""
+    command = " ".join([sys.executable, "-m", "jobs.cli", *args])
+    result = subprocess.run(["script", "-qfec", f"stty cols 120 rows 40; {command}", "/dev/null"], cwd=REPO_ROOT,
+                            capture_output=True, timeout=timeout, env=private_env())
+    return result.returncode, result.stdout.decode(errors="replace").replace("\r", "\n")
+
+
+# --- corpora as they come ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mixed_corpus(tmp_path_factory) -> Path:
+    """One folder holding the common shapes of public prompt sets, each with two prompts."""
+    folder = tmp_path_factory.mktemp("corpora") / "prompts"
+    folder.mkdir()
+    # DrawBench's header, as its own CSV has it.
+    (folder / "drawbench.csv").write_text("Prompts,Category\na red colored car.,Colors\n"
+                                          "\"A storefront with 'Hello World' written on it.\",Text\n")
+    with gzip.open(folder / "lines.txt.gz", "wt") as handle:
+        handle.write("a lighthouse at dusk\nan owl reading a newspaper\n")
+    with gzip.open(folder / "objects.jsonl.gz", "wt") as handle:
+        handle.write(json.dumps({"id": "j1", "prompt": "a teapot in the rain"}) + "\n"
+                     + json.dumps({"id": "j2", "prompt": "two foxes on a bench"}) + "\n")
+    with bz2.open(folder / "more.tsv.bz2", "wt") as handle:
+        handle.write("Prompt\tCategory\na bowl of ramen\tFood\na castle made of ice\tPlaces\n")
+    parquets = folder / "parquet"
+    parquets.mkdir()
+    pq.write_table(pa.table({"image_id": [1, 2], "caption": ["a kite over a beach", "a violin on a chair"]}),
+                   parquets / "coco.parquet")
+    pq.write_table(pa.table({"TEXT": ["a robot painting", "a market at night"], "uid": ["u1", "u2"]}),
+                   parquets / "laion.parquet")
+    import zstandard
+
+    (folder / "extra.txt.zst").write_bytes(zstandard.ZstdCompressor().compress(b"a cactus with a hat\n"))
+    return folder
+
+
+@pytest.mark.slow
+def test_common_corpora_run_end_to_end_from_one_folder(mixed_corpus, tmp_path):
+    out = tmp_path / "out"
+    result = cli("generate", "--prompts", str(mixed_corpus), "--out", str(out), *FAST, "--json", timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = manifest_frame(str(out))
+    assert (rows.status == "ok").all(), rows[rows.status != "ok"][["source", "error"]]
+    by_file = rows.source.str.rsplit(":", n=1).str[0].value_counts().to_dict()
+    assert by_file == {"drawbench.csv": 2, "lines.txt.gz": 2, "objects.jsonl.gz": 2, "more.tsv.bz2": 2,
+                       "parquet/coco.parquet": 2, "parquet/laion.parquet": 2, "extra.txt.zst": 1}
+    assert {"j1", "j2", "u1", "u2"} <= set(rows.prompt_id)  # id columns found by name, case ignored
+    assert "A storefront with 'Hello World' written on it." in set(rows.prompt)
+
+
+def test_a_corpus_without_a_prompt_column_fails_in_seconds_with_one_line(tmp_path):
+    corpus = tmp_path / "bench.csv"
+    corpus.write_text("Description,Category\na red car,Colors\n")
+    started = time.time()
+    result = cli("generate", "--prompts", str(corpus), "--out", str(tmp_path / "out"))
+    elapsed = time.time() - started
+    assert result.returncode == 2 and elapsed < 10, (result.returncode, elapsed)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "bench.csv line 1: no prompt column (found: Description, Category)" in lines[0]
+    assert "--prompt-column" in lines[0]
+    assert not (tmp_path / "out").exists()  # and no Ray: nothing was started
+    # The flag names the column, and a name that is not there is one line too.
+    named = cli("generate", "--prompts", str(corpus), "--out", str(tmp_path / "out"), "--prompt-column", "Topic")
+    assert named.returncode == 2 and "no column 'Topic' (--prompt-column" in named.stderr
+
+
+# --- the console --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def twelve(tmp_path_factory) -> Path:
+    corpus = tmp_path_factory.mktemp("console") / "prompts.txt"
+    corpus.write_text("\n".join(f"a small robot number {i} waving" for i in range(11)) + "\n\n   \n")
+    return corpus
+
+
+@pytest.mark.slow
+def test_the_console_shows_images_done_and_a_short_summary_not_ray(twelve, tmp_path):
+    out = tmp_path / "out"
+    code, screen = in_a_terminal("generate", "--prompts", str(twelve), "--out", str(out), *FAST, timeout=600)
+    assert code == 0, screen[-3000:]
+    assert re.search(r"images: 100%\|.*\| 11/11 \[.*img/s, failed=0 quarantined=1\]", screen), screen[-2000:]
+    assert "done: 11 images for 11 prompts" in screen
+    assert "1 quarantined (1 prompt is empty or whitespace only)" in screen
+    assert "denoising steps: 22 spent; best-of-2 would have spent 44 (50% saved)" in screen
+    assert f"report: {out}/report.html" in screen
+    for noise in NOISE:
+        assert noise not in screen, noise
+    assert "Ray's logs, and this driver's, are in" in screen
+    logs = re.search(r"are in (\S+)", screen).group(1)
+    assert "Running Dataset" in Path(logs, "seedsift-driver.log").read_text() or os.listdir(logs)
+
+
+@pytest.mark.slow
+def test_json_prints_the_summary_and_verbose_shows_rays_logs(twelve, tmp_path):
+    quiet = cli("generate", "--prompts", str(twelve), "--out", str(tmp_path / "a"), *FAST, "--json", timeout=600)
+    assert quiet.returncode == 0, quiet.stderr[-3000:]
+    summary = json.loads(quiet.stdout)  # nothing but the JSON on stdout
+    assert summary["images"] == 11 and summary["output"].endswith("/a")
+    assert not any(noise in quiet.stderr for noise in NOISE), quiet.stderr[-2000:]
+    loud = cli("generate", "--prompts", str(twelve), "--out", str(tmp_path / "b"), *FAST, "--verbose", timeout=600)
+    assert loud.returncode == 0, loud.stderr[-3000:]
+    assert "INFO" in loud.stderr and "done: 11 images" in loud.stdout
+
+
+# --- the report --------------------------------------------------------------------------------------------
+
+
+class _Links(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.links, self.text = [], []
+
+    def handle_starttag(self, tag, attrs):
+        self.links += [value for name, value in attrs if name in ("src", "href") and value]
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def parse(path: Path) -> _Links:
+    page = _Links()
+    page.feed(path.read_text())
+    return page
+
+
+@pytest.mark.parametrize("job", ["generate", "collect"])
+def test_report_links_every_image_and_lists_every_quarantined_row(ray_session, tmp_path, job):
+    from jobs.report import write_report
+    from orchestrator import pipeline
+    from orchestrator.config import GenerateConfig
+    from orchestrator.storage import Output
+
+    corpus = tmp_path / "p.jsonl"
+    corpus.write_text("\n".join([json.dumps({"prompt": f"a paper boat number {i}"}) for i in range(6)]
+                                + ["{broken", json.dumps({"prompt": ""}), json.dumps({"prompt": "日本語の猫"})]) + "\n")
+    out = tmp_path / "out"
+    pipeline.run(GenerateConfig(prompts=str(corpus), out=str(out), candidates=2, keep=1, steps=2, guidance=3.0,
+                                generator_cpus=1, shard_size=4, all_candidates=job == "collect",
+                                policy="random"))
+    write_report(Output(str(out)))
+    rows = manifest_frame(str(out))
+    front = parse(out / "report.html")
+    pages = [parse(p) for p in sorted((out / "report").rglob("*.html"))]
+    linked = set(front.links) | {str((p_path.parent / link).resolve().relative_to(out.resolve()))
+                                 for p_path, page in zip(sorted((out / "report").rglob("*.html")), pages)
+                                 for link in page.links if link.startswith("../../images")}
+    ok = rows[rows.status == "ok"]
+    assert len(ok) == (14 if job == "collect" else 7)
+    assert set(ok.image_key) <= linked  # every committed image is linked, from the front page or a shard page
+    text = " ".join(front.text + [t for page in pages for t in page.text])
+    for source, error in rows[rows.status == "quarantined"][["source", "error"]].itertuples(index=False):
+        assert source in text and error in text
+    assert "日本語の猫" in text
+    assert (out / "report.html").stat().st_size < 200_000
+
+
+@pytest.mark.browser
+def test_the_report_renders_in_a_real_browser(ray_session, tmp_path):
+    """Opt-in (`-m browser`): headless Chromium from the Debian packages screenshots the page."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("Chromium is not installed (apt-get install chromium)")
+    from jobs.report import write_report
+    from orchestrator import pipeline
+    from orchestrator.config import GenerateConfig
+    from orchestrator.storage import Output
+
+    corpus = tmp_path / "p.txt"
+    corpus.write_text("\n".join(["a watercolor fox", "a red cube", "   ", "une crêpe au café", "東京の夜景"]) + "\n")
+    out = tmp_path / "out"
+    pipeline.run(GenerateConfig(prompts=str(corpus), out=str(out), candidates=2, keep=2, steps=2, guidance=3.0,
+                                generator_cpus=1))
+    write_report(Output(str(out)))
+    shot = tmp_path / "report.png"
+    subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                    f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,900",
+                    f"--screenshot={shot}", f"file://{out / 'report.html'}"], check=True, timeout=120,
+                   capture_output=True)
+    image = np.asarray(Image.open(shot).convert("RGB"))
+    assert image.shape[:2] == (900, 1200)
+    assert image.std() > 10  # more than a blank page: text, histograms and thumbnails
+    if os.environ.get("SEEDSIFT_SCREENSHOT"):  # how the README's screenshot is made
+        shutil.copy(shot, os.environ["SEEDSIFT_SCREENSHOT"])
+
+
+# --- solvers ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("model", "scheduler"), [("tiny_sd_path", "euler-a"), ("tiny_pixart_path", "unipc")])
+def test_a_chosen_solver_is_recorded_and_reproduced(ray_session, tmp_path, request, model, scheduler):
+    from jobs import reproduce
+    from orchestrator import pipeline
+    from orchestrator.config import ConfigError, GenerateConfig
+
+    corpus = tmp_path / "p.txt"
+    corpus.write_text("a watercolor fox\na lighthouse at night\n")
+    settings = dict(prompts=str(corpus), out=str(tmp_path / "out"), model=request.getfixturevalue(model),
+                    candidates=2, keep=2, steps=3, guidance=3.0, generator_cpus=1)
+    pipeline.run(GenerateConfig(**settings, scheduler=scheduler))
+    rows = manifest_frame(settings["out"])
+    assert set(rows.scheduler) == {scheduler}
+    row = rows.iloc[1]
+    target = tmp_path / "again.png"
+    assert reproduce.main(["--manifest", settings["out"], "--prompt-id", row.prompt_id, "--seed", str(int(row.seed)),
+                           "--out", str(target)]) == 0
+    original = np.asarray(Image.open(row.image_uri), np.int16)
+    assert np.abs(original - np.asarray(Image.open(target), np.int16)).max() <= 1
+    with pytest.raises(ConfigError, match=f"scheduler: '{scheduler}' -> 'ddim'"):
+        pipeline.run(GenerateConfig(**settings, scheduler="ddim"))
