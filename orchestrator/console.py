@@ -104,7 +104,11 @@ class Progress:
               f"{self.quarantined} quarantined", file=self.stream, flush=True)
 
     def close(self) -> None:
+        """The run read the whole corpus: what it holds now is the total, but for failed rows left to retry."""
+        self.total, self.exact = self.done + self.failed, True
         if self._bar is not None:
+            self._bar.total = self.total
+            self._bar.refresh()
             self._bar.close()
         else:
             self.line()

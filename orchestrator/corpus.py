@@ -190,7 +190,7 @@ def count_rows(files: list[CorpusFile], storage_options: dict | None = None) -> 
         lines, last = 0, b"\n"
         with open_corpus_file(corpus_file, storage_options) as handle:
             while chunk := handle.read(1 << 20):
-                lines += chunk.count(b"\n")
+                lines += chunk.count(b"\n") - chunk.count(b"\n\n")  # blank lines are no rows
                 last = chunk[-1:]
         lines += last != b"\n"
         total += lines - (corpus_file.fmt in ("csv", "tsv"))

@@ -58,6 +58,11 @@ class Holder:
         return f"host {self.host}, pid {self.pid}, started {self.started}"
 
 
+# Runs of this process that hold a lease now: a lease left by a run of this same process that is no longer here
+# (its release failed while the store was down) belongs to nobody, as a dead process's does.
+_HELD_HERE: set[str] = set()
+
+
 def _utc(seconds: float | None = None) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
 
@@ -97,6 +102,7 @@ class Lease:
         try:
             self.output.create_exclusive(LEASE_FILE, data)
             self._version = self.output.read_versioned(LEASE_FILE)[1]
+            _HELD_HERE.add(self.holder.run)
             return
         except PreconditionFailed:
             pass
@@ -122,10 +128,12 @@ class Lease:
             raise OutputBusy(f"output {self.output.uri} was just taken by another run "
                              f"({holder.describe() if holder else 'unknown'})") from exc
         self._version = self.output.read_versioned(LEASE_FILE)[1]
+        _HELD_HERE.add(self.holder.run)
 
     def release(self) -> None:
         """Mark the lease free (kept as an object, so the next run takes it with a compare-and-swap)."""
         self.stop_heartbeat()
+        _HELD_HERE.discard(self.holder.run)
         with self._lock:
             if self._version is None or self.lost:
                 return
@@ -212,6 +220,8 @@ def _gone(holder: Holder) -> bool:
     """Whether the holder ran on this machine and its process no longer exists."""
     if not holder.machine or holder.machine != this_machine():
         return False
+    if holder.pid == os.getpid() and holder.pid_started == _process_start(os.getpid()):
+        return holder.run not in _HELD_HERE  # this process: gone if none of its runs holds the lease now
     return _process_start(holder.pid) != holder.pid_started
 
 

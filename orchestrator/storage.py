@@ -195,7 +195,7 @@ class Output:
             self.fs.pipe_file(path, data, IfMatch=version)
         except FileNotFoundError as exc:
             raise PreconditionFailed(key) from exc
-        except OSError as exc:
+        except Exception as exc:  # s3fs maps most failures to OSError, but a dead endpoint surfaces as botocore's
             if "pre-condition" in str(exc).lower() or "precondition" in str(exc).lower():
                 raise PreconditionFailed(key) from exc
             raise self._storage_error(f"replacing {key}", exc) from exc

@@ -129,7 +129,7 @@ def test_the_console_shows_images_done_and_a_short_summary_not_ray(twelve, tmp_p
     out = tmp_path / "out"
     code, screen = in_a_terminal("generate", "--prompts", str(twelve), "--out", str(out), *FAST, timeout=600)
     assert code == 0, screen[-3000:]
-    assert re.search(r"images: 100%\|.*\| 11/11 \[.*img/s, failed=0 quarantined=1\]", screen), screen[-2000:]
+    assert re.search(r"images: 100%\|.*\| 11/11 \[.*(img/s|s/img), failed=0 quarantined=1\]", screen), screen[-2000:]
     assert "done: 11 images for 11 prompts" in screen
     assert "1 quarantined (1 prompt is empty or whitespace only)" in screen
     assert "denoising steps: 22 spent; best-of-2 would have spent 44 (50% saved)" in screen
