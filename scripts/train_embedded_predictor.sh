@@ -18,4 +18,7 @@ settings=(--model embedded:tiny-sd --steps 4 --guidance 7.5 --rater colorfulness
 mkdir -p orchestrator/predictors/tiny-sd-colorfulness
 cp "$work/predictor/model.safetensors" "$work/predictor/config.json" orchestrator/predictors/tiny-sd-colorfulness/
 cp "$work/evaluation/evaluation.json" orchestrator/predictors/tiny-sd-colorfulness/evaluation.json
-echo "installed: orchestrator/predictors/tiny-sd-colorfulness (report: $work/evaluation/report.html)"
+# The report the README links, with its contact sheet (paths in it are relative to the repository root).
+mkdir -p docs/embedded-predictor
+cp "$work/evaluation/report.html" "$work/evaluation/contact_sheet.png" docs/embedded-predictor/
+echo "installed: orchestrator/predictors/tiny-sd-colorfulness and docs/embedded-predictor/"

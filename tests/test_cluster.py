@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -139,6 +140,10 @@ def test_generate_job_through_jobs_api(ray_env: dict, tmp_path: Path) -> None:
         assert (out / row["image_key"]).is_file(), row["image_key"]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["images"] == 4 and summary["failures"] == 0
+    # `ray job logs` shows what a terminal shows, in lines: a status line in images and the short summary.
+    assert re.search(r"seedsift: images 4/4, [\d.]+/s.*; 0 failed, 0 quarantined", logs), logs[-3000:]
+    assert "done: 4 images for 4 prompts in the output" in logs, logs[-3000:]
+    assert "Running Dataset" not in logs, logs[-3000:]
 
 
 def test_generators_land_on_gpu_nodes(ray_env: dict, tmp_path: Path) -> None:

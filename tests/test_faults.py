@@ -141,6 +141,7 @@ def test_duplicate_filter_keeps_the_first_and_honours_committed_rows(ray_session
     assert rows[0]["error"] == "duplicate of c.jsonl:3"
 
 
+@pytest.mark.slow  # two to three full runs of 40-150 s: in CI's second tier
 def test_duplicate_prompts_and_ids_are_quarantined_and_stable(ray_session, tmp_path):
     lines = [{"id": "a", "prompt": "a red cube"}, {"id": "b", "prompt": "a blue cube"},
              {"id": "a", "prompt": "a different text, same id"}, {"id": "c", "prompt": "A red  cube"},

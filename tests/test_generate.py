@@ -130,6 +130,7 @@ def test_pixart_pipeline_with_clip_rater(ray_session, tiny_pixart_path, tmp_path
     assert set(rows.rater) == {f"clip:{clip}"}
 
 
+@pytest.mark.slow  # two to three full runs of 40-150 s: in CI's second tier
 def test_imagereward_and_hpsv2_raters_selected_by_name(ray_session, tmp_path):
     """Checkpoint raters run inside the rater actors like any other; each row records the spec that scored it."""
     from tests.helpers_clip import tiny_clip_tokenizer

@@ -182,6 +182,20 @@ def test_budget_policy_spends_the_budget_unevenly(trained):
     assert 1.0 <= summary["budget"]["renders_per_prompt_spent"] <= 3.0
 
 
+def test_budget_images_run_file_manifest_and_summary_share_one_fingerprint(trained):
+    """0.1 recorded the fingerprint taken before --budget-images was turned into renders per prompt in run.json,
+    and the one taken after in the rows and the summary. The derived budget now lives in the plan."""
+    out = str(trained["folder"] / "generate-budget-images")
+    config = GenerateConfig(prompts=trained["corpus"], out=out, policy="budget", predictor=trained["predictor"],
+                            candidates=6, keep=4, budget_images=20, **SETTINGS)
+    summary = pipeline.run(config)
+    run_file = json.loads((Path(out) / "run.json").read_text())
+    assert set(manifest(out).run_id) == {run_file["fingerprint"]} == {summary["run_id"]}
+    assert config.budget is None  # the configuration was not written back
+    again = pipeline.run(config)  # and a rerun accepts its own output
+    assert again["this_run"]["images"] == 0 and again["images"] == summary["images"]
+
+
 def test_embedded_default_predictor_fits_the_embedded_pipeline():
     folder = EMBEDDED_PREDICTORS["tiny-sd"]
     predictor = load_predictor(str(folder), resolve_model("embedded:tiny-sd"), 64, 64)
