@@ -29,6 +29,13 @@ COMPRESSION_SUFFIXES = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz", ".zst": "zstd
 PROMPT_COLUMNS = ("prompt", "prompts", "caption", "text")
 ID_COLUMNS = ("prompt_id", "id", "uid")
 ROWS_PER_BLOCK = 4096
+# Longest prompt and id kept: far beyond any text encoder's context (77 CLIP tokens, 120-300 T5 tokens), small
+# enough that one pathological line cannot bloat a block, a manifest row or a report page.
+MAX_PROMPT_CHARS = 20_000
+MAX_ID_CHARS = 512
+# C0 control characters other than tab, newline and carriage return, and DEL: never part of a prompt anyone
+# wrote, and NUL ends strings in C libraries downstream (tokenizers, image metadata, shell tools).
+_CONTROL = frozenset(chr(c) for c in [*range(0x00, 0x09), 0x0B, 0x0C, *range(0x0E, 0x20), 0x7F])
 
 # What every corpus row looks like after parsing; later stages add columns, never remove these.
 CORPUS_SCHEMA = pa.schema(
@@ -230,8 +237,33 @@ def text_digest(prompt: str | None) -> int:
 # --- rows ------------------------------------------------------------------------------------------------------
 
 
+def _text_problem(value: str, what: str, longest: int) -> str | None:
+    """Why a string cannot be stored or rendered, or None: lone surrogates (valid JSON escapes such as \\ud800,
+    but not Unicode, so Arrow cannot encode them), control characters, or more than `longest` characters."""
+    if len(value) > longest:
+        return f"{what} is {len(value):,} characters long (at most {longest:,} are kept)"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"{what} holds a lone surrogate (U+{ord(value[exc.start]):04X}), which is not valid Unicode"
+    control = next((ch for ch in value if ch in _CONTROL), None)
+    if control is not None:
+        return f"{what} holds a control character (U+{ord(control):04X})"
+    return None
+
+
+def _printable(value: str, longest: int = 80) -> str:
+    """A string safe to store and show: surrogates and control characters escaped, cut to `longest`."""
+    cleaned = value[:longest].encode("utf-8", "backslashreplace").decode("utf-8")
+    return "".join(f"\\x{ord(ch):02x}" if ch in _CONTROL else ch for ch in cleaned)
+
+
 def corpus_record(prompt, raw_id, source: str) -> dict:
-    """One corpus row; a prompt that cannot be rendered is kept as a quarantined row with the reason."""
+    """One corpus row; a prompt or id that cannot be used is kept as a quarantined row with the reason.
+
+    Whatever the input, the row holds only storable text: a quarantined row keeps at most an escaped excerpt of a
+    bad prompt, and a bad id is replaced by one derived from the row's source.
+    """
     error = None
     if prompt is None:
         error = "prompt is missing or null"
@@ -239,9 +271,22 @@ def corpus_record(prompt, raw_id, source: str) -> dict:
         error = f"prompt is a {type(prompt).__name__}, not text"
     elif not prompt.strip():
         error = "prompt is empty or whitespace only"
+    else:
+        error = _text_problem(prompt, "prompt", MAX_PROMPT_CHARS)
     text = prompt.strip() if isinstance(prompt, str) else None
-    if raw_id is None or (isinstance(raw_id, str) and not raw_id.strip()):
-        prompt_id = prompt_id_for(text) if text else f"quarantine-{hashlib.blake2b(source.encode(), digest_size=8).hexdigest()}"
+    if error is not None and text:
+        text = _printable(text, 200)  # storable, and enough for the report: a quarantined row is never rendered
+    id_error = None
+    if raw_id is not None and not isinstance(raw_id, (str, int, float)) or isinstance(raw_id, bool):
+        id_error = f"id is a {type(raw_id).__name__}, not text or a number"
+    elif isinstance(raw_id, str):
+        id_error = _text_problem(raw_id, "id", MAX_ID_CHARS)
+    fallback = f"quarantine-{hashlib.blake2b(source.encode(), digest_size=8).hexdigest()}"
+    if id_error is not None:
+        prompt_id = fallback
+        error = error or id_error
+    elif raw_id is None or (isinstance(raw_id, str) and not raw_id.strip()):
+        prompt_id = prompt_id_for(text) if text else fallback
     else:
         prompt_id = str(raw_id).strip()
     return {
@@ -305,6 +350,9 @@ def _parse_jsonl(lines: Iterable[bytes], name: str, first_line: int, columns: Co
             value = json.loads(text)
         except json.JSONDecodeError as exc:
             yield corpus_record(None, None, source) | {"error": f"malformed JSON: {exc.msg} at column {exc.colno}"}
+            continue
+        except RecursionError:
+            yield corpus_record(None, None, source) | {"error": "malformed JSON: nested too deeply"}
             continue
         if isinstance(value, str):
             yield corpus_record(value, None, source)
