@@ -11,9 +11,9 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -73,9 +73,13 @@ SCHEDULER = {
 }
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainSettings:
-    """Everything a training run depends on; the same settings and thread count give the same weights."""
+    """Everything a training run depends on; the same settings and thread count give the same weights.
+
+    The defaults reproduce the shipped model: the EMA weights after 4500 denoiser steps of a 6000-step learning-rate
+    schedule (the training length was chosen from that run's checkpoints, see docs/shapes.md).
+    """
 
     seed: int = 0
     # One thread: on a shared 2-core machine a second OpenMP thread mostly spins (measured 2x slower per step).
@@ -88,14 +92,23 @@ class TrainSettings:
     # posterior std near a tenth of the latent spread at the same reconstruction error.
     kl_weight: float = 2e-4
     latent_scenes: int = 30000  # scenes encoded once for denoiser training (posterior mean and std kept)
-    denoiser_steps: int = 6000
+    denoiser_steps: int = 4500  # steps actually run
+    # Length of the warm-up + cosine learning-rate schedule. Stopping before its end (denoiser_steps below it) is how
+    # the shipped model was made; set both equal for a run that decays fully.
+    denoiser_schedule_steps: int = 6000
     batch: int = 32
     learning_rate: float = 1e-3
     warmup_steps: int = 200
     ema_decay: float = 0.999
     prompt_dropout: float = 0.1  # share of captions replaced by "" so classifier-free guidance works
     min_snr_gamma: float = 5.0  # Min-SNR loss weighting (Hang et al. 2023) for faster convergence
-    log_every: int = 100
+    log_every: int = 250
+
+    def __post_init__(self) -> None:
+        if self.denoiser_schedule_steps < self.denoiser_steps:
+            raise ValueError(f"TrainSettings: denoiser_schedule_steps {self.denoiser_schedule_steps} is below "
+                             f"denoiser_steps {self.denoiser_steps}; the schedule must cover every step run "
+                             f"(raise --denoiser-schedule-steps)")
 
 
 def build_tokenizer():
@@ -263,7 +276,7 @@ def train_denoiser(vae, settings: TrainSettings, log: Callable[[dict], None], ch
     parameters = list(unet.parameters()) + list(text_encoder.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=settings.learning_rate, weight_decay=1e-2)
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: _lr_factor(step, settings.warmup_steps, settings.denoiser_steps)
+        optimizer, lambda step: _lr_factor(step, settings.warmup_steps, settings.denoiser_schedule_steps)
     )
     noise_schedule = DDPMScheduler(**NOISE_SCHEDULE)
     alphas_cumprod = noise_schedule.alphas_cumprod
