@@ -18,8 +18,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -165,8 +165,7 @@ class Scene:
 
 def _words(prompt: str) -> list[str]:
     text = prompt.strip().lower()
-    if text.endswith("."):
-        text = text[:-1]
+    text = text.removesuffix(".")
     return text.split()
 
 
@@ -316,7 +315,7 @@ def template_prompts(template: str) -> list[str]:
     return list(_template_prompts(template))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _template_prompts(template: str) -> tuple[str, ...]:
     kinds = all_kinds()
     if template == "single":
@@ -342,7 +341,7 @@ def held_out_prompts() -> list[str]:
     return list(_held_out_prompts())
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _held_out_prompts() -> tuple[str, ...]:
     held: list[str] = []
     for template in TEMPLATES:
