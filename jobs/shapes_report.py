@@ -18,40 +18,75 @@ import numpy as np
 from jobs.common import run_job
 from orchestrator import shapes
 
+# What each probe tests, in the order the validation table lists them.
+PROBES = (
+    "present as captioned",  # the caption's own objects: colour and shape found
+    "present, other colour",  # same shape, another colour: colour told apart
+    "present, other shape",  # same colour, another shape: shape told apart
+    "count as captioned",
+    "count, other number",
+    "count, any kind",  # a random kind and number, true or false as the scene happens to be
+    "relation as captioned",
+    "relation, swapped objects",
+    "relation, opposite side",
+    "relation, any pair",  # two kinds present in the scene, a random relation
+)
 
-def probe_facts(scene: shapes.Scene, rng: np.random.Generator) -> list[shapes.Fact]:
-    """The scene's own facts (all true) and perturbed ones: wrong colour, wrong shape, wrong count, wrong side."""
-    probes = list(scene.facts)
+
+def probe_facts(scene: shapes.Scene, rng: np.random.Generator) -> list[tuple[str, shapes.Fact]]:
+    """(probe, fact) pairs: the scene's own facts (all true) and perturbed ones (wrong colour, shape, count, side)."""
+    probes: list[tuple[str, shapes.Fact]] = []
     kinds = shapes.all_kinds()
+    opposite = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
     for fact in scene.facts:
         if fact.type == "present":
             colours = [c for c in shapes.COLOURS if c != fact.kind.colour]
             others = [s for s in shapes.SHAPES if s != fact.kind.shape]
-            probes.append(shapes.Fact("present", shapes.Kind(str(rng.choice(colours)), fact.kind.shape)))
-            probes.append(shapes.Fact("present", shapes.Kind(fact.kind.colour, str(rng.choice(others)))))
+            probes.append(("present as captioned", fact))
+            probes.append(("present, other colour",
+                           shapes.Fact("present", shapes.Kind(str(rng.choice(colours)), fact.kind.shape))))
+            probes.append(("present, other shape",
+                           shapes.Fact("present", shapes.Kind(fact.kind.colour, str(rng.choice(others))))))
         elif fact.type == "count":
             wrong = [n for n in (1, 2, 3, 4) if n != fact.count]
-            probes.append(shapes.Fact("count", fact.kind, count=int(rng.choice(wrong))))
+            probes.append(("count as captioned", fact))
+            probes.append(("count, other number", shapes.Fact("count", fact.kind, count=int(rng.choice(wrong)))))
         else:
             assert fact.other is not None
-            opposite = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
-            probes.append(shapes.Fact("relation", fact.other, relation=fact.relation, other=fact.kind))  # swapped
-            probes.append(shapes.Fact("relation", fact.kind, relation=opposite[fact.relation], other=fact.other))
-    # Relations and counts between kinds the caption did not relate, true or false as the layout happens to be.
+            probes.append(("relation as captioned", fact))
+            probes.append(("relation, swapped objects",
+                           shapes.Fact("relation", fact.other, relation=fact.relation, other=fact.kind)))
+            probes.append(("relation, opposite side",
+                           shapes.Fact("relation", fact.kind, relation=opposite[fact.relation], other=fact.other)))
     present = sorted({obj.kind for obj in scene.objects}, key=str)
     if len(present) >= 2:
         a, b = (present[i] for i in rng.choice(len(present), size=2, replace=False))
-        probes.append(shapes.Fact("relation", a, relation=str(rng.choice(shapes.RELATIONS)), other=b))
-    probes.append(shapes.Fact("count", kinds[int(rng.integers(len(kinds)))], count=int(rng.integers(1, 5))))
+        probes.append(("relation, any pair",
+                       shapes.Fact("relation", a, relation=str(rng.choice(shapes.RELATIONS)), other=b)))
+    probes.append(("count, any kind",
+                   shapes.Fact("count", kinds[int(rng.integers(len(kinds)))], count=int(rng.integers(1, 5)))))
     return probes
 
 
+def _tally(row: dict[str, int], truth: bool, verdict: bool) -> None:
+    row["n"] += 1
+    row["true"] += truth
+    row["correct"] += verdict == truth
+    row["false_positive"] += verdict and not truth
+    row["false_negative"] += truth and not verdict
+
+
+def _with_accuracy(table: dict, order: tuple[str, ...]) -> dict:
+    return {key: {**table[key], "accuracy": table[key]["correct"] / table[key]["n"]} for key in order if key in table}
+
+
 def validate_rater(scenes: int, seed: int) -> dict:
-    """Rater verdicts against ground truth, per fact type, on fresh scenes of both splits; plus caption scores."""
+    """Rater verdicts against ground truth, per fact type and per probe, on fresh scenes of both splits."""
     from actors.shapes_rater import detect_objects, rate
 
     rng = np.random.default_rng(seed)
-    table: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    by_type: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    by_probe: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     own_scores, wrong_scores, exact_objects = [], [], 0
     prompts = {name: shapes.template_prompts(name) for name in shapes.TEMPLATES}  # both splits
     for _ in range(scenes):
@@ -59,32 +94,42 @@ def validate_rater(scenes: int, seed: int) -> dict:
         detected = detect_objects(scene.image)
         found = sorted(str(obj.kind) for obj in detected)
         exact_objects += found == sorted(str(obj.kind) for obj in scene.objects)
-        for fact in probe_facts(scene, rng):
+        for probe, fact in probe_facts(scene, rng):
             truth = shapes.fact_holds(fact, scene.objects)
             verdict = shapes.fact_holds(fact, detected)
-            row = table[fact.type]
-            row["n"] += 1
-            row["true"] += truth
-            row["correct"] += verdict == truth
-            row["false_positive"] += verdict and not truth
-            row["false_negative"] += truth and not verdict
+            _tally(by_type[fact.type], truth, verdict)
+            _tally(by_probe[probe], truth, verdict)
         own_scores.append(rate(scene.image, scene.caption).score)
         wrong_scores.append(rate(scene.image, shapes.random_prompt(rng, templates=prompts)).score)
-    result = {
-        fact_type: {**row, "accuracy": row["correct"] / row["n"]} for fact_type, row in sorted(table.items())
-    }
     return {
         "scenes": scenes,
-        "per_fact_type": result,
+        "per_fact_type": _with_accuracy(by_type, shapes.FACT_TYPES),
+        "per_probe": _with_accuracy(by_probe, PROBES),
         "scenes_with_exact_object_list": exact_objects / scenes,
         "mean_score_own_caption": float(np.mean(own_scores)),
         "mean_score_random_caption": float(np.mean(wrong_scores)),
     }
 
 
+def mismatched_prompts(prompts: list[str]) -> dict[str, str]:
+    """For each prompt, the next prompt of the same template in the list (cyclically): the prompt-follows control."""
+    by_template: dict[str, list[str]] = defaultdict(list)
+    for prompt in prompts:
+        by_template[shapes.parse_prompt(prompt).template].append(prompt)
+    mismatched = {}
+    for group in by_template.values():
+        for index, prompt in enumerate(group):
+            mismatched[prompt] = group[(index + 1) % len(group)]
+    return mismatched
+
+
 def measure_model(model: str, prompts: list[str], seeds_per_prompt: int, steps: int, guidance: float,
                   batch: int, run_seed: int) -> dict:
-    """Rated scores of `seeds_per_prompt` seeds per prompt, rendered through actors.diffusion with seedsift's seeds."""
+    """Rated scores of `seeds_per_prompt` seeds per prompt, rendered through actors.diffusion with seedsift's seeds.
+
+    Each image is also rated against a mismatched prompt of the same template (`mismatched_scores`): if the model
+    follows its prompt, an image satisfies its own prompt's facts far more often than another prompt's.
+    """
     import torch
 
     from actors import diffusion
@@ -99,6 +144,7 @@ def measure_model(model: str, prompts: list[str], seeds_per_prompt: int, steps: 
     shape = diffusion.latent_shape(model_path, height, width)
     rows = []
     images_by_prompt: dict[str, np.ndarray] = {}
+    mismatched = mismatched_prompts(prompts)
     started = time.time()
     for prompt in prompts:
         seeds = candidate_seeds(run_seed, prompt, seeds_per_prompt)
@@ -113,14 +159,21 @@ def measure_model(model: str, prompts: list[str], seeds_per_prompt: int, steps: 
         images = np.concatenate(images)
         images_by_prompt[prompt] = images
         ratings = [rate(image, prompt) for image in images]
+        mismatched_ratings = [rate(image, mismatched[prompt]) for image in images]
         rows.append({
             "prompt": prompt,
+            "mismatched_prompt": mismatched[prompt],
+            "mismatched_scores": [r.score for r in mismatched_ratings],
+            "mismatched_fractions": [r.fraction for r in mismatched_ratings],
             "template": shapes.parse_prompt(prompt).template,
             "seeds": seeds,
             "scores": [r.score for r in ratings],
             "fractions": [r.fraction for r in ratings],
             "facts": [[int(v) for v in r.satisfied] for r in ratings],
         })
+        if len(rows) % 10 == 0:
+            print(f"rendered and rated {len(rows)}/{len(prompts)} prompts ({time.time() - started:.0f} s)",
+                  file=sys.stderr, flush=True)
     seconds = time.time() - started
     return {"rows": rows, "seconds": seconds, "images": images_by_prompt,
             "model_path": model_path, "width": width, "height": height}
@@ -130,6 +183,8 @@ def summarise(rows: list[dict]) -> dict:
     fractions = np.array([row["fractions"] for row in rows])
     scores = np.array([row["scores"] for row in rows])
     varies = fractions.max(axis=1) > fractions.min(axis=1)
+    mismatched_scores = np.array([row["mismatched_scores"] for row in rows])
+    mismatched_fractions = np.array([row["mismatched_fractions"] for row in rows])
     per_fact_type: dict[str, list[float]] = defaultdict(list)
     for row in rows:
         facts = shapes.parse_prompt(row["prompt"]).facts
@@ -146,6 +201,10 @@ def summarise(rows: list[dict]) -> dict:
         "share_all_seeds_no_fact": float((fractions.max(axis=1) == 0).mean()),
         "mean_best_of_seeds_score": float(scores.max(axis=1).mean()),
         "mean_within_prompt_score_std": float(scores.std(axis=1).mean()),
+        "mean_score_mismatched_prompt": float(mismatched_scores.mean()),
+        "mean_fact_fraction_mismatched_prompt": float(mismatched_fractions.mean()),
+        # Prompts whose 16 images score higher on average with their own prompt than with the mismatched one.
+        "share_prompts_own_beats_mismatched": float((scores.mean(axis=1) > mismatched_scores.mean(axis=1)).mean()),
         "fact_satisfaction_by_type": {k: float(np.mean(v)) for k, v in sorted(per_fact_type.items())},
         "per_template": {},
     }
@@ -168,7 +227,7 @@ def contact_sheet(images_by_prompt: dict[str, np.ndarray], path: Path, prompts: 
     from PIL import Image, ImageDraw
 
     tile = 64 * scale
-    label_width = 330
+    label_width = 250  # the longest held-out caption is about 240 pixels in PIL's default font
     sheet = Image.new("RGB", (label_width + seeds * (tile + 2), len(prompts) * (tile + 2)), (255, 255, 255))
     pen = ImageDraw.Draw(sheet)
     for row, prompt in enumerate(prompts):
@@ -186,9 +245,10 @@ def print_tables(report: dict) -> None:
         print(f"\nrater validation on {validation['scenes']} drawn scenes "
               f"(exact object list: {validation['scenes_with_exact_object_list']:.1%})")
         print("| fact type | probes | true | accuracy | false pos. | false neg. |\n|---|---|---|---|---|---|")
-        for fact_type, row in validation["per_fact_type"].items():
-            print(f"| {fact_type} | {row['n']} | {row['true']} | {row['accuracy']:.1%} | {row['false_positive']} "
-                  f"| {row['false_negative']} |")
+        for table in ("per_fact_type", "per_probe"):
+            for name, row in validation[table].items():
+                print(f"| {name} | {row['n']} | {row['true']} | {row['accuracy']:.1%} | {row['false_positive']} "
+                      f"| {row['false_negative']} |")
         print(f"mean score, own caption {validation['mean_score_own_caption']:.3f}; "
               f"random caption {validation['mean_score_random_caption']:.3f}")
     model = report.get("model")
@@ -197,7 +257,8 @@ def print_tables(report: dict) -> None:
               f"{model['steps']} steps, guidance {model['guidance']} ({model['seconds']:.0f} s)")
         for key in ("mean_score", "mean_fact_fraction", "share_of_prompts_whose_seeds_vary",
                     "share_all_seeds_all_facts", "share_all_seeds_no_fact", "mean_best_of_seeds_score",
-                    "mean_within_prompt_score_std"):
+                    "mean_within_prompt_score_std", "mean_score_mismatched_prompt",
+                    "mean_fact_fraction_mismatched_prompt", "share_prompts_own_beats_mismatched"):
             print(f"  {key}: {model[key]:.3f}")
         print("  fact satisfaction by type: "
               + ", ".join(f"{k} {v:.3f}" for k, v in model["fact_satisfaction_by_type"].items()))
@@ -213,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     add = parser.add_argument
     add("--out", required=True, help="folder for report.json and contact.png")
     add("--model", default="embedded:shapes", help="pipeline to measure (default: %(default)s)")
-    add("--scenes", type=int, default=1000, help="drawn scenes for the rater validation (0 skips it)")
+    add("--scenes", type=int, default=2000, help="drawn scenes for the rater validation (0 skips it)")
     add("--prompts", type=int, default=100, help="held-out prompts to render (0 skips the model; at most 100)")
     add("--seeds", type=int, default=16, help="seeds per prompt")
     add("--steps", type=int, default=20, help="denoising steps")
