@@ -112,14 +112,20 @@ def validate_rater(scenes: int, seed: int) -> dict:
 
 
 def mismatched_prompts(prompts: list[str]) -> dict[str, str]:
-    """For each prompt, the next prompt of the same template in the list (cyclically): the prompt-follows control."""
+    """For each prompt, the next prompt of the same template in the list (cyclically): the prompt-follows control.
+
+    A template with a single prompt in the list borrows the next prompt of the whole list instead.
+    """
     by_template: dict[str, list[str]] = defaultdict(list)
     for prompt in prompts:
         by_template[shapes.parse_prompt(prompt).template].append(prompt)
     mismatched = {}
-    for group in by_template.values():
-        for index, prompt in enumerate(group):
-            mismatched[prompt] = group[(index + 1) % len(group)]
+    for index, prompt in enumerate(prompts):
+        group = by_template[shapes.parse_prompt(prompt).template]
+        if len(group) > 1:
+            mismatched[prompt] = group[(group.index(prompt) + 1) % len(group)]
+        else:
+            mismatched[prompt] = prompts[(index + 1) % len(prompts)]
     return mismatched
 
 
