@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Retrains the embedded:shapes pipeline from its seed on CPU (about 35-50 minutes on 2 shared cores), installs it
-# in orchestrator/models/shapes, then measures it (docs/shapes.md quotes the figures).
+# Retrains the embedded:shapes pipeline from its seed on CPU (about 46 CPU minutes on one core; 62 minutes wall on
+# a busy shared 2-core machine), installs it in orchestrator/models/shapes, then measures it (docs/shapes.md quotes
+# the figures). The trainer's defaults reproduce the shipped weights.
 # Usage: scripts/train_shapes_model.sh [WORK]   (extra flags for the trainer go in TRAIN_FLAGS)
 set -euo pipefail
 cd "$(dirname "$0")/.."
