@@ -80,18 +80,40 @@ def _with_accuracy(table: dict, order: tuple[str, ...]) -> dict:
     return {key: {**table[key], "accuracy": table[key]["correct"] / table[key]["n"]} for key in order if key in table}
 
 
-def validate_rater(scenes: int, seed: int) -> dict:
-    """Rater verdicts against ground truth, per fact type and per probe, on fresh scenes of both splits."""
+# How --degraded validation roughens a scene towards what the model draws: soft edges, colour drift, grain.
+DEGRADE_BLUR_RADIUS = (0.5, 1.0)  # Gaussian blur radius in pixels, uniform
+DEGRADE_COLOUR_SHIFT = 15  # per channel, uniform in +-15 levels, the same over the whole image
+DEGRADE_NOISE = 3.0  # per pixel and channel, Gaussian standard deviation in levels
+
+
+def degrade(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The scene blurred, colour-shifted and grained (uint8 in, uint8 out); the objects stay where they are."""
+    from PIL import Image, ImageFilter
+
+    radius = rng.uniform(*DEGRADE_BLUR_RADIUS)
+    blurred = np.asarray(Image.fromarray(image).filter(ImageFilter.GaussianBlur(radius)), dtype=np.float32)
+    shift = rng.integers(-DEGRADE_COLOUR_SHIFT, DEGRADE_COLOUR_SHIFT + 1, size=3)
+    noisy = blurred + shift + rng.normal(0.0, DEGRADE_NOISE, size=image.shape)
+    return np.clip(np.rint(noisy), 0, 255).astype(np.uint8)
+
+
+def validate_rater(scenes: int, seed: int, degraded: bool = False) -> dict:
+    """Rater verdicts against ground truth, per fact type and per probe, on fresh scenes of both splits.
+
+    With `degraded`, the rater reads each scene after `degrade` (the same scenes and probes as without it).
+    """
     from actors.shapes_rater import detect_objects, rate
 
     rng = np.random.default_rng(seed)
+    degrade_rng = np.random.default_rng([seed, 1])  # separate, so the scenes do not depend on `degraded`
     by_type: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     by_probe: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     own_scores, wrong_scores, exact_objects = [], [], 0
     prompts = {name: shapes.template_prompts(name) for name in shapes.TEMPLATES}  # both splits
     for _ in range(scenes):
         scene = shapes.draw_scene(shapes.random_prompt(rng, templates=prompts), rng)
-        detected = detect_objects(scene.image)
+        image = degrade(scene.image, degrade_rng) if degraded else scene.image
+        detected = detect_objects(image)
         found = sorted(str(obj.kind) for obj in detected)
         exact_objects += found == sorted(str(obj.kind) for obj in scene.objects)
         for probe, fact in probe_facts(scene, rng):
@@ -99,10 +121,11 @@ def validate_rater(scenes: int, seed: int) -> dict:
             verdict = shapes.fact_holds(fact, detected)
             _tally(by_type[fact.type], truth, verdict)
             _tally(by_probe[probe], truth, verdict)
-        own_scores.append(rate(scene.image, scene.caption).score)
-        wrong_scores.append(rate(scene.image, shapes.random_prompt(rng, templates=prompts)).score)
+        own_scores.append(rate(image, scene.caption).score)
+        wrong_scores.append(rate(image, shapes.random_prompt(rng, templates=prompts)).score)
     return {
         "scenes": scenes,
+        "degraded": degraded,
         "per_fact_type": _with_accuracy(by_type, shapes.FACT_TYPES),
         "per_probe": _with_accuracy(by_probe, PROBES),
         "scenes_with_exact_object_list": exact_objects / scenes,
@@ -248,7 +271,8 @@ def contact_sheet(images_by_prompt: dict[str, np.ndarray], path: Path, prompts: 
 def print_tables(report: dict) -> None:
     validation = report.get("rater_validation")
     if validation:
-        print(f"\nrater validation on {validation['scenes']} drawn scenes "
+        kind = "degraded drawn" if validation["degraded"] else "drawn"
+        print(f"\nrater validation on {validation['scenes']} {kind} scenes "
               f"(exact object list: {validation['scenes_with_exact_object_list']:.1%})")
         print("| fact type | probes | true | accuracy | false pos. | false neg. |\n|---|---|---|---|---|---|")
         for table in ("per_fact_type", "per_probe"):
@@ -286,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     add("--steps", type=int, default=20, help="denoising steps")
     add("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
     add("--batch-size", type=int, default=16, help="images per render call")
+    add("--degraded", action="store_true", help="validate the rater on blurred, colour-shifted, grainy scenes")
     add("--seed", type=int, default=0, help="run seed: candidate seeds and validation scenes derive from it")
     add("--threads", type=int, default=2, help="torch threads")
     add("--contact-prompts", type=int, default=12, help="prompts (rows) on the contact sheet")
@@ -301,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         report: dict = {}
         if args.scenes:
             started = time.time()
-            report["rater_validation"] = validate_rater(args.scenes, args.seed)
+            report["rater_validation"] = validate_rater(args.scenes, args.seed, degraded=args.degraded)
             report["rater_validation"]["seconds"] = time.time() - started
         if args.prompts:
             prompts = shapes.held_out_prompts()
