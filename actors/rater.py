@@ -6,6 +6,8 @@ Rater specs (what a job config carries, and what manifests record as the rater's
 
     colorfulness                      default; no weights
     sharpness                         no weights
+    shapes                            GenEval-like fact checker for shapes-grammar prompts and embedded:shapes
+                                      renders (actors/shapes_rater.py); no weights
     clip:PATH_OR_ID[,processor=P]     CLIP score from a CLIPModel folder or hub id
     pickscore:PATH_OR_ID[,processor=P]
                                       PickScore (a CLIP model, scored the same way); its processor lives in a
@@ -22,7 +24,7 @@ cannot contain a comma. Paths are local folders or Hugging Face hub ids (owner/n
 time, so a hub id only loads if it is already in the local Hugging Face cache. HPSv2 and ImageReward checkpoints
 are local files; `config=` names a JSON architecture for variants of them (see actors/reward_models.py).
 
-The weight-free raters are stand-ins so the pipeline runs end to end without a model; neither looks at the
+colorfulness and sharpness are stand-ins so the pipeline runs end to end without a model; neither looks at the
 prompt, and neither measures what people prefer:
 
 - colorfulness: Hasler & Suesstrunk (2003) on 0..255 values: rg = R - G, yb = 0.5 (R + G) - B,
@@ -30,6 +32,10 @@ prompt, and neither measures what people prefer:
   judge a photo, so it rewards saturated, garish images whatever the prompt asked for.
 - sharpness: variance of the 4-neighbour discrete Laplacian of the BT.601 luma (0.299 R + 0.587 G + 0.114 B).
   A focus measure: it rewards high-frequency content, including noise and diffusion artefacts.
+
+shapes does read the prompt: it finds flat objects by colour and shape and returns the share of the prompt's facts
+(object present, count, relation) that hold, plus a small cleanliness term; only for shapes-grammar prompts
+(orchestrator/shapes.py), validated on the procedural scenes (docs/shapes.md).
 
 CLIP and PickScore compute score = logit_scale.exp() * cosine(image_embedding, text_embedding), as PickScore's
 reference code does; PickScore is a CLIP model fine-tuned on human preferences, so it is the real preference metric.
@@ -49,7 +55,7 @@ import torch
 from orchestrator.config import looks_like_local_path
 
 DEFAULT_RATER_SPEC = "colorfulness"
-RATER_NAMES = ("colorfulness", "sharpness", "clip", "pickscore", "hpsv2", "imagereward")
+RATER_NAMES = ("colorfulness", "sharpness", "shapes", "clip", "pickscore", "hpsv2", "imagereward")
 
 # Options each rater accepts after its path; raters missing here take no path and no options.
 RATER_OPTIONS = {
@@ -142,6 +148,10 @@ def make_rater(spec: str = DEFAULT_RATER_SPEC) -> Rater:
         return ColorfulnessRater(name)
     if parsed.name == "sharpness":
         return SharpnessRater(name)
+    if parsed.name == "shapes":
+        from actors.shapes_rater import ShapesRater
+
+        return ShapesRater(name)
     if parsed.name in CHECKPOINT_SOURCES:
         from actors.reward_models import HPSv2Rater, ImageRewardRater
 

@@ -188,12 +188,12 @@ def looks_like_local_path(path: str) -> bool:
 
 def _model_problems(model: str) -> list[str]:
     if model.startswith("embedded:"):
-        from orchestrator.embedded import EMBEDDED_MODELS
+        from orchestrator.embedded import embedded_names
 
         name = model.split(":", 1)[1]
-        if name not in EMBEDDED_MODELS:
+        if name not in embedded_names():
             return [f"--model {model}: unknown embedded model; use one of "
-                    + ", ".join(f"embedded:{n}" for n in EMBEDDED_MODELS)]
+                    + ", ".join(f"embedded:{n}" for n in embedded_names())]
         return []
     if looks_like_local_path(model):
         folder = os.path.expanduser(model)

@@ -1,6 +1,7 @@
-"""Embedded default pipelines: tiny Stable Diffusion, SDXL and PixArt pipelines built offline with random weights.
+"""Embedded default pipelines: tiny Stable Diffusion, SDXL and PixArt pipelines built offline with random weights,
+and the shapes pipeline the project trains itself (shipped in orchestrator/models/shapes).
 
-Sits before every model-holding stage: `resolve_model` turns `embedded:NAME` into a cached local pipeline folder.
+Sits before every model-holding stage: `resolve_model` turns `embedded:NAME` into a local pipeline folder.
 """
 
 from __future__ import annotations
@@ -289,11 +290,28 @@ def build_tiny_pixart(folder: str) -> None:
     pipe.save_pretrained(folder)
 
 
+# Pipelines trained by the project and shipped inside the package: resolve_model returns their folder as it is.
+SHIPPED_MODELS = {"shapes": Path(__file__).resolve().parent / "models" / "shapes"}
+
+
+def _shipped_folder(name: str) -> Path:
+    folder = SHIPPED_MODELS[name]
+    if not (folder / "model_index.json").is_file():
+        raise ValueError(f"model embedded:{name}: {folder} has no model_index.json; the package was installed "
+                         f"without its model files, or retrain it with scripts/train_{name}_model.sh")
+    return folder
+
+
 EMBEDDED_MODELS: dict[str, Callable[[str], None]] = {
     "tiny-sd": build_tiny_sd,
     "tiny-sdxl": build_tiny_sdxl,
     "tiny-pixart": build_tiny_pixart,
 }
+
+
+def embedded_names() -> list[str]:
+    """Every NAME that `embedded:NAME` accepts: the built tiny pipelines, then the shipped trained ones."""
+    return [*EMBEDDED_MODELS, *SHIPPED_MODELS]
 
 
 def cache_root() -> Path:
@@ -302,12 +320,14 @@ def cache_root() -> Path:
 
 
 def resolve_model(model: str) -> str:
-    """Local folder for `embedded:NAME` (built once per node); any other model string is returned unchanged."""
+    """Local folder for `embedded:NAME` (built once per node, or shipped); any other model string is unchanged."""
     if not model.startswith(EMBEDDED_PREFIX):
         return model
     name = model[len(EMBEDDED_PREFIX) :]
+    if name in SHIPPED_MODELS:
+        return str(_shipped_folder(name))
     if name not in EMBEDDED_MODELS:
-        known = ", ".join(EMBEDDED_PREFIX + n for n in EMBEDDED_MODELS)
+        known = ", ".join(EMBEDDED_PREFIX + n for n in embedded_names())
         raise ValueError(f"model {model!r}: unknown embedded model {name!r} (known: {known})")
     models_dir = cache_root() / "models"
     target = models_dir / f"{name}-{EMBEDDED_VERSION}"

@@ -48,7 +48,7 @@ def clip_rater(tiny_clip_folder: str) -> ClipScoreRater:
 def test_default_rater_is_colorfulness():
     assert DEFAULT_RATER_SPEC == "colorfulness"
     assert make_rater().name == "colorfulness"
-    assert set(RATER_NAMES) == {"colorfulness", "sharpness", "clip", "pickscore", "hpsv2", "imagereward"}
+    assert set(RATER_NAMES) == {"colorfulness", "sharpness", "shapes", "clip", "pickscore", "hpsv2", "imagereward"}
 
 
 def test_colorfulness_is_zero_for_grey_and_larger_for_saturated():

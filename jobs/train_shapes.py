@@ -1,0 +1,45 @@
+"""The train-shapes job: trains the `embedded:shapes` pipeline on procedural shape scenes, on CPU, from a seed.
+
+Run as `python -m jobs.train_shapes --out DIR`; scripts/train_shapes_model.sh trains and installs the result in
+orchestrator/models/shapes. Writes a diffusers folder (safetensors) plus training.json with settings and figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+from jobs.common import run_job
+from orchestrator.shapes_model import TrainSettings, train_shapes_model
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="seedsift train_shapes", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="folder for the trained pipeline (created; overwritten)")
+    parser.add_argument("--checkpoints", default=None, help="also save the EMA pipeline here as step-N folders")
+    parser.add_argument("--checkpoint-every", type=int, default=1000, help="denoiser steps between checkpoints")
+    for field in dataclasses.fields(TrainSettings):
+        parser.add_argument(_flag(field.name), type=type(field.default), default=field.default,
+                            help=f"default: {field.default}")
+    args = parser.parse_args(argv)
+
+    def body() -> int:
+        settings = TrainSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainSettings)})
+        summary = train_shapes_model(args.out, settings, log=lambda entry: print(json.dumps(entry), flush=True),
+                                     checkpoints=args.checkpoints, checkpoint_every=args.checkpoint_every)
+        keys = ("parameters", "vae", "denoiser", "total_seconds", "total_cpu_seconds", "folder_bytes")
+        figures = {key: summary[key] for key in keys}
+        print(json.dumps(figures, indent=1))
+        return 0
+
+    return run_job(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
