@@ -63,6 +63,12 @@ document.getElementById('sort').onchange=apply;document.getElementById('q').onin
 """
 
 
+def _shown_location(output) -> str:
+    """Where the run is, as the page shows it: an object store URI in full; a local output by its folder name only,
+    since the page lives inside it and an absolute path goes stale once the output is moved or copied."""
+    return output.uri if not output.is_local else output.uri.rstrip("/").rsplit("/", 1)[-1]
+
+
 def write_report(output: Output, seed: int = 0) -> str:
     """Write OUT/report.html (and the shard pages it needs); returns its URI."""
     manifest = Manifest(output)
@@ -184,7 +190,7 @@ def _front_page(output, run: dict, summary: dict, stats: dict, shown: list, imag
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>seedsift report</title>
 <style>{STYLE}</style></head><body>
 <h1>seedsift run report</h1>
-<p>{html.escape(output.uri)}<br><span class="muted">{html.escape(settings)}</span></p>
+<p>{html.escape(_shown_location(output))}<br><span class="muted">{html.escape(settings)}</span></p>
 <p><b>{stats['images']:,}</b> images for <b>{stats['prompts']:,}</b> prompts; {by_status.get('failed', 0):,} failed rows
 ({stats['failures']:,} not yet retried), {by_status.get('quarantined', 0):,} quarantined. {html.escape(cost)}</p>
 <h2>Distributions (all rows)</h2>
