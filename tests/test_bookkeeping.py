@@ -289,6 +289,20 @@ def test_webdataset_shards_round_trip_through_verify_reproduce_and_export(ray_se
     assert table.num_rows == 14 and len(set(zip(*[table[c].to_pylist() for c in ("prompt_id", "seed")]))) == 14
     assert all(uri.startswith(out) for uri in table["image_uri"].to_pylist())
 
+    # A moved copy, reached by another spelling of its path (relative, with a trailing slash), is the same output:
+    # rows locate images relative to the output root, so verify finds no missing or orphaned image there.
+    import shutil
+
+    moved = tmp_path / "elsewhere" / "copy"
+    shutil.copytree(out, moved)
+    relative = os.path.relpath(moved) + "/"
+    copy_report = verify_output(relative)
+    assert copy_report["strict_clean"] and copy_report["missing_images"] == 0, copy_report
+    again = tmp_path / "again-from-copy.png"
+    assert reproduce.main(["--manifest", relative, "--prompt-id", row["prompt_id"], "--seed", str(row["seed"]),
+                           "--out", str(again)]) == 0
+    assert np.abs(np.asarray(Image.open(again), np.int16) - original).max() <= 1
+
     # A missing tar is noticed.
     os.remove(os.path.join(out, tars[0]))
     damaged = verify_output(out)
