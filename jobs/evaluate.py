@@ -124,6 +124,8 @@ def evaluate(args: argparse.Namespace) -> dict:
 
     figures = measure(predicted, groups.scores, args.k)
     figures["scoring_seconds_per_prompt"] = round(scoring_seconds, 5)
+    figures["prompt_swap"] = prompt_swap_control(predictor, groups, embeddings, latent_shape, predicted, figures,
+                                                 args.k)
     contact = None
     if args.contact_prompts:
         chosen = list(range(min(args.contact_prompts, len(groups.prompt_ids))))
@@ -278,6 +280,35 @@ def predict(predictor, seeds: list[np.ndarray], embeddings: list[dict], latent_s
 
     return [predictor.score_candidates(batch_noise([int(s) for s in prompt_seeds], latent_shape), embeds)
             for prompt_seeds, embeds in zip(seeds, embeddings)]
+
+
+def swap_partner(count: int) -> list[int]:
+    """For each prompt, the prompt whose embedding scores its candidates in the prompt-swap control: half the
+    list away, so no prompt keeps its own and neighbours (often of one template or category) are not paired."""
+    return [(i + count // 2) % count for i in range(count)]
+
+
+def prompt_swap_control(predictor, groups, embeddings: list[dict], latent_shape: tuple, predicted: list[np.ndarray],
+                        figures: dict, k: int) -> dict | None:
+    """Every prompt's candidates scored with another prompt's embedding: how much of the gain survives shows how
+    much the predictor's pick depends on the text (1.0: none; 0: all of it)."""
+    count = len(embeddings)
+    if count < 2:
+        return None
+    partner = swap_partner(count)
+    swapped = predict(predictor, groups.seeds, [embeddings[j] for j in partner], latent_shape)
+    control = measure(swapped, groups.scores, k)
+    own_gain = figures["top1_gain_std_units"]
+    kept = control["top1_gain_std_units"] / own_gain if own_gain and np.isfinite(own_gain) and own_gain > 0 else None
+    same_pick = float(np.mean([int(np.argmax(a)) == int(np.argmax(b)) for a, b in zip(predicted, swapped)]))
+    return {
+        "spearman_per_prompt_mean": control["spearman_per_prompt_mean"],
+        "top1_gain_std_units": control["top1_gain_std_units"],
+        "predictor_top1_mean": control["predictor_top1_mean"],
+        "gain_kept": kept,
+        "same_top1_share": same_pick,
+        "note": "each prompt's candidates scored with the embedding of the prompt half the list away",
+    }
 
 
 # ------------------------------------------------------------------------------------------------ figures
@@ -484,6 +515,12 @@ def report_html(evaluation: dict, actual: list[np.ndarray], predicted: list[np.n
          f"{number(e['predictor_top1_mean'], 4)} / {number(e['random_mean'], 4)} / "
          f"{number(e['oracle_best_of_n_mean'], 4)}"),
         ("compute saved", e["compute_saved_note"]),
+        ("prompt-swap control (each prompt scored with another prompt's embedding)",
+         "not measured (one prompt)" if not e.get("prompt_swap") else
+         f"per-prompt Spearman {number(e['prompt_swap']['spearman_per_prompt_mean'])}; top-1 gain "
+         f"{number(e['prompt_swap']['top1_gain_std_units'])} per-prompt std, "
+         f"{number(e['prompt_swap']['gain_kept'])} of the gain kept; same pick on "
+         f"{number(e['prompt_swap']['same_top1_share'])} of prompts"),
         ("scorer cost", f"{number(e['scoring_seconds_per_prompt'], 4)} s per prompt for N noises; one render "
                         f"{number(e.get('render_seconds_per_image'), 3)} s on this machine "
                         f"(scoring = {number(e.get('scoring_cost_in_renders'), 3)} renders)"),

@@ -120,6 +120,12 @@ def test_rigged_predictor_is_perfect_and_the_report_is_complete(tiny, dataset, t
     assert report["scoring_seconds_per_prompt"] >= 0 and report["render_seconds_per_image"] > 0
     assert report["scoring_cost_in_renders"] >= 0
     assert len(report["per_prompt"]) == 6
+    # The rig reads no text, so scoring each prompt with another's embedding changes nothing: all gain is kept.
+    swap = report["prompt_swap"]
+    assert swap["gain_kept"] == pytest.approx(1.0) and swap["same_top1_share"] == 1.0
+    assert swap["spearman_per_prompt_mean"] == pytest.approx(1.0)
+    partner = evaluate.swap_partner(6)
+    assert sorted(partner) == list(range(6)) and all(i != j for i, j in enumerate(partner))
 
     contact = report["contact_sheet"]
     assert contact["file"] == "contact_sheet.png" and len(contact["rows"]) == 2
