@@ -42,14 +42,13 @@ def prompts_for(name: str, count: int) -> list[str]:
         return [row["Prompt"] for row in csv.DictReader(handle, delimiter="\t")][:count]
 
 
-def render_all(model_path: str, scheduler: str, prompts: list[str], seeds: list[int], steps: int, guidance: float,
+def render_all(pipe, model_path: str, prompts: list[str], seeds: list[int], steps: int, guidance: float,
                size: tuple[int, int], batch: int) -> np.ndarray:
     import torch
 
-    from actors.diffusion import encode_prompts, latent_shape, load_pipeline, render
+    from actors.diffusion import encode_prompts, latent_shape, render
     from orchestrator.seeds import batch_noise
 
-    pipe = load_pipeline(model_path, "full", scheduler=scheduler)
     height, width = size
     shape = latent_shape(model_path, height, width)
     pairs = [(p, s) for p in prompts for s in seeds]
@@ -82,7 +81,7 @@ def main() -> None:
 
     import torch
 
-    from actors.diffusion import default_image_size
+    from actors.diffusion import default_image_size, load_pipeline
     from actors.rater import make_rater
     from orchestrator.embedded import resolve_model
     from orchestrator.seeds import candidate_seeds
@@ -104,13 +103,15 @@ def main() -> None:
     results = []
     with LoadSampler() as load:
         started = time.time()
-        reference = render_all(model_path, "default", prompts, seeds, args.reference_steps, args.guidance, size,
+        own = load_pipeline(model_path, "full")
+        reference = render_all(own, model_path, prompts, seeds, args.reference_steps, args.guidance, size,
                                args.batch).astype(np.int16)
         reference_scores = rate(reference.astype(np.uint8))
         for solver in args.solvers:
+            pipe = load_pipeline(model_path, "full", scheduler=solver)  # once per solver, not per step count
             for steps in args.steps:
                 t0 = time.time()
-                images = render_all(model_path, solver, prompts, seeds, steps, args.guidance, size, args.batch)
+                images = render_all(pipe, model_path, prompts, seeds, steps, args.guidance, size, args.batch)
                 seconds = time.time() - t0
                 scores = rate(images)
                 gap = np.abs(images.astype(np.int16) - reference).mean()
