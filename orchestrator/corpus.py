@@ -277,7 +277,7 @@ def corpus_record(prompt, raw_id, source: str) -> dict:
     if error is not None and text:
         text = _printable(text, 200)  # storable, and enough for the report: a quarantined row is never rendered
     id_error = None
-    if raw_id is not None and not isinstance(raw_id, (str, int, float)) or isinstance(raw_id, bool):
+    if isinstance(raw_id, bool) or not isinstance(raw_id, (str, int, float, type(None))):
         id_error = f"id is a {type(raw_id).__name__}, not text or a number"
     elif isinstance(raw_id, str):
         id_error = _text_problem(raw_id, "id", MAX_ID_CHARS)
