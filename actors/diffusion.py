@@ -1,34 +1,25 @@
-"""Model-family adapters: load, encode prompts and render for Stable Diffusion (1.x/2.x), SDXL and PixArt pipelines.
+"""Model-family adapters: one class per pipeline family (Stable Diffusion 1.x/2.x, SDXL, PixArt) with the render
+path cut into encode / denoise a step range / decode.
 
-Shared by scorer, generator and reproduce: prompts become embeddings once; renders reuse them with given latents.
+Used by the scorer (encode), the generator (render, or a preview cascade that pauses and resumes a denoising),
+reproduce, train and evaluate alike, so an image is assembled in one place whatever stage asks for it.
 """
 
 from __future__ import annotations
 
+import copy
+import inspect
 import json
 import os
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import torch
 
-# Pipeline class (model_index.json `_class_name`) -> family; only families whose call signature we know.
-FAMILY_BY_PIPELINE = {
-    "StableDiffusionPipeline": "sd",
-    "StableDiffusionXLPipeline": "sdxl",
-    "PixArtAlphaPipeline": "pixart",
-    "PixArtSigmaPipeline": "pixart",
-}
-# The component that denoises latents: its config holds the latent channel count.
-DENOISER_BY_FAMILY = {"sd": "unet", "sdxl": "unet", "pixart": "transformer"}
-# Text-side components: SDXL has two CLIP encoders whose token embeddings are concatenated along the width.
-TEXT_ENCODERS_BY_FAMILY = {
-    "sd": ("text_encoder",),
-    "sdxl": ("text_encoder", "text_encoder_2"),
-    "pixart": ("text_encoder",),
-}
-TOKENIZERS_BY_FAMILY = {"sd": ("tokenizer",), "sdxl": ("tokenizer", "tokenizer_2"), "pixart": ("tokenizer",)}
-# Every embedding array encode_prompts can return; they travel in the row from the scorer to the generator.
+from actors.solvers import SCHEDULERS, STOCHASTIC_SCHEDULERS  # noqa: F401  (one owner of the names)
+
+# Every embedding array an adapter's encode can return; they travel in the row from the scorer to the generator.
 EMBEDDING_KEYS = (
     "prompt_embeds",
     "negative_prompt_embeds",
@@ -42,7 +33,320 @@ PIXART_MAX_SEQUENCE_LENGTH = {"PixArtAlphaPipeline": 120, "PixArtSigmaPipeline":
 # Both pipelines' `check_inputs` reject image sizes that are not multiples of 8.
 PIPELINE_SIZE_MULTIPLE = 8
 PARTS = ("full", "text", "render")
-from actors.solvers import SCHEDULERS, STOCHASTIC_SCHEDULERS  # noqa: E402,F401  (one owner of the names)
+# Solvers whose state between steps is the latent alone (plus a step counter): a denoising of several images can be
+# narrowed to some of them mid-way and continue exactly. Multistep solvers (DPM++, UniPC, PNDM) keep earlier model
+# outputs of the whole batch, so they cannot.
+RESUMABLE_SOLVERS = ("DDIMScheduler", "DDPMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler")
+
+
+def _to_numpy(tensor: torch.Tensor, dtype: type) -> np.ndarray:
+    return tensor.detach().to("cpu").numpy().astype(dtype, copy=False)
+
+
+@dataclass
+class Conditioning:
+    """What the denoiser reads besides the latent, on its device, already doubled (negative first) when guided."""
+
+    tensors: dict[str, torch.Tensor]
+    guidance: float
+    guided: bool
+    height: int
+    width: int
+
+    def rows(self, rows: list[int]) -> Conditioning:
+        """The conditioning of some images of the batch (each half, when guided)."""
+        count = next(iter(self.tensors.values())).shape[0] // (2 if self.guided else 1)
+        index = list(rows) + ([count + r for r in rows] if self.guided else [])
+        return replace(self, tensors={k: v[index] for k, v in self.tensors.items()})
+
+
+@dataclass
+class Denoising:
+    """A denoising in progress: the latents after `step` of the schedule's steps, and the solver that made them."""
+
+    latents: torch.Tensor
+    scheduler: Any  # this denoising's own solver, its timesteps set
+    timesteps: torch.Tensor
+    step: int
+    generators: list | None  # one per image, for solvers that add noise at each step
+    predicted_original: torch.Tensor | None = None  # the solver's estimate of the final latent at the last step
+
+    @property
+    def steps(self) -> int:
+        return len(self.timesteps)
+
+    def rows(self, rows: list[int]) -> Denoising:
+        """The same denoising narrowed to some of its images, to continue exactly where it stands."""
+        name = type(self.scheduler).__name__
+        if name not in RESUMABLE_SOLVERS:
+            raise ValueError(f"{name} keeps state of the whole batch between steps; a denoising can be narrowed "
+                             f"mid-way only with {', '.join(RESUMABLE_SOLVERS)}")
+        return replace(self, latents=self.latents[rows],
+                       generators=None if self.generators is None else [self.generators[r] for r in rows],
+                       predicted_original=None if self.predicted_original is None else self.predicted_original[rows])
+
+
+class PipelineAdapter:
+    """A loaded diffusers pipeline of one family, rendered step by step.
+
+    Subclasses name their components and say how the denoiser is called; the loop, the solver handling and the
+    decoding are shared. Each family's call mirrors its diffusers pipeline's `__call__`, and tests check that a
+    render equals a plain `pipe(prompt=...)` call.
+    """
+
+    family = ""
+    pipeline_classes: tuple[str, ...] = ()
+    denoiser_name = "unet"
+    text_encoder_names: tuple[str, ...] = ("text_encoder",)
+    tokenizer_names: tuple[str, ...] = ("tokenizer",)
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+
+    @property
+    def denoiser(self):
+        return getattr(self.pipe, self.denoiser_name)
+
+    @property
+    def device(self) -> torch.device:
+        return self.denoiser.device if self.denoiser is not None else self.pipe._execution_device
+
+    # ---- 1. text -------------------------------------------------------------------------------------------------
+
+    def max_text_tokens(self) -> int:
+        return int(self.pipe.tokenizer.model_max_length)
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str], guidance_scale: float) -> dict[str, np.ndarray]:
+        """Text embeddings of `prompts` (and of the empty negative prompt when guidance_scale > 1), as numpy arrays.
+
+        Keys: prompt_embeds (B,T,D) float32, negative_prompt_embeds when guided, PixArt's int64 attention masks,
+        SDXL's pooled (B,D2) embeddings, and truncated (B,) bool.
+        """
+        pipe = self.pipe
+        if pipe.text_encoder is None or pipe.tokenizer is None:
+            raise ValueError(f"encode: this {type(pipe).__name__} has no text encoder; load it with part='text' or "
+                             "part='full'")
+        prompts = list(prompts)
+        out = self._encode(prompts, guidance_scale > 1.0)
+        # Tokenize again without truncation: a prompt longer than the encoder's context lost its tail.
+        token_counts = [len(ids) for ids in pipe.tokenizer(prompts, truncation=False, verbose=False).input_ids]
+        out["truncated"] = np.array([count > self.max_text_tokens() for count in token_counts], dtype=bool)
+        return out
+
+    def _encode(self, prompts: list[str], guided: bool) -> dict[str, np.ndarray]:
+        # negative_prompt=None makes the pipeline use "" for every row, as a plain `prompt=` call does.
+        embeds, negative = self.pipe.encode_prompt(prompts, self.pipe._execution_device, 1, guided, negative_prompt=None)
+        out = {"prompt_embeds": _to_numpy(embeds, np.float32)}
+        if guided:
+            out["negative_prompt_embeds"] = _to_numpy(negative, np.float32)
+        return out
+
+    # ---- 2. denoising --------------------------------------------------------------------------------------------
+
+    def conditioning(self, embeds: dict[str, np.ndarray], guidance_scale: float, height: int,
+                     width: int) -> Conditioning:
+        """The denoiser's inputs from the scorer's embeddings; the text encoder is not needed."""
+        guided = self.guided(guidance_scale)
+        if guided and "negative_prompt_embeds" not in embeds:
+            raise ValueError(f"guidance_scale {guidance_scale} > 1 needs negative_prompt_embeds; encode the prompts "
+                             "with the same guidance_scale")
+        tensors = {"encoder_hidden_states": self._pair(embeds, "prompt_embeds", guided, self.denoiser.dtype)}
+        tensors.update(self._extra_conditioning(embeds, guided, height, width))
+        return Conditioning(tensors, guidance_scale, guided, height, width)
+
+    def guided(self, guidance_scale: float) -> bool:
+        return guidance_scale > 1.0 and getattr(self.denoiser.config, "time_cond_proj_dim", None) is None
+
+    def _pair(self, embeds: dict[str, np.ndarray], key: str, guided: bool, dtype: torch.dtype) -> torch.Tensor:
+        """One embedding as a tensor on the denoiser's device, with its negative in front when guided."""
+        def tensor(name: str) -> torch.Tensor:
+            return torch.from_numpy(np.ascontiguousarray(embeds[name])).to(device=self.device, dtype=dtype)
+
+        return torch.cat([tensor("negative_" + key), tensor(key)]) if guided else tensor(key)
+
+    def _extra_conditioning(self, embeds, guided: bool, height: int, width: int) -> dict[str, torch.Tensor]:
+        return {}
+
+    def start(self, latents: torch.Tensor, steps: int, seeds: list[int] | None = None) -> Denoising:
+        """A denoising of these initial latents (standard normal, as drawn from the seeds) over `steps` steps.
+
+        `seeds` (one per image) seed the noise a stochastic solver adds at each step, so such renders are
+        reproducible and independent of the batch; deterministic solvers ignore them.
+        """
+        scheduler = copy.deepcopy(self.pipe.scheduler)  # its step counter is this denoising's own
+        scheduler.set_timesteps(steps, device=self.device)
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(0)
+        latents = latents.to(device=self.device, dtype=self.denoiser.dtype) * scheduler.init_noise_sigma
+        generators = None
+        if seeds is not None:
+            from orchestrator.seeds import step_noise_generators
+
+            generators = step_noise_generators(seeds)
+        return Denoising(latents, scheduler, scheduler.timesteps, 0, generators)
+
+    @torch.no_grad()
+    def denoise(self, state: Denoising, conditioning: Conditioning, until: int | None = None) -> Denoising:
+        """Run the steps from state.step up to `until` (default: the end); no step is ever run twice."""
+        until = state.steps if until is None else until
+        if not state.step <= until <= state.steps:
+            raise ValueError(f"denoise: cannot go from step {state.step} to {until} of {state.steps}")
+        scheduler, latents, predicted = state.scheduler, state.latents, state.predicted_original
+        options = {}
+        parameters = inspect.signature(scheduler.step).parameters
+        if "eta" in parameters:
+            options["eta"] = 0.0
+        if "generator" in parameters:
+            options["generator"] = state.generators
+        for t in state.timesteps[state.step:until]:
+            model_input = torch.cat([latents] * 2) if conditioning.guided else latents
+            model_input = scheduler.scale_model_input(model_input, t)
+            prediction = self._predict(model_input, t, conditioning)
+            if conditioning.guided:
+                unconditional, conditional = prediction.chunk(2)
+                prediction = unconditional + conditioning.guidance * (conditional - unconditional)
+            result = scheduler.step(prediction, t, latents, **options, return_dict=True)
+            latents = result.prev_sample
+            predicted = getattr(result, "pred_original_sample", None)
+        return replace(state, latents=latents, step=until, predicted_original=predicted)
+
+    def _predict(self, model_input: torch.Tensor, t: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
+        tensors = dict(conditioning.tensors)
+        return self.denoiser(model_input, t, encoder_hidden_states=tensors.pop("encoder_hidden_states"),
+                             added_cond_kwargs=tensors or None, return_dict=False)[0]
+
+    # ---- 3. images -----------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        """Images (B,H,W,3) uint8 from final (or predicted final) latents."""
+        vae = self.pipe.vae
+        images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+        images = self.pipe.image_processor.postprocess(images, output_type="np")
+        return (np.asarray(images) * 255).round().clip(0, 255).astype(np.uint8)
+
+    def render(self, embeds: dict[str, np.ndarray], latents: torch.Tensor, *, steps: int, guidance_scale: float,
+               height: int, width: int, seeds: list[int] | None = None) -> np.ndarray:
+        """Images (B,H,W,3) uint8 from precomputed text embeddings and initial latents; needs no text encoder."""
+        conditioning = self.conditioning(embeds, guidance_scale, height, width)
+        return self.decode(self.denoise(self.start(latents, steps, seeds), conditioning).latents)
+
+
+class StableDiffusionAdapter(PipelineAdapter):
+    """Stable Diffusion 1.x / 2.x: one CLIP text encoder, a UNet reading its token embeddings."""
+
+    family = "sd"
+    pipeline_classes = ("StableDiffusionPipeline",)
+
+
+class StableDiffusionXLAdapter(PipelineAdapter):
+    """SDXL: two CLIP encoders whose token embeddings are concatenated along the width, a pooled embedding and the
+    size conditioning (add_time_ids) as extra UNet inputs."""
+
+    family = "sdxl"
+    pipeline_classes = ("StableDiffusionXLPipeline",)
+    text_encoder_names = ("text_encoder", "text_encoder_2")
+    tokenizer_names = ("tokenizer", "tokenizer_2")
+
+    def _encode(self, prompts: list[str], guided: bool) -> dict[str, np.ndarray]:
+        # As in a plain call: no negative prompt, so SDXL's force_zeros_for_empty_prompt decides (zeros by default).
+        embeds, negative, pooled, negative_pooled = self.pipe.encode_prompt(
+            prompts, device=self.pipe._execution_device, num_images_per_prompt=1, do_classifier_free_guidance=guided,
+            negative_prompt=None)
+        out = {"prompt_embeds": _to_numpy(embeds, np.float32), "pooled_prompt_embeds": _to_numpy(pooled, np.float32)}
+        if guided:
+            out["negative_prompt_embeds"] = _to_numpy(negative, np.float32)
+            out["negative_pooled_prompt_embeds"] = _to_numpy(negative_pooled, np.float32)
+        return out
+
+    def _extra_conditioning(self, embeds, guided: bool, height: int, width: int) -> dict[str, torch.Tensor]:
+        if "pooled_prompt_embeds" not in embeds:
+            raise ValueError("an SDXL render needs pooled_prompt_embeds; encode the prompts with this SDXL pipeline's "
+                             "adapter")
+        dtype = self.denoiser.dtype
+        pooled = self._pair(embeds, "pooled_prompt_embeds", guided, dtype)
+        # Size conditioning as in a plain call at this size: original = target = (height, width), no crop.
+        time_ids = self.pipe._get_add_time_ids((height, width), (0, 0), (height, width), dtype=dtype,
+                                               text_encoder_projection_dim=int(pooled.shape[-1]))
+        return {"text_embeds": pooled, "time_ids": time_ids.to(self.device).repeat(pooled.shape[0], 1)}
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        vae = self.pipe.vae
+        upcast = vae.dtype == torch.float16 and vae.config.force_upcast  # SDXL's VAE overflows in float16
+        if upcast:
+            vae.to(torch.float32)
+        mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+        latents = latents.to(vae.dtype)
+        if mean is not None and std is not None:
+            view = {"device": latents.device, "dtype": latents.dtype}
+            latents = (latents * torch.tensor(std).view(1, -1, 1, 1).to(**view) / vae.config.scaling_factor
+                       + torch.tensor(mean).view(1, -1, 1, 1).to(**view))
+        else:
+            latents = latents / vae.config.scaling_factor
+        images = vae.decode(latents, return_dict=False)[0]
+        if upcast:
+            vae.to(torch.float16)
+        if getattr(self.pipe, "watermark", None) is not None:
+            images = self.pipe.watermark.apply_watermark(images)
+        images = self.pipe.image_processor.postprocess(images, output_type="np")
+        return (np.asarray(images) * 255).round().clip(0, 255).astype(np.uint8)
+
+
+class PixArtAdapter(PipelineAdapter):
+    """PixArt-alpha and -sigma: a T5 encoder with attention masks, a transformer that may predict its variance."""
+
+    family = "pixart"
+    pipeline_classes = ("PixArtAlphaPipeline", "PixArtSigmaPipeline")
+    denoiser_name = "transformer"
+
+    def max_text_tokens(self) -> int:
+        return PIXART_MAX_SEQUENCE_LENGTH[type(self.pipe).__name__]
+
+    def guided(self, guidance_scale: float) -> bool:
+        return guidance_scale > 1.0
+
+    def _encode(self, prompts: list[str], guided: bool) -> dict[str, np.ndarray]:
+        embeds, mask, negative, negative_mask = self.pipe.encode_prompt(
+            prompts, do_classifier_free_guidance=guided, negative_prompt="", device=self.pipe._execution_device,
+            clean_caption=False, max_sequence_length=self.max_text_tokens())
+        out = {"prompt_embeds": _to_numpy(embeds, np.float32), "prompt_attention_mask": _to_numpy(mask, np.int64)}
+        if guided:
+            out["negative_prompt_embeds"] = _to_numpy(negative, np.float32)
+            out["negative_prompt_attention_mask"] = _to_numpy(negative_mask, np.int64)
+        return out
+
+    def _extra_conditioning(self, embeds, guided: bool, height: int, width: int) -> dict[str, torch.Tensor]:
+        mask = self._pair(embeds, "prompt_attention_mask", guided, torch.long)
+        extra = {"encoder_attention_mask": mask}
+        # PixArt-alpha at 1024 (sample size 128) reads the image size and aspect ratio; every other variant does not.
+        if type(self.pipe).__name__ == "PixArtAlphaPipeline" and self.denoiser.config.sample_size == 128:
+            dtype = self.denoiser.dtype
+            extra["resolution"] = torch.tensor([height, width]).repeat(mask.shape[0], 1).to(self.device, dtype)
+            extra["aspect_ratio"] = torch.tensor([float(height / width)]).repeat(mask.shape[0], 1).to(self.device,
+                                                                                                       dtype)
+        return extra
+
+    def _predict(self, model_input: torch.Tensor, t: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
+        tensors = conditioning.tensors
+        added = {"resolution": tensors.get("resolution"), "aspect_ratio": tensors.get("aspect_ratio")}
+        timestep = (t[None] if t.dim() == 0 else t).to(model_input.device).expand(model_input.shape[0])
+        prediction = self.denoiser(model_input, encoder_hidden_states=tensors["encoder_hidden_states"],
+                                   encoder_attention_mask=tensors["encoder_attention_mask"], timestep=timestep,
+                                   added_cond_kwargs=added, return_dict=False)[0]
+        # A transformer that also predicts the variance (learned sigma) returns twice the channels: keep the noise.
+        if self.denoiser.config.out_channels // 2 == model_input.shape[1]:
+            prediction = prediction.chunk(2, dim=1)[0]
+        return prediction
+
+
+ADAPTERS: tuple[type[PipelineAdapter], ...] = (StableDiffusionAdapter, StableDiffusionXLAdapter, PixArtAdapter)
+ADAPTER_BY_PIPELINE = {name: adapter for adapter in ADAPTERS for name in adapter.pipeline_classes}
+ADAPTER_BY_FAMILY = {adapter.family: adapter for adapter in ADAPTERS}
+
+
+# ---- which adapter, from a folder's configs (no weights read) or from a loaded pipeline ------------------------
 
 
 def _read_config(model_path: str, subfolder: str | None = None) -> dict[str, Any]:
@@ -60,31 +364,42 @@ def _read_config(model_path: str, subfolder: str | None = None) -> dict[str, Any
     return dict(DiffusionPipeline.load_config(model_path))
 
 
-def _family_of_class(class_name: str, where: str) -> str:
-    family = FAMILY_BY_PIPELINE.get(class_name)
-    if family is None:
-        known = ", ".join(FAMILY_BY_PIPELINE)
-        raise ValueError(f"{where}: pipeline class {class_name!r} is not supported (supported: {known})")
-    return family
+def _adapter_of_class(class_name: str, where: str) -> type[PipelineAdapter]:
+    adapter = ADAPTER_BY_PIPELINE.get(class_name)
+    if adapter is None:
+        raise ValueError(f"{where}: pipeline class {class_name!r} is not supported (supported: "
+                         f"{', '.join(ADAPTER_BY_PIPELINE)})")
+    return adapter
+
+
+def adapter_class(path_or_pipe: Any) -> type[PipelineAdapter]:
+    """The adapter for a pipeline folder (from its model_index.json) or for a loaded pipeline object."""
+    if isinstance(path_or_pipe, (str, os.PathLike)):
+        path = os.fspath(path_or_pipe)
+        return _adapter_of_class(_read_config(path).get("_class_name", "<missing _class_name>"),
+                                 f"{path}/model_index.json")
+    return _adapter_of_class(type(path_or_pipe).__name__, "pipeline object")
+
+
+def adapter_for(pipe) -> PipelineAdapter:
+    """Wrap an already loaded pipeline in its family's adapter."""
+    return adapter_class(pipe)(pipe)
 
 
 def pipeline_family(path_or_pipe: Any) -> str:
-    """Family name ("sd", "sdxl" or "pixart") from a pipeline folder's model_index.json or from a loaded pipeline object."""
-    if isinstance(path_or_pipe, (str, os.PathLike)):
-        path = os.fspath(path_or_pipe)
-        class_name = _read_config(path).get("_class_name", "<missing _class_name>")
-        return _family_of_class(class_name, f"{path}/model_index.json")
-    return _family_of_class(type(path_or_pipe).__name__, "pipeline object")
+    """Family name ("sd", "sdxl" or "pixart") of a pipeline folder or a loaded pipeline object."""
+    return adapter_class(path_or_pipe).family
 
 
 def latent_shape(model_path: str, height: int, width: int) -> tuple[int, int, int]:
     """(channels, height / f, width / f) of one image's initial noise, f the VAE scale factor; configs only."""
-    family = pipeline_family(model_path)
-    denoiser = _read_config(model_path, DENOISER_BY_FAMILY[family])
+    adapter = adapter_class(model_path)
+    family = adapter.family
+    denoiser = _read_config(model_path, adapter.denoiser_name)
     vae = _read_config(model_path, "vae")
     scale_factor = 2 ** (len(vae["block_out_channels"]) - 1)
     multiple = scale_factor
-    if family == "pixart":
+    if adapter is PixArtAdapter:
         # The transformer cuts the latent into patch_size x patch_size tiles.
         multiple *= int(denoiser.get("patch_size") or 1)
     multiple = int(np.lcm(multiple, PIPELINE_SIZE_MULTIPLE))
@@ -98,8 +413,7 @@ def latent_shape(model_path: str, height: int, width: int) -> tuple[int, int, in
 
 def default_image_size(model_path: str) -> tuple[int, int]:
     """(width, height) the pipeline was trained at: the denoiser's sample size times the VAE scale factor."""
-    family = pipeline_family(model_path)
-    denoiser = _read_config(model_path, DENOISER_BY_FAMILY[family])
+    denoiser = _read_config(model_path, adapter_class(model_path).denoiser_name)
     vae = _read_config(model_path, "vae")
     sample = denoiser["sample_size"]
     sample = sample if isinstance(sample, (list, tuple)) else (sample, sample)
@@ -110,7 +424,7 @@ def default_image_size(model_path: str) -> tuple[int, int]:
 def text_embedding_dim(model_path: str) -> int:
     """Width of the token embeddings the denoiser sees (CLIP hidden_size, T5 d_model, summed for SDXL); configs only."""
     width = 0
-    for component in TEXT_ENCODERS_BY_FAMILY[pipeline_family(model_path)]:
+    for component in adapter_class(model_path).text_encoder_names:
         config = _read_config(model_path, component)
         width += int(config.get("hidden_size") or config["d_model"])
     return width
@@ -144,176 +458,40 @@ def use_scheduler(pipe, scheduler: str) -> None:
     pipe.scheduler = getattr(diffusers, class_name).from_config(pipe.scheduler.config, **options)
 
 
-def load_pipeline(model_path: str, part: str, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                  scheduler: str = "default"):
+def load_adapter(model_path: str, part: str, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                 scheduler: str = "default") -> PipelineAdapter:
     """Load the whole pipeline ("full"), only tokenizer + text encoder ("text"), or all but those ("render"),
-    with the named solver (see SCHEDULERS)."""
+    with the named solver (see SCHEDULERS), in its family's adapter."""
     from diffusers import DiffusionPipeline
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.disable_progress_bar()  # one bar per actor start is noise in a corpus job's log
-    # Its truncation warning prints every dropped token; encode_prompts records truncation in each row instead.
+    # Its truncation warning prints every dropped token; encode records truncation in each row instead.
     diffusers_logging.set_verbosity_error()
     if part not in PARTS:
         raise ValueError(f"part {part!r}: unknown (expected one of {', '.join(PARTS)})")
-    family = pipeline_family(model_path)
+    adapter = adapter_class(model_path)
     # Components passed as None are neither loaded nor read from disk.
     skipped: dict[str, None] = {}
     if part == "text":
-        skipped = {DENOISER_BY_FAMILY[family]: None, "vae": None}
+        skipped = {adapter.denoiser_name: None, "vae": None}
     elif part == "render":
-        skipped = dict.fromkeys(TEXT_ENCODERS_BY_FAMILY[family] + TOKENIZERS_BY_FAMILY[family])
+        skipped = dict.fromkeys(adapter.text_encoder_names + adapter.tokenizer_names)
     pipe = DiffusionPipeline.from_pretrained(model_path, dtype=dtype, **skipped)
     use_scheduler(pipe, scheduler)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def _to_numpy(tensor: torch.Tensor, dtype: type) -> np.ndarray:
-    return tensor.detach().to("cpu").numpy().astype(dtype, copy=False)
-
-
-def _max_text_tokens(pipe, family: str) -> int:
-    if family == "pixart":
-        return PIXART_MAX_SEQUENCE_LENGTH[type(pipe).__name__]
-    return int(pipe.tokenizer.model_max_length)
-
-
-@torch.no_grad()
-def encode_prompts(pipe, prompts: list[str], guidance_scale: float) -> dict[str, np.ndarray]:
-    """Text embeddings of `prompts` (and of the empty negative prompt when guidance_scale > 1), as numpy arrays.
-
-    Keys: prompt_embeds (B,T,D) float32, negative_prompt_embeds when guided, PixArt's int64 attention masks
-    (prompt_attention_mask, negative_prompt_attention_mask), SDXL's pooled (B,D2) embeddings
-    (pooled_prompt_embeds, negative_pooled_prompt_embeds), and truncated (B,) bool.
-    """
-    family = pipeline_family(pipe)
-    if pipe.text_encoder is None or pipe.tokenizer is None:
-        raise ValueError(
-            f"encode_prompts: this {type(pipe).__name__} has no text encoder; load it with part='text' or part='full'"
-        )
-    prompts = list(prompts)
-    guided = guidance_scale > 1.0
-    device = pipe._execution_device
-    out: dict[str, np.ndarray] = {}
-    if family == "sd":
-        # negative_prompt=None makes the pipeline use "" for every row, as a plain `prompt=` call does.
-        embeds, negative = pipe.encode_prompt(prompts, device, 1, guided, negative_prompt=None)
-        out["prompt_embeds"] = _to_numpy(embeds, np.float32)
-        if guided:
-            out["negative_prompt_embeds"] = _to_numpy(negative, np.float32)
-    elif family == "sdxl":
-        # As in a plain call: no negative prompt, so SDXL's force_zeros_for_empty_prompt decides (zeros by default).
-        embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
-            prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=guided, negative_prompt=None
-        )
-        out["prompt_embeds"] = _to_numpy(embeds, np.float32)
-        out["pooled_prompt_embeds"] = _to_numpy(pooled, np.float32)
-        if guided:
-            out["negative_prompt_embeds"] = _to_numpy(negative, np.float32)
-            out["negative_pooled_prompt_embeds"] = _to_numpy(negative_pooled, np.float32)
-    else:
-        embeds, mask, negative, negative_mask = pipe.encode_prompt(
-            prompts,
-            do_classifier_free_guidance=guided,
-            negative_prompt="",
-            device=device,
-            clean_caption=False,
-            max_sequence_length=_max_text_tokens(pipe, family),
-        )
-        out["prompt_embeds"] = _to_numpy(embeds, np.float32)
-        out["prompt_attention_mask"] = _to_numpy(mask, np.int64)
-        if guided:
-            out["negative_prompt_embeds"] = _to_numpy(negative, np.float32)
-            out["negative_prompt_attention_mask"] = _to_numpy(negative_mask, np.int64)
-    # Tokenize again without truncation: a prompt longer than the encoder's context lost its tail.
-    token_counts = [len(ids) for ids in pipe.tokenizer(prompts, truncation=False, verbose=False).input_ids]
-    limit = _max_text_tokens(pipe, family)
-    out["truncated"] = np.array([count > limit for count in token_counts], dtype=bool)
-    return out
-
-
-def _denoiser(pipe):
-    return getattr(pipe, DENOISER_BY_FAMILY[pipeline_family(pipe)])
-
-
-def render(
-    pipe,
-    embeds: dict[str, np.ndarray],
-    latents: torch.Tensor,
-    *,
-    steps: int,
-    guidance_scale: float,
-    height: int,
-    width: int,
-    seeds: list[int] | None = None,
-) -> np.ndarray:
-    """Images (B,H,W,3) uint8 from precomputed text embeddings and initial latents; needs no text encoder.
-
-    `seeds` (one per image) seed the noise a stochastic solver adds at each step, so such renders are
-    reproducible and independent of the batch; deterministic solvers ignore them.
-    """
-    family = pipeline_family(pipe)
-    denoiser = _denoiser(pipe)
-    device, dtype = denoiser.device, denoiser.dtype
-    guided = guidance_scale > 1.0
-    if guided and "negative_prompt_embeds" not in embeds:
-        raise ValueError(
-            f"guidance_scale {guidance_scale} > 1 needs negative_prompt_embeds; "
-            "encode the prompts with the same guidance_scale"
-        )
-
-    def tensor(key: str, as_dtype: torch.dtype) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(embeds[key])).to(device=device, dtype=as_dtype)
-
-    kwargs: dict[str, Any] = {"prompt_embeds": tensor("prompt_embeds", dtype)}
-    if guided:
-        kwargs["negative_prompt_embeds"] = tensor("negative_prompt_embeds", dtype)
-    if family == "sdxl":
-        if "pooled_prompt_embeds" not in embeds:
-            raise ValueError("an SDXL render needs pooled_prompt_embeds; encode the prompts with encode_prompts "
-                             "on this SDXL pipeline")
-        # Size conditioning (add_time_ids) comes from height and width, as in a plain call at that size.
-        kwargs["pooled_prompt_embeds"] = tensor("pooled_prompt_embeds", dtype)
-        if guided:
-            kwargs["negative_pooled_prompt_embeds"] = tensor("negative_pooled_prompt_embeds", dtype)
-    if family == "pixart":
-        kwargs["prompt_attention_mask"] = tensor("prompt_attention_mask", torch.long)
-        if guided:
-            kwargs["negative_prompt_attention_mask"] = tensor("negative_prompt_attention_mask", torch.long)
-        # The pipeline's default negative_prompt "" clashes with negative_prompt_embeds; None means "use the embeds".
-        kwargs.update(
-            negative_prompt=None,
-            use_resolution_binning=False,
-            clean_caption=False,
-            max_sequence_length=PIXART_MAX_SEQUENCE_LENGTH[type(pipe).__name__],
-        )
-    if seeds is not None:
-        from orchestrator.seeds import step_noise_generators
-
-        kwargs["generator"] = step_noise_generators(seeds)
-    result = pipe(
-        latents=latents.to(device=device, dtype=dtype),
-        num_inference_steps=steps,
-        guidance_scale=guidance_scale,
-        height=height,
-        width=width,
-        output_type="np",
-        **kwargs,
-    )
-    images = np.asarray(result.images)
-    return (images * 255).round().clip(0, 255).astype(np.uint8)
+    return adapter(pipe)
 
 
 def model_identity(model_path: str) -> dict[str, str]:
     """Pipeline, scheduler and denoiser class names of a pipeline folder: small and JSON-able, for manifests."""
     index = _read_config(model_path)
-    family = pipeline_family(model_path)
-    denoiser_entry = index.get(DENOISER_BY_FAMILY[family]) or [None, None]
+    adapter = adapter_class(model_path)
+    denoiser_entry = index.get(adapter.denoiser_name) or [None, None]
     scheduler_entry = index.get("scheduler") or [None, None]
     return {
-        "family": family,
+        "family": adapter.family,
         "pipeline": index["_class_name"],
         "scheduler": scheduler_entry[1],
         "denoiser": denoiser_entry[1],

@@ -33,7 +33,7 @@ class GeneratorStage:
         torch.set_num_threads(max(1, num_threads))
         self.device, self.dtype = device_and_dtype()
         model_path = resolve_model(model)
-        self.pipe = diffusion.load_pipeline(model_path, "render", device=self.device, dtype=self.dtype,
+        self.adapter = diffusion.load_adapter(model_path, "render", device=self.device, dtype=self.dtype,
                                             scheduler=scheduler)
         self.steps, self.guidance, self.height, self.width = steps, guidance, height, width
         self.latent_shape = diffusion.latent_shape(model_path, height, width)
@@ -48,8 +48,8 @@ class GeneratorStage:
             try:
                 embeds = {name: batch[name][ok] for name in diffusion.EMBEDDING_KEYS if name in batch}
                 seeds = [int(s) for s in batch["seed"][ok]]
-                images[ok] = diffusion.render(
-                    self.pipe, embeds, batch_noise(seeds, self.latent_shape),
+                images[ok] = self.adapter.render(
+                    embeds, batch_noise(seeds, self.latent_shape),
                     steps=self.steps, guidance_scale=self.guidance, height=self.height, width=self.width, seeds=seeds,
                 )
             except Exception as exc:  # a batch that cannot render is recorded as failed rows, not a dead job

@@ -34,7 +34,7 @@ class ScorerStage:
         torch.set_num_threads(max(1, num_threads))
         model_path = resolve_model(plan.model)
         self.plan = plan
-        self.pipe = diffusion.load_pipeline(model_path, "text")
+        self.adapter = diffusion.load_adapter(model_path, "text")
         self.latent_shape = diffusion.latent_shape(model_path, plan.height, plan.width)
         # Only shards that held committed rows when the run started can have rows to skip.
         self.manifest, self.committed_shards = manifest, committed_shards
@@ -56,7 +56,7 @@ class ScorerStage:
         for i in range(count):
             if batch["status"][i] == "ok" and not self._all_delivered(batch, i, done[i]):
                 todo.append(i)
-        embeds = diffusion.encode_prompts(self.pipe, [batch["prompt"][i] for i in todo], plan.guidance) if todo else {}
+        embeds = self.adapter.encode([batch["prompt"][i] for i in todo], plan.guidance) if todo else {}
         position = {row: j for j, row in enumerate(todo)}
         out = _Rows()
         for i in range(count):
@@ -86,7 +86,7 @@ class ScorerStage:
                         prompt_mean=np.nan if scores is None else float(np.mean(scores)),
                         prompt_std=np.nan if scores is None else float(np.std(scores)),
                         truncated=bool(embeds["truncated"][position[i]]))
-        return out.columns(batch, embeds, self.pipe, plan.guidance)
+        return out.columns(batch, embeds, self.adapter, plan.guidance)
 
     def _delivered(self, shard: str) -> set:
         """Row keys an earlier run delivered in this shard (read from the output once per shard)."""
@@ -145,7 +145,7 @@ class _Rows:
                               predicted=predicted, prompt_mean=prompt_mean, prompt_std=prompt_std,
                               truncated=truncated))
 
-    def columns(self, batch: dict[str, np.ndarray], embeds: dict, pipe, guidance: float) -> dict[str, np.ndarray]:
+    def columns(self, batch: dict[str, np.ndarray], embeds: dict, adapter, guidance: float) -> dict[str, np.ndarray]:
         sources = [r["source_row"] for r in self.rows]
         out = {name: np.asarray(batch[name])[sources] for name in PASSED_THROUGH}
         out["status"] = np.array([r["status"] or str(batch["status"][r["source_row"]]) for r in self.rows],
@@ -161,16 +161,16 @@ class _Rows:
                                  ("prompt_predicted_mean", "prompt_mean", np.float64),
                                  ("prompt_predicted_std", "prompt_std", np.float64), ("truncated", "truncated", bool)):
             out[name] = np.array([r[key] for r in self.rows], dtype=dtype)
-        out.update(_gather_embeddings(embeds, [r["embed_row"] for r in self.rows], pipe, guidance))
+        out.update(_gather_embeddings(embeds, [r["embed_row"] for r in self.rows], adapter, guidance))
         return out
 
 
-def _gather_embeddings(embeds: dict[str, np.ndarray], rows: list[int], pipe, guidance: float) -> dict[str, np.ndarray]:
+def _gather_embeddings(embeds: dict[str, np.ndarray], rows: list[int], adapter, guidance: float) -> dict[str, np.ndarray]:
     """Embedding columns for the output rows; rows with nothing to render get zeros (Arrow needs one shape)."""
     columns = {}
     if not embeds:
         # A batch with nothing to render still needs the columns; their shape is the pipeline's.
-        embeds = diffusion.encode_prompts(pipe, ["placeholder"], guidance)
+        embeds = adapter.encode(["placeholder"], guidance)
         rows = [-1] * len(rows)
     for name, values in embeds.items():
         if name == "truncated":

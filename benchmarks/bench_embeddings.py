@@ -1,9 +1,9 @@
 """Figure 3, embedding reuse: what the generator saves by taking prompt embeddings from the scorer.
 
 Builds a PixArt-style pipeline whose T5 text encoder is large next to its denoiser (random weights, into a temp
-cache), then in separate processes: (a) the full pipeline called with prompt strings, (b) load_pipeline(path,
-"render") called with the scorer's embeddings (actors.diffusion.render), (c) the scorer side, load_pipeline(path,
-"text") + encode_prompts. Reports load time, peak RSS, per-image time, and the cost of moving embeddings through
+cache), then in separate processes: (a) the full pipeline called with prompt strings, (b) load_adapter(path,
+"render") called with the scorer's embeddings (the adapter's render), (c) the scorer side, load_adapter(path,
+"text") + its encode. Reports load time, peak RSS, per-image time, and the cost of moving embeddings through
 Ray's object store (ray.put in the driver, ray.get in a task) per row.
 """
 
@@ -80,16 +80,16 @@ def child(args) -> None:
 
     rss_imports = vm_rss_mb()
     started = time.perf_counter()
-    pipe = diffusion.load_pipeline(args.model_path, args.child)
+    adapter = diffusion.load_adapter(args.model_path, args.child)
     load_s = time.perf_counter() - started
     rss_loaded = vm_rss_mb()
     prompts, seeds = prompts_and_seeds(args.batch_size)
     latents = batch_noise(seeds, diffusion.latent_shape(args.model_path, args.size, args.size))
     started = time.perf_counter()
     if args.child == "text":
-        diffusion.encode_prompts(pipe, prompts, args.guidance)
+        adapter.encode(prompts, args.guidance)
     elif args.child == "full":
-        call_full(pipe, prompts, latents, args)
+        call_full(adapter.pipe, prompts, latents, args)
     else:
         # The embeddings arrive in the row; here they are zeros of the right shapes (the cost is the same).
         import numpy as np
@@ -99,13 +99,13 @@ def child(args) -> None:
         embeds = {"prompt_embeds": np.zeros(shape, np.float32), "negative_prompt_embeds": np.zeros(shape, np.float32),
                   "prompt_attention_mask": np.ones(shape[:2], np.int64),
                   "negative_prompt_attention_mask": np.ones(shape[:2], np.int64)}
-        diffusion.render(pipe, embeds, latents, steps=args.steps, guidance_scale=args.guidance, height=args.size,
-                         width=args.size)
+        adapter.render(embeds, latents, steps=args.steps, guidance_scale=args.guidance, height=args.size,
+                       width=args.size)
     batch_s = time.perf_counter() - started
     emit({"part": args.child, "load_s": load_s, "rss_after_imports_mb": rss_imports, "rss_after_load_mb": rss_loaded,
           "rss_after_batch_mb": vm_rss_mb(), "peak_rss_mb": vm_hwm_mb(), "first_batch_s": batch_s,
           "params": {name: sum(p.numel() for p in module.parameters())
-                     for name, module in pipe.components.items() if hasattr(module, "parameters")}})
+                     for name, module in adapter.pipe.components.items() if hasattr(module, "parameters")}})
 
 
 def child_timing(args) -> dict:
@@ -119,22 +119,22 @@ def child_timing(args) -> dict:
     from actors import diffusion
     from orchestrator.seeds import batch_noise
 
-    pipe = diffusion.load_pipeline(args.model_path, "full")
+    adapter = diffusion.load_adapter(args.model_path, "full")
     prompts, seeds = prompts_and_seeds(args.batch_size)
     latents = batch_noise(seeds, diffusion.latent_shape(args.model_path, args.size, args.size))
-    embeds = diffusion.encode_prompts(pipe, prompts, args.guidance)
+    embeds = adapter.encode(prompts, args.guidance)
     embeds.pop("truncated")
     times = {"a": [], "b": [], "c": []}
     for round_ in range(args.rounds + 1):  # round 0 warms up
         for key in ("a", "b", "c"):
             started = time.perf_counter()
             if key == "a":
-                call_full(pipe, prompts, latents, args)
+                call_full(adapter.pipe, prompts, latents, args)
             elif key == "b":
-                diffusion.render(pipe, embeds, latents, steps=args.steps, guidance_scale=args.guidance,
-                                 height=args.size, width=args.size)
+                adapter.render(embeds, latents, steps=args.steps, guidance_scale=args.guidance,
+                               height=args.size, width=args.size)
             else:
-                diffusion.encode_prompts(pipe, prompts, args.guidance)
+                adapter.encode(prompts, args.guidance)
             if round_:
                 times[key].append((time.perf_counter() - started) / len(prompts))
     emit({"s_per_image": {k: statistics.median(v) for k, v in times.items()},

@@ -1,7 +1,7 @@
 """Solvers against steps: what each `--scheduler` buys per denoising step, on one model and rater.
 
 For each solver and step count, the same prompts and seeds are rendered through seedsift's own render path
-(`actors.diffusion.load_pipeline(..., scheduler=...)`, `encode_prompts`, `render` from the seed's exact latents),
+(`actors.diffusion.load_adapter(..., scheduler=...)`, its `encode` and `render` from the seed's exact latents),
 then rated. Two figures per cell:
 
 - mean_score: the rater's mean over all renders (with its standard error);
@@ -42,11 +42,11 @@ def prompts_for(name: str, count: int) -> list[str]:
         return [row["Prompt"] for row in csv.DictReader(handle, delimiter="\t")][:count]
 
 
-def render_all(pipe, model_path: str, prompts: list[str], seeds: list[int], steps: int, guidance: float,
+def render_all(adapter, model_path: str, prompts: list[str], seeds: list[int], steps: int, guidance: float,
                size: tuple[int, int], batch: int) -> np.ndarray:
     import torch
 
-    from actors.diffusion import encode_prompts, latent_shape, render
+    from actors.diffusion import latent_shape
     from orchestrator.seeds import batch_noise
 
     height, width = size
@@ -56,11 +56,11 @@ def render_all(pipe, model_path: str, prompts: list[str], seeds: list[int], step
     with torch.inference_mode():
         for start in range(0, len(pairs), batch):
             chunk = pairs[start:start + batch]
-            embeds = encode_prompts(pipe, [p for p, _ in chunk], guidance)
+            embeds = adapter.encode([p for p, _ in chunk], guidance)
             chunk_seeds = [s for _, s in chunk]
             latents = batch_noise(chunk_seeds, shape)
-            images.append(render(pipe, embeds, latents, steps=steps, guidance_scale=guidance, height=height,
-                                 width=width, seeds=chunk_seeds))
+            images.append(adapter.render(embeds, latents, steps=steps, guidance_scale=guidance, height=height,
+                                         width=width, seeds=chunk_seeds))
     return np.concatenate(images)
 
 
@@ -81,7 +81,7 @@ def main() -> None:
 
     import torch
 
-    from actors.diffusion import default_image_size, load_pipeline
+    from actors.diffusion import default_image_size, load_adapter
     from actors.rater import make_rater
     from orchestrator.embedded import resolve_model
     from orchestrator.seeds import candidate_seeds
@@ -103,15 +103,15 @@ def main() -> None:
     results = []
     with LoadSampler() as load:
         started = time.time()
-        own = load_pipeline(model_path, "full")
+        own = load_adapter(model_path, "full")
         reference = render_all(own, model_path, prompts, seeds, args.reference_steps, args.guidance, size,
                                args.batch).astype(np.int16)
         reference_scores = rate(reference.astype(np.uint8))
         for solver in args.solvers:
-            pipe = load_pipeline(model_path, "full", scheduler=solver)  # once per solver, not per step count
+            adapter = load_adapter(model_path, "full", scheduler=solver)  # once per solver, not per step count
             for steps in args.steps:
                 t0 = time.time()
-                images = render_all(pipe, model_path, prompts, seeds, steps, args.guidance, size, args.batch)
+                images = render_all(adapter, model_path, prompts, seeds, steps, args.guidance, size, args.batch)
                 seconds = time.time() - t0
                 scores = rate(images)
                 gap = np.abs(images.astype(np.int16) - reference).mean()

@@ -115,8 +115,8 @@ def evaluate(args: argparse.Namespace) -> dict:
     from actors import diffusion
 
     latent_shape = diffusion.latent_shape(model_path, identity["height"], identity["width"])
-    text_pipe = diffusion.load_pipeline(model_path, "text")  # CPU float32, exactly as the scorer stage embeds
-    embeddings = embed_prompts(text_pipe, groups.prompts, identity["guidance"])
+    text_adapter = diffusion.load_adapter(model_path, "text")  # CPU float32, exactly as the scorer stage embeds
+    embeddings = embed_prompts(text_adapter, groups.prompts, identity["guidance"])
     predict(predictor, groups.seeds[:1], embeddings[:1], latent_shape)  # warm-up: first calls pay one-off costs
     scoring_started = time.time()
     predicted = predict(predictor, groups.seeds, embeddings, latent_shape)
@@ -129,7 +129,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     contact = None
     if args.contact_prompts:
         chosen = list(range(min(args.contact_prompts, len(groups.prompt_ids))))
-        sheet, contact = contact_sheet(model_path, identity, text_pipe, groups, predicted, chosen)
+        sheet, contact = contact_sheet(model_path, identity, text_adapter, groups, predicted, chosen)
         output.write_bytes(CONTACT_SHEET_FILE, sheet)
         figures["render_seconds_per_image"] = contact.pop("render_seconds_per_image")
         figures["scoring_cost_in_renders"] = round(scoring_seconds / max(figures["render_seconds_per_image"], 1e-9), 4)
@@ -261,13 +261,13 @@ def complete_prompts(groups):
     return groups.subset(keep), dropped
 
 
-def embed_prompts(pipe, prompts: list[str], guidance: float) -> list[dict[str, np.ndarray]]:
-    """Per-prompt embeddings (every key encode_prompts returns but `truncated`), in batches of EMBED_BATCH prompts."""
+def embed_prompts(adapter, prompts: list[str], guidance: float) -> list[dict[str, np.ndarray]]:
+    """Per-prompt embeddings (every key the adapter's encode returns but `truncated`), in batches of EMBED_BATCH prompts."""
     from actors import diffusion
 
     embeddings = []
     for start in range(0, len(prompts), EMBED_BATCH):
-        encoded = diffusion.encode_prompts(pipe, prompts[start:start + EMBED_BATCH], guidance)
+        encoded = adapter.encode(prompts[start:start + EMBED_BATCH], guidance)
         encoded.pop("truncated")
         count = len(encoded["prompt_embeds"])
         embeddings += [{key: values[i] for key, values in encoded.items()} for i in range(count)]
@@ -400,7 +400,7 @@ def contact_sheet_size(rows: int) -> tuple[int, int]:
     return 2 * TILE + 3 * MARGIN, MARGIN + rows * (LINE + TILE + 3 * LINE + MARGIN)
 
 
-def contact_sheet(model_path: str, identity: dict, text_pipe, groups, predicted: list[np.ndarray],
+def contact_sheet(model_path: str, identity: dict, text_adapter, groups, predicted: list[np.ndarray],
                   chosen: list[int]) -> tuple[bytes, dict]:
     """PNG of the first held-out prompts (by prompt id, not picked by result): candidate 0, which the random
     policy renders, beside the predictor's top-1, each labelled with its rated score from the dataset."""
@@ -411,7 +411,7 @@ def contact_sheet(model_path: str, identity: dict, text_pipe, groups, predicted:
 
     picks = [keep_top_k(predicted[i], 1)[0] for i in chosen]
     pairs = [[int(groups.seeds[i][0]), int(groups.seeds[i][pick])] for i, pick in zip(chosen, picks)]
-    images, render_seconds = render_candidates(model_path, identity, text_pipe, [groups.prompts[i] for i in chosen],
+    images, render_seconds = render_candidates(model_path, identity, text_adapter, [groups.prompts[i] for i in chosen],
                                                pairs)
     width, height = contact_sheet_size(len(chosen))
     sheet = Image.new("RGB", (width, height), "white")
@@ -447,7 +447,7 @@ def contact_sheet(model_path: str, identity: dict, text_pipe, groups, predicted:
                                "render_seconds_per_image": round(render_seconds, 4)}
 
 
-def render_candidates(model_path: str, identity: dict, text_pipe, prompts: list[str],
+def render_candidates(model_path: str, identity: dict, text_adapter, prompts: list[str],
                       seeds: list[list[int]]) -> tuple[list[np.ndarray], float]:
     """Images of the given seeds of each prompt, in order, rendered as the generator stage does; and the mean
     seconds per image spent in the pipeline call (loading excluded)."""
@@ -457,10 +457,10 @@ def render_candidates(model_path: str, identity: dict, text_pipe, prompts: list[
     from orchestrator.seeds import batch_noise
 
     device, dtype = ("cuda", torch.float16) if torch.cuda.is_available() else ("cpu", torch.float32)
-    pipe = diffusion.load_pipeline(model_path, "render", device=device, dtype=dtype,
-                                   scheduler=diffusion.scheduler_from_label(model_path, identity["scheduler"]))
+    renderer = diffusion.load_adapter(model_path, "render", device=device, dtype=dtype,
+                                      scheduler=diffusion.scheduler_from_label(model_path, identity["scheduler"]))
     shape = diffusion.latent_shape(model_path, identity["height"], identity["width"])
-    embeds = diffusion.encode_prompts(text_pipe, prompts, identity["guidance"])
+    embeds = text_adapter.encode(prompts, identity["guidance"])
     embeds.pop("truncated")
     owner = [row for row, prompt_seeds in enumerate(seeds) for _ in prompt_seeds]
     flat = [seed for prompt_seeds in seeds for seed in prompt_seeds]
@@ -469,10 +469,10 @@ def render_candidates(model_path: str, identity: dict, text_pipe, prompts: list[
     for start in range(0, len(flat), RENDER_BATCH):
         rows = owner[start:start + RENDER_BATCH]
         chunk = flat[start:start + RENDER_BATCH]
-        batch = diffusion.render(pipe, {key: values[rows] for key, values in embeds.items()},
-                                 batch_noise(chunk, shape), steps=int(identity["steps"]),
-                                 guidance_scale=float(identity["guidance"]), height=int(identity["height"]),
-                                 width=int(identity["width"]), seeds=chunk)
+        batch = renderer.render({key: values[rows] for key, values in embeds.items()},
+                                batch_noise(chunk, shape), steps=int(identity["steps"]),
+                                guidance_scale=float(identity["guidance"]), height=int(identity["height"]),
+                                width=int(identity["width"]), seeds=chunk)
         images += list(batch)
     return images, (time.time() - started) / max(1, len(images))
 

@@ -42,15 +42,15 @@ def reproduce_image(row: dict):
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
     # As in a run: the scorer embeds on CPU in float32, the generator renders on its device from those embeddings.
-    text_pipe = diffusion.load_pipeline(model_path, "text")
-    embeds = diffusion.encode_prompts(text_pipe, [row["prompt"]], row["guidance"])
+    text_adapter = diffusion.load_adapter(model_path, "text")
+    embeds = text_adapter.encode([row["prompt"]], row["guidance"])
     embeds.pop("truncated", None)
-    del text_pipe
+    del text_adapter
     device, dtype = device_and_dtype()
-    render_pipe = diffusion.load_pipeline(model_path, "render", device=device, dtype=dtype, scheduler=scheduler)
+    render_adapter = diffusion.load_adapter(model_path, "render", device=device, dtype=dtype, scheduler=scheduler)
     latents = batch_noise([row["seed"]], diffusion.latent_shape(model_path, row["height"], row["width"]))
-    return diffusion.render(render_pipe, embeds, latents, steps=row["steps"], guidance_scale=row["guidance"],
-                            height=row["height"], width=row["width"], seeds=[row["seed"]])[0]
+    return render_adapter.render(embeds, latents, steps=row["steps"], guidance_scale=row["guidance"],
+                                 height=row["height"], width=row["width"], seeds=[row["seed"]])[0]
 
 
 def main(argv: list[str] | None = None) -> int:

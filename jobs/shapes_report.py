@@ -167,8 +167,8 @@ def measure_model(model: str, prompts: list[str], seeds_per_prompt: int, steps: 
     from orchestrator.seeds import batch_noise, candidate_seeds
 
     model_path = resolve_model(model)
-    text = diffusion.load_pipeline(model_path, "text")
-    renderer = diffusion.load_pipeline(model_path, "render")
+    text = diffusion.load_adapter(model_path, "text")
+    renderer = diffusion.load_adapter(model_path, "render")
     width, height = diffusion.default_image_size(model_path)
     shape = diffusion.latent_shape(model_path, height, width)
     rows = []
@@ -177,14 +177,14 @@ def measure_model(model: str, prompts: list[str], seeds_per_prompt: int, steps: 
     started = time.time()
     for prompt in prompts:
         seeds = candidate_seeds(run_seed, prompt, seeds_per_prompt)
-        embeds = diffusion.encode_prompts(text, [prompt], guidance)
+        embeds = text.encode([prompt], guidance)
         images = []
         for start in range(0, len(seeds), batch):
             chunk = seeds[start : start + batch]
             repeated = {key: np.repeat(value, len(chunk), axis=0) for key, value in embeds.items()}
             with torch.no_grad():
-                images.append(diffusion.render(renderer, repeated, batch_noise(chunk, shape), steps=steps,
-                                               guidance_scale=guidance, height=height, width=width))
+                images.append(renderer.render(repeated, batch_noise(chunk, shape), steps=steps,
+                                          guidance_scale=guidance, height=height, width=width))
         images = np.concatenate(images)
         images_by_prompt[prompt] = images
         ratings = [rate(image, prompt) for image in images]

@@ -62,10 +62,10 @@ def embed_prompts(model_path: str, prompts: list[str], guidance: float, batch: i
     """Prompt embeddings from the pipeline's own text encoder, the same call the scorer makes."""
     from actors import diffusion
 
-    pipe = diffusion.load_pipeline(model_path, "text")
+    adapter = diffusion.load_adapter(model_path, "text")
     embeddings = []
     for start in range(0, len(prompts), batch):
-        encoded = diffusion.encode_prompts(pipe, prompts[start:start + batch], guidance)
+        encoded = adapter.encode(prompts[start:start + batch], guidance)
         for i in range(len(encoded["prompt_embeds"])):
             row = {"prompt_embeds": encoded["prompt_embeds"][i]}
             if "prompt_attention_mask" in encoded:

@@ -42,10 +42,10 @@ def model_paths(tiny_sd_path: str, tiny_sdxl_path: str, tiny_pixart_path: str) -
 
 
 @pytest.fixture(scope="module")
-def pipes(model_paths: dict[str, str]) -> dict[tuple[str, str], object]:
-    """Every (family, part) pipeline, loaded once for the module."""
+def adapters(model_paths: dict[str, str]) -> dict[tuple[str, str], diffusion.PipelineAdapter]:
+    """Every (family, part) pipeline in its adapter, loaded once for the module."""
     return {
-        (family, part): diffusion.load_pipeline(model_paths[family], part)
+        (family, part): diffusion.load_adapter(model_paths[family], part)
         for family in FAMILIES
         for part in diffusion.PARTS
     }
@@ -70,7 +70,7 @@ def test_build_is_deterministic_and_leaves_caller_rng_alone(family, model_paths,
     assert torch.equal(rng_before, torch.get_rng_state())
 
     vae_weights = "vae/diffusion_pytorch_model.safetensors"
-    text_weights = [f"{name}/model.safetensors" for name in diffusion.TEXT_ENCODERS_BY_FAMILY[family]]
+    text_weights = [f"{name}/model.safetensors" for name in diffusion.ADAPTER_BY_FAMILY[family].text_encoder_names]
     for weights in (DENOISER_WEIGHTS[family], vae_weights, *text_weights):
         first = load_file(os.path.join(model_paths[family], weights))
         second = load_file(str(tmp_path / "again" / weights))
@@ -161,9 +161,9 @@ def test_resolve_model_builds_a_real_embedded_pipeline(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_pipeline_family_from_folder_and_object(family, model_paths, pipes):
+def test_pipeline_family_from_folder_and_object(family, model_paths, adapters):
     assert diffusion.pipeline_family(model_paths[family]) == family
-    assert diffusion.pipeline_family(pipes[(family, "render")]) == family
+    assert diffusion.pipeline_family(adapters[(family, "render")].pipe) == family
 
 
 def test_pipeline_family_rejects_unknown_class(tmp_path):
@@ -173,10 +173,10 @@ def test_pipeline_family_rejects_unknown_class(tmp_path):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_latent_shape_matches_pipeline_prepare_latents(family, model_paths, pipes):
+def test_latent_shape_matches_pipeline_prepare_latents(family, model_paths, adapters):
     shape = diffusion.latent_shape(model_paths[family], SIZE, SIZE)
     assert shape == (4, 32, 32)
-    pipe = pipes[(family, "full")]
+    pipe = adapters[(family, "full")].pipe
     made = pipe.prepare_latents(1, shape[0], SIZE, SIZE, torch.float32, "cpu", torch.Generator().manual_seed(0))
     assert tuple(made.shape) == (1, *shape)
     assert diffusion.latent_shape(model_paths[family], 64, 128) == (4, 32, 64)
@@ -189,19 +189,20 @@ def test_latent_shape_rejects_indivisible_sizes(family, model_paths):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_load_pipeline_parts_skip_components(family, pipes):
-    denoiser = diffusion.DENOISER_BY_FAMILY[family]
-    text_side = diffusion.TEXT_ENCODERS_BY_FAMILY[family] + diffusion.TOKENIZERS_BY_FAMILY[family]
-    text = pipes[(family, "text")]
+def test_load_adapter_parts_skip_components(family, adapters):
+    adapter = diffusion.ADAPTER_BY_FAMILY[family]
+    denoiser = adapter.denoiser_name
+    text_side = adapter.text_encoder_names + adapter.tokenizer_names
+    text = adapters[(family, "text")].pipe
     assert all(getattr(text, name) is not None for name in text_side)
     assert getattr(text, denoiser) is None and text.vae is None
-    render = pipes[(family, "render")]
-    assert all(getattr(render, name) is None for name in text_side)
-    assert getattr(render, denoiser) is not None and render.vae is not None
+    render = adapters[(family, "render")]
+    assert all(getattr(render.pipe, name) is None for name in text_side)
+    assert getattr(render.pipe, denoiser) is not None and render.pipe.vae is not None
     with pytest.raises(ValueError, match="part"):
-        diffusion.load_pipeline("unused", "everything")
+        diffusion.load_adapter("unused", "everything")
     with pytest.raises(ValueError, match="part='text'"):
-        diffusion.encode_prompts(render, PROMPTS, GUIDANCE)
+        render.encode(PROMPTS, GUIDANCE)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -217,12 +218,12 @@ def test_model_identity_is_small_and_json_able(family, model_paths):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_encode_prompts_shapes_and_truncation(family, model_paths, pipes):
-    text = pipes[(family, "text")]
+def test_encode_prompts_shapes_and_truncation(family, model_paths, adapters):
+    text = adapters[(family, "text")]
     tokens = {"sd": 77, "sdxl": 77, "pixart": 120}[family]
     width = EMBED_WIDTH[family]
     assert diffusion.text_embedding_dim(model_paths[family]) == width
-    guided = diffusion.encode_prompts(text, PROMPTS + [LONG_PROMPT], GUIDANCE)
+    guided = text.encode(PROMPTS + [LONG_PROMPT], GUIDANCE)
     assert guided["prompt_embeds"].shape == (3, tokens, width)
     assert guided["prompt_embeds"].dtype == np.float32
     assert guided["negative_prompt_embeds"].shape == (3, tokens, width)
@@ -239,24 +240,24 @@ def test_encode_prompts_shapes_and_truncation(family, model_paths, pipes):
         assert not guided["negative_prompt_embeds"].any() and not guided["negative_pooled_prompt_embeds"].any()
     assert set(guided) - {"truncated"} <= set(diffusion.EMBEDDING_KEYS)
 
-    unguided = diffusion.encode_prompts(text, PROMPTS, 1.0)
+    unguided = text.encode(PROMPTS, 1.0)
     assert not [key for key in unguided if key.startswith("negative_")]
     np.testing.assert_array_equal(unguided["prompt_embeds"], guided["prompt_embeds"][:2])
 
 
 @pytest.mark.parametrize("guidance", [1.0, GUIDANCE])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_render_from_embeds_matches_plain_prompt_call(family, guidance, model_paths, pipes):
+def test_render_from_embeds_matches_plain_prompt_call(family, guidance, model_paths, adapters):
     latents = batch_noise([11, 12], diffusion.latent_shape(model_paths[family], SIZE, SIZE))
-    embeds = diffusion.encode_prompts(pipes[(family, "text")], PROMPTS, guidance)
-    images = diffusion.render(
-        pipes[(family, "render")], embeds, latents, steps=STEPS, guidance_scale=guidance, height=SIZE, width=SIZE
+    embeds = adapters[(family, "text")].encode(PROMPTS, guidance)
+    images = adapters[(family, "render")].render(
+        embeds, latents, steps=STEPS, guidance_scale=guidance, height=SIZE, width=SIZE
     )
     assert images.shape == (2, SIZE, SIZE, 3) and images.dtype == np.uint8
     assert images.std() > 1.0  # not a blank image
 
     extra = {"use_resolution_binning": False, "clean_caption": False} if family == "pixart" else {}
-    reference = pipes[(family, "full")](
+    reference = adapters[(family, "full")].pipe(
         prompt=PROMPTS,
         latents=latents,
         num_inference_steps=STEPS,
@@ -270,31 +271,29 @@ def test_render_from_embeds_matches_plain_prompt_call(family, guidance, model_pa
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_render_is_repeatable_and_batch_independent(family, model_paths, pipes):
-    render = pipes[(family, "render")]
+def test_render_is_repeatable_and_batch_independent(family, model_paths, adapters):
+    render = adapters[(family, "render")]
     latents = batch_noise([21, 22], diffusion.latent_shape(model_paths[family], SIZE, SIZE))
-    embeds = diffusion.encode_prompts(pipes[(family, "text")], PROMPTS, GUIDANCE)
+    embeds = adapters[(family, "text")].encode(PROMPTS, GUIDANCE)
     settings = {"steps": STEPS, "guidance_scale": GUIDANCE, "height": SIZE, "width": SIZE}
 
-    first = diffusion.render(render, embeds, latents, **settings)
-    np.testing.assert_array_equal(first, diffusion.render(render, embeds, latents, **settings))
+    first = render.render(embeds, latents, **settings)
+    np.testing.assert_array_equal(first, render.render(embeds, latents, **settings))
     for row in range(2):
         alone = {key: value[row : row + 1] for key, value in embeds.items()}
-        single = diffusion.render(render, alone, latents[row : row + 1], **settings)
+        single = render.render(alone, latents[row : row + 1], **settings)
         # Batch size 1 takes another kernel path: one uint8 level is the measured worst case.
         assert max_level_difference(first[row : row + 1], single) <= 1
     # Different seeds give different images: the latents, not the prompt alone, drive the result.
-    other = diffusion.render(render, embeds, batch_noise([31, 32], latents.shape[1:]), **settings)
+    other = render.render(embeds, batch_noise([31, 32], latents.shape[1:]), **settings)
     assert max_level_difference(first, other) > 1
 
 
-def test_render_without_negative_embeds_explains_the_fix(model_paths, pipes):
-    embeds = diffusion.encode_prompts(pipes[("sd", "text")], PROMPTS, 1.0)
+def test_render_without_negative_embeds_explains_the_fix(model_paths, adapters):
+    embeds = adapters[("sd", "text")].encode(PROMPTS, 1.0)
     latents = batch_noise([1, 2], diffusion.latent_shape(model_paths["sd"], SIZE, SIZE))
     with pytest.raises(ValueError, match="negative_prompt_embeds"):
-        diffusion.render(
-            pipes[("sd", "render")], embeds, latents, steps=1, guidance_scale=GUIDANCE, height=SIZE, width=SIZE
-        )
+        adapters[("sd", "render")].render(embeds, latents, steps=1, guidance_scale=GUIDANCE, height=SIZE, width=SIZE)
 
 
 def test_pixart_sigma_uses_the_pixart_adapter_with_its_longer_context(tiny_pixart_path, tmp_path):
@@ -306,14 +305,14 @@ def test_pixart_sigma_uses_the_pixart_adapter_with_its_longer_context(tiny_pixar
     PixArtSigmaPipeline(tokenizer=alpha.tokenizer, text_encoder=alpha.text_encoder, vae=alpha.vae,
                         transformer=alpha.transformer, scheduler=alpha.scheduler).save_pretrained(folder)
     assert diffusion.pipeline_family(folder) == "pixart"
-    full = diffusion.load_pipeline(folder, "full")
-    render_only = diffusion.load_pipeline(folder, "render")
-    embeds = diffusion.encode_prompts(full, ["a lighthouse", "a fox"], 2.0)
+    full = diffusion.load_adapter(folder, "full")
+    render_only = diffusion.load_adapter(folder, "render")
+    embeds = full.encode(["a lighthouse", "a fox"], 2.0)
     assert embeds["prompt_embeds"].shape[1] == 300 and not embeds["truncated"].any()
     embeds.pop("truncated")
     latents = batch_noise([1, 2], diffusion.latent_shape(folder, 64, 64))
-    images = diffusion.render(render_only, embeds, latents, steps=2, guidance_scale=2.0, height=64, width=64)
-    plain = full(prompt=["a lighthouse", "a fox"], latents=latents.clone(), num_inference_steps=2, guidance_scale=2.0,
+    images = render_only.render(embeds, latents, steps=2, guidance_scale=2.0, height=64, width=64)
+    plain = full.pipe(prompt=["a lighthouse", "a fox"], latents=latents.clone(), num_inference_steps=2, guidance_scale=2.0,
                  height=64, width=64, output_type="np", use_resolution_binning=False, clean_caption=False).images
     assert images.shape == (2, 64, 64, 3)
     assert np.abs(images.astype(int) - (plain * 255).round().clip(0, 255).astype(int)).max() <= 1
@@ -324,26 +323,26 @@ def test_pixart_sigma_uses_the_pixart_adapter_with_its_longer_context(tiny_pixar
 
 @pytest.mark.parametrize("scheduler", [name for name in diffusion.SCHEDULERS if name != "default"])
 @pytest.mark.parametrize("family", ["sd", "pixart"])
-def test_each_named_solver_renders_repeatably_from_the_pipelines_own_schedule(family, scheduler, model_paths, pipes):
+def test_each_named_solver_renders_repeatably_from_the_pipelines_own_schedule(family, scheduler, model_paths, adapters):
     path = model_paths[family]
-    render = diffusion.load_pipeline(path, "render", scheduler=scheduler)
+    render = diffusion.load_adapter(path, "render", scheduler=scheduler)
     class_name, options = diffusion.SCHEDULERS[scheduler]
-    assert type(render.scheduler).__name__ == class_name
+    assert type(render.pipe.scheduler).__name__ == class_name
     for key, value in options.items():
-        assert render.scheduler.config[key] == value
-    own = pipes[(family, "render")].scheduler.config
+        assert render.pipe.scheduler.config[key] == value
+    own = adapters[(family, "render")].pipe.scheduler.config
     for key in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type"):
-        assert render.scheduler.config[key] == own[key], key  # the model's noise schedule is kept
-    embeds = diffusion.encode_prompts(pipes[(family, "text")], PROMPTS, GUIDANCE)
+        assert render.pipe.scheduler.config[key] == own[key], key  # the model's noise schedule is kept
+    embeds = adapters[(family, "text")].encode(PROMPTS, GUIDANCE)
     seeds = [41, 42]
     latents = batch_noise(seeds, diffusion.latent_shape(path, SIZE, SIZE))
     settings = {"steps": STEPS, "guidance_scale": GUIDANCE, "height": SIZE, "width": SIZE}
-    first = diffusion.render(render, embeds, latents, seeds=seeds, **settings)
-    again = diffusion.load_pipeline(path, "render", scheduler=scheduler)  # as reproduce does, in a fresh load
-    single = diffusion.render(again, {k: v[1:] for k, v in embeds.items()}, latents[1:], seeds=seeds[1:], **settings)
+    first = render.render(embeds, latents, seeds=seeds, **settings)
+    again = diffusion.load_adapter(path, "render", scheduler=scheduler)  # as reproduce does, in a fresh load
+    single = again.render({k: v[1:] for k, v in embeds.items()}, latents[1:], seeds=seeds[1:], **settings)
     assert max_level_difference(first[1:], single) <= 1  # stochastic solvers too: step noise comes from the seed
-    default = diffusion.render(pipes[(family, "render")], embeds, latents, **settings)
-    same_solver = class_name == type(pipes[(family, "render")].scheduler).__name__ and scheduler != "dpm++-karras"
+    default = adapters[(family, "render")].render(embeds, latents, **settings)
+    same_solver = class_name == type(adapters[(family, "render")].pipe.scheduler).__name__ and scheduler != "dpm++-karras"
     assert (max_level_difference(first, default) == 0) == same_solver  # a new solver draws another image
     assert diffusion.scheduler_label(path, scheduler) == scheduler
     assert diffusion.scheduler_from_label(path, diffusion.scheduler_label(path, "default")) == "default"

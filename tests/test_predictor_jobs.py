@@ -137,8 +137,8 @@ def best_seeds(predictor_folder: str, prompt: str, prompt_id: str, candidates: i
     """The `keep` best of a prompt's candidate seeds by the predictor, recomputed in this process."""
     model_path = resolve_model("embedded:tiny-sd")
     predictor = load_predictor(predictor_folder, model_path, 64, 64)
-    pipe = diffusion.load_pipeline(model_path, "text")
-    embeds = diffusion.encode_prompts(pipe, [prompt], SETTINGS["guidance"])
+    pipe = diffusion.load_adapter(model_path, "text")
+    embeds = pipe.encode([prompt], SETTINGS["guidance"])
     seeds = candidate_seeds(SETTINGS["seed"], prompt_id, candidates)
     scores = predictor.score_candidates(batch_noise(seeds, diffusion.latent_shape(model_path, 64, 64)),
                                         {k: v[0] for k, v in embeds.items() if k != "truncated"})

@@ -196,14 +196,14 @@ def shapes_path() -> str:
 
 @pytest.fixture(scope="module")
 def shapes_pipes(shapes_path: str):
-    return diffusion.load_pipeline(shapes_path, "text"), diffusion.load_pipeline(shapes_path, "render")
+    return diffusion.load_adapter(shapes_path, "text"), diffusion.load_adapter(shapes_path, "render")
 
 
 def render(pipes, prompts: list[str], seeds: list[int]) -> np.ndarray:
     text, renderer = pipes
-    embeds = diffusion.encode_prompts(text, prompts, GUIDANCE)
-    return diffusion.render(renderer, embeds, batch_noise(seeds, (4, 16, 16)), steps=STEPS, guidance_scale=GUIDANCE,
-                            height=64, width=64)
+    embeds = text.encode(prompts, GUIDANCE)
+    return renderer.render(embeds, batch_noise(seeds, (4, 16, 16)), steps=STEPS, guidance_scale=GUIDANCE,
+                           height=64, width=64)
 
 
 def test_shipped_model_is_a_small_safetensors_sd_pipeline(shapes_path):
@@ -222,12 +222,12 @@ def test_shipped_model_is_a_small_safetensors_sd_pipeline(shapes_path):
 
 
 def test_shipped_tokenizer_is_word_level_and_works_with_encode_prompt(shapes_pipes):
-    tokenizer = shapes_pipes[0].tokenizer
+    tokenizer = shapes_pipes[0].pipe.tokenizer
     ids = tokenizer(["a yellow triangle to the right of a green circle"], truncation=False).input_ids[0]
     assert len(ids) == 12 and ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id
     assert tokenizer.unk_token_id not in ids
     assert tokenizer.unk_token_id in tokenizer(["a photo of a cat"]).input_ids[0]
-    encoded = diffusion.encode_prompts(shapes_pipes[0], ["a red circle", "a red circle " * 10], GUIDANCE)
+    encoded = shapes_pipes[0].encode(["a red circle", "a red circle " * 10], GUIDANCE)
     assert encoded["prompt_embeds"].shape == (2, tokenizer.model_max_length, 64)
     assert encoded["truncated"].tolist() == [False, True]
 
