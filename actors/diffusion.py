@@ -437,6 +437,11 @@ def scheduler_label(model_path: str, scheduler: str = "default") -> str:
     return model_identity(model_path)["scheduler"] if scheduler == "default" else scheduler
 
 
+def solver_class_name(model_path: str, scheduler: str = "default") -> str:
+    """The diffusers class a --scheduler name stands for with this pipeline (its own for "default")."""
+    return model_identity(model_path)["scheduler"] if scheduler == "default" else SCHEDULERS[scheduler][0]
+
+
 def scheduler_from_label(model_path: str, label: str) -> str:
     """The --scheduler name that rebuilds a recorded label (a name, or the pipeline's own class for "default")."""
     if label in SCHEDULERS:

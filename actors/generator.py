@@ -1,20 +1,25 @@
 """Generator stage: renders the kept seeds with a diffusers pipeline, from the exact latents and the scorer's embeddings.
 
-Sits between the scorer and the rater; one actor per GPU (or a configured count on CPU), pipeline loaded once.
+Sits between the scorer and the rater; one actor per GPU (or a configured count on CPU), pipeline loaded once. With
+the preview policy it runs the preview cascade: each prompt's candidates denoise the first steps together, their
+predicted final images are rated, and only the best continues from where it stands to the end of the schedule.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
 from actors import diffusion
 from orchestrator.embedded import resolve_model
+from orchestrator.plan import RenderPlan
 from orchestrator.seeds import batch_noise
 
 logger = logging.getLogger("seedsift.generator")
+PREVIEW_INPUTS = ("preview_seeds", "preview_predicted")  # scorer -> generator only; preview_candidates stays
 
 
 def device_and_dtype(dtype_name: str = "auto") -> tuple[str, torch.dtype]:
@@ -25,37 +30,98 @@ def device_and_dtype(dtype_name: str = "auto") -> tuple[str, torch.dtype]:
     return "cpu", torch.float32
 
 
+def denoise_with_previews(adapter: diffusion.PipelineAdapter, state: diffusion.Denoising,
+                          conditioning: diffusion.Conditioning, at_steps: list[int],
+                          rate: Callable[[np.ndarray], np.ndarray]) -> tuple[diffusion.Denoising, dict[int, np.ndarray]]:
+    """Denoise up to each step count in `at_steps` in turn; after each, decode the solver's estimate of the final
+    image (its predicted original sample) and rate it. Returns the state at the last of them and {step: scores}.
+    Each step runs once, however many previews are taken along the way."""
+    scores = {}
+    for step in sorted(at_steps):
+        state = adapter.denoise(state, conditioning, until=step)
+        if state.predicted_original is None:
+            raise ValueError(f"{type(state.scheduler).__name__} gives no predicted final image to preview")
+        scores[step] = np.asarray(rate(adapter.decode(state.predicted_original)), dtype=np.float64)
+    return state, scores
+
+
 class GeneratorStage:
     """Ray Data callable class: one instance per generator actor."""
 
-    def __init__(self, model: str, *, steps: int, guidance: float, height: int, width: int, num_threads: int = 1,
-                 scheduler: str = "default"):
+    def __init__(self, plan: RenderPlan, num_threads: int = 1):
         torch.set_num_threads(max(1, num_threads))
         self.device, self.dtype = device_and_dtype()
-        model_path = resolve_model(model)
+        model_path = resolve_model(plan.model)
+        self.plan = plan
         self.adapter = diffusion.load_adapter(model_path, "render", device=self.device, dtype=self.dtype,
-                                            scheduler=scheduler)
-        self.steps, self.guidance, self.height, self.width = steps, guidance, height, width
-        self.latent_shape = diffusion.latent_shape(model_path, height, width)
+                                              scheduler=plan.scheduler)
+        self.latent_shape = diffusion.latent_shape(model_path, plan.height, plan.width)
+        self.rater = None
+        if plan.preview:
+            from actors.rater import make_rater  # the previews are rated by the run's own rater, here on this actor
+
+            self.rater = make_rater(plan.rater)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         count = len(batch["status"])
         status = np.asarray(batch["status"], dtype=object).copy()
         error = np.asarray(batch["error"], dtype=object).copy()
-        images = np.zeros((count, self.height, self.width, 3), dtype=np.uint8)
+        images = np.zeros((count, self.plan.height, self.plan.width, 3), dtype=np.uint8)
+        out = {name: value for name, value in batch.items()
+               if name not in diffusion.EMBEDDING_KEYS and name not in PREVIEW_INPUTS}
         ok = np.flatnonzero(status == "ok")
         if len(ok):
             try:
                 embeds = {name: batch[name][ok] for name in diffusion.EMBEDDING_KEYS if name in batch}
-                seeds = [int(s) for s in batch["seed"][ok]]
-                images[ok] = self.adapter.render(
-                    embeds, batch_noise(seeds, self.latent_shape),
-                    steps=self.steps, guidance_scale=self.guidance, height=self.height, width=self.width, seeds=seeds,
-                )
+                if self.plan.preview:
+                    images[ok] = self._preview_and_render(batch, ok, embeds, out)
+                else:
+                    seeds = [int(s) for s in batch["seed"][ok]]
+                    images[ok] = self._render(embeds, seeds)
             except Exception as exc:  # a batch that cannot render is recorded as failed rows, not a dead job
                 logger.exception("render failed for %d rows", len(ok))
                 status[ok] = "failed"
                 error[ok] = f"render failed: {type(exc).__name__}: {exc}"
-        out = {name: value for name, value in batch.items() if name not in diffusion.EMBEDDING_KEYS}
         out.update(status=status, error=error, image=images)
         return out
+
+    def _render(self, embeds: dict[str, np.ndarray], seeds: list[int]) -> np.ndarray:
+        plan = self.plan
+        return self.adapter.render(embeds, batch_noise(seeds, self.latent_shape), steps=plan.steps,
+                                   guidance_scale=plan.guidance, height=plan.height, width=plan.width, seeds=seeds)
+
+    def _preview_and_render(self, batch, ok: np.ndarray, embeds: dict[str, np.ndarray], out: dict) -> np.ndarray:
+        """The preview cascade for the prompts of rows `ok`: each row carries its prompt's M candidates; the row
+        leaves with the winner's seed, index and predicted score, all M preview scores and the steps it cost."""
+        plan, count = self.plan, len(batch["status"])
+        candidates = np.asarray(batch["preview_seeds"])[ok]  # (rows, M)
+        rows, previewed = candidates.shape
+        flat_seeds = [int(s) for s in candidates.reshape(-1)]
+        owner = np.repeat(np.arange(rows), previewed)  # the row each previewed candidate belongs to
+        prompts = [str(p) for p in np.asarray(batch["prompt"])[ok]]
+        conditioning = self.adapter.conditioning({k: v[owner] for k, v in embeds.items()}, plan.guidance,
+                                                 plan.height, plan.width)
+        state = self.adapter.start(batch_noise(flat_seeds, self.latent_shape), plan.steps, flat_seeds)
+        state, scores = denoise_with_previews(self.adapter, state, conditioning, [plan.preview_steps],
+                                              lambda images: self.rater.score(images, [prompts[o] for o in owner]))
+        preview_scores = scores[plan.preview_steps].reshape(rows, previewed)
+        best = preview_scores.argmax(axis=1)
+        winners = [row * previewed + int(best[row]) for row in range(rows)]
+        state = self.adapter.denoise(state.rows(winners), conditioning.rows(winners))  # to the end, nothing redone
+        images = self.adapter.decode(state.latents)
+
+        picked = np.arange(rows), best
+        for column, values in (("seed", candidates[picked]),
+                               ("candidate_index", np.asarray(batch["preview_candidates"])[ok][picked]),
+                               ("predicted_score", np.asarray(batch["preview_predicted"])[ok][picked])):
+            column_values = np.asarray(batch[column]).copy()  # rows not rendered keep what they had
+            column_values[ok] = values
+            out[column] = column_values
+        spent = previewed * plan.preview_steps + plan.steps - plan.preview_steps
+        for column, values, fill in (("preview_scores", preview_scores, np.nan),
+                                     ("preview_steps", np.full(rows, plan.preview_steps), 0),
+                                     ("steps_spent", np.full(rows, spent), 0)):
+            column_values = np.full((count, *values.shape[1:]), fill, dtype=values.dtype)
+            column_values[ok] = values
+            out[column] = column_values
+        return images

@@ -40,8 +40,8 @@ class ScorerStage:
         self.manifest, self.committed_shards = manifest, committed_shards
         self.delivered: OrderedDict[str, set] = OrderedDict()
         self.predictor = None
-        if plan.policy in ("predictor", "budget"):
-            from orchestrator.predictor import predictor_from_files  # only these policies need it
+        if plan.predictor_source:  # the predictor, budget and (unless it previews all N) preview policies
+            from orchestrator.predictor import predictor_from_files
 
             # A one-item list, so Ray hands over the reference and the bytes are fetched here, once per actor.
             files = ray.get(predictor_files[0])
@@ -75,6 +75,17 @@ class ScorerStage:
             scores = self._predict(seeds, embeds, position[i])
             chosen = self._choose(scores)
             delivered = [index for index in chosen if row_key(prompt_id, seeds[index], source) in done[i]]
+            if plan.preview:  # one row for the prompt's previewed candidates; the generator picks the one to keep
+                if delivered:
+                    out.add(i, status=SKIPPED, planned=1, tally=1)
+                    continue
+                predicted = [np.nan if scores is None else float(scores[index]) for index in chosen]
+                out.add(i, embed_row=position[i], seed=seeds[chosen[0]], candidate_index=chosen[0], planned=1,
+                        predicted=predicted[0], prompt_mean=np.nan if scores is None else float(np.mean(scores)),
+                        prompt_std=np.nan if scores is None else float(np.std(scores)),
+                        truncated=bool(embeds["truncated"][position[i]]),
+                        preview=([seeds[index] for index in chosen], chosen, predicted))
+                continue
             if delivered:
                 out.add(i, status=SKIPPED, planned=len(chosen), tally=len(delivered))
             for rank, index in enumerate(chosen):
@@ -86,7 +97,7 @@ class ScorerStage:
                         prompt_mean=np.nan if scores is None else float(np.mean(scores)),
                         prompt_std=np.nan if scores is None else float(np.std(scores)),
                         truncated=bool(embeds["truncated"][position[i]]))
-        return out.columns(batch, embeds, self.adapter, plan.guidance)
+        return out.columns(batch, embeds, self.adapter, plan.guidance, plan.preview)
 
     def _delivered(self, shard: str) -> set:
         """Row keys an earlier run delivered in this shard (read from the output once per shard)."""
@@ -115,13 +126,15 @@ class ScorerStage:
         return delivered >= kept
 
     def _choose(self, scores: np.ndarray | None) -> list[int]:
+        """Candidate indices to render (or, for the preview policy, to preview), best first."""
+        wanted = self.plan.preview or self.plan.keep
         if scores is None:
-            return keep_first(self.plan.candidates, self.plan.keep)
+            return keep_first(self.plan.candidates, wanted)
         if self.plan.policy == "budget":
             rule = self.plan.budget_rule
             return keep_budget(scores, rule["threshold"], self.plan.keep, 1, rule["residual_std"],
                                rule["residual_ratio"])
-        return keep_top_k(scores, self.plan.keep)
+        return keep_top_k(scores, wanted)
 
     def _predict(self, seeds: list[int], embeds: dict[str, np.ndarray], row: int) -> np.ndarray | None:
         """Predicted score of each candidate for one prompt, or None when the policy needs no prediction."""
@@ -139,13 +152,15 @@ class _Rows:
 
     def add(self, source_row: int, *, status: str | None = None, embed_row: int = -1, seed: int = NO_SEED,
             candidate_index: int = -1, rank: int = 0, planned: int = 1, tally: int = 0, predicted: float = np.nan,
-            prompt_mean: float = np.nan, prompt_std: float = np.nan, truncated: bool = False) -> None:
+            prompt_mean: float = np.nan, prompt_std: float = np.nan, truncated: bool = False,
+            preview: tuple | None = None) -> None:
         self.rows.append(dict(source_row=source_row, status=status, embed_row=embed_row, seed=seed,
                               candidate_index=candidate_index, rank=rank, planned=planned, tally=tally,
                               predicted=predicted, prompt_mean=prompt_mean, prompt_std=prompt_std,
-                              truncated=truncated))
+                              truncated=truncated, preview=preview))
 
-    def columns(self, batch: dict[str, np.ndarray], embeds: dict, adapter, guidance: float) -> dict[str, np.ndarray]:
+    def columns(self, batch: dict[str, np.ndarray], embeds: dict, adapter, guidance: float,
+                previewed: int = 0) -> dict[str, np.ndarray]:
         sources = [r["source_row"] for r in self.rows]
         out = {name: np.asarray(batch[name])[sources] for name in PASSED_THROUGH}
         out["status"] = np.array([r["status"] or str(batch["status"][r["source_row"]]) for r in self.rows],
@@ -162,6 +177,15 @@ class _Rows:
                                  ("prompt_predicted_std", "prompt_std", np.float64), ("truncated", "truncated", bool)):
             out[name] = np.array([r[key] for r in self.rows], dtype=dtype)
         out.update(_gather_embeddings(embeds, [r["embed_row"] for r in self.rows], adapter, guidance))
+        if previewed:  # (rows, M) arrays: every row has them, so all blocks share one schema
+            for position, (name, dtype, fill) in enumerate((("preview_seeds", np.int64, NO_SEED),
+                                                            ("preview_candidates", np.int32, -1),
+                                                            ("preview_predicted", np.float64, np.nan))):
+                column = np.full((len(self.rows), previewed), fill, dtype=dtype)
+                for j, row in enumerate(self.rows):
+                    if row["preview"] is not None:
+                        column[j] = row["preview"][position]
+                out[name] = column
         return out
 
 

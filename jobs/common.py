@@ -26,7 +26,12 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     add("--model", default=DEFAULT_MODEL, help="diffusers pipeline folder or hub id (default: %(default)s)")
     add("--candidates", "-n", type=int, default=4, help="candidate seeds scored per prompt (N)")
     add("--keep", "-k", type=int, default=1, help="seeds rendered per prompt (k <= N)")
-    add("--policy", default="random", help="selection policy: random, predictor (top k) or budget")
+    add("--policy", default="random",
+        help="selection policy: random, predictor (top k), budget, or preview (the predictor's best --preview "
+             "candidates run --preview-steps steps, their previews are rated and the best one continues)")
+    add("--preview", type=int, default=None, help="preview policy: candidates previewed per prompt (default 4)")
+    add("--preview-steps", type=int, default=None,
+        help="preview policy: denoising steps of each preview (default a quarter of --steps)")
     add("--budget", type=float, default=None, help="budget policy: average renders per prompt (at most --keep)")
     add("--budget-images", type=int, default=None, help="budget policy: total renders for the corpus")
     add("--predictor", default=None,

@@ -12,7 +12,9 @@ import json
 import os
 from dataclasses import dataclass, field
 
-POLICIES = ("random", "predictor", "budget")
+POLICIES = ("random", "predictor", "budget", "preview")
+PREVIEW_CANDIDATES = 4  # --policy preview: candidates previewed when --preview is not given
+PREVIEW_SHARE = 4  # and their preview steps: a quarter of the schedule
 IMAGE_FORMATS = ("png", "jpeg", "webp")
 IMAGE_OUTPUTS = ("files", "shards")
 DEFAULT_MODEL = "embedded:tiny-sd"
@@ -64,6 +66,8 @@ class GenerateConfig:
     sample: float | None = None  # keep this stable fraction of prompts (by prompt id hash), e.g. for a training set
     budget: float | None = None  # budget policy: average renders per prompt (--keep is then the most per prompt)
     budget_images: int | None = None  # or a total for the corpus, turned into renders per prompt by a counting pass
+    preview: int | None = None  # preview policy: candidates (of N, the predictor's best) that run the first steps
+    preview_steps: int | None = None  # preview policy: steps each of them runs before the best one continues
 
     def __post_init__(self) -> None:
         self.validate()
@@ -108,8 +112,9 @@ class GenerateConfig:
             problems.append(f"--image-format {self.image_format!r} is unknown; use {', '.join(IMAGE_FORMATS)}")
         if self.image_output not in IMAGE_OUTPUTS:
             problems.append(f"--image-output {self.image_output!r} is unknown; use {' or '.join(IMAGE_OUTPUTS)}")
-        if self.policy in ("predictor", "budget") and not self.predictor and self.model != DEFAULT_MODEL:
-            problems.append(f"--policy {self.policy} needs --predictor PATH for a model other than the embedded default")
+        if self.uses_predictor and not self.predictor and not self.model.startswith("embedded:"):
+            problems.append(f"--policy {self.policy} needs --predictor PATH for a model that is not embedded")
+        problems += self._preview_problems()
         if self.policy == "budget":
             if (self.budget is None) == (self.budget_images is None):
                 problems.append("--policy budget needs one of --budget (renders per prompt) or --budget-images")
@@ -123,6 +128,30 @@ class GenerateConfig:
         if problems:
             raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
 
+    def _preview_problems(self) -> list[str]:
+        if self.policy != "preview":
+            return ["--preview and --preview-steps go with --policy preview"] if (
+                self.preview is not None or self.preview_steps is not None) else []
+        problems = []
+        if self.keep != 1:
+            problems.append(f"--policy preview continues the best preview of each prompt: use --keep 1 (got {self.keep})")
+        if not 1 <= self.preview_count <= max(1, self.candidates):
+            problems.append(f"--preview must be between 1 and --candidates {self.candidates} (got {self.preview_count})")
+        if not 1 <= self.preview_step_count < self.steps:
+            problems.append(f"--preview-steps must be at least 1 and below --steps {self.steps} "
+                            f"(got {self.preview_step_count})")
+        return problems
+
+    @property
+    def preview_count(self) -> int:
+        """Candidates previewed per prompt (--preview, default PREVIEW_CANDIDATES or N if fewer)."""
+        return self.preview if self.preview is not None else min(PREVIEW_CANDIDATES, self.candidates)
+
+    @property
+    def preview_step_count(self) -> int:
+        """Steps of each preview (--preview-steps, default a quarter of --steps)."""
+        return self.preview_steps if self.preview_steps is not None else max(1, self.steps // PREVIEW_SHARE)
+
     @property
     def policy_name(self) -> str:
         """The policy as manifests record it: collect renders every candidate ("all")."""
@@ -135,7 +164,10 @@ class GenerateConfig:
 
     @property
     def uses_predictor(self) -> bool:
-        return self.policy != "random" and not self.all_candidates
+        """Whether candidates are ranked by the predictor (a preview of all N candidates needs none)."""
+        if self.all_candidates or self.policy == "random":
+            return False
+        return self.policy != "preview" or self.preview_count < self.candidates
 
     def fingerprint_fields(self) -> dict:
         """What the user chose that decides which images a run produces; the plan adds the resolved image size and
@@ -143,7 +175,7 @@ class GenerateConfig:
         scheduled runs keeps its fingerprint."""
         from orchestrator.seeds import SEED_VERSION
 
-        return {
+        fields = {
             "model": self.model,
             "candidates": self.candidates,
             "keep": self.keep,
@@ -162,6 +194,9 @@ class GenerateConfig:
             "budget": self.budget,
             "budget_images": self.budget_images,
         }
+        if self.policy == "preview":  # only then, so outputs of other policies keep the fingerprint they had
+            fields["preview"] = [self.preview_count, self.preview_step_count]
+        return fields
 
     def layout_fields(self) -> dict:
         """How the output is laid out: fixed for its life, checked apart from the fingerprint."""

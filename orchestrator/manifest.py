@@ -72,6 +72,10 @@ MANIFEST_SCHEMA = pa.schema(
         ("model", pa.string()),
         ("scheduler", pa.string()),
         ("steps", pa.int32()),
+        ("steps_spent", pa.int32()),  # denoising steps this image cost: steps, plus its share of previews
+        ("preview_candidates", pa.list_(pa.int32())),  # preview policy: the candidates previewed, best predicted first
+        ("preview_scores", pa.list_(pa.float64())),  # and their previews' rated scores (the kept one is the highest)
+        ("preview_steps", pa.int32()),  # steps each preview ran
         ("guidance", pa.float64()),
         ("width", pa.int32()),
         ("height", pa.int32()),

@@ -201,14 +201,14 @@ def build_dataset(plan: RunPlan, manifest: Manifest, state: OutputState, files: 
         compute=ray.data.ActorPoolStrategy(size=config.scorers),
         num_cpus=config.scorer_cpus,
     )
+    rendering = plan.rendering()
     ds = ds.map_batches(
         GeneratorStage,
-        fn_constructor_args=(config.model,),
-        fn_constructor_kwargs=dict(
-            steps=config.steps, guidance=config.guidance, height=plan.height, width=plan.width,
-            num_threads=max(1, int(resources.generator_cpus)), scheduler=config.scheduler,
-        ),
-        batch_format="numpy", batch_size=config.batch_size, compute=ray.data.ActorPoolStrategy(size=config.generators),
+        fn_constructor_args=(rendering,),
+        fn_constructor_kwargs=dict(num_threads=max(1, int(resources.generator_cpus))),
+        # A preview row carries its prompt's M candidates: --batch-size counts images either way.
+        batch_format="numpy", batch_size=max(1, config.batch_size // max(1, rendering.preview)),
+        compute=ray.data.ActorPoolStrategy(size=config.generators),
         num_cpus=resources.generator_cpus, num_gpus=resources.generator_gpus,
     )
     ds = ds.map_batches(
@@ -368,7 +368,8 @@ def summarise(manifest: Manifest, plan: RunPlan, state: OutputState, new_records
     total = merge_stats(stats)
     wall = time.time() - started
     images, prompts = total["images"], total["prompts"]
-    steps_spent = images * config.steps
+    # Shards compacted before steps_spent was recorded cost their images times the steps.
+    steps_spent = sum(s.get("steps_spent", s.get("images", 0) * config.steps) for s in stats)
     best_of_n_steps = prompts * config.candidates * config.steps
     return {
         "output": manifest.output.uri,

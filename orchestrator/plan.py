@@ -41,6 +41,22 @@ class ScoringPlan:
     prompts_per_call: int  # prompts embedded and scored per call: sized by the rows that leave the scorer
     predictor_source: str = ""
     budget_rule: dict | None = None
+    preview: int = 0  # preview policy: candidates sent on to the generator's preview cascade per prompt
+
+
+@dataclass(frozen=True)
+class RenderPlan:
+    """What a generator actor needs: how to render, and for the preview policy how to preview."""
+
+    model: str
+    steps: int
+    guidance: float
+    height: int
+    width: int
+    scheduler: str  # the --scheduler name
+    preview: int = 0  # candidates previewed per prompt (0: no preview, render the rows as they come)
+    preview_steps: int = 0
+    rater: str = ""  # rates the previews (the run's rater)
 
 
 @dataclass(frozen=True)
@@ -95,7 +111,16 @@ class RunPlan:
             prompts_per_call=max(1, rows_per_block // config.rows_per_prompt),
             predictor_source=self.predictor.location if self.predictor else "",
             budget_rule=self.budget_rule,
+            preview=config.preview_count if config.policy_name == "preview" else 0,
         )
+
+    def rendering(self) -> RenderPlan:
+        config = self.config
+        preview = config.policy_name == "preview"
+        return RenderPlan(model=config.model, steps=config.steps, guidance=config.guidance, height=self.height,
+                          width=self.width, scheduler=config.scheduler,
+                          preview=config.preview_count if preview else 0,
+                          preview_steps=config.preview_step_count if preview else 0, rater=config.rater)
 
     def with_budget(self, usable_prompts: int) -> RunPlan:
         """--budget-images: the total spread over the usable prompts of the corpus (a counting pass)."""
@@ -127,6 +152,12 @@ def build_plan(config: GenerateConfig) -> RunPlan:
         raise ConfigError(f"--width/--height: {exc}") from exc
     plan = RunPlan(config=config, model_path=model_path, width=width, height=height, latent_shape=latent_shape,
                    scheduler=diffusion.scheduler_label(model_path, config.scheduler))
+    if config.policy_name == "preview":
+        solver = diffusion.solver_class_name(model_path, config.scheduler)
+        if solver not in diffusion.RESUMABLE_SOLVERS:
+            raise ConfigError(f"--policy preview pauses each denoising and continues the best preview, which "
+                              f"{solver} cannot do (it keeps earlier steps of the whole batch); pass --scheduler "
+                              "ddim, euler or euler-a")
     if config.uses_predictor:
         plan = _with_predictor(plan)
     return plan

@@ -44,6 +44,11 @@ def manifest_row(batch: dict[str, np.ndarray], i: int, run_fields: dict) -> dict
         row["seed"] = row["candidate_index"] = row["rank"] = None
     for name in ("prompt", "error"):  # rows travel with "" for "none"; the manifest says null
         row[name] = row.get(name) or None
+    if row.get("status") != OK:  # a row that was not rendered has no preview and cost no steps
+        for name in ("preview_candidates", "preview_scores", "preview_steps", "steps_spent"):
+            row.pop(name, None)
+    elif "steps_spent" not in row:
+        row["steps_spent"] = row["steps"]
     return row
 
 
@@ -70,6 +75,8 @@ def _write_images(manifest: Manifest, shard: str, batch, indices: list[int], row
 
 def _plain(value):
     """numpy scalars to Python values (NaN to None), so manifest rows build under the schema."""
+    if isinstance(value, np.ndarray):  # a list column (the preview policy's per-candidate values)
+        return [_plain(v) for v in value]
     if isinstance(value, np.generic):
         value = value.item()
     if isinstance(value, float) and value != value:

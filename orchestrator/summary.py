@@ -79,11 +79,22 @@ def shard_stats(table: pa.Table) -> dict:
             reasons = Counter(reason_of(e) for e, st in zip(errors, status) if st == wanted)
             stats[name] = dict(reasons.most_common(REASONS))
     ok = pc.equal(table["status"], "ok")
+    stats["steps_spent"] = _steps_spent(table.filter(ok), columns)
     if "score" in columns:
         stats["score"] = sketch(table["score"].filter(ok).to_numpy(zero_copy_only=False))
     if {"prompt_predicted_mean", "prompt_predicted_std", "prompt"} <= columns:
         stats["difficulty"] = _difficulty(table.filter(ok))
     return stats
+
+
+def _steps_spent(table: pa.Table, columns: set) -> int:
+    """Denoising steps the delivered images cost: their steps_spent, or for rows without it their steps."""
+    if "steps" not in columns:
+        return 0
+    steps = table["steps"]
+    if "steps_spent" in columns:
+        steps = pc.coalesce(table["steps_spent"], steps)
+    return int(pc.sum(steps).as_py() or 0)
 
 
 def _difficulty(table: pa.Table) -> dict | None:

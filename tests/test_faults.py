@@ -175,8 +175,11 @@ def private_ray_env(cache: str) -> dict:
 
 def job_command(job: str, corpus: str, out: str) -> list[str]:
     """generate keeping all 4 candidates, or collect (which renders all 4 by definition): 64 rows for 16 prompts,
-    in shards of 4 prompts, so that shards complete (and are compacted) while the run goes on."""
+    in shards of 4 prompts, so that shards complete (and are compacted) while the run goes on. generate-preview
+    previews all 4 candidates for one step and keeps the best: 16 rows."""
     keep = ["--keep", "4"] if job.startswith("generate") else []
+    if job == "generate-preview":
+        keep = ["--keep", "1", "--policy", "preview", "--preview", "4", "--preview-steps", "1"]
     layout = ["--image-output", "shards", "--shard-images", "5"] if job.endswith("shards") else []
     return [sys.executable, "-m", f"jobs.{job.split('-')[0]}", "--prompts", corpus, "--out", out, "--candidates", "4",
             *keep, "--steps", "2", "--guidance", "3.0", "--batch-size", "4", "--generator-cpus", "1",
@@ -184,7 +187,7 @@ def job_command(job: str, corpus: str, out: str) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("job", ["generate", "collect", "generate-shards"])
+@pytest.mark.parametrize("job", ["generate", "collect", "generate-shards", "generate-preview"])
 def test_driver_sigkill_then_rerun_matches_an_uninterrupted_run(ray_session, tmp_path, job):
     from orchestrator.embedded import resolve_model
 
@@ -204,7 +207,8 @@ def test_driver_sigkill_then_rerun_matches_an_uninterrupted_run(ray_session, tmp
             pytest.fail("the job finished before it could be killed: " + (tmp_path / "job.log").read_text()[-2000:])
         kill_run(process, env["RAY_TMPDIR"])
         partial = verify_output(killed)
-        assert partial["clean"] and 0 < partial["committed_rows"] <= 64, partial  # mid-run, nothing duplicated
+        rows = 16 if job == "generate-preview" else 64
+        assert partial["clean"] and 0 < partial["committed_rows"] <= rows, partial  # mid-run, nothing duplicated
         rerun = subprocess.run(job_command(job, corpus, killed.uri), cwd=REPO_ROOT, env=env, capture_output=True,
                                text=True, timeout=TIMEOUT_S, start_new_session=True)
         assert rerun.returncode == 0, rerun.stderr[-3000:]
@@ -213,9 +217,11 @@ def test_driver_sigkill_then_rerun_matches_an_uninterrupted_run(ray_session, tmp
     finally:
         kill_run(process, env["RAY_TMPDIR"])  # also stops what the rerun left: it used the same RAY_TMPDIR
     # The uninterrupted reference, in the session's Ray.
-    pipeline.run(small_config(corpus, clean.uri, keep=4, all_candidates=job == "collect", shard_size=4))
-    assert_clean(killed, rows=64)
-    assert_clean(clean, rows=64)
+    preview = {"keep": 1, "policy": "preview", "preview": 4, "preview_steps": 1} if job == "generate-preview" else {}
+    pipeline.run(small_config(corpus, clean.uri, **{"keep": 4, **preview}, all_candidates=job == "collect",
+                              shard_size=4))
+    assert_clean(killed, rows=rows)
+    assert_clean(clean, rows=rows)
     a, b = comparable(manifest(killed)), comparable(manifest(clean))
     assert a.drop(columns="score").equals(b.drop(columns="score"))
     assert (a.score.astype(float) - b.score.astype(float)).abs().max() < 1e-3
