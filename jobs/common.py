@@ -39,13 +39,16 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     add("--steps", type=int, default=20, help="denoising steps")
     add("--scheduler", default="default",
         help="solver: default (the pipeline's own), ddim, euler, euler-a, dpm++, dpm++-karras, unipc")
-    add("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    add("--guidance", type=float, default=None,
+        help="classifier-free guidance scale (default 7.5; 5 for embedded:shapes, the scale it was tuned at)")
     add("--width", type=int, default=None, help="image width (default: the pipeline's native size)")
     add("--height", type=int, default=None, help="image height (default: the pipeline's native size)")
     add("--batch-size", type=int, default=4, help="images per generator call")
     add("--generators", type=int, default=1, help="generator actors (one per GPU on a GPU cluster)")
     add("--scorers", type=int, default=1, help="scorer actors")
-    add("--rater", default="colorfulness", help="colorfulness, sharpness, clip:PATH, pickscore:PATH, ...")
+    add("--rater", default=None,
+        help="colorfulness, sharpness, shapes, clip:PATH, pickscore:PATH, ... (default colorfulness; shapes for "
+             "embedded:shapes)")
     add("--seed", type=int, default=0, help="the run's base seed; candidate seeds derive from it")
     add("--limit", type=int, default=None, help="take only the first N corpus rows")
     add("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a local Ray instance)")
@@ -75,6 +78,14 @@ def config_from_args(args: argparse.Namespace, **overrides) -> GenerateConfig:
     except json.JSONDecodeError as exc:
         raise ConfigError(f"--storage-options is not valid JSON ({exc.msg}); pass an object like '{{\"anon\": false}}'")
     values = {name: getattr(args, name) for name in GenerateConfig.__dataclass_fields__ if hasattr(args, name)}
+    # Flags left out take the model's own defaults (a shipped model's tuned settings), else the configuration's.
+    from orchestrator.embedded import model_defaults
+
+    for name, value in model_defaults(args.model).items():
+        if values.get(name) is None:
+            values[name] = value
+    values = {name: value for name, value in values.items()
+              if value is not None or GenerateConfig.__dataclass_fields__[name].default is None}
     values["storage_options"] = storage_options
     values.update(overrides)
     return GenerateConfig(**values)

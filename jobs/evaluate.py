@@ -46,6 +46,8 @@ MARGIN = 8
 LINE = 16
 FONT_SIZE = 12
 RENDER_BATCH = 8  # contact-sheet images per pipeline call
+PREVIEW_BATCH = 16  # previewed candidates per denoiser call in the cost curve
+DEFAULT_PREVIEWS = "2x2,4x2,4x4,8x2,8x4"  # (M candidates)x(T steps) settings the cost curve measures
 
 
 def parser() -> argparse.ArgumentParser:
@@ -59,8 +61,32 @@ def parser() -> argparse.ArgumentParser:
     add("--split", choices=("auto", "test", "all"), default="auto",
         help="test: only the predictor's held-out prompts; all: every prompt; auto (default): test on the dataset "
              "the predictor was trained on, all on any other")
+    add("--previews", default="auto",
+        help="preview settings for the cost curve, MxT (the predictor's best M candidates, T steps each), comma "
+             f"separated; 'none' skips the curve's preview points; auto (default): those of {DEFAULT_PREVIEWS} "
+             "that fit the dataset's N and steps")
     add("--storage-options", default="{}", help="JSON fsspec storage options (default: the AWS credential chain)")
     return result
+
+
+def parse_previews(text: str, candidates: int, steps: int) -> list[tuple[int, int]]:
+    """--previews as (M, T) pairs, each checked against the dataset's N and steps."""
+    if text.strip().lower() in ("", "none"):
+        return []
+    automatic = text.strip().lower() == "auto"
+    settings = []
+    for item in (DEFAULT_PREVIEWS if automatic else text).split(","):
+        try:
+            previewed, preview_steps = (int(part) for part in item.strip().lower().split("x"))
+        except ValueError:
+            raise ConfigError(f"--previews {item.strip()!r}: expected MxT, such as 4x5 (M candidates, T steps)") from None
+        if not 1 <= previewed <= candidates or not 1 <= preview_steps < steps:
+            if automatic:
+                continue
+            raise ConfigError(f"--previews {item.strip()}: M must be 1 to N={candidates} and T 1 to {steps - 1} "
+                              f"(the dataset's steps are {steps})")
+        settings.append((previewed, preview_steps))
+    return settings
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,6 +152,8 @@ def evaluate(args: argparse.Namespace) -> dict:
     figures["scoring_seconds_per_prompt"] = round(scoring_seconds, 5)
     figures["prompt_swap"] = prompt_swap_control(predictor, groups, embeddings, latent_shape, predicted, figures,
                                                  args.k)
+    previews = parse_previews(args.previews, len(groups.seeds[0]), int(identity["steps"]))
+    figures["cost_curve"] = cost_curve(model_path, identity, groups, embeddings, predicted, previews)
     contact = None
     if args.contact_prompts:
         chosen = list(range(min(args.contact_prompts, len(groups.prompt_ids))))
@@ -312,6 +340,78 @@ def prompt_swap_control(predictor, groups, embeddings: list[dict], latent_shape:
 
 
 # ------------------------------------------------------------------------------------------------ figures
+
+
+def preview_scores(model_path: str, identity: dict, prompts: list[str], embeddings: list[dict],
+                   seeds: list[list[int]], at_steps: list[int]) -> list[dict[int, np.ndarray]]:
+    """Each prompt's candidates (seeds[i]) previewed as the preview policy does: one denoising per candidate, its
+    predicted final image decoded and rated after each step count in `at_steps`. Returns [{step: scores}]."""
+    import torch
+
+    from actors import diffusion
+    from actors.generator import denoise_with_previews
+    from actors.rater import make_rater
+    from orchestrator.seeds import batch_noise
+
+    scheduler = diffusion.scheduler_from_label(model_path, identity["scheduler"])
+    solver = diffusion.solver_class_name(model_path, scheduler)
+    if solver not in diffusion.RESUMABLE_SOLVERS:
+        raise ConfigError(f"--previews: the dataset was rendered with {solver}, which the preview policy cannot "
+                          "pause and continue; pass --previews none")
+    device, dtype = ("cuda", torch.float16) if torch.cuda.is_available() else ("cpu", torch.float32)
+    renderer = diffusion.load_adapter(model_path, "render", device=device, dtype=dtype, scheduler=scheduler)
+    rater = make_rater(identity["rater"])
+    steps, guidance = int(identity["steps"]), float(identity["guidance"])
+    height, width = int(identity["height"]), int(identity["width"])
+    shape = diffusion.latent_shape(model_path, height, width)
+    owner = [i for i, prompt_seeds in enumerate(seeds) for _ in prompt_seeds]
+    flat = [int(seed) for prompt_seeds in seeds for seed in prompt_seeds]
+    results = [{step: [] for step in at_steps} for _ in seeds]
+    for start in range(0, len(flat), PREVIEW_BATCH):
+        rows, chunk = owner[start:start + PREVIEW_BATCH], flat[start:start + PREVIEW_BATCH]
+        embeds = {key: np.stack([embeddings[i][key] for i in rows]) for key in embeddings[0]}
+        conditioning = renderer.conditioning(embeds, guidance, height, width)
+        state = renderer.start(batch_noise(chunk, shape), steps, chunk)
+        texts = [prompts[i] for i in rows]
+        _, scores = denoise_with_previews(renderer, state, conditioning, at_steps,
+                                          lambda images, texts=texts: rater.score(images, texts))
+        for step, values in scores.items():
+            for row, value in zip(rows, values):
+                results[row][step].append(float(value))
+    return [{step: np.asarray(values) for step, values in result.items()} for result in results]
+
+
+def cost_curve(model_path: str, identity: dict, groups, embeddings: list[dict], predicted: list[np.ndarray],
+               previews: list[tuple[int, int]]) -> dict:
+    """Mean rated score against denoising steps per delivered image, for random, the predictor's top-1,
+    best-of-n and the preview policy at each (M, T). A preview's final image is a normal render of its seed
+    (tested), so its score is the dataset's rating of that candidate; only the previews are rendered here."""
+    steps, count = int(identity["steps"]), len(groups.seeds[0])
+    curve = measure(predicted, groups.scores, 1)["gain_curve"]
+    points = [{"policy": "random", "steps": steps, "mean_score": curve[-1]["random"]},
+              {"policy": "predictor", "steps": steps, "mean_score": curve[-1]["predictor"]}]
+    points += [{"policy": "best_of_n", "n": point["n"], "steps": point["n"] * steps, "mean_score": point["oracle"]}
+               for point in curve]
+    if previews:
+        most = max(m for m, _ in previews)
+        ranked = [np.argsort(-p, kind="stable")[:most] for p in predicted]  # the predictor's best first
+        started = time.time()
+        scores = preview_scores(model_path, identity, groups.prompts, embeddings,
+                                [groups.seeds[i][order] for i, order in enumerate(ranked)],
+                                sorted({t for _, t in previews}))
+        for previewed, preview_steps in previews:
+            chosen = [order[int(np.argmax(s[preview_steps][:previewed]))] for order, s in zip(ranked, scores)]
+            agree = np.mean([int(c) == int(np.argmax(a)) for c, a in zip(chosen, groups.scores)])
+            points.append({"policy": "preview", "m": previewed, "t": preview_steps,
+                           "steps": previewed * preview_steps + steps - preview_steps,
+                           "mean_score": float(np.mean([a[c] for c, a in zip(chosen, groups.scores)])),
+                           "p_pick_best": float(agree)})
+        logger.info("previews for the cost curve: %.1f s", time.time() - started)
+    best = curve[-1]["oracle"]
+    for point in points:
+        point["share_of_best_of_n_steps"] = round(point["steps"] / (count * steps), 4)
+        point["reaches_best_of_n"] = bool(point["mean_score"] >= best - 1e-12)
+    return {"best_of_n": count, "best_of_n_mean": best, "best_of_n_steps": count * steps, "points": points}
 
 
 def curve_sizes(count: int) -> list[int]:
@@ -554,9 +654,72 @@ prompt is overall and shows what selection uses: the order of one prompt's candi
 <p class="note">From the first n candidates of each prompt (what a run with --candidates n sees). Predictor: its
 top-1 of n, 1 render. Random: one random seed, 1 render. Oracle: render all n, rate, keep the best: n renders.</p>
 {curve_svg(e['gain_curve'])}
+<h2>Mean score against denoising steps per delivered image</h2>
+<p class="note">What each policy spends for one image. Random and the predictor's top-1 render once (the schedule's
+steps); best of n renders n seeds in full; the preview policy runs the predictor's best M candidates for T steps,
+rates their predicted final images and continues only the best: M&times;T + (steps &minus; T).</p>
+{cost_svg(e['cost_curve'])}
+{cost_table(e['cost_curve'])}
 {contact}
 </body></html>
 """
+
+
+def cost_table(cost: dict) -> str:
+    def label(point: dict) -> str:
+        return {"random": "random seed", "predictor": "predictor top-1",
+                "best_of_n": f"best of {point.get('n')}",
+                "preview": f"preview {point.get('m')}x{point.get('t')}"}[point["policy"]]
+
+    rows = "".join(f"<tr><td>{html.escape(label(p))}</td><td>{p['steps']}</td>"
+                   f"<td>{p['share_of_best_of_n_steps']:.3f}</td><td>{p['mean_score']:.4f}</td></tr>"
+                   for p in sorted(cost["points"], key=lambda p: p["steps"]))
+    return ("<table><tr><th>policy</th><th>steps per image</th>"
+            f"<th>share of best-of-{cost['best_of_n']} steps</th><th>mean rated score</th></tr>{rows}</table>")
+
+
+def cost_svg(cost: dict) -> str:
+    """Mean rated score against steps per delivered image (log2 axis): best-of-n as a line, the rest as points."""
+    width, height, left, top, plot_w, plot_h = 720, 340, 70, 20, 420, 260
+    points = cost["points"]
+    xs = np.array([p["steps"] for p in points], dtype=np.float64)
+    x0, x1 = math.log2(xs.min()) - 0.2, math.log2(xs.max()) + 0.2
+    y0, y1 = _axis_range(np.array([p["mean_score"] for p in points]))
+
+    def xy(steps: float, value: float) -> tuple[float, float]:
+        return (left + (math.log2(steps) - x0) / (x1 - x0) * plot_w,
+                top + plot_h - (value - y0) / (y1 - y0) * plot_h)
+
+    colours = {"best_of_n": "#1f77b4", "random": "#7f7f7f", "predictor": "#d62728", "preview": "#2ca02c"}
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-size="11" '
+             'font-family="sans-serif">',
+             f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#999"/>']
+    best = sorted((p for p in points if p["policy"] == "best_of_n"), key=lambda p: p["steps"])
+    parts.append('<polyline fill="none" stroke="#1f77b4" stroke-width="2" points="'
+                 + " ".join("{:.1f},{:.1f}".format(*xy(p["steps"], p["mean_score"])) for p in best) + '"/>')
+    for point in points:
+        x, y = xy(point["steps"], point["mean_score"])
+        parts.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3.5" fill="{colours[point["policy"]]}"/>')
+        if point["policy"] == "preview":
+            parts.append(f'<text x="{x + 5:.1f}" y="{y - 5:.1f}">{point["m"]}x{point["t"]}</text>')
+        elif point["policy"] == "best_of_n":
+            parts.append(f'<text x="{x:.1f}" y="{y + 14:.1f}" text-anchor="middle" fill="#1f77b4">{point["n"]}</text>')
+    for steps in sorted({p["steps"] for p in best}):
+        x, _ = xy(steps, y0)
+        parts.append(f'<text x="{x:.1f}" y="{top + plot_h + 14}" text-anchor="middle">{steps}</text>')
+    parts.append(f'<text x="{left + plot_w / 2}" y="{top + plot_h + 30}" text-anchor="middle">'
+                 "denoising steps per delivered image (log scale)</text>")
+    parts.append(f'<text x="{left - 4}" y="{top + plot_h}" text-anchor="end">{y0:.3g}</text>')
+    parts.append(f'<text x="{left - 4}" y="{top + 10}" text-anchor="end">{y1:.3g}</text>')
+    parts.append(f'<text transform="translate({left - 45},{top + plot_h / 2}) rotate(-90)" text-anchor="middle">'
+                 "mean rated score</text>")
+    for row, (key, label) in enumerate((("best_of_n", "best of n (numbers: n)"), ("random", "random seed"),
+                                        ("predictor", "predictor top-1"), ("preview", "preview MxT"))):
+        ly = top + 12 + row * 18
+        parts.append(f'<circle cx="{left + plot_w + 20}" cy="{ly - 4}" r="3.5" fill="{colours[key]}"/>')
+        parts.append(f'<text x="{left + plot_w + 30}" y="{ly}">{html.escape(label)}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
 
 
 def _axis_range(values: np.ndarray) -> tuple[float, float]:

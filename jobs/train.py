@@ -108,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--channels", default="32,64,128", help="noise encoder widths, one stage each")
     parser.add_argument("--hidden", type=int, default=256, help="width of the noise and text features")
     parser.add_argument("--head", default="256,64", help="MLP head widths after the joint features")
+    parser.add_argument("--attention", type=int, default=0,
+                        help="width of the branch where prompt tokens attend over noise patches (0: none)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -146,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             hidden=args.hidden,
             head=tuple(int(c) for c in args.head.split(",")),
             dropout=args.dropout,
+            attention=args.attention,
             pipeline={**identity, "family": diffusion.pipeline_family(model_path)},
             rater=identity["rater"],
             score_mean=score_mean,

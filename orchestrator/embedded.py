@@ -294,6 +294,15 @@ def build_tiny_pixart(folder: str) -> None:
 SHIPPED_MODELS = {"shapes": Path(__file__).resolve().parent / "models" / "shapes"}
 
 
+# Settings a shipped model was tuned and measured at (docs/shapes.md): the jobs' defaults for flags not given.
+SHIPPED_DEFAULTS = {"shapes": {"guidance": 5.0, "rater": "shapes"}}
+
+
+def model_defaults(model: str) -> dict:
+    """Flag defaults that belong to this model (empty for every model but the shipped ones)."""
+    return dict(SHIPPED_DEFAULTS.get(model[len(EMBEDDED_PREFIX):], {})) if model.startswith(EMBEDDED_PREFIX) else {}
+
+
 def _shipped_folder(name: str) -> Path:
     folder = SHIPPED_MODELS[name]
     if not (folder / "model_index.json").is_file():

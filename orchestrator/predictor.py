@@ -42,6 +42,7 @@ class PredictorConfig:
     hidden: int = 256  # width of the noise and text features
     head: tuple[int, ...] = (256, 64)  # MLP head after the concatenated features (the paper: 512 -> 256 -> 64 -> 1)
     dropout: float = 0.1  # on the joint features during training
+    attention: int = 0  # width of the prompt-tokens-over-noise-patches attention branch (0: none, as before)
     pipeline: dict = field(default_factory=dict)  # model, family, pipeline class, steps, guidance, width, height
     rater: str = ""
     score_mean: float = 0.0  # the rater's units: predictions are trained on standardised scores
@@ -126,13 +127,45 @@ def noise_statistics(noise: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=1)
 
 
+class TokensOverPatches(nn.Module):
+    """Cross-attention from the prompt's tokens to the noise's patches, each patch with its position.
+
+    Why: whether a seed suits "a red circle to the left of a blue square" or "three triangles" depends on where in
+    the noise the denoiser will grow objects; the rest of the predictor pools the noise over space before it meets
+    the text, so it can rank seeds only by what is good for every prompt. Here each word looks for the regions of
+    this noise that suit it (PAINE's and HPM-Predict's noise-patch / prompt-token attention, in small).
+    """
+
+    PATCH = 2  # latent pixels per patch side: a 16x16 latent gives 64 patches
+
+    def __init__(self, latent_shape: tuple[int, int, int], text_dim: int, width: int, heads: int = 4):
+        super().__init__()
+        channels, height, width_px = latent_shape
+        patches = (height // self.PATCH) * (width_px // self.PATCH)
+        self.embed = nn.Sequential(nn.Conv2d(channels, width, 3, padding=1), nn.SiLU(),
+                                   nn.Conv2d(width, width, self.PATCH, stride=self.PATCH))
+        self.position = nn.Parameter(torch.randn(1, patches, width) * 0.02)
+        self.query = nn.Linear(text_dim, width)
+        self.attend = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.out = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width), nn.SiLU())
+
+    def forward(self, noise: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(B, width): what the prompt's words found in this noise, averaged over the real (unpadded) tokens."""
+        patches = self.embed(noise).flatten(2).transpose(1, 2) + self.position
+        found, _ = self.attend(self.query(tokens), patches, patches, need_weights=False)
+        found = self.out(found)
+        weights = mask / mask.sum(dim=1, keepdim=True).clamp_min(1)
+        return (found * weights.unsqueeze(-1)).sum(dim=1)
+
+
 def mean_and_std(features: torch.Tensor) -> torch.Tensor:
     """Spatial mean and standard deviation of each channel: (B, C, h, w) -> (B, 2C)."""
     return torch.cat([features.mean(dim=(2, 3)), features.std(dim=(2, 3))], dim=1)
 
 
 class NoiseQualityPredictor(nn.Module):
-    """Residual conv encoder over the noise, attention pooling over token embeddings, MLP head on both."""
+    """Residual conv encoder over the noise, attention pooling over token embeddings, optionally prompt tokens
+    attending over noise patches, MLP head on all of them, plus a frozen linear read-out of noise statistics."""
 
     def __init__(self, config: PredictorConfig):
         super().__init__()
@@ -156,8 +189,10 @@ class NoiseQualityPredictor(nn.Module):
         self.text_query = nn.Parameter(torch.zeros(1, 1, config.text_dim))
         self.text_key = nn.Linear(config.text_dim, config.text_dim)
         self.text_proj = nn.Linear(config.text_dim, config.hidden)
+        self.tokens_over_patches = (TokensOverPatches(config.latent_shape, config.text_dim, config.attention)
+                                    if config.attention else None)
         layers: list[nn.Module] = [nn.Dropout(config.dropout)]
-        width = config.hidden * 3
+        width = config.hidden * 3 + config.attention
         for size in config.head:
             layers += [nn.Linear(width, size), nn.SiLU()]
             width = size
@@ -192,7 +227,10 @@ class NoiseQualityPredictor(nn.Module):
         """Standardised predicted score of each (noise, prompt) pair: noise (B,C,h,w), tokens (B,T,D), mask (B,T)."""
         noise_features, statistics = self.encode_noise(noise)
         text_features = self.encode_text(tokens, mask)
-        joint = torch.cat([noise_features, text_features, noise_features * text_features], dim=1)
+        joint = [noise_features, text_features, noise_features * text_features]
+        if self.tokens_over_patches is not None:
+            joint.append(self.tokens_over_patches(noise, tokens, mask))
+        joint = torch.cat(joint, dim=1)
         return (self.head(joint) + self.statistics_readout(statistics)).squeeze(-1)
 
 

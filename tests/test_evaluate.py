@@ -134,8 +134,16 @@ def test_rigged_predictor_is_perfect_and_the_report_is_complete(tiny, dataset, t
     with Image.open(out / "contact_sheet.png") as sheet:
         assert sheet.size == evaluate.contact_sheet_size(2)
 
+    # One step: nothing to preview, so the cost curve has random, the predictor and best-of-n only.
+    cost = report["cost_curve"]
+    assert {p["policy"] for p in cost["points"]} == {"random", "predictor", "best_of_n"}
+    assert cost["best_of_n_steps"] == 8 and [p["steps"] for p in cost["points"] if p["policy"] == "best_of_n"] == [
+        1, 2, 4, 8]
+    predictor_point = next(p for p in cost["points"] if p["policy"] == "predictor")
+    assert predictor_point["reaches_best_of_n"] and predictor_point["share_of_best_of_n_steps"] == pytest.approx(1 / 8)
+
     page = (out / "report.html").read_text()
-    assert page.count("<svg") == 2 and 'src="contact_sheet.png"' in page
+    assert page.count("<svg") == 3 and 'src="contact_sheet.png"' in page
     assert "NaN" not in (out / "evaluation.json").read_text()
 
 
@@ -150,7 +158,28 @@ def test_reversed_predictor_is_perfectly_wrong(tiny, dataset, tmp_path):
     # Worse than a random seed: best-of-1 already matches it.
     assert report["renders_for_equal_quality"] == pytest.approx(1.0)
     assert report["contact_sheet"] is None and not (out / "contact_sheet.png").exists()
-    assert (out / "report.html").read_text().count("<svg") == 2
+    assert (out / "report.html").read_text().count("<svg") == 3
+
+
+def test_cost_curve_previews_the_predictors_best_candidates(tiny, tmp_path, capsys):
+    dataset = write_dataset(tmp_path / "collect", tiny, steps=2)  # two steps: a one-step preview fits
+    predictor = write_predictor(tmp_path / "predictor", predictor_config(tiny), sign=1.0)
+    out = tmp_path / "report"
+    assert run(dataset, predictor, str(out), "--contact-prompts", "0", "--previews", "1x1,4x1,8x1") == 0
+    cost = json.loads((out / "evaluation.json").read_text())["cost_curve"]
+    previews = {(p["m"], p["t"]): p for p in cost["points"] if p["policy"] == "preview"}
+    assert sorted(previews) == [(1, 1), (4, 1), (8, 1)]
+    assert [previews[(m, 1)]["steps"] for m in (1, 4, 8)] == [1 + 1, 4 + 1, 8 + 1]  # M x T + (steps - T)
+    # A preview of one candidate keeps the predictor's top-1: the same images, the same mean score.
+    predictor_point = next(p for p in cost["points"] if p["policy"] == "predictor")
+    assert previews[(1, 1)]["mean_score"] == pytest.approx(predictor_point["mean_score"])
+    for point in previews.values():
+        assert cost["best_of_n_mean"] >= point["mean_score"] and 0 <= point["p_pick_best"] <= 1
+    assert "preview 8x1" in (out / "report.html").read_text()
+    for bad, message in (("9x1", "M must be 1 to N=8"), ("2x2", "T 1 to 1"), ("two", "expected MxT")):
+        capsys.readouterr()
+        assert run(dataset, predictor, str(out), "--contact-prompts", "0", "--previews", bad) == 2
+        assert message in capsys.readouterr().err
 
 
 def test_untrained_predictor_figures_are_in_range(tiny, dataset, tmp_path):
