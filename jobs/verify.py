@@ -1,7 +1,9 @@
 """Check an output's exactly-once invariants: every committed row once, every ok row's image present, no strays.
 
 Run as `seedsift verify --out OUT` or `python -m jobs.verify --out OUT`; prints a JSON report and exits 0 when the
-output is clean, 1 when it is not (2 when it cannot be read). Works on local folders and s3:// prefixes, on both
+output is clean, 1 when it is not (2 when it cannot be read). `--repair` moves every damaged manifest object and
+an unreadable run.json aside (under damaged/, never deleted), so the next run with the same command redoes the
+rows they held. Works on local folders and s3:// prefixes, on both
 image layouts, on outputs of seedsift 0.1, and under any spelling of the output's path: rows locate their images
 relative to the output root.
 """
@@ -12,17 +14,28 @@ import argparse
 import hashlib
 import json
 import sys
+import time
 from collections import Counter
 
 import numpy as np
 import pyarrow as pa
 
-from orchestrator.manifest import (DELIVERED, FAILED, OPEN_FOLDER, DamagedManifest, Manifest, legacy_to_current,
-                                   row_keys)
+from orchestrator.manifest import (
+    DELIVERED,
+    FAILED,
+    OPEN_FOLDER,
+    RUN_FILE,
+    DamagedManifest,
+    Manifest,
+    complete_key,
+    legacy_to_current,
+    row_keys,
+)
 from orchestrator.storage import TEMPORARY_MARK, Output
 
 LISTED = 20  # examples per problem kept in the report
 COLUMNS = ["prompt_id", "seed", "source", "status", "image_key", "image_member", "image_offset", "image_size"]
+REPAIR_FOLDER = "damaged"  # where --repair moves damaged objects, under a UTC time stamp: kept, never deleted
 
 
 def _digests(values: list) -> np.ndarray:
@@ -43,7 +56,7 @@ class _Check:
         self.expected_files: dict[str, tuple] = {}  # image key -> row (files layout and 0.1 outputs)
         self.expected_members: list[tuple] = []  # (tar key, offset, size, row) inside WebDataset tars
         self.stale_rows = 0
-        self.damaged: list[str] = []
+        self.damaged: list[tuple[str, str]] = []  # (key, what is wrong with it)
 
     def add(self, table: pa.Table) -> None:
         keys = row_keys(table)
@@ -93,6 +106,10 @@ def verify_output(output: Output | str, storage_options: dict | None = None) -> 
     output.fs.invalidate_cache()  # listings cached by s3fs in this process may predate the run being checked
     manifest = Manifest(output)
     check = _Check()
+    try:
+        manifest.read_run()
+    except DamagedManifest as exc:
+        check.damaged.append((RUN_FILE, str(exc)))
     legacy = manifest.legacy_parts()
     complete = manifest.complete_sizes()
     open_parts = manifest.open_parts()
@@ -101,12 +118,12 @@ def verify_output(output: Output | str, storage_options: dict | None = None) -> 
             try:
                 check.add(legacy_to_current(output.read_table(key)))
             except (pa.ArrowException, DamagedManifest) as exc:
-                check.damaged.append(f"{key}: {exc}")
+                check.damaged.append((key, f"{key}: {exc}"))
     for shard in complete:
         try:
             table = manifest.read_complete(shard, COLUMNS)
         except DamagedManifest as exc:
-            check.damaged.append(str(exc))
+            check.damaged.append((complete_key(shard), str(exc)))
             continue
         check.add(table)
         known = set(row_keys(table))
@@ -114,7 +131,7 @@ def verify_output(output: Output | str, storage_options: dict | None = None) -> 
             try:
                 part, _ = manifest.read_part(key, COLUMNS)
             except DamagedManifest as exc:
-                check.damaged.append(str(exc))
+                check.damaged.append((key, str(exc)))
                 continue
             check.stale_rows += sum(k not in known for k in row_keys(part))
     for shard, parts in open_parts.items():
@@ -125,7 +142,7 @@ def verify_output(output: Output | str, storage_options: dict | None = None) -> 
             try:
                 tables.append(manifest.read_part(key, COLUMNS)[0])
             except DamagedManifest as exc:
-                check.damaged.append(str(exc))
+                check.damaged.append((key, str(exc)))
         if tables:
             check.add(pa.concat_tables(tables))
     cross = check.cross_shard_duplicates()
@@ -173,13 +190,36 @@ def verify_output(output: Output | str, storage_options: dict | None = None) -> 
         "leftover_parts": len(leftover_parts),
         "leftover_rows_not_in_their_shard": check.stale_rows,
         "damaged_objects": len(check.damaged),
-        "damaged_object_examples": check.damaged[:LISTED],
+        "damaged_object_examples": [message for _, message in check.damaged[:LISTED]],
+        "damaged_object_keys": [key for key, _ in check.damaged],
         "temporary_files": len(temporaries),
         "temporary_file_examples": sorted(temporaries)[:LISTED],
     }
     report["clean"] = duplicates == 0 and not missing and not check.damaged and check.stale_rows == 0
     report["strict_clean"] = (report["clean"] and not orphans and not temporaries and not leftover_parts)
     return report
+
+
+def repair_output(output: Output, lease_seconds: float = 120.0) -> dict:
+    """Move every damaged manifest object (and an unreadable run.json) aside under damaged/<UTC time>/, holding
+    the output's lease so no run writes meanwhile. A damaged shard object or part no longer counts, so the next
+    run redoes its rows and rewrites their images; a run.json moved aside is written again by that run."""
+    from orchestrator.lease import Lease
+
+    lease = Lease(output, lease_seconds)
+    lease.acquire()
+    try:
+        damaged = verify_output(output)["damaged_object_keys"]
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        moved = []
+        for key in damaged:
+            companions = [key[:-len(".parquet")] + ".tar"] if key.startswith(OPEN_FOLDER) else []
+            for each in [key, *(c for c in companions if output.exists(c))]:  # a part's mini-tar goes with it
+                output.move(each, f"{REPAIR_FOLDER}/{stamp}/{each}")
+                moved.append(each)
+    finally:
+        lease.release()
+    return {"output": output.uri, "moved": moved, "moved_to": f"{REPAIR_FOLDER}/{stamp}/" if moved else None}
 
 
 def _temporaries(output: Output) -> list[str]:
@@ -199,14 +239,31 @@ def parser() -> argparse.ArgumentParser:
     result.add_argument("--out", required=True, help="output folder or s3:// prefix to check")
     result.add_argument("--strict", action="store_true",
                         help="also fail on orphan images, leftover parts and temporary files (normal after a crash)")
+    result.add_argument("--repair", action="store_true",
+                        help="move damaged manifest objects and an unreadable run.json aside (under damaged/); the "
+                             "next run with the same command redoes their rows")
     result.add_argument("--storage-options", default="{}", help="JSON fsspec storage options")
     return result
 
 
 def main(argv: list[str] | None = None) -> int:
+    from orchestrator.lease import OutputBusy
+
     args = parser().parse_args(argv)
     try:
-        report = verify_output(Output(args.out, json.loads(args.storage_options)))
+        output = Output(args.out, json.loads(args.storage_options))
+        if args.repair:
+            repaired = repair_output(output)
+            print(json.dumps(repaired, indent=2))
+            if repaired["moved"]:
+                print(f"seedsift verify: moved {len(repaired['moved'])} damaged object(s) to "
+                      f"{output.uri_of(repaired['moved_to'])}; rerun the same command to redo their rows",
+                      file=sys.stderr)
+            return 0
+        report = verify_output(output)
+    except OutputBusy as exc:  # --repair waits for no one: the run holding the output may still fix it
+        print(f"seedsift verify: {exc}", file=sys.stderr)
+        return 4
     except (OSError, ValueError) as exc:
         print(f"seedsift verify: cannot read {args.out}: {exc}", file=sys.stderr)
         return 2

@@ -222,7 +222,9 @@ def build_dataset(plan: RunPlan, manifest: Manifest, state: OutputState, files: 
         write_unit,
         fn_kwargs=dict(manifest=manifest, run_fields=plan.run_fields, image_format=config.image_format,
                        image_output=config.image_output, save_images=config.save_images),
-        batch_format="numpy", batch_size=max(config.batch_size, 16), num_cpus=READ_CPUS,
+        # A preview row costs its M previews as well as its render: commit after about as much denoising as without.
+        batch_format="numpy", batch_size=max(1, max(config.batch_size, 16) // max(1, rendering.preview)),
+        num_cpus=READ_CPUS,
     )
 
 
@@ -293,7 +295,8 @@ def run(config: GenerateConfig, console=None) -> dict:
         progress = None if console is None else console.progress(*expected_images(plan, files, state))
         return _stream(plan, files, manifest, state, lease, started, progress)
     except DamagedManifest as exc:
-        raise ConfigError(f"{exc}; `seedsift verify --out {config.out}` names every damaged object") from exc
+        raise ConfigError(f"{exc}; `seedsift verify --out {config.out}` names every damaged object, and with "
+                          "--repair moves them aside so that this command redoes their rows") from exc
     finally:
         lease.release()
 

@@ -219,6 +219,14 @@ class Output:
         self._guard("deleting objects", self.fs.rm, paths)  # s3fs batches these into DeleteObjects calls
         return len(paths)
 
+    def move(self, key: str, new_key: str) -> None:
+        """Move one object to another key of this output (an S3 copy then delete; a local rename)."""
+        if self.is_local:
+            os.makedirs(os.path.dirname(self.path(new_key)), exist_ok=True)
+            self._guard(f"moving {key}", os.replace, self.path(key), self.path(new_key))
+            return
+        self._guard(f"moving {key}", self.fs.mv, self.path(key), self.path(new_key))
+
     def remove_empty_folder(self, folder: str) -> None:
         """Remove a local folder (and its empty parents inside the output) once nothing is left in it; object
         stores have no folders, so there is nothing to do there."""
