@@ -302,3 +302,35 @@ def test_shipped_model_records_the_settings_that_reproduce_it(shapes_path):
     pipe = DiffusionPipeline.from_pretrained(shapes_path)
     assert record["parameters"] == {name: parameter_count(getattr(pipe, name)) for name in ("unet", "vae", "text_encoder")}
     assert record["folder_bytes"] < 8 * 2**20
+
+
+def test_shipped_predictor_fits_the_shapes_pipeline(shapes_path):
+    """The default predictor of embedded:shapes: safetensors + JSON, trained for this pipeline and rater."""
+    from orchestrator.predictor import EMBEDDED_PREDICTORS, predictor_from_files, read_predictor_files
+
+    folder = EMBEDDED_PREDICTORS["shapes"]
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "evaluation.json", "model.safetensors"]
+    assert sum(p.stat().st_size for p in folder.iterdir()) < 4 * 2**20
+    predictor = predictor_from_files(read_predictor_files(None, "embedded:shapes"), shapes_path, 64, 64)
+    trained = predictor.config
+    assert (trained.rater, trained.pipeline["guidance"], trained.pipeline["steps"]) == ("shapes", 5.0, 20)
+    assert trained.training_set["prompts"] == 600
+    held_out = set(shapes.held_out_prompts())
+    train_prompts = (REPO_ROOT / "examples" / "shapes-train.txt").read_text().splitlines()
+    assert len(train_prompts) == 600 and not held_out & set(train_prompts)
+
+
+def test_generate_on_shapes_with_its_predictor_from_the_command_line(ray_session, tmp_path):
+    """The README's command, smaller: the model's own defaults (guidance 5, rater shapes) and its predictor."""
+    from jobs import cli
+    from tests.helpers_manifest import manifest_frame
+
+    corpus = tmp_path / "prompts.txt"
+    corpus.write_text("a red circle\ntwo blue squares\n")
+    out = str(tmp_path / "out")
+    assert cli.main(["generate", "--prompts", str(corpus), "--out", out, "--model", "embedded:shapes",
+                     "--policy", "predictor", "-n", "4", "-k", "1", "--steps", "4", "--generator-cpus", "1"]) == 0
+    rows = manifest_frame(out)
+    assert len(rows) == 2 and (rows.status == "ok").all()
+    assert set(rows.rater) == {"shapes"} and set(rows.guidance) == {5.0} and rows.score.between(0, 1).all()
+    assert rows.predicted_score.notna().all()
