@@ -396,12 +396,21 @@ def storage_error_in(exc: BaseException) -> StorageError | None:
     Ray Data wraps a failed stage in UserCodeException/RayTaskError; the driver can re-raise this cause so the
     job prints one line naming the output instead of a traceback.
     """
-    seen = set()
-    while exc is not None and id(exc) not in seen:
+    first, seen, pending = exc, set(), [exc]
+    while pending:
+        exc = pending.pop()
+        if exc is None or id(exc) in seen:
+            continue
         seen.add(id(exc))
         if isinstance(exc, StorageError):
             return exc
         if isinstance(exc, OSError) and str(exc).startswith("output "):
             return StorageError(str(exc))
-        exc = exc.__cause__ or exc.__context__
+        # A RayTaskError keeps the task's own exception in `cause`, apart from the Python chain.
+        pending += [getattr(exc, "cause", None), exc.__cause__, exc.__context__]
+    # A worker's exception chain does not survive pickling: Ray keeps it only as the text of its traceback.
+    marker = f"{StorageError.__module__}.{StorageError.__name__}: "
+    for line in str(first).splitlines():
+        if line.startswith(marker) and line[len(marker):].startswith("output "):
+            return StorageError(line[len(marker):])
     return None

@@ -21,7 +21,7 @@ import pandas as pd
 import pytest
 
 from jobs.verify import verify_output
-from tests.helpers_ray import kill_run, run_cluster_script
+from tests.helpers_ray import kill_run, run_cluster_script, stop_private_ray
 from orchestrator import pipeline
 from orchestrator.config import GenerateConfig
 from orchestrator.dedup import DuplicateFilter
@@ -358,3 +358,41 @@ def test_s3_outage_longer_than_retries_fails_clearly_and_the_rerun_resumes(ray_s
     summary = pipeline.run(small_config(corpus, output.uri, storage_options=output.storage_options))
     assert summary["images"] == 24 and summary["this_run"]["skipped_already_committed"] > 0
     assert_clean(output, rows=24)
+
+
+# --- a full disk --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_full_disk_fails_in_one_line_and_the_rerun_finishes_clean(tmp_path):
+    """The output on a small tmpfs that fills mid-run: exit 3 with one line naming the output and the rerun; once
+    the disk is larger, the same command finishes, sweeping the failed writers' temporaries: strict-clean. Each run
+    is the CLI in its own process with its own Ray, as a user or scheduler runs it."""
+    from orchestrator.embedded import resolve_model
+
+    resolve_model("embedded:tiny-sd")  # built into the session cache before the job uses it
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96k", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs needs root")
+    env = private_ray_env(os.environ["SEEDSIFT_CACHE"])
+    try:
+        corpus = write_txt(tmp_path / "prompts.txt", PROMPTS)
+        out = str(disk / "out")
+        command = [sys.executable, "-m", "jobs.cli", "generate", "--prompts", corpus, "--out", out, "--candidates", "4",
+                   "--keep", "2", "--steps", "2", "--guidance", "3.0", "--batch-size", "4", "--generator-cpus", "1",
+                   "--shard-size", "4"]
+        full = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+        assert full.returncode == 3, full.stderr[-3000:]
+        last = [line for line in full.stderr.splitlines() if line.strip()][-1]
+        assert out in last and "rerun the same command" in last, full.stderr[-3000:]
+        assert "Traceback" not in full.stderr + full.stdout, full.stderr[-3000:]
+        partial = verify_output(out)
+        assert partial["clean"] and partial["committed_rows"] < 32, partial  # nothing doubled or half-written
+        subprocess.run(["mount", "-o", "remount,size=16m", str(disk)], check=True)
+        rerun = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+        assert rerun.returncode == 0, rerun.stderr[-3000:]
+        assert_clean(Output(out), rows=32)
+    finally:
+        stop_private_ray(env["RAY_TMPDIR"])
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
