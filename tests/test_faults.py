@@ -364,7 +364,7 @@ def test_s3_outage_longer_than_retries_fails_clearly_and_the_rerun_resumes(ray_s
 
 
 @pytest.mark.slow
-def test_full_disk_fails_in_one_line_and_the_rerun_finishes_clean(tmp_path):
+def test_full_disk_fails_in_one_line_and_the_rerun_finishes_clean(ray_session, tmp_path):
     """The output on a small tmpfs that fills mid-run: exit 3 with one line naming the output and the rerun; once
     the disk is larger, the same command finishes, sweeping the failed writers' temporaries: strict-clean. Each run
     is the CLI in its own process with its own Ray, as a user or scheduler runs it."""
