@@ -75,16 +75,17 @@ class ScorerStage:
             scores = self._predict(seeds, embeds, position[i])
             chosen = self._choose(scores)
             delivered = [index for index in chosen if row_key(prompt_id, seeds[index], source) in done[i]]
+            prompt_fields = {"prompt_mean": np.nan if scores is None else float(np.mean(scores)),
+                             "prompt_std": np.nan if scores is None else float(np.std(scores)),
+                             "truncated": bool(embeds["truncated"][position[i]])}
             if plan.preview:  # one row for the prompt's previewed candidates; the generator picks the one to keep
                 if delivered:
                     out.add(i, status=SKIPPED, planned=1, tally=1)
                     continue
                 predicted = [np.nan if scores is None else float(scores[index]) for index in chosen]
                 out.add(i, embed_row=position[i], seed=seeds[chosen[0]], candidate_index=chosen[0], planned=1,
-                        predicted=predicted[0], prompt_mean=np.nan if scores is None else float(np.mean(scores)),
-                        prompt_std=np.nan if scores is None else float(np.std(scores)),
-                        truncated=bool(embeds["truncated"][position[i]]),
-                        preview=([seeds[index] for index in chosen], chosen, predicted))
+                        predicted=predicted[0], preview=([seeds[index] for index in chosen], chosen, predicted),
+                        **prompt_fields)
                 continue
             if delivered:
                 out.add(i, status=SKIPPED, planned=len(chosen), tally=len(delivered))
@@ -92,11 +93,7 @@ class ScorerStage:
                 if index in delivered:
                     continue
                 out.add(i, embed_row=position[i], seed=seeds[index], candidate_index=index, rank=rank,
-                        planned=len(chosen),
-                        predicted=np.nan if scores is None else float(scores[index]),
-                        prompt_mean=np.nan if scores is None else float(np.mean(scores)),
-                        prompt_std=np.nan if scores is None else float(np.std(scores)),
-                        truncated=bool(embeds["truncated"][position[i]]))
+                        planned=len(chosen), predicted=np.nan if scores is None else float(scores[index]), **prompt_fields)
         return out.columns(batch, embeds, self.adapter, plan.guidance, plan.preview)
 
     def _delivered(self, shard: str) -> set:
