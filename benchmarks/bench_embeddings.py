@@ -206,7 +206,7 @@ def parent(args) -> None:
     rows = []
     for key, label, entry in (("a", "(a) full pipeline, prompt= strings", full),
                               ("b", "(b) render part + scorer's embeddings", render),
-                              ("c", "(c) scorer side: text part, encode_prompts only", text)):
+                              ("c", "(c) scorer side: text part, encode only", text)):
         rows.append({"process": label, "load s": entry["load_s"], "RSS after load MB": entry["rss_after_load_mb"],
                      "peak RSS MB": entry["peak_rss_mb"], "s per image (median)": per_image[key],
                      "s per image (min)": fastest[key]})
