@@ -442,6 +442,15 @@ def solver_class_name(model_path: str, scheduler: str = "default") -> str:
     return model_identity(model_path)["scheduler"] if scheduler == "default" else SCHEDULERS[scheduler][0]
 
 
+def check_resumable_solver(model_path: str, scheduler: str = "default") -> None:
+    """ValueError unless this solver can be paused after some steps and continued for some of the images (what
+    the preview policy does): the solvers of RESUMABLE_SOLVERS."""
+    solver = solver_class_name(model_path, scheduler)
+    if solver not in RESUMABLE_SOLVERS:
+        raise ValueError(f"{solver} cannot pause a denoising and continue the best preview (it keeps earlier steps "
+                         "of the whole batch); use --scheduler ddim, euler or euler-a")
+
+
 def scheduler_from_label(model_path: str, label: str) -> str:
     """The --scheduler name that rebuilds a recorded label (a name, or the pipeline's own class for "default")."""
     if label in SCHEDULERS:

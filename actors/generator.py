@@ -30,6 +30,11 @@ def device_and_dtype(dtype_name: str = "auto") -> tuple[str, torch.dtype]:
     return "cpu", torch.float32
 
 
+def preview_steps_spent(previewed: int, preview_steps: int, steps: int) -> int:
+    """Denoising steps one image of the preview policy costs: M previews of T steps, then the rest for the best."""
+    return previewed * preview_steps + steps - preview_steps
+
+
 def denoise_with_previews(adapter: diffusion.PipelineAdapter, state: diffusion.Denoising,
                           conditioning: diffusion.Conditioning, at_steps: list[int],
                           rate: Callable[[np.ndarray], np.ndarray]) -> tuple[diffusion.Denoising, dict[int, np.ndarray]]:
@@ -117,7 +122,7 @@ class GeneratorStage:
             column_values = np.asarray(batch[column]).copy()  # rows not rendered keep what they had
             column_values[ok] = values
             out[column] = column_values
-        spent = previewed * plan.preview_steps + plan.steps - plan.preview_steps
+        spent = preview_steps_spent(previewed, plan.preview_steps, plan.steps)
         for column, values, fill in (("preview_scores", preview_scores, np.nan),
                                      ("preview_steps", np.full(rows, plan.preview_steps), 0),
                                      ("steps_spent", np.full(rows, spent), 0)):

@@ -291,8 +291,6 @@ def complete_prompts(groups):
 
 def embed_prompts(adapter, prompts: list[str], guidance: float) -> list[dict[str, np.ndarray]]:
     """Per-prompt embeddings (every key the adapter's encode returns but `truncated`), in batches of EMBED_BATCH prompts."""
-    from actors import diffusion
-
     embeddings = []
     for start in range(0, len(prompts), EMBED_BATCH):
         encoded = adapter.encode(prompts[start:start + EMBED_BATCH], guidance)
@@ -346,19 +344,17 @@ def preview_scores(model_path: str, identity: dict, prompts: list[str], embeddin
                    seeds: list[list[int]], at_steps: list[int]) -> list[dict[int, np.ndarray]]:
     """Each prompt's candidates (seeds[i]) previewed as the preview policy does: one denoising per candidate, its
     predicted final image decoded and rated after each step count in `at_steps`. Returns [{step: scores}]."""
-    import torch
-
     from actors import diffusion
-    from actors.generator import denoise_with_previews
+    from actors.generator import denoise_with_previews, device_and_dtype
     from actors.rater import make_rater
     from orchestrator.seeds import batch_noise
 
     scheduler = diffusion.scheduler_from_label(model_path, identity["scheduler"])
-    solver = diffusion.solver_class_name(model_path, scheduler)
-    if solver not in diffusion.RESUMABLE_SOLVERS:
-        raise ConfigError(f"--previews: the dataset was rendered with {solver}, which the preview policy cannot "
-                          "pause and continue; pass --previews none")
-    device, dtype = ("cuda", torch.float16) if torch.cuda.is_available() else ("cpu", torch.float32)
+    try:
+        diffusion.check_resumable_solver(model_path, scheduler)
+    except ValueError as exc:
+        raise ConfigError(f"--previews: the dataset's solver: {exc}; or pass --previews none") from exc
+    device, dtype = device_and_dtype()
     renderer = diffusion.load_adapter(model_path, "render", device=device, dtype=dtype, scheduler=scheduler)
     rater = make_rater(identity["rater"])
     steps, guidance = int(identity["steps"]), float(identity["guidance"])
@@ -393,6 +389,8 @@ def cost_curve(model_path: str, identity: dict, groups, embeddings: list[dict], 
     points += [{"policy": "best_of_n", "n": point["n"], "steps": point["n"] * steps, "mean_score": point["oracle"]}
                for point in curve]
     if previews:
+        from actors.generator import preview_steps_spent
+
         most = max(m for m, _ in previews)
         ranked = [np.argsort(-p, kind="stable")[:most] for p in predicted]  # the predictor's best first
         started = time.time()
@@ -403,7 +401,7 @@ def cost_curve(model_path: str, identity: dict, groups, embeddings: list[dict], 
             chosen = [order[int(np.argmax(s[preview_steps][:previewed]))] for order, s in zip(ranked, scores)]
             agree = np.mean([int(c) == int(np.argmax(a)) for c, a in zip(chosen, groups.scores)])
             points.append({"policy": "preview", "m": previewed, "t": preview_steps,
-                           "steps": previewed * preview_steps + steps - preview_steps,
+                           "steps": preview_steps_spent(previewed, preview_steps, steps),
                            "mean_score": float(np.mean([a[c] for c, a in zip(chosen, groups.scores)])),
                            "p_pick_best": float(agree)})
         logger.info("previews for the cost curve: %.1f s", time.time() - started)
@@ -551,12 +549,11 @@ def render_candidates(model_path: str, identity: dict, text_adapter, prompts: li
                       seeds: list[list[int]]) -> tuple[list[np.ndarray], float]:
     """Images of the given seeds of each prompt, in order, rendered as the generator stage does; and the mean
     seconds per image spent in the pipeline call (loading excluded)."""
-    import torch
-
     from actors import diffusion
+    from actors.generator import device_and_dtype
     from orchestrator.seeds import batch_noise
 
-    device, dtype = ("cuda", torch.float16) if torch.cuda.is_available() else ("cpu", torch.float32)
+    device, dtype = device_and_dtype()
     renderer = diffusion.load_adapter(model_path, "render", device=device, dtype=dtype,
                                       scheduler=diffusion.scheduler_from_label(model_path, identity["scheduler"]))
     shape = diffusion.latent_shape(model_path, identity["height"], identity["width"])

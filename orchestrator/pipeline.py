@@ -202,12 +202,12 @@ def build_dataset(plan: RunPlan, manifest: Manifest, state: OutputState, files: 
         num_cpus=config.scorer_cpus,
     )
     rendering = plan.rendering()
+    images_per_row = max(1, rendering.preview)  # a preview row carries its prompt's M candidates
     ds = ds.map_batches(
         GeneratorStage,
         fn_constructor_args=(rendering,),
         fn_constructor_kwargs=dict(num_threads=max(1, int(resources.generator_cpus))),
-        # A preview row carries its prompt's M candidates: --batch-size counts images either way.
-        batch_format="numpy", batch_size=max(1, config.batch_size // max(1, rendering.preview)),
+        batch_format="numpy", batch_size=max(1, config.batch_size // images_per_row),  # --batch-size counts images
         compute=ray.data.ActorPoolStrategy(size=config.generators),
         num_cpus=resources.generator_cpus, num_gpus=resources.generator_gpus,
     )
@@ -223,7 +223,7 @@ def build_dataset(plan: RunPlan, manifest: Manifest, state: OutputState, files: 
         fn_kwargs=dict(manifest=manifest, run_fields=plan.run_fields, image_format=config.image_format,
                        image_output=config.image_output, save_images=config.save_images),
         # A preview row costs its M previews as well as its render: commit after about as much denoising as without.
-        batch_format="numpy", batch_size=max(1, max(config.batch_size, 16) // max(1, rendering.preview)),
+        batch_format="numpy", batch_size=max(1, max(config.batch_size, 16) // images_per_row),
         num_cpus=READ_CPUS,
     )
 

@@ -153,11 +153,10 @@ def build_plan(config: GenerateConfig) -> RunPlan:
     plan = RunPlan(config=config, model_path=model_path, width=width, height=height, latent_shape=latent_shape,
                    scheduler=diffusion.scheduler_label(model_path, config.scheduler))
     if config.policy_name == "preview":
-        solver = diffusion.solver_class_name(model_path, config.scheduler)
-        if solver not in diffusion.RESUMABLE_SOLVERS:
-            raise ConfigError(f"--policy preview pauses each denoising and continues the best preview, which "
-                              f"{solver} cannot do (it keeps earlier steps of the whole batch); pass --scheduler "
-                              "ddim, euler or euler-a")
+        try:
+            diffusion.check_resumable_solver(model_path, config.scheduler)
+        except ValueError as exc:
+            raise ConfigError(f"--policy preview: {exc}") from exc
     if config.uses_predictor:
         plan = _with_predictor(plan)
     return plan

@@ -79,7 +79,8 @@ def shard_stats(table: pa.Table) -> dict:
             reasons = Counter(reason_of(e) for e, st in zip(errors, status) if st == wanted)
             stats[name] = dict(reasons.most_common(REASONS))
     ok = pc.equal(table["status"], "ok")
-    stats["steps_spent"] = _steps_spent(table.filter(ok), columns)
+    if "steps" in columns:  # otherwise the summary counts images times the run's steps
+        stats["steps_spent"] = _steps_spent(table.filter(ok), columns)
     if "score" in columns:
         stats["score"] = sketch(table["score"].filter(ok).to_numpy(zero_copy_only=False))
     if {"prompt_predicted_mean", "prompt_predicted_std", "prompt"} <= columns:
@@ -89,8 +90,6 @@ def shard_stats(table: pa.Table) -> dict:
 
 def _steps_spent(table: pa.Table, columns: set) -> int:
     """Denoising steps the delivered images cost: their steps_spent, or for rows without it their steps."""
-    if "steps" not in columns:
-        return 0
     steps = table["steps"]
     if "steps_spent" in columns:
         steps = pc.coalesce(table["steps_spent"], steps)
