@@ -272,4 +272,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from jobs.cli import exit_without_teardown
+
+    exit_without_teardown(main())

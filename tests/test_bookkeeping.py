@@ -460,3 +460,43 @@ def test_overlapping_runs_refuse_or_wait_and_leave_a_clean_output(ray_session, t
                 kill_run(process, env["RAY_TMPDIR"])
     report = verify_output(output)
     assert report["strict_clean"] and report["delivered_rows"] == 48, report
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("first", ["plain", "waiting"])
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_two_runs_started_together_in_either_order_render_each_row_once(ray_session, tmp_path, s3_bucket, where,
+                                                                         first):
+    """A plain run and a `--wait` run of the same command, started a few milliseconds apart in either order, both
+    racing for the lease's create-only write: one renders everything; the other is refused in one line (exit 4) or
+    waits and then finds nothing to do. Nothing is rendered twice; the output ends strict-clean."""
+    from tests.helpers_ray import kill_run
+
+    corpus = tmp_path / "p.txt"
+    corpus.write_text("\n".join(f"prompt {i} of the race test" for i in range(12)) + "\n")
+    out = str(tmp_path / "out") if where == "local" else f"{s3_bucket}/race-{first}"
+    commands = {"plain": job(str(corpus), out), "waiting": job(str(corpus), out, "--wait")}
+    order = [first, "waiting" if first == "plain" else "plain"]
+    envs = {name: private_env() for name in order}
+    runs = {}
+    try:
+        for name in order:
+            runs[name] = subprocess.Popen(commands[name], cwd=REPO_ROOT, env=envs[name], stdout=subprocess.PIPE,
+                                          stderr=subprocess.PIPE, start_new_session=True)
+            time.sleep(0.005)
+        results = {name: (run.wait(timeout=300), *(s.decode() for s in run.communicate())) for name, run in
+                   runs.items()}
+    finally:
+        for name, run in runs.items():
+            kill_run(run, envs[name]["RAY_TMPDIR"])
+    rendered = 0
+    for name, (status, stdout, stderr) in results.items():
+        if status == 4:  # refused: only the plain run can be, and only in one line naming the holder
+            assert name == "plain", stderr[-2000:]
+            assert "--wait" in stderr.strip().splitlines()[-1] and "Traceback" not in stderr, stderr[-2000:]
+            continue
+        assert status == 0, f"{name}: {stderr[-3000:]}"
+        rendered += json.loads(stdout[stdout.index("{"):])["this_run"]["images"]
+    assert rendered == 24, results  # every row rendered by exactly one of the two
+    report = verify_output(Output(out))
+    assert report["strict_clean"] and report["delivered_rows"] == 24, report

@@ -396,3 +396,30 @@ def test_full_disk_fails_in_one_line_and_the_rerun_finishes_clean(ray_session, t
     finally:
         stop_private_ray(env["RAY_TMPDIR"])
         subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+# --- a finished read-only job ends with its own status ------------------------------------------------------------
+
+
+def test_verify_ends_with_its_status_and_skips_the_teardown_that_could_abort(ray_session, tmp_path):
+    """`verify` once aborted with status 134 after printing a clean report ("terminate called without an active
+    exception": Arrow's thread pools torn down at interpreter exit). A finished read-only job now leaves with
+    os._exit after flushing: no exit-time hook runs (the marker below is never written), the report is complete,
+    and twelve runs in a row on one output all end 0 with the same report."""
+    corpus = write_txt(tmp_path / "prompts.txt", PROMPTS[:4])
+    out = str(tmp_path / "out")
+    pipeline.run(small_config(corpus, out))
+    marker = tmp_path / "interpreter-teardown-ran"
+    probe = (f"import atexit, sys; atexit.register(lambda: open({str(marker)!r}, 'w').close()); "
+             f"sys.argv = ['seedsift', 'verify', '--out', {out!r}, '--strict']; from jobs.cli import entry; entry()")
+    ended = subprocess.run([sys.executable, "-c", probe], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+                           check=False)
+    assert ended.returncode == 0, ended.stderr[-2000:]
+    assert json.loads(ended.stdout)["strict_clean"] and not marker.exists()
+    reports = set()
+    for _ in range(12):
+        again = subprocess.run([sys.executable, "-m", "jobs.verify", "--out", out], cwd=REPO_ROOT,
+                               capture_output=True, text=True, timeout=120, check=False)
+        assert again.returncode == 0, (again.returncode, again.stderr[-2000:])
+        reports.add(again.stdout)
+    assert len(reports) == 1 and json.loads(reports.pop())["delivered_rows"] == 8
