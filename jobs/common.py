@@ -99,6 +99,7 @@ def check_prompts(config: GenerateConfig) -> None:
                  config.storage_options)
 
 
+EXIT_FAILED = 1  # anything else: a bug or a failure of Ray itself; the traceback is in the driver's log
 EXIT_INPUT = 2  # configuration or input: fix the command or the corpus
 EXIT_STORAGE = 3  # the output stayed unreachable or full after retries: rerun the same command to resume
 EXIT_BUSY = 4  # another run holds the output: wait, or rerun with --wait
@@ -127,3 +128,16 @@ def run_job(body: Callable[[], int]) -> int:
     except OSError as exc:  # StorageError, and any other storage failure that reached the job
         print(f"seedsift: {exc}", file=stream)
         return EXIT_STORAGE
+    except Exception as exc:  # noqa: BLE001 - anything else (a bug, a lost head node): one line, the traceback logged
+        import traceback
+
+        log = Console.ACTIVE.log_file if Console.ACTIVE is not None else None
+        if log:
+            with open(log, "a") as handle:
+                traceback.print_exc(file=handle)
+        else:  # no quiet console (--verbose, or a job without one): the traceback is the output
+            traceback.print_exc()
+        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")[:300]
+        print(f"seedsift: the job failed ({type(exc).__name__}: {first}); what was committed is kept and the same "
+              f"command resumes; the traceback is in {log or 'the output above'}", file=stream)
+        return EXIT_FAILED

@@ -187,6 +187,11 @@ class Console:
             self.stream.close()
             self.stream = sys.stderr
 
+    @property
+    def log_file(self) -> str | None:
+        """Where this driver's own stderr goes while quiet (Ray's session log folder once Ray has started)."""
+        return self._noise.name if self._noise is not None else None
+
     def say(self, text: str) -> None:
         print(text, file=self.stream, flush=True)
 

@@ -125,6 +125,30 @@ def twelve(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
+def test_an_unexpected_failure_is_one_line_with_status_1_and_its_traceback_in_the_log(tmp_path, monkeypatch, capfd):
+    """Whatever else breaks inside a run (a bug, Ray itself) ends in one console line with status 1, saying that the
+    same command resumes and where the traceback is; the traceback goes to that log, not to the console."""
+    from jobs import generate
+    from orchestrator import pipeline
+
+    def broken(config, console):
+        raise RuntimeError("a bug deep inside\nwith a second line")
+
+    monkeypatch.setattr(pipeline, "run", broken)
+    corpus = tmp_path / "p.txt"
+    corpus.write_text("a red cube\n")
+    status = generate.main(["--prompts", str(corpus), "--out", str(tmp_path / "out")])
+    err = capfd.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert status == 1, err
+    assert lines[-1].startswith("seedsift: the job failed (RuntimeError: a bug deep inside);"), err
+    assert "same command resumes" in lines[-1] and "Traceback" not in err, err
+    log = Path(lines[-1].rsplit("the traceback is in ", 1)[1])
+    logged = log.read_text()
+    assert "Traceback" in logged and "with a second line" in logged
+    log.unlink()
+
+
 def test_the_console_shows_images_done_and_a_short_summary_not_ray(twelve, tmp_path):
     out = tmp_path / "out"
     code, screen = in_a_terminal("generate", "--prompts", str(twelve), "--out", str(out), *FAST, timeout=600)
