@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     with Console(verbose=args.verbose, as_json=args.json) as console:
-        return run_job(body)
+        return run_job(body, output=args.out)
 
 
 if __name__ == "__main__":

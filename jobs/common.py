@@ -105,7 +105,29 @@ EXIT_STORAGE = 3  # the output stayed unreachable or full after retries: rerun t
 EXIT_BUSY = 4  # another run holds the output: wait, or rerun with --wait
 
 
-def run_job(body: Callable[[], int]) -> int:
+def failure_summary(exc: BaseException) -> str:
+    """`Type: first line` of the exception at the bottom of a failure, through Ray's wrappers and without colours.
+
+    A RayTaskError keeps the worker's exception in `cause`; when only its text survived, the text's last line is
+    the worker's `module.Type: message`.
+    """
+    import re
+
+    deepest, seen = exc, set()
+    while id(deepest) not in seen:
+        seen.add(id(deepest))
+        inner = getattr(deepest, "cause", None) or deepest.__cause__
+        if not isinstance(inner, BaseException):
+            break
+        deepest = inner
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(deepest))
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if "RayTaskError" in type(deepest).__name__ or "UserCodeException" in type(deepest).__name__:
+        return (lines[-1] if lines else type(deepest).__name__)[:300]
+    return f"{type(deepest).__name__}: {lines[0] if lines else ''}"[:300]
+
+
+def run_job(body: Callable[[], int], output: str | None = None) -> int:
     """Run a job body; what a user can cause or meet prints one clear line and a documented exit status.
 
     Inside a quiet Console the line goes to the console (the terminal), not to the log the rest of stderr goes to.
@@ -137,7 +159,7 @@ def run_job(body: Callable[[], int]) -> int:
                 traceback.print_exc(file=handle)
         else:  # no quiet console (--verbose, or a job without one): the traceback is the output
             traceback.print_exc()
-        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")[:300]
-        print(f"seedsift: the job failed ({type(exc).__name__}: {first}); what was committed is kept and the same "
-              f"command resumes; the traceback is in {log or 'the output above'}", file=stream)
+        kept = f"output {output}: what it committed is kept; " if output else ""
+        print(f"seedsift: the job failed ({failure_summary(exc)}); {kept}rerun the same command to resume "
+              f"(the traceback is in {log or 'the output above'})", file=stream)
         return EXIT_FAILED

@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0  # failed rows are in the manifest and the summary, and a rerun retries them
 
     with Console(verbose=args.verbose, as_json=args.json) as console:
-        return run_job(body)
+        return run_job(body, output=args.out)
 
 
 if __name__ == "__main__":

@@ -142,8 +142,9 @@ def test_an_unexpected_failure_is_one_line_with_status_1_and_its_traceback_in_th
     lines = [line for line in err.splitlines() if line.strip()]
     assert status == 1, err
     assert lines[-1].startswith("seedsift: the job failed (RuntimeError: a bug deep inside);"), err
-    assert "same command resumes" in lines[-1] and "Traceback" not in err, err
-    log = Path(lines[-1].rsplit("the traceback is in ", 1)[1])
+    assert f"output {tmp_path / 'out'}: what it committed is kept; rerun the same command" in lines[-1], err
+    assert "Traceback" not in err, err
+    log = Path(lines[-1].rsplit("the traceback is in ", 1)[1].rstrip(")"))
     logged = log.read_text()
     assert "Traceback" in logged and "with a second line" in logged
     log.unlink()
@@ -283,3 +284,18 @@ def test_a_chosen_solver_is_recorded_and_reproduced(ray_session, tmp_path, reque
     assert np.abs(original - np.asarray(Image.open(target), np.int16)).max() <= 1
     with pytest.raises(ConfigError, match=f"scheduler: '{scheduler}' -> 'ddim'"):
         pipeline.run(GenerateConfig(**settings, scheduler="ddim"))
+
+
+def test_a_failure_is_summarised_by_the_exception_under_rays_wrappers():
+    from ray.exceptions import RayTaskError
+
+    from jobs.common import failure_summary
+
+    inner = ValueError("the index actor died\nsecond line")
+    wrapped = RayTaskError("submit", "Traceback (most recent call last):\n  ...\nValueError: the index actor died",
+                           inner)
+    assert failure_summary(wrapped) == "ValueError: the index actor died"
+    text_only = RayTaskError("submit", "\x1b[36mray::MapWorker\x1b[39m\nTraceback ...\n"
+                             "ray.exceptions.ActorDiedError: The actor died unexpectedly", None)
+    assert failure_summary(text_only).endswith("ActorDiedError: The actor died unexpectedly")
+    assert "\x1b" not in failure_summary(text_only)
