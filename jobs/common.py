@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 from collections.abc import Callable
 
@@ -105,26 +106,37 @@ EXIT_STORAGE = 3  # the output stayed unreachable or full after retries: rerun t
 EXIT_BUSY = 4  # another run holds the output: wait, or rerun with --wait
 
 
+WRAPPERS = ("RayTaskError", "UserCodeException", "RayActorError")
+EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_]\w*\.)*([A-Za-z_]\w*(?:Error|Exception|Exit))(?::|$)")
+
+
 def failure_summary(exc: BaseException) -> str:
     """`Type: first line` of the exception at the bottom of a failure, through Ray's wrappers and without colours.
 
-    A RayTaskError keeps the worker's exception in `cause`; when only its text survived, the text's last line is
-    the worker's `module.Type: message`.
+    A RayTaskError keeps the worker's exception in `cause`; when that is only another wrapper (Ray Data's
+    UserCodeException), the worker's traceback survives as text, and its first exception line is the root cause
+    (for a Ray Data actor that called a killed actor: `ray.exceptions.ActorDiedError: The actor died ...`).
     """
-    import re
-
-    deepest, seen = exc, set()
-    while id(deepest) not in seen:
-        seen.add(id(deepest))
-        inner = getattr(deepest, "cause", None) or deepest.__cause__
-        if not isinstance(inner, BaseException):
+    chain, seen = [exc], {id(exc)}
+    while True:
+        inner = getattr(chain[-1], "cause", None) or chain[-1].__cause__
+        if not isinstance(inner, BaseException) or id(inner) in seen:
             break
-        deepest = inner
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(deepest))
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    if "RayTaskError" in type(deepest).__name__ or "UserCodeException" in type(deepest).__name__:
-        return (lines[-1] if lines else type(deepest).__name__)[:300]
-    return f"{type(deepest).__name__}: {lines[0] if lines else ''}"[:300]
+        chain.append(inner)
+        seen.add(id(inner))
+
+    def lines(error: BaseException) -> list[str]:
+        return [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", str(error)).splitlines() if line.strip()]
+
+    deepest = chain[-1]
+    if not any(wrapper in type(deepest).__name__ for wrapper in WRAPPERS):
+        return f"{type(deepest).__name__}: {next(iter(lines(deepest)), '')}"[:300]
+    for error in chain:  # a worker's traceback as text: its first exception line is the root cause
+        for line in lines(error):
+            match = EXCEPTION_LINE.match(line)
+            if match and match.group(1) not in WRAPPERS:
+                return line[:300]
+    return f"{type(deepest).__name__}: {next(iter(lines(deepest)), '')}"[:300]
 
 
 def run_job(body: Callable[[], int], output: str | None = None) -> int:

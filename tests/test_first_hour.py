@@ -295,7 +295,9 @@ def test_a_failure_is_summarised_by_the_exception_under_rays_wrappers():
     wrapped = RayTaskError("submit", "Traceback (most recent call last):\n  ...\nValueError: the index actor died",
                            inner)
     assert failure_summary(wrapped) == "ValueError: the index actor died"
-    text_only = RayTaskError("submit", "\x1b[36mray::MapWorker\x1b[39m\nTraceback ...\n"
-                             "ray.exceptions.ActorDiedError: The actor died unexpectedly", None)
-    assert failure_summary(text_only).endswith("ActorDiedError: The actor died unexpectedly")
+    text_only = RayTaskError("submit", "\x1b[36mray::MapWorker\x1b[39m (pid=1)\nTraceback ...\n"
+                             "ray.exceptions.ActorDiedError: The actor died unexpectedly\n\nThe above exception "
+                             "was the direct cause of the following exception:\n\nray.exceptions.UserCodeException: "
+                             "Failed to process a block\n\nTo change retry attempts, configure it.", None)
+    assert failure_summary(text_only) == "ray.exceptions.ActorDiedError: The actor died unexpectedly"
     assert "\x1b" not in failure_summary(text_only)
