@@ -10,11 +10,20 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import psutil
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def private_ray_env(**extra: str) -> dict:
+    """This process's environment for a job with a Ray of its own: no address or token of another Ray, a fresh
+    RAY_TMPDIR (which stop_private_ray finds its processes by), unbuffered output, plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
+    env.update(RAY_TMPDIR=tempfile.mkdtemp(prefix="seedsift-ray-", dir="/tmp"), PYTHONUNBUFFERED="1", **extra)
+    return env
 
 
 def stop_private_ray(ray_tmp: str, roots: list[int] = ()) -> None:

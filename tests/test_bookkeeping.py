@@ -28,6 +28,7 @@ from orchestrator.manifest import (Manifest, ShardFrame, complete_key, manifest_
                                    row_keys)
 from orchestrator.reader import ReadSettings, read_text_shards
 from orchestrator.storage import Output
+from tests.helpers_ray import private_ray_env
 from orchestrator.summary import merge_stats, quantile, shard_stats
 from tests.conftest import REPO_ROOT
 
@@ -408,14 +409,6 @@ def test_sigkill_at_any_moment_of_a_compaction_loses_and_duplicates_nothing(tmp_
 # --- two runs into one output ---------------------------------------------------------------------------------
 
 
-def private_env() -> dict:
-    import tempfile
-
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
-    env.update(RAY_TMPDIR=tempfile.mkdtemp(prefix="ssl-", dir="/tmp"), PYTHONUNBUFFERED="1")
-    return env
-
-
 def job(corpus: str, out: str, *extra: str, storage_options: dict | None = None) -> list[str]:
     return [sys.executable, "-m", "jobs.generate", "--prompts", corpus, "--out", out, "--candidates", "2", "--keep",
             "2", "--steps", "2", "--guidance", "3.0", "--batch-size", "4", "--generator-cpus", "1", "--shard-size",
@@ -431,7 +424,7 @@ def test_overlapping_runs_refuse_or_wait_and_leave_a_clean_output(ray_session, t
     corpus.write_text("\n".join(f"prompt {i} of the overlap test" for i in range(24)) + "\n")
     out = str(tmp_path / "out") if where == "local" else f"{s3_bucket}/out"
     output = Output(out)
-    envs = [private_env() for _ in range(3)]
+    envs = [private_ray_env() for _ in range(3)]
     first = subprocess.Popen(job(str(corpus), out), cwd=REPO_ROOT, env=envs[0], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, start_new_session=True)
     try:
@@ -477,7 +470,7 @@ def test_two_runs_started_together_in_either_order_render_each_row_once(ray_sess
     out = str(tmp_path / "out") if where == "local" else f"{s3_bucket}/race-{first}"
     commands = {"plain": job(str(corpus), out), "waiting": job(str(corpus), out, "--wait")}
     order = [first, "waiting" if first == "plain" else "plain"]
-    envs = {name: private_env() for name in order}
+    envs = {name: private_ray_env() for name in order}
     runs = {}
     try:
         for name in order:

@@ -12,7 +12,6 @@ import random
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ import pandas as pd
 import pytest
 
 from jobs.verify import verify_output
-from tests.helpers_ray import kill_run, run_cluster_script, stop_private_ray
+from tests.helpers_ray import kill_run, private_ray_env, run_cluster_script, stop_private_ray
 from orchestrator import pipeline
 from orchestrator.config import GenerateConfig
 from orchestrator.dedup import DuplicateFilter
@@ -167,12 +166,6 @@ def test_duplicate_prompts_and_ids_are_quarantined_and_stable(ray_session, tmp_p
 # --- driver SIGKILL -------------------------------------------------------------------------------------------
 
 
-def private_ray_env(cache: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
-    env.update(RAY_TMPDIR=tempfile.mkdtemp(prefix="ssf-", dir="/tmp"), SEEDSIFT_CACHE=cache, PYTHONUNBUFFERED="1")
-    return env
-
-
 def job_command(job: str, corpus: str, out: str) -> list[str]:
     """generate keeping all 4 candidates, or collect (which renders all 4 by definition): 64 rows for 16 prompts,
     in shards of 4 prompts, so that shards complete (and are compacted) while the run goes on. generate-preview
@@ -194,7 +187,7 @@ def test_driver_sigkill_then_rerun_matches_an_uninterrupted_run(ray_session, tmp
     resolve_model("embedded:tiny-sd")  # built into the session cache before the job uses it
     corpus = write_txt(tmp_path / "prompts.txt", PROMPTS)
     killed, clean = Output(str(tmp_path / "killed")), Output(str(tmp_path / "clean"))
-    env = private_ray_env(os.environ["SEEDSIFT_CACHE"])
+    env = private_ray_env(SEEDSIFT_CACHE=os.environ["SEEDSIFT_CACHE"])
     log = open(tmp_path / "job.log", "wb")
     process = subprocess.Popen(job_command(job, corpus, killed.uri), cwd=REPO_ROOT, env=env, stdout=log,
                                stderr=subprocess.STDOUT, start_new_session=True)
@@ -275,7 +268,7 @@ def test_killed_actor_is_restarted_and_every_row_lands_once(ray_session, tmp_pat
 @pytest.mark.slow
 def test_removed_worker_node_the_job_still_finishes(ray_session, tmp_path):
 
-    env = private_ray_env(os.environ["SEEDSIFT_CACHE"])
+    env = private_ray_env(SEEDSIFT_CACHE=os.environ["SEEDSIFT_CACHE"])
     env["RAY_AUTH_MODE"] = "disabled"
     out = tmp_path / "out"
     result = run_cluster_script("cluster_failover.py", out, env, TIMEOUT_S)
@@ -375,7 +368,7 @@ def test_full_disk_fails_in_one_line_and_the_rerun_finishes_clean(ray_session, t
     disk.mkdir()
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96k", "tmpfs", str(disk)], capture_output=True).returncode:
         pytest.skip("mounting a tmpfs needs root")
-    env = private_ray_env(os.environ["SEEDSIFT_CACHE"])
+    env = private_ray_env(SEEDSIFT_CACHE=os.environ["SEEDSIFT_CACHE"])
     try:
         corpus = write_txt(tmp_path / "prompts.txt", PROMPTS)
         out = str(disk / "out")

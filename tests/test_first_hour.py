@@ -25,6 +25,7 @@ from PIL import Image
 
 from tests.conftest import REPO_ROOT
 from tests.helpers_manifest import manifest_frame
+from tests.helpers_ray import private_ray_env
 
 NOISE = ("INFO", "Running Dataset", "logging_progress", "core_worker", "torchvision", "Token authentication",
          "RayDeprecationWarning", "DeprecationWarning", "Loading weights", "MapBatches")
@@ -32,24 +33,16 @@ FAST = ["--candidates", "2", "--keep", "1", "--steps", "2", "--guidance", "3.0",
         "--generator-cpus", "1"]
 
 
-def private_env() -> dict:
-    import tempfile
-
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
-    env.update(RAY_TMPDIR=tempfile.mkdtemp(prefix="ssh-", dir="/tmp"), PYTHONUNBUFFERED="1")
-    return env
-
-
 def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "jobs.cli", *args], cwd=REPO_ROOT, capture_output=True, text=True,
-                          timeout=timeout, env=private_env())
+                          timeout=timeout, env=private_ray_env())
 
 
 def in_a_terminal(*args: str, timeout: float = 300) -> tuple[int, str]:
     """Run the CLI in a pseudo-terminal (util-linux `script`), as a user at a terminal sees it."""
     command = " ".join([sys.executable, "-m", "jobs.cli", *args])
     result = subprocess.run(["script", "-qfec", f"stty cols 120 rows 40; {command}", "/dev/null"], cwd=REPO_ROOT,
-                            capture_output=True, timeout=timeout, env=private_env())
+                            capture_output=True, timeout=timeout, env=private_ray_env())
     return result.returncode, result.stdout.decode(errors="replace").replace("\r", "\n")
 
 
