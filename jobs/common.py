@@ -129,14 +129,15 @@ def failure_summary(exc: BaseException) -> str:
         return [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", str(error)).splitlines() if line.strip()]
 
     deepest = chain[-1]
+    own = f"{type(deepest).__name__}: {next(iter(lines(deepest)), '')}"[:300]
     if not any(wrapper in type(deepest).__name__ for wrapper in WRAPPERS):
-        return f"{type(deepest).__name__}: {next(iter(lines(deepest)), '')}"[:300]
+        return own
     for error in chain:  # a worker's traceback as text: its first exception line is the root cause
         for line in lines(error):
             match = EXCEPTION_LINE.match(line)
             if match and match.group(1) not in WRAPPERS:
                 return line[:300]
-    return f"{type(deepest).__name__}: {next(iter(lines(deepest)), '')}"[:300]
+    return own
 
 
 def run_job(body: Callable[[], int], output: str | None = None) -> int:

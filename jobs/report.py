@@ -21,7 +21,6 @@ import html
 import io
 import json
 import random
-import sys
 
 import numpy as np
 
@@ -266,4 +265,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from jobs.cli import exit_without_teardown
+
+    exit_without_teardown(main())

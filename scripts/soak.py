@@ -88,11 +88,9 @@ class Runner:
         return command
 
     def env(self) -> dict:
-        env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN",
-                                                                "RAY_AUTH_TOKEN_PATH")}
-        env.update(RAY_TMPDIR=tempfile.mkdtemp(prefix="soak-", dir="/tmp"), SEEDSIFT_CACHE=self.cache,
-                   PYTHONUNBUFFERED="1", **FAKE_CREDENTIALS)
-        return env
+        from tests.helpers_ray import private_ray_env
+
+        return private_ray_env(SEEDSIFT_CACHE=self.cache, **FAKE_CREDENTIALS)
 
     def start(self, out: str, storage_options: dict | None = None) -> Run:
         env = self.env()
@@ -130,23 +128,23 @@ class Run:
             pass
         return self.stop()
 
+    def until(self, seconds: float) -> bool:
+        """Wait until `seconds` after the start or the run's end, whichever comes first; True if still running."""
+        while self.alive() and time.time() - self.started < seconds:
+            time.sleep(0.05)
+        return self.alive()
+
     def kill(self) -> int:
         """SIGKILL the process group (driver and its local Ray), as a lost machine or OOM killer would."""
-        try:
-            os.killpg(self.process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         return self.stop()
 
     def stop(self) -> int:
+        """SIGKILL what is left of the run (all of it if still running: status -9) and collect its output."""
         from tests.helpers_ray import kill_run
 
-        if self.process.poll() is None:
-            kill_run(self.process, self.ray_tmp)
-            status = -9
-        else:
-            status = self.process.returncode
-            kill_run(self.process, self.ray_tmp)  # what its Ray left behind
+        ended = self.process.poll()
+        kill_run(self.process, self.ray_tmp)  # the process group, then whatever its Ray left behind
+        status = -9 if ended is None else ended
         if self.process.stdout:
             self.process.stdout.close()
         self._stderr.seek(0)
@@ -184,6 +182,10 @@ def committed_rows(out: str, storage_options: dict | None) -> int:
     return verify_output(out, storage_options)["committed_rows"]
 
 
+CHECKED = ("delivered_rows", "duplicates", "missing_images", "orphan_images", "temporary_files", "leftover_parts",
+           "damaged_objects", "strict_clean")  # what a trial keeps of the verify report
+
+
 def final_check(out: str, storage_options: dict | None, reference: set) -> dict:
     from jobs.verify import verify_output
     from orchestrator.storage import Output
@@ -192,8 +194,7 @@ def final_check(out: str, storage_options: dict | None, reference: set) -> dict:
     report = verify_output(out, storage_options)
     rows = manifest_frame(Output(out, storage_options))
     delivered = set(zip(rows.prompt_id, rows.seed.astype(int)))
-    return {key: report[key] for key in ("delivered_rows", "duplicates", "missing_images", "orphan_images",
-                                         "temporary_files", "leftover_parts", "damaged_objects", "strict_clean")} | {
+    return {key: report[key] for key in CHECKED} | {
         "same_rows_as_reference": delivered == reference and len(rows) == len(reference)}
 
 
@@ -240,9 +241,7 @@ class Soak:
         out = self.out("driver")
         at = self.rng.uniform(0, self.duration)
         run = self.runner.start(out)
-        while run.alive() and time.time() - run.started < at:
-            time.sleep(0.05)
-        if not run.alive():
+        if not run.until(at):
             return {"skipped": f"finished at {time.time() - run.started:.1f} s, before the kill at {at:.1f} s",
                     "first_status": run.stop()}
         status = run.kill()
@@ -286,8 +285,7 @@ class Soak:
         # the corpus is read (a few seconds here).
         seen = time.time() - run.started
         at = seen + self.rng.uniform(0, 2) if name.startswith("Duplicate") else self.rng.uniform(seen, self.duration)
-        while run.alive() and time.time() - run.started < at:
-            time.sleep(0.05)
+        run.until(at)
         victims = run.actor_pids(name)
         if not victims:
             status = run.wait(RUN_TIMEOUT_S)
@@ -345,9 +343,7 @@ class Soak:
         options = {"endpoint_url": proxy.url, **(FEW_RETRIES if long else {})}
         at = self.rng.uniform(0.15, 0.9) * self.duration
         run = self.runner.start(out, options)
-        while run.alive() and time.time() - run.started < at:
-            time.sleep(0.05)
-        if not run.alive():
+        if not run.until(at):
             return {"skipped": "finished before the outage", "first_status": run.stop()}
         committed = committed_rows(out, {"endpoint_url": self.moto_url})
         proxy.pause()
@@ -428,9 +424,7 @@ class Soak:
                 from jobs.verify import verify_output
 
                 report = verify_output(result["out"])
-                result.update({key: report[key] for key in ("delivered_rows", "duplicates", "missing_images",
-                                                            "orphan_images", "temporary_files", "leftover_parts",
-                                                            "damaged_objects", "strict_clean")})
+                result.update({key: report[key] for key in CHECKED})
                 result["same_rows_as_reference"] = report["delivered_rows"] == result["expected_rows"]
             else:
                 result.update(final_check(result["out"], self.check_options(result), self.rows))

@@ -79,8 +79,9 @@ class PausableProxy:
             with self._lock:
                 self._open.discard(source)
                 self._open.discard(sink)
+            end = _reset if self._paused.is_set() else _close
             for sock in (source, sink):
-                _reset(sock) if self._paused.is_set() else _close(sock)
+                end(sock)
 
 
 def _reset(sock: socket.socket) -> None:
