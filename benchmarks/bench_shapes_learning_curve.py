@@ -1,7 +1,8 @@
 """How the shapes predictor's held-out figures grow with the number of training prompts (a learning curve).
 
 Takes a training collect and a held-out collect of embedded:shapes (the two collects of
-scripts/train_shapes_predictor.sh), trains the predictor with the train job's defaults on nested subsets of the
+scripts/train_shapes_predictor.sh), trains the predictor with the train job's defaults (70 % of a subset's prompts
+fitted, 15 % for early stopping, 15 % unused here) on nested subsets of the
 training prompts (the first K in a fixed hash order, so every subset contains the smaller ones), and evaluates each
 on every held-out prompt with the evaluate job. Whether the figures still rise at the full set, and how fast, says
 how many prompts the issue's goals (per-prompt Spearman >= 0.5, top-1 of 16 >= +1.0 sd) would take.
@@ -48,22 +49,25 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="*", default=[75, 150, 300, 600], help="training prompts")
     parser.add_argument("--name", default="shapes-learning-curve")
     args = parser.parse_args()
+    sizes = sorted(set(args.sizes))
+    if not sizes or sizes[0] < 2:
+        raise SystemExit("--sizes: give one or more subset sizes of at least 2 prompts")
 
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    def dataset_file(location: str) -> str:
-        return location if location.endswith(".parquet") else str(Path(location) / "dataset.parquet")
+    from jobs.train import dataset_digest, read_dataset
 
-    table = pq.read_table(dataset_file(args.train))
+    table = read_dataset(args.train)
+    held_out = read_dataset(args.held_out)
     order = prompt_order(table.column("prompt_id").to_pylist())
+    if sizes[-1] > len(order):
+        raise SystemExit(f"--sizes {sizes[-1]}: the training collect has only {len(order)} prompts")
     points = []
     with LoadSampler() as load, tempfile.TemporaryDirectory(prefix="seedsift-curve-") as work:
         started = time.time()
-        for size in args.sizes:
-            if size > len(order):
-                raise SystemExit(f"--sizes {size}: the training collect has only {len(order)} prompts")
+        for size in sizes:
             folder = Path(work) / f"prompts-{size}"
             folder.mkdir()
             chosen = pa.array(order[:size], type=pa.string())
@@ -87,10 +91,11 @@ def main() -> None:
             print(point, flush=True)
         wall = time.time() - started
 
-    sizes = np.log([p["training_prompts"] for p in points])
-    slope = float(np.polyfit(sizes, [p["held_out_spearman"] for p in points], 1)[0]) if len(points) > 1 else None
+    log_sizes = np.log([p["training_prompts"] for p in points])
+    slope = float(np.polyfit(log_sizes, [p["held_out_spearman"] for p in points], 1)[0]) if len(points) > 1 else None
     lines = [(f"embedded:shapes predictor, train job defaults, nested subsets of {len(order)} training prompts x 16 "
-             f"candidates; figures on the {evaluation['prompts']} held-out prompts (evaluate --split all)."), "",
+             f"candidates (the train job fits 70 % of each subset's prompts, stops early on 15 %); figures on the "
+             f"{evaluation['prompts']} held-out prompts (evaluate --split all)."), "",
              ("| training prompts | val Spearman (train job) | held-out per-prompt Spearman | held-out top-1 gain, "
              "per-prompt sd | P(true best) | prompt-swap keeps |"), "|---|---|---|---|---|---|"]
     for p in points:
@@ -101,7 +106,9 @@ def main() -> None:
         lines += ["", (f"Held-out Spearman per doubling of the training prompts (least squares on log size): "
                   f"{slope * np.log(2):+.3f}.")]
     save(args.name, {"machine": machine(), "load": load.summary(), "wall_s": round(wall, 1),
-                     "settings": {"sizes": args.sizes}, "training_prompts_available": len(order),
+                     "settings": {"sizes": sizes}, "training_prompts_available": len(order),
+                     "training_collect_digest": dataset_digest(table),
+                     "held_out_collect_digest": dataset_digest(held_out),
                      "spearman_per_doubling": None if slope is None else slope * float(np.log(2)),
                      "points": points}, "\n".join(lines))
 
