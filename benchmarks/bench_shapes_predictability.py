@@ -113,13 +113,15 @@ def main() -> None:
     predictor = load_predictor(resolve_predictor(None, "embedded:shapes"), model_path, height, width)
     base_noise = batch_noise(seeds, shape)
 
-    def render_and_rate(prompt_list: list[str], noise) -> tuple[np.ndarray, np.ndarray]:
-        """(scores (prompts, seeds), satisfied-fact tuple of each image, prompts outermost)."""
-        scores, facts = [], []
+    def render_rate_and_predict(prompt_list: list[str], noise) -> tuple[np.ndarray, list, np.ndarray]:
+        """Rated scores (prompts, seeds), each image's satisfied-fact tuple (prompts outermost) and the shipped
+        predictor's scores (prompts, seeds), from one encoding of each prompt."""
+        scores, facts, predicted = [], [], []
         with torch.inference_mode():
             for prompt in prompt_list:
                 embeds = adapter.encode([prompt] * len(seeds), args.guidance)
                 embeds.pop("truncated", None)
+                predicted.append(predictor.score_candidates(noise, {k: v[0] for k, v in embeds.items()}))
                 for start in range(0, len(seeds), args.batch):
                     rows = slice(start, start + args.batch)
                     images = adapter.render({k: v[rows] for k, v in embeds.items()}, noise[rows], steps=args.steps,
@@ -129,18 +131,9 @@ def main() -> None:
                         rating = rate(image, prompt)
                         scores.append(rating.score)
                         facts.append(rating.satisfied)
-        return np.asarray(scores).reshape(len(prompt_list), len(seeds)), facts
+        return np.asarray(scores).reshape(len(prompt_list), len(seeds)), facts, np.asarray(predicted)
 
-    def predict(prompt_list: list[str], noise) -> np.ndarray:
-        """The shipped predictor's scores of every prompt x seed, prompts outermost."""
-        predicted = []
-        for prompt in prompt_list:
-            embeds = adapter.encode([prompt], args.guidance)
-            predicted.append(predictor.score_candidates(noise, {k: v[0] for k, v in embeds.items()
-                                                                 if k != "truncated"}))
-        return np.asarray(predicted)
-
-    def compare(name: str, base: np.ndarray, base_facts, other: np.ndarray, other_facts, base_predicted: np.ndarray,
+    def compare(name: str, base: np.ndarray, base_facts, base_predicted: np.ndarray, other: np.ndarray, other_facts,
                 other_predicted: np.ndarray, **extra) -> dict:
         correlations = per_prompt_spearman(list(zip(other, base)))
         predictor_moves = per_prompt_spearman(list(zip(other_predicted, base_predicted)))
@@ -159,20 +152,14 @@ def main() -> None:
     rows = []
     with LoadSampler() as load:
         started = time.time()
-        base, base_facts = render_and_rate(prompts, base_noise)
-        base_predicted = predict(prompts, base_noise)
+        base, base_facts, base_predicted = render_rate_and_predict(prompts, base_noise)
         best = np.array([top1_gain(b, b)["gain_std_units"] for b in base])
         for amount in args.nearby:
-            moved = moved_noise(base_noise, seeds, amount)
-            other, other_facts = render_and_rate(prompts, moved)
-            rows.append(compare(f"nearby noise e={amount}", base, base_facts, other, other_facts, base_predicted,
-                                predict(prompts, moved), amount=amount))
+            moved = render_rate_and_predict(prompts, moved_noise(base_noise, seeds, amount))
+            rows.append(compare(f"nearby noise e={amount}", base, base_facts, base_predicted, *moved, amount=amount))
         # Mirrored seeds of the mirrored prompt, compared fact by fact with the unmirrored render's facts.
-        mirrored = [mirrored_prompt(p) for p in prompts]
-        flipped = torch.flip(base_noise, dims=[3])
-        other, other_facts = render_and_rate(mirrored, flipped)
-        rows.append(compare("mirror (noise flipped, left/right swapped)", base, base_facts, other, other_facts,
-                            base_predicted, predict(mirrored, flipped)))
+        mirrored = render_rate_and_predict([mirrored_prompt(p) for p in prompts], torch.flip(base_noise, dims=[3]))
+        rows.append(compare("mirror (noise flipped, left/right swapped)", base, base_facts, base_predicted, *mirrored))
         pairs = pair_agreement(prompts, base)
         wall = time.time() - started
 
