@@ -28,9 +28,9 @@ from orchestrator.manifest import (Manifest, ShardFrame, complete_key, manifest_
                                    row_keys)
 from orchestrator.reader import ReadSettings, read_text_shards
 from orchestrator.storage import Output
-from tests.helpers_ray import private_ray_env
 from orchestrator.summary import merge_stats, quantile, shard_stats
 from tests.conftest import REPO_ROOT
+from tests.helpers_ray import private_ray_env
 
 SHARD = "p.txt/000000"
 FRAME = ShardFrame(file="p.txt", index=0, rows=40, start=0, end=400, first_line=1, end_line=40, digest="d")
