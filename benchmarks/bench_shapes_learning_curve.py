@@ -91,25 +91,29 @@ def main() -> None:
             print(point, flush=True)
         wall = time.time() - started
 
-    log_sizes = np.log([p["training_prompts"] for p in points])
-    slope = float(np.polyfit(log_sizes, [p["held_out_spearman"] for p in points], 1)[0]) if len(points) > 1 else None
-    lines = [(f"embedded:shapes predictor, train job defaults, nested subsets of {len(order)} training prompts x 16 "
-             f"candidates (the train job fits 70 % of each subset's prompts, stops early on 15 %); figures on the "
-             f"{evaluation['prompts']} held-out prompts (evaluate --split all)."), "",
+    per_doubling = None
+    if len(points) > 1:
+        log_sizes = np.log([p["training_prompts"] for p in points])
+        per_doubling = float(np.polyfit(log_sizes, [p["held_out_spearman"] for p in points], 1)[0] * np.log(2))
+    split = config["split"]  # the train job's, the same for every point
+    lines = [(f"embedded:shapes predictor, train job defaults, nested subsets of {len(order)} training prompts x "
+             f"{config['metrics']['candidates_per_prompt']} candidates (the train job fits "
+             f"{split['train'] * 100:.0f} % of each subset's prompts, stops early on {split['val'] * 100:.0f} %); "
+             f"figures on the {evaluation['prompts']} held-out prompts (evaluate --split all)."), "",
              ("| training prompts | val Spearman (train job) | held-out per-prompt Spearman | held-out top-1 gain, "
              "per-prompt sd | P(true best) | prompt-swap keeps |"), "|---|---|---|---|---|---|"]
     for p in points:
         kept = "n/a" if p["prompt_swap_gain_kept"] is None else f"{p['prompt_swap_gain_kept']:.0%}"
         lines.append(f"| {p['training_prompts']} | {p['val_spearman']:.3f} | {p['held_out_spearman']:.3f} | "
                      f"{p['held_out_top1_gain_sd']:+.2f} | {p['held_out_p_pick_best']:.2f} | {kept} |")
-    if slope is not None:
+    if per_doubling is not None:
         lines += ["", (f"Held-out Spearman per doubling of the training prompts (least squares on log size): "
-                  f"{slope * np.log(2):+.3f}.")]
+                  f"{per_doubling:+.3f}.")]
     save(args.name, {"machine": machine(), "load": load.summary(), "wall_s": round(wall, 1),
                      "settings": {"sizes": sizes}, "training_prompts_available": len(order),
                      "training_collect_digest": dataset_digest(table),
                      "held_out_collect_digest": dataset_digest(held_out),
-                     "spearman_per_doubling": None if slope is None else slope * float(np.log(2)),
+                     "spearman_per_doubling": per_doubling,
                      "points": points}, "\n".join(lines))
 
 
