@@ -13,7 +13,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from actors import diffusion
+from actors import diffusion, trace
 from orchestrator.embedded import resolve_model
 from orchestrator.plan import RenderPlan
 from orchestrator.seeds import batch_noise
@@ -54,6 +54,8 @@ class GeneratorStage:
     """Ray Data callable class: one instance per generator actor."""
 
     def __init__(self, plan: RenderPlan, num_threads: int = 1):
+        trace.mark("generator", "process", trace.process_started())
+        trace.mark("generator", "init")
         torch.set_num_threads(max(1, num_threads))
         self.device, self.dtype = device_and_dtype()
         model_path = resolve_model(plan.model)
@@ -66,8 +68,14 @@ class GeneratorStage:
             from actors.rater import make_rater  # the previews are rated by the run's own rater, here on this actor
 
             self.rater = make_rater(plan.rater)
+        self.first_call = trace.FirstCall("generator")
+        trace.mark("generator", "ready")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with self.first_call:
+            return self._call(batch)
+
+    def _call(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         count = len(batch["status"])
         status = np.asarray(batch["status"], dtype=object).copy()
         error = np.asarray(batch["error"], dtype=object).copy()

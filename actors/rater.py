@@ -52,6 +52,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from actors import trace
 from orchestrator.config import looks_like_local_path
 
 DEFAULT_RATER_SPEC = "colorfulness"
@@ -312,11 +313,19 @@ class RaterStage:
     """
 
     def __init__(self, rater_spec: str, num_threads: int = 1) -> None:
+        trace.mark("rater", "process", trace.process_started())
+        trace.mark("rater", "init")
         # Ray sets OMP_NUM_THREADS=1 in workers; the caller decides how many cores this actor may use.
         torch.set_num_threads(num_threads)
         self.rater = make_rater(rater_spec)
+        self.first_call = trace.FirstCall("rater")
+        trace.mark("rater", "ready")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with self.first_call:
+            return self._call(batch)
+
+    def _call(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         count = len(batch["status"])
         # Object arrays, because writing "failed" into a fixed-width "<U2" array of "ok" would truncate it.
         status = np.array([str(value) for value in batch["status"]], dtype=object)

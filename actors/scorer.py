@@ -13,7 +13,7 @@ import numpy as np
 import ray
 import torch
 
-from actors import diffusion
+from actors import diffusion, trace
 from orchestrator.budget import keep_budget
 from orchestrator.embedded import resolve_model
 from orchestrator.manifest import SKIPPED, Manifest, row_key
@@ -31,6 +31,8 @@ class ScorerStage:
 
     def __init__(self, plan: ScoringPlan, *, predictor_files: list | None = None, manifest: Manifest | None = None,
                  committed_shards: frozenset = frozenset(), num_threads: int = 1):
+        trace.mark("scorer", "process", trace.process_started())
+        trace.mark("scorer", "init")
         torch.set_num_threads(max(1, num_threads))
         model_path = resolve_model(plan.model)
         self.plan = plan
@@ -47,8 +49,14 @@ class ScorerStage:
             files = ray.get(predictor_files[0])
             self.predictor = predictor_from_files(files, model_path, plan.height, plan.width,
                                                   source=plan.predictor_source)
+        self.first_call = trace.FirstCall("scorer")
+        trace.mark("scorer", "ready")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with self.first_call:
+            return self._call(batch)
+
+    def _call(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         plan = self.plan
         count = len(batch["status"])
         done = [self._delivered(str(batch["shard"][i])) for i in range(count)]

@@ -1,9 +1,10 @@
-"""Figure 1, orchestration overhead: `seedsift generate` (local Ray, one generator) vs a plain diffusers loop.
+"""Figure 1, start-up and throughput: `seedsift generate` (the CLI, local Ray) vs a plain diffusers loop.
 
-Both render the same (prompt, seed) list with the same pipeline, batch size, steps, guidance and torch threads
-(`--policy random --candidates 1 --keep 1`, so the images are the same) and save PNGs. Each run is its own process;
-the parent interleaves them per size, so both see the same machine load. Reports steady-state and end-to-end
-throughput ratios, the fixed start-up costs, the images needed to amortise them, and Ray Data's ds.stats().
+Both render the same (prompt, seed) list with the same pipeline, size, steps, guidance, batch and torch threads
+(`--policy random -n 1 -k 1`, so the images are the same) and save PNGs. Each side is its own process, interleaved
+per configuration so both see the same machine; the parent times both from outside by watching the output folder
+for image files. Reports the time from process start to the first image written, the steady (marginal) throughput
+ratio, the fixed costs, and, from SEEDSIFT_TRACE, where seedsift's seconds to the first image go.
 """
 
 from __future__ import annotations
@@ -12,19 +13,18 @@ import argparse
 import csv
 import json
 import os
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 T_PROCESS = time.perf_counter()  # before any heavy import: start-up includes imports
 
 import _common  # noqa: E402,F401
-from _common import PYTHON, REPO_ROOT, LoadSampler, emit, machine, run_child, save, table  # noqa: E402
+from _common import PYTHON, REPO_ROOT, LoadSampler, emit, machine, save, table  # noqa: E402
 
-# Images excluded from the steady-state window (warm-up: first two batches of 4). Both sides are timed where images
-# are produced: the plain loop after each batch, seedsift's generator after each batch (a GeneratorStage subclass
-# that appends a timestamp to a file). The driver cannot time it: a generator task renders a whole scorer output
-# block (scorer_batch_size = 32 rows) before its rows move on, so committed rows reach the driver 32 at a time.
+# Images excluded from the steady-state window (warm-up: the first two batches of 4).
 STEADY_AFTER = 8
 
 
@@ -85,63 +85,6 @@ def child_plain(args) -> None:
           "marks": [(t - T_PROCESS, n) for t, n in marks], "images": done, "threads": torch.get_num_threads()})
 
 
-def child_seedsift(args) -> None:
-    """pipeline.run's steps, with a timestamp at each committed unit and Ray Data's stats at the end."""
-    from actors.generator import GeneratorStage
-    from orchestrator import pipeline
-    from orchestrator.config import GenerateConfig
-
-    marks_file = args.out + ".generator-marks"
-
-    class TimedGenerator(GeneratorStage):
-        """GeneratorStage plus one line per rendered batch: wall-clock time and image count (same machine)."""
-
-        def __call__(self, batch):
-            out = super().__call__(batch)
-            with open(marks_file, "a") as handle:
-                handle.write(f"{time.time()} {int((out['status'] == 'ok').sum())}\n")
-            return out
-
-    pipeline.GeneratorStage = TimedGenerator  # build_dataset reads the name from its module
-    t_imported = time.perf_counter()
-    config = GenerateConfig(prompts=args.prompts, out=args.out, model=args.model, policy="random", candidates=1,
-                            keep=1, steps=args.steps, guidance=args.guidance, width=args.size, height=args.size,
-                            batch_size=args.batch_size, seed=args.seed, generators=args.generators,
-                            generator_cpus=args.generator_cpus or None,
-                            scorer_batch_size=args.scorer_batch_size or GenerateConfig.scorer_batch_size)
-    plan, files, manifest = pipeline.prepare(config)
-    pipeline.check_run_file(manifest, plan)
-    state = pipeline.OutputState.read(manifest)
-    pipeline.connect_ray(None)
-    t_ray = time.perf_counter()
-    import dataclasses
-
-    import ray
-
-    resources = dataclasses.asdict(pipeline.plan_resources(config))
-    ds, indexes = pipeline.start_stream(plan, files, manifest, state)
-    marks, images = [], 0
-    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-        images += batch["status"].to_pylist().count("ok")
-        marks.append((time.perf_counter(), images))
-    t_end = time.perf_counter()
-    stats = ds.stats()
-    ray.shutdown()
-    # time.time() in the actor -> this process's perf_counter scale.
-    offset = time.perf_counter() - time.time()
-    generator_marks, rendered = [], 0
-    for line in sorted(open(marks_file).read().split("\n")[:-1], key=lambda text: float(text.split()[0])):
-        stamp, count = line.split()
-        rendered += int(count)
-        generator_marks.append((float(stamp) + offset - T_PROCESS, rendered))
-    emit({"imports_s": t_imported - T_PROCESS, "ray_start_s": t_ray - t_imported,
-          "first_unit_s": marks[0][0] - t_ray, "total_in_process_s": t_end - T_PROCESS,
-          "driver_marks": [(t - T_PROCESS, n) for t, n in marks], "marks": generator_marks, "images": images,
-          "stats": stats,
-          "generator_threads": max(1, int(resources["generator_cpus"])), "resources": resources,
-          "generators": args.generators})
-
-
 def compare_images(plain_dir: str, seedsift_dir: str) -> dict:
     """Pixel comparison of the two runs' PNGs, matched by (prompt id, seed)."""
     import numpy as np
@@ -158,32 +101,6 @@ def compare_images(plain_dir: str, seedsift_dir: str) -> dict:
         diffs.append(int(np.abs(a - b).max()))
         matched += 1
     return {"matched": matched, "identical": sum(d == 0 for d in diffs), "max_abs_uint8_diff": max(diffs or [0])}
-
-
-def operator_wall_s(stats: str, name: str) -> float | None:
-    """Total remote wall time of one operator in ds.stats() text (the seconds its tasks were running)."""
-    lines = stats.splitlines()
-    for i, line in enumerate(lines):
-        if line.startswith("Operator") and name in line:
-            for follow in lines[i + 1:i + 4]:
-                if "Remote wall time" in follow:
-                    total = follow.rsplit(",", 1)[1].strip().removesuffix(" total")
-                    for unit, scale in (("ms", 1e-3), ("us", 1e-6), ("s", 1.0)):
-                        if total.endswith(unit):
-                            return float(total.removesuffix(unit)) * scale
-    return None
-
-
-def generator_stats(stats: str) -> str:
-    """The per-operator lines of ds.stats() worth reading: each operator's header and its wall/CPU time rows."""
-    keep = []
-    for line in stats.splitlines():
-        text = line.strip()
-        if text.startswith(("Operator", "* Remote wall time", "* Remote cpu time", "* Operator throughput",
-                            "* Total input num rows", "* Ray Data throughput", "Dataset iterator time",
-                            "* Total time overall", "* Total time in")):
-            keep.append(text)
-    return "\n".join(keep)
 
 
 def leftover_processes(ray_tmpdir: str, wait_s: float = 3.0) -> list[dict]:
@@ -213,121 +130,187 @@ def leftover_processes(ray_tmpdir: str, wait_s: float = 3.0) -> list[dict]:
     return found
 
 
-VARIANTS = {  # name -> extra environment of the seedsift run
-    "seedsift": {},
-    # Ray starts worker processes at nice 15; on a shared machine they then lose the CPU to everyone else.
-    "seedsift, RAY_worker_niceness=0": {"RAY_worker_niceness": "0"},
-}
+class ImageWatcher:
+    """Polls a folder for image files and records when each first appears (perf_counter): both sides of the
+    comparison are timed the same way, from outside, where a user would look for the images."""
+
+    def __init__(self, folder: str, suffix: str = ".png", period: float = 0.02):
+        from orchestrator.storage import TEMPORARY_MARK  # the parent's only: the plain child does not pay for it
+
+        self.temporary_mark = TEMPORARY_MARK
+        self.folder, self.suffix, self.period = folder, suffix, period
+        self.seen: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _scan(self) -> None:
+        now = time.perf_counter()
+        for root, _, names in os.walk(self.folder):
+            for name in names:
+                # seedsift writes under a temporary name and renames: only final names count.
+                if name.endswith(self.suffix) and self.temporary_mark not in name:
+                    self.seen.setdefault(os.path.join(root, name), now)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._scan()
+            self._stop.wait(self.period)
+
+    def __enter__(self) -> ImageWatcher:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._scan()
+
+    def curve(self, since: float) -> list[tuple[float, int]]:
+        """(seconds since `since`, images written by then), one point per image."""
+        return [(t - since, n + 1) for n, t in enumerate(sorted(self.seen.values()))]
+
+
+def run_watched(args: list[str], out: str, env: dict | None = None) -> tuple[str, float, float, list]:
+    """Run one side as its own process; returns (stdout, wall clock at start, wall seconds, image curve)."""
+    os.makedirs(out, exist_ok=True)
+    started_wall, started = time.time(), time.perf_counter()
+    with ImageWatcher(out) as watcher:
+        proc = subprocess.run(args, capture_output=True, text=True, cwd=REPO_ROOT, env={**os.environ, **(env or {})})
+    wall = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc.stdout, started_wall, wall, watcher.curve(started)
+
+
+def read_trace(path: str, since: float) -> dict[str, dict[str, float]]:
+    """{who: {event: seconds since `since`}} from a SEEDSIFT_TRACE file (the first time of each event)."""
+    events: dict[str, dict[str, float]] = {}
+    if os.path.exists(path):
+        for line in open(path):
+            event = json.loads(line)
+            events.setdefault(event["who"], {}).setdefault(event["event"], round(event["t"] - since, 2))
+    return events
+
+
+def breakdown(trace: dict, plain: dict, first_image: dict) -> list[dict]:
+    """Where the seconds to the first image go, seedsift beside the plain loop (seconds from process start)."""
+    driver = trace.get("driver", {})
+    rows = [{"step": "driver: imports", "seedsift": driver.get("imports done"), "plain": round(plain["imports_s"], 2)},
+            {"step": "driver: configuration, corpus, plan and output checked", "seedsift": driver.get("checked")},
+            {"step": "Ray started (local)", "seedsift": driver.get("ray up")},
+            {"step": "dataset built, duplicate index loaded", "seedsift": driver.get("stream built")}]
+    for stage in ("scorer", "generator", "rater"):
+        events = trace.get(stage, {})
+        rows += [{"step": f"{stage}: process started", "seedsift": events.get("process")},
+                 {"step": f"{stage}: imports done (class loaded)", "seedsift": events.get("init")},
+                 {"step": f"{stage}: model loaded (ready)", "seedsift": events.get("ready")},
+                 {"step": f"{stage}: first batch in / out", "seedsift": f"{events.get('first call')} / "
+                                                                       f"{events.get('first call done')}"}]
+    rows += [{"step": "model loaded", "plain": round(plain["imports_s"] + plain["load_s"], 2)},
+             {"step": "first batch rendered", "plain": round(plain["marks"][0][0], 2)},
+             {"step": "sink: first unit committed", "seedsift": trace.get("sink", {}).get("unit committed")},
+             {"step": "first image file seen", "seedsift": first_image["seedsift"], "plain": first_image["plain"]},
+             {"step": "driver: first rows counted", "seedsift": driver.get("first rows committed")},
+             {"step": "summary written", "seedsift": driver.get("summary written")}]
+    return rows
 
 
 def parent(args) -> None:
     sizes = [tuple(int(x) for x in spec.split(":")) for spec in args.sizes]  # size:steps:images
-    rows, raw = [], []
+    rows, raw, breakdowns = [], [], {}
     start_machine = machine()
+    # Both sides get the same torch threads: the generator's default locally is the machine's cores.
+    threads = args.generator_cpus or max(1, os.cpu_count() or 1)
     with LoadSampler() as load:
         for repeat in range(args.repeats):
             for size, steps, count in sizes:
                 with tempfile.TemporaryDirectory(prefix="seedsift-overhead-") as tmp:
                     prompts = os.path.join(tmp, "prompts.txt")
                     make_corpus(prompts, count)
-                    common = ["--prompts", prompts, "--size", str(size), "--steps", str(steps), "--batch-size",
-                              str(args.batch_size), "--guidance", str(args.guidance), "--model", args.model]
-                    # The generator gets generator_cpus threads: locally max(1, (cores + 2 - 2) // generators)
-                    # unless --generator-cpus says otherwise; the plain loop gets the same number.
-                    threads = args.generator_cpus or max(1, (os.cpu_count() or 1))
-                    if args.generator_cpus:
-                        common += ["--generator-cpus", str(args.generator_cpus)]
+                    common = ["--prompts", prompts, "--steps", str(steps), "--batch-size", str(args.batch_size),
+                              "--guidance", str(args.guidance), "--model", args.model]
                     load_before = os.getloadavg()[0]
-                    plain, plain_wall = run_child([PYTHON, __file__, "--child", "plain", "--out", f"{tmp}/plain",
-                                                   "--threads", str(threads)] + common)
-                    p_rate = steady_rate(plain["marks"], STEADY_AFTER)
-                    p_fixed = plain_wall - count / p_rate
-                    for variant, extra_env in VARIANTS.items():
-                        if variant != "seedsift" and not args.niceness_variant:
-                            continue
-                        ray_tmp = os.path.join(tmp, f"ray{len(raw)}")
-                        os.makedirs(ray_tmp)
-                        out = os.path.join(tmp, f"seedsift{len(raw)}")
-                        seedsift, seedsift_wall = run_child([PYTHON, __file__, "--child", "seedsift", "--out", out]
-                                                            + common, env={"RAY_TMPDIR": ray_tmp, "RAY_ADDRESS": "",
-                                                                           **extra_env})
-                        leftovers = leftover_processes(ray_tmp)
-                        load_after = os.getloadavg()[0]
-                        same = compare_images(f"{tmp}/plain", out)
-                        s_rate = steady_rate(seedsift["marks"], STEADY_AFTER)
-                        if p_rate is None or s_rate is None:
-                            raise SystemExit(f"{count} images is too few for a steady window after {STEADY_AFTER}")
-                        busy = operator_wall_s(seedsift["stats"], "TimedGenerator")
-                        # Fixed cost = wall time not explained by steady-state throughput.
-                        s_fixed = seedsift_wall - count / s_rate
-                        steady_ratio = s_rate / p_rate
-                        # Images n at which (n/p_rate + p_fixed) / (n/s_rate + s_fixed) reaches 95% of the steady ratio.
-                        target = 0.95 * steady_ratio
-                        denominator = target / s_rate - 1 / p_rate
-                        amortise = (p_fixed - target * s_fixed) / denominator if denominator else float("inf")
-                        row = {
-                            "size": f"{size}x{size}", "steps": steps, "images": count, "run": variant,
-                            "plain s/img": 1 / p_rate, "seedsift s/img": 1 / s_rate, "steady ratio": steady_ratio,
-                            "generator busy s/img": busy / count if busy else "",
-                            "plain wall s": plain_wall, "seedsift wall s": seedsift_wall,
-                            "end-to-end ratio": plain_wall / seedsift_wall,
-                            "plain fixed s": p_fixed, "seedsift fixed s": s_fixed,
-                            "images to amortise": max(amortise, 0.0),
-                            "identical images": f"{same['identical']}/{same['matched']} (max diff {same['max_abs_uint8_diff']})",
-                            "leftover processes": len([p for p in leftovers if p["state"] != "Z"]),
-                            "load1 before/after": f"{load_before:.1f}/{load_after:.1f}",
-                        }
-                        rows.append(row)
-                        raw.append({"row": row, "plain": plain, "leftovers": leftovers,
-                                    "seedsift": {k: v for k, v in seedsift.items() if k != "stats"},
-                                    "seedsift_stats": seedsift["stats"]})
-                        print(json.dumps(row), flush=True)
+                    out_plain, out_seedsift = f"{tmp}/plain", f"{tmp}/seedsift"
+                    stdout, _, plain_wall, plain_curve = run_watched(
+                        [PYTHON, __file__, "--child", "plain", "--out", out_plain, "--threads", str(threads),
+                         "--size", str(size)] + common, out_plain)
+                    plain = json.loads(next(line for line in stdout.splitlines() if line.startswith("RESULT:"))[7:])
+                    ray_tmp, trace_file = os.path.join(tmp, "ray"), os.path.join(tmp, "trace.jsonl")
+                    os.makedirs(ray_tmp)
+                    stdout, started_wall, seedsift_wall, seedsift_curve = run_watched(
+                        [PYTHON, "-m", "jobs.generate", "--out", out_seedsift, "--policy", "random", "-n", "1", "-k",
+                         "1", "--width", str(size), "--height", str(size), "--generator-cpus", str(threads), "--json"]
+                        + common, out_seedsift,
+                        env={"RAY_TMPDIR": ray_tmp, "RAY_ADDRESS": "", "SEEDSIFT_TRACE": trace_file})
+                    summary = json.loads(stdout)
+                    leftovers = leftover_processes(ray_tmp)
+                    load_after = os.getloadavg()[0]
+                    same = compare_images(out_plain, out_seedsift)
+                    p_rate, s_rate = steady_rate(plain_curve, STEADY_AFTER), steady_rate(seedsift_curve, STEADY_AFTER)
+                    if p_rate is None or s_rate is None or summary["images"] != count:
+                        raise SystemExit(f"{count} images is too few for a steady window after {STEADY_AFTER} "
+                                         f"(or the run made {summary['images']})")
+                    first = {"plain": round(plain_curve[0][0], 2), "seedsift": round(seedsift_curve[0][0], 2)}
+                    row = {
+                        "size": f"{size}x{size}", "steps": steps, "images": count, "repeat": repeat + 1,
+                        "plain first image s": first["plain"], "seedsift first image s": first["seedsift"],
+                        "start-up difference s": first["seedsift"] - first["plain"],
+                        "plain s/img": 1 / p_rate, "seedsift s/img": 1 / s_rate, "marginal ratio": s_rate / p_rate,
+                        "plain wall s": plain_wall, "seedsift wall s": seedsift_wall,
+                        # Fixed cost = wall time not explained by steady throughput: imports, loads, Ray, actors.
+                        "plain fixed s": plain_wall - count / p_rate, "seedsift fixed s": seedsift_wall - count / s_rate,
+                        "identical images": f"{same['identical']}/{same['matched']} (max diff {same['max_abs_uint8_diff']})",
+                        "leftover processes": len([p for p in leftovers if p["state"] != "Z"]),
+                        "load1 before/after": f"{load_before:.1f}/{load_after:.1f}",
+                    }
+                    row["fixed cost difference s"] = row["seedsift fixed s"] - row["plain fixed s"]
+                    trace = read_trace(trace_file, started_wall)
+                    breakdowns[f"{size}x{size}, {steps} steps, {count} images"] = breakdown(trace, plain, first)
+                    rows.append(row)
+                    raw.append({"row": row, "plain": plain, "plain_curve": plain_curve, "seedsift_curve": seedsift_curve,
+                                "trace": trace, "leftovers": leftovers, "summary": summary})
+                    print(json.dumps(row), flush=True)
     load_summary = load.summary()
-    columns = ["size", "steps", "images", "run", "plain s/img", "seedsift s/img", "steady ratio",
-               "generator busy s/img", "plain wall s", "seedsift wall s", "end-to-end ratio", "plain fixed s",
-               "seedsift fixed s", "images to amortise", "identical images", "leftover processes",
-               "load1 before/after"]
-    text = (f"Orchestration overhead: seedsift generate (local Ray, 1 generator, {args.batch_size}/batch, guidance "
-            f"{args.guidance}) vs plain diffusers loop, both {args.generator_cpus or os.cpu_count()} torch threads; load avg "
-            "1-min during "
-            f"run {load_summary}\n\n" + table(rows, columns)
-            + f"\n\nsteady = images/s after the first {STEADY_AFTER} images, timed where images are produced (plain: after"
-            " each batch; seedsift: in the generator actor after each batch); 'generator busy' = the generator"
-            " operator's remote wall time per image from ds.stats() (equal to seedsift s/img: never idle); fixed = wall - images / steady rate (imports, model loads, Ray and actor start-up); 'images to"
-            " amortise' = corpus size at which the end-to-end ratio reaches 95% of the steady ratio; 'leftover"
-            " processes' = Ray processes of the run still alive 3 s after its driver exited."
-            + "\n\nRay Data stats of the last seedsift run (per operator):\n\n```\n"
-            + generator_stats(raw[-1]["seedsift_stats"]) + "\n```")
-    save("overhead", {"args": vars(args), "machine_at_start": start_machine, "load_during": load_summary,
-                      "rows": rows, "raw": raw}, text)
+    columns = ["size", "steps", "images", "repeat", "plain first image s", "seedsift first image s",
+               "start-up difference s", "plain s/img", "seedsift s/img", "marginal ratio", "plain fixed s",
+               "seedsift fixed s", "fixed cost difference s", "plain wall s", "seedsift wall s", "identical images",
+               "leftover processes", "load1 before/after"]
+    text = (f"Start-up and throughput: `seedsift generate` (the CLI, local Ray, 1 generator, {args.batch_size}/batch, "
+            f"guidance {args.guidance}, --policy random -n 1 -k 1) vs a plain diffusers loop on {args.model}, both "
+            f"{threads} torch threads, interleaved; load avg 1-min during run {load_summary}\n\n" + table(rows, columns)
+            + f"\n\nTimes are from process start, taken by the parent watching each output folder for image files; "
+            f"steady = images/s after the first {STEADY_AFTER} images appeared; marginal ratio = seedsift's steady rate /"
+            " plain's; fixed = wall - images / steady rate; 'leftover processes' = Ray processes of the run still "
+            "alive 3 s after its driver exited.")
+    for name, steps_table in breakdowns.items():  # the last repeat of each configuration
+        text += (f"\n\nWhere the seconds to the first image go ({name}, last repeat; seconds from process start, "
+                 "from SEEDSIFT_TRACE):\n\n" + table(steps_table, ["step", "seedsift", "plain"]))
+    save(args.name, {"args": vars(args), "machine_at_start": start_machine, "load_during": load_summary,
+                     "rows": rows, "raw": raw}, text)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--child", choices=["plain", "seedsift"])
-    parser.add_argument("--sizes", nargs="+", default=["64:4:48", "128:4:48"],
+    parser.add_argument("--child", choices=["plain"])
+    parser.add_argument("--sizes", nargs="+", default=["64:4:64"],
                         help="SIZE:STEPS:IMAGES per configuration (default: %(default)s)")
-    parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--niceness-variant", type=int, default=1, help="also run seedsift with RAY_worker_niceness=0")
+    parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--guidance", type=float, default=7.5)
     parser.add_argument("--model", default="embedded:tiny-sd")
     parser.add_argument("--seed", type=int, default=0)
-    # child arguments
+    parser.add_argument("--generator-cpus", type=int, default=0,
+                        help="torch threads of both sides (0: the generator's local default, the machine's cores)")
+    parser.add_argument("--name", default="overhead", help="results/NAME.json and NAME.md (default: %(default)s)")
+    # the plain child's arguments
     parser.add_argument("--prompts")
     parser.add_argument("--out")
     parser.add_argument("--size", type=int)
     parser.add_argument("--steps", type=int)
     parser.add_argument("--threads", type=int)
-    parser.add_argument("--generators", type=int, default=1)
-    parser.add_argument("--scorer-batch-size", type=int, default=0, help="child only: override scorer_batch_size")
-    parser.add_argument("--generator-cpus", type=int, default=0,
-                        help="generator CPUs = torch threads of both sides (0: the pipeline's local default, the cores)")
     args = parser.parse_args()
     if args.child == "plain":
         child_plain(args)
-    elif args.child == "seedsift":
-        child_seedsift(args)
     else:
         parent(args)
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import ray
 
+from actors import trace
 from actors.generator import GeneratorStage
 from actors.rater import RaterStage
 from actors.scorer import ScorerStage
@@ -279,6 +280,8 @@ def run(config: GenerateConfig, console=None) -> dict:
     `console` (orchestrator.console.Console) shows progress in images; library calls pass none.
     """
     started = time.time()
+    trace.mark("driver", "process", trace.process_started())
+    trace.mark("driver", "imports done")
     plan, files, manifest = prepare(config)
     lease = Lease(manifest.output, config.lease_seconds)
     lease.acquire(wait=config.wait)  # before Ray: a second run into a held output stops here, in seconds
@@ -287,7 +290,9 @@ def run(config: GenerateConfig, console=None) -> dict:
         manifest.output.sweep_temporaries()  # left by writers of a killed run; we hold the lease, nobody else writes
         lease.start_heartbeat()
         state = OutputState.read(manifest)
+        trace.mark("driver", "checked")
         connect_ray(config.address, log_to_driver=console is None or console.verbose)
+        trace.mark("driver", "ray up")
         if console is not None:
             console.ray_started()
         if config.policy == "budget" and plan.budget_per_prompt is None:
@@ -327,6 +332,7 @@ def _stream(plan: RunPlan, files: list[CorpusFile], manifest: Manifest, state: O
     for shard in sorted(set(state.records) & set(state.open_parts)):
         compactions.submit(shard)  # parts left beside a complete shard by a kill during its compaction
     ds, indexes = start_stream(plan, files, manifest, state)  # the driver holds the index actors for the run
+    trace.mark("driver", "stream built")
     ledger = ShardLedger()
     first_commit = None
     try:
@@ -339,7 +345,8 @@ def _stream(plan: RunPlan, files: list[CorpusFile], manifest: Manifest, state: O
                 progress.update(*(ledger.totals[k] - before[k] for k in ("images", "failed", "quarantined")),
                                 per_prompt=plan.config.rows_per_prompt)
             if first_commit is None and ledger.totals["rows"]:
-                first_commit = time.time() - _process_started()
+                first_commit = time.time() - trace.process_started()
+                trace.mark("driver", "first rows committed")
             compactions.collect()
         compactions.collect(wait=True)
         if progress is not None:
@@ -354,6 +361,7 @@ def _stream(plan: RunPlan, files: list[CorpusFile], manifest: Manifest, state: O
     summary = summarise(manifest, plan, state, compactions.records, ledger, started, first_commit)
     summary["this_run"]["summary_s"] = round(time.time() - summary_started, 3)
     manifest.output.write_json(SUMMARY_FILE, summary)
+    trace.mark("driver", "summary written")
     return summary
 
 
@@ -409,13 +417,6 @@ def summarise(manifest: Manifest, plan: RunPlan, state: OutputState, new_records
         },
     }
 
-
-
-def _process_started() -> float:
-    """When this process started (wall clock): start-up is measured from there, as a user waits for it."""
-    import psutil
-
-    return psutil.Process().create_time()
 
 
 def _peak_rss_mb() -> float | None:

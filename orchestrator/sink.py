@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections import defaultdict
 
 import numpy as np
+
+from actors import trace
 from orchestrator import images as image_layout
 from orchestrator.manifest import (MANIFEST_COLUMNS, OK, SKIPPED, Manifest, ShardFrame, manifest_table, part_key,
                                    row_key)
@@ -33,6 +35,7 @@ def write_unit(batch: dict[str, np.ndarray], *, manifest: Manifest, run_fields: 
             _write_images(manifest, shard, batch, indices, rows, image_format, image_output)
         frame = ShardFrame.from_json(str(batch["shard_frame"][indices[0]]))
         manifest.commit_part(shard, manifest_table(rows), frame)
+    trace.mark("sink", "unit committed")
     return {name: np.asarray(batch[name]) for name in ACCOUNT_COLUMNS}
 
 
