@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import json
 import os
 from dataclasses import dataclass, replace
 from typing import Any
@@ -17,26 +16,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from actors.families import PIXART, RESUMABLE_SOLVERS, SD, SDXL, Family, family_of, family_of_class
 from actors.solvers import SCHEDULERS, STOCHASTIC_SCHEDULERS  # noqa: F401  (one owner of the names)
 
-# Every embedding array an adapter's encode can return; they travel in the row from the scorer to the generator.
-EMBEDDING_KEYS = (
-    "prompt_embeds",
-    "negative_prompt_embeds",
-    "prompt_attention_mask",
-    "negative_prompt_attention_mask",
-    "pooled_prompt_embeds",
-    "negative_pooled_prompt_embeds",
-)
 # T5 context length of each PixArt pipeline (its own default for `max_sequence_length`).
 PIXART_MAX_SEQUENCE_LENGTH = {"PixArtAlphaPipeline": 120, "PixArtSigmaPipeline": 300}
-# Both pipelines' `check_inputs` reject image sizes that are not multiples of 8.
-PIPELINE_SIZE_MULTIPLE = 8
 PARTS = ("full", "text", "render")
-# Solvers whose state between steps is the latent alone (plus a step counter): a denoising of several images can be
-# narrowed to some of them mid-way and continue exactly. Multistep solvers (DPM++, UniPC, PNDM) keep earlier model
-# outputs of the whole batch, so they cannot.
-RESUMABLE_SOLVERS = ("DDIMScheduler", "DDPMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler")
 
 
 def _to_numpy(tensor: torch.Tensor, dtype: type) -> np.ndarray:
@@ -89,23 +74,19 @@ class Denoising:
 class PipelineAdapter:
     """A loaded diffusers pipeline of one family, rendered step by step.
 
-    Subclasses name their components and say how the denoiser is called; the loop, the solver handling and the
-    decoding are shared. Each family's call mirrors its diffusers pipeline's `__call__`, and tests check that a
-    render equals a plain `pipe(prompt=...)` call.
+    Subclasses name their family (its components, see actors/families.py) and say how the denoiser is called; the
+    loop, the solver handling and the decoding are shared. Each family's call mirrors its diffusers pipeline's
+    `__call__`, and tests check that a render equals a plain `pipe(prompt=...)` call.
     """
 
-    family = ""
-    pipeline_classes: tuple[str, ...] = ()
-    denoiser_name = "unet"
-    text_encoder_names: tuple[str, ...] = ("text_encoder",)
-    tokenizer_names: tuple[str, ...] = ("tokenizer",)
+    family: Family
 
     def __init__(self, pipe):
         self.pipe = pipe
 
     @property
     def denoiser(self):
-        return getattr(self.pipe, self.denoiser_name)
+        return getattr(self.pipe, self.family.denoiser_name)
 
     @property
     def device(self) -> torch.device:
@@ -236,18 +217,14 @@ class PipelineAdapter:
 class StableDiffusionAdapter(PipelineAdapter):
     """Stable Diffusion 1.x / 2.x: one CLIP text encoder, a UNet reading its token embeddings."""
 
-    family = "sd"
-    pipeline_classes = ("StableDiffusionPipeline",)
+    family = SD
 
 
 class StableDiffusionXLAdapter(PipelineAdapter):
     """SDXL: two CLIP encoders whose token embeddings are concatenated along the width, a pooled embedding and the
     size conditioning (add_time_ids) as extra UNet inputs."""
 
-    family = "sdxl"
-    pipeline_classes = ("StableDiffusionXLPipeline",)
-    text_encoder_names = ("text_encoder", "text_encoder_2")
-    tokenizer_names = ("tokenizer", "tokenizer_2")
+    family = SDXL
 
     def _encode(self, prompts: list[str], guided: bool) -> dict[str, np.ndarray]:
         # As in a plain call: no negative prompt, so SDXL's force_zeros_for_empty_prompt decides (zeros by default).
@@ -297,9 +274,7 @@ class StableDiffusionXLAdapter(PipelineAdapter):
 class PixArtAdapter(PipelineAdapter):
     """PixArt-alpha and -sigma: a T5 encoder with attention masks, a transformer that may predict its variance."""
 
-    family = "pixart"
-    pipeline_classes = ("PixArtAlphaPipeline", "PixArtSigmaPipeline")
-    denoiser_name = "transformer"
+    family = PIXART
 
     def max_text_tokens(self) -> int:
         return PIXART_MAX_SEQUENCE_LENGTH[type(self.pipe).__name__]
@@ -342,43 +317,16 @@ class PixArtAdapter(PipelineAdapter):
 
 
 ADAPTERS: tuple[type[PipelineAdapter], ...] = (StableDiffusionAdapter, StableDiffusionXLAdapter, PixArtAdapter)
-ADAPTER_BY_PIPELINE = {name: adapter for adapter in ADAPTERS for name in adapter.pipeline_classes}
-ADAPTER_BY_FAMILY = {adapter.family: adapter for adapter in ADAPTERS}
-
-
-# ---- which adapter, from a folder's configs (no weights read) or from a loaded pipeline ------------------------
-
-
-def _read_config(model_path: str, subfolder: str | None = None) -> dict[str, Any]:
-    """One JSON config of a pipeline folder (or hub id) without loading any weights."""
-    if os.path.isdir(model_path):
-        parts = [model_path] + ([subfolder, "config.json"] if subfolder else ["model_index.json"])
-        with open(os.path.join(*parts), encoding="utf-8") as handle:
-            return json.load(handle)
-    # A hub id: diffusers' own config loader finds it in the local cache (or downloads the small JSON).
-    from diffusers import DiffusionPipeline
-    from diffusers.models.modeling_utils import ModelMixin
-
-    if subfolder:
-        return dict(ModelMixin.load_config(model_path, subfolder=subfolder))
-    return dict(DiffusionPipeline.load_config(model_path))
-
-
-def _adapter_of_class(class_name: str, where: str) -> type[PipelineAdapter]:
-    adapter = ADAPTER_BY_PIPELINE.get(class_name)
-    if adapter is None:
-        raise ValueError(f"{where}: pipeline class {class_name!r} is not supported (supported: "
-                         f"{', '.join(ADAPTER_BY_PIPELINE)})")
-    return adapter
+ADAPTER_BY_FAMILY = {adapter.family.name: adapter for adapter in ADAPTERS}
 
 
 def adapter_class(path_or_pipe: Any) -> type[PipelineAdapter]:
     """The adapter for a pipeline folder (from its model_index.json) or for a loaded pipeline object."""
     if isinstance(path_or_pipe, (str, os.PathLike)):
-        path = os.fspath(path_or_pipe)
-        return _adapter_of_class(_read_config(path).get("_class_name", "<missing _class_name>"),
-                                 f"{path}/model_index.json")
-    return _adapter_of_class(type(path_or_pipe).__name__, "pipeline object")
+        family = family_of(os.fspath(path_or_pipe))
+    else:
+        family = family_of_class(type(path_or_pipe).__name__, "pipeline object")
+    return ADAPTER_BY_FAMILY[family.name]
 
 
 def adapter_for(pipe) -> PipelineAdapter:
@@ -388,78 +336,7 @@ def adapter_for(pipe) -> PipelineAdapter:
 
 def pipeline_family(path_or_pipe: Any) -> str:
     """Family name ("sd", "sdxl" or "pixart") of a pipeline folder or a loaded pipeline object."""
-    return adapter_class(path_or_pipe).family
-
-
-def latent_shape(model_path: str, height: int, width: int) -> tuple[int, int, int]:
-    """(channels, height / f, width / f) of one image's initial noise, f the VAE scale factor; configs only."""
-    adapter = adapter_class(model_path)
-    family = adapter.family
-    denoiser = _read_config(model_path, adapter.denoiser_name)
-    vae = _read_config(model_path, "vae")
-    scale_factor = 2 ** (len(vae["block_out_channels"]) - 1)
-    multiple = scale_factor
-    if adapter is PixArtAdapter:
-        # The transformer cuts the latent into patch_size x patch_size tiles.
-        multiple *= int(denoiser.get("patch_size") or 1)
-    multiple = int(np.lcm(multiple, PIPELINE_SIZE_MULTIPLE))
-    if height % multiple or width % multiple:
-        raise ValueError(
-            f"{model_path}: image size {height}x{width} is not a multiple of {multiple} "
-            f"(needed by this {family} pipeline); pick height and width divisible by {multiple}"
-        )
-    return (int(denoiser["in_channels"]), height // scale_factor, width // scale_factor)
-
-
-def default_image_size(model_path: str) -> tuple[int, int]:
-    """(width, height) the pipeline was trained at: the denoiser's sample size times the VAE scale factor."""
-    denoiser = _read_config(model_path, adapter_class(model_path).denoiser_name)
-    vae = _read_config(model_path, "vae")
-    sample = denoiser["sample_size"]
-    sample = sample if isinstance(sample, (list, tuple)) else (sample, sample)
-    scale_factor = 2 ** (len(vae["block_out_channels"]) - 1)
-    return int(sample[1]) * scale_factor, int(sample[0]) * scale_factor
-
-
-def text_embedding_dim(model_path: str) -> int:
-    """Width of the token embeddings the denoiser sees (CLIP hidden_size, T5 d_model, summed for SDXL); configs only."""
-    width = 0
-    for component in adapter_class(model_path).text_encoder_names:
-        config = _read_config(model_path, component)
-        width += int(config.get("hidden_size") or config["d_model"])
-    return width
-
-
-def scheduler_label(model_path: str, scheduler: str = "default") -> str:
-    """What manifests record as the scheduler: the pipeline's own class for "default", else the chosen name."""
-    if scheduler not in SCHEDULERS:
-        raise ValueError(f"--scheduler {scheduler!r} is unknown; use one of {', '.join(SCHEDULERS)}")
-    return model_identity(model_path)["scheduler"] if scheduler == "default" else scheduler
-
-
-def solver_class_name(model_path: str, scheduler: str = "default") -> str:
-    """The diffusers class a --scheduler name stands for with this pipeline (its own for "default")."""
-    return model_identity(model_path)["scheduler"] if scheduler == "default" else SCHEDULERS[scheduler][0]
-
-
-def check_resumable_solver(model_path: str, scheduler: str = "default") -> None:
-    """ValueError unless this solver can be paused after some steps and continued for some of the images (what
-    the preview policy does): the solvers of RESUMABLE_SOLVERS."""
-    solver = solver_class_name(model_path, scheduler)
-    if solver not in RESUMABLE_SOLVERS:
-        raise ValueError(f"{solver} cannot pause a denoising and continue the best preview (it keeps earlier steps "
-                         "of the whole batch); use --scheduler ddim, euler or euler-a")
-
-
-def scheduler_from_label(model_path: str, label: str) -> str:
-    """The --scheduler name that rebuilds a recorded label (a name, or the pipeline's own class for "default")."""
-    if label in SCHEDULERS:
-        return label
-    own = model_identity(model_path)["scheduler"]
-    if label == own:
-        return "default"
-    raise ValueError(f"the rows were rendered with scheduler {label}, but {model_path} now ships {own}; the model "
-                     "folder changed since the run")
+    return adapter_class(path_or_pipe).family.name
 
 
 def use_scheduler(pipe, scheduler: str) -> None:
@@ -488,25 +365,11 @@ def load_adapter(model_path: str, part: str, device: str = "cpu", dtype: torch.d
     # Components passed as None are neither loaded nor read from disk.
     skipped: dict[str, None] = {}
     if part == "text":
-        skipped = {adapter.denoiser_name: None, "vae": None}
+        skipped = {adapter.family.denoiser_name: None, "vae": None}
     elif part == "render":
-        skipped = dict.fromkeys(adapter.text_encoder_names + adapter.tokenizer_names)
+        skipped = dict.fromkeys(adapter.family.text_encoder_names + adapter.family.tokenizer_names)
     pipe = DiffusionPipeline.from_pretrained(model_path, dtype=dtype, **skipped)
     use_scheduler(pipe, scheduler)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return adapter(pipe)
-
-
-def model_identity(model_path: str) -> dict[str, str]:
-    """Pipeline, scheduler and denoiser class names of a pipeline folder: small and JSON-able, for manifests."""
-    index = _read_config(model_path)
-    adapter = adapter_class(model_path)
-    denoiser_entry = index.get(adapter.denoiser_name) or [None, None]
-    scheduler_entry = index.get("scheduler") or [None, None]
-    return {
-        "family": adapter.family,
-        "pipeline": index["_class_name"],
-        "scheduler": scheduler_entry[1],
-        "denoiser": denoiser_entry[1],
-    }

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from actors import diffusion, trace
+from actors import diffusion, families, trace
 from orchestrator.embedded import resolve_model
 from orchestrator.plan import RenderPlan
 from orchestrator.seeds import batch_noise
@@ -62,7 +62,7 @@ class GeneratorStage:
         self.plan = plan
         self.adapter = diffusion.load_adapter(model_path, "render", device=self.device, dtype=self.dtype,
                                               scheduler=plan.scheduler)
-        self.latent_shape = diffusion.latent_shape(model_path, plan.height, plan.width)
+        self.latent_shape = families.latent_shape(model_path, plan.height, plan.width)
         self.rater = None
         if plan.preview:
             from actors.rater import make_rater  # the previews are rated by the run's own rater, here on this actor
@@ -81,11 +81,11 @@ class GeneratorStage:
         error = np.asarray(batch["error"], dtype=object).copy()
         images = np.zeros((count, self.plan.height, self.plan.width, 3), dtype=np.uint8)
         out = {name: value for name, value in batch.items()
-               if name not in diffusion.EMBEDDING_KEYS and name not in PREVIEW_INPUTS}
+               if name not in families.EMBEDDING_KEYS and name not in PREVIEW_INPUTS}
         ok = np.flatnonzero(status == "ok")
         if len(ok):
             try:
-                embeds = {name: batch[name][ok] for name in diffusion.EMBEDDING_KEYS if name in batch}
+                embeds = {name: batch[name][ok] for name in families.EMBEDDING_KEYS if name in batch}
                 if self.plan.preview:
                     images[ok] = self._preview_and_render(batch, ok, embeds, out)
                 else:

@@ -13,7 +13,7 @@ import numpy as np
 import ray
 import torch
 
-from actors import diffusion, trace
+from actors import diffusion, families, trace
 from orchestrator.budget import keep_budget
 from orchestrator.embedded import resolve_model
 from orchestrator.manifest import SKIPPED, Manifest, row_key
@@ -37,7 +37,7 @@ class ScorerStage:
         model_path = resolve_model(plan.model)
         self.plan = plan
         self.adapter = diffusion.load_adapter(model_path, "text")
-        self.latent_shape = diffusion.latent_shape(model_path, plan.height, plan.width)
+        self.latent_shape = families.latent_shape(model_path, plan.height, plan.width)
         # Only shards that held committed rows when the run started can have rows to skip.
         self.manifest, self.committed_shards = manifest, committed_shards
         self.delivered: OrderedDict[str, set] = OrderedDict()

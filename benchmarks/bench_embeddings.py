@@ -75,7 +75,7 @@ def child(args) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from actors import diffusion
+    from actors import diffusion, families
     from orchestrator.seeds import batch_noise
 
     rss_imports = vm_rss_mb()
@@ -84,7 +84,7 @@ def child(args) -> None:
     load_s = time.perf_counter() - started
     rss_loaded = vm_rss_mb()
     prompts, seeds = prompts_and_seeds(args.batch_size)
-    latents = batch_noise(seeds, diffusion.latent_shape(args.model_path, args.size, args.size))
+    latents = batch_noise(seeds, families.latent_shape(args.model_path, args.size, args.size))
     started = time.perf_counter()
     if args.child == "text":
         adapter.encode(prompts, args.guidance)
@@ -116,12 +116,12 @@ def child_timing(args) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    from actors import diffusion
+    from actors import diffusion, families
     from orchestrator.seeds import batch_noise
 
     adapter = diffusion.load_adapter(args.model_path, "full")
     prompts, seeds = prompts_and_seeds(args.batch_size)
-    latents = batch_noise(seeds, diffusion.latent_shape(args.model_path, args.size, args.size))
+    latents = batch_noise(seeds, families.latent_shape(args.model_path, args.size, args.size))
     embeds = adapter.encode(prompts, args.guidance)
     embeds.pop("truncated")
     times = {"a": [], "b": [], "c": []}

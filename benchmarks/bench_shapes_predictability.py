@@ -95,7 +95,8 @@ def main() -> None:
 
     import torch
 
-    from actors.diffusion import default_image_size, latent_shape, load_adapter
+    from actors.families import default_image_size, latent_shape
+    from actors.diffusion import load_adapter
     from actors.shapes_rater import rate
     from orchestrator.embedded import resolve_model
     from orchestrator.metrics import per_prompt_spearman, top1_gain

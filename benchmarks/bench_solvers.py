@@ -46,7 +46,7 @@ def render_all(adapter, model_path: str, prompts: list[str], seeds: list[int], s
                size: tuple[int, int], batch: int) -> np.ndarray:
     import torch
 
-    from actors.diffusion import latent_shape
+    from actors.families import latent_shape
     from orchestrator.seeds import batch_noise
 
     height, width = size
@@ -81,7 +81,8 @@ def main() -> None:
 
     import torch
 
-    from actors.diffusion import default_image_size, load_adapter
+    from actors.families import default_image_size
+    from actors.diffusion import load_adapter
     from actors.rater import make_rater
     from orchestrator.embedded import resolve_model
     from orchestrator.seeds import candidate_seeds

@@ -138,9 +138,9 @@ def evaluate(args: argparse.Namespace) -> dict:
     predictor = predictor_from_files(predictor_files, model_path, identity["height"], identity["width"],
                                      source=args.predictor)
 
-    from actors import diffusion
+    from actors import diffusion, families
 
-    latent_shape = diffusion.latent_shape(model_path, identity["height"], identity["width"])
+    latent_shape = families.latent_shape(model_path, identity["height"], identity["width"])
     text_adapter = diffusion.load_adapter(model_path, "text")  # CPU float32, exactly as the scorer stage embeds
     embeddings = embed_prompts(text_adapter, groups.prompts, identity["guidance"])
     predict(predictor, groups.seeds[:1], embeddings[:1], latent_shape)  # warm-up: first calls pay one-off costs
@@ -344,14 +344,14 @@ def preview_scores(model_path: str, identity: dict, prompts: list[str], embeddin
                    seeds: list[list[int]], at_steps: list[int]) -> list[dict[int, np.ndarray]]:
     """Each prompt's candidates (seeds[i]) previewed as the preview policy does: one denoising per candidate, its
     predicted final image decoded and rated after each step count in `at_steps`. Returns [{step: scores}]."""
-    from actors import diffusion
+    from actors import diffusion, families
     from actors.generator import denoise_with_previews, device_and_dtype
     from actors.rater import make_rater
     from orchestrator.seeds import batch_noise
 
-    scheduler = diffusion.scheduler_from_label(model_path, identity["scheduler"])
+    scheduler = families.scheduler_from_label(model_path, identity["scheduler"])
     try:
-        diffusion.check_resumable_solver(model_path, scheduler)
+        families.check_resumable_solver(model_path, scheduler)
     except ValueError as exc:
         raise ConfigError(f"--previews: the dataset's solver: {exc}; or pass --previews none") from exc
     device, dtype = device_and_dtype()
@@ -359,7 +359,7 @@ def preview_scores(model_path: str, identity: dict, prompts: list[str], embeddin
     rater = make_rater(identity["rater"])
     steps, guidance = int(identity["steps"]), float(identity["guidance"])
     height, width = int(identity["height"]), int(identity["width"])
-    shape = diffusion.latent_shape(model_path, height, width)
+    shape = families.latent_shape(model_path, height, width)
     owner = [i for i, prompt_seeds in enumerate(seeds) for _ in prompt_seeds]
     flat = [int(seed) for prompt_seeds in seeds for seed in prompt_seeds]
     results = [{step: [] for step in at_steps} for _ in seeds]
@@ -549,14 +549,14 @@ def render_candidates(model_path: str, identity: dict, text_adapter, prompts: li
                       seeds: list[list[int]]) -> tuple[list[np.ndarray], float]:
     """Images of the given seeds of each prompt, in order, rendered as the generator stage does; and the mean
     seconds per image spent in the pipeline call (loading excluded)."""
-    from actors import diffusion
+    from actors import diffusion, families
     from actors.generator import device_and_dtype
     from orchestrator.seeds import batch_noise
 
     device, dtype = device_and_dtype()
     renderer = diffusion.load_adapter(model_path, "render", device=device, dtype=dtype,
-                                      scheduler=diffusion.scheduler_from_label(model_path, identity["scheduler"]))
-    shape = diffusion.latent_shape(model_path, identity["height"], identity["width"])
+                                      scheduler=families.scheduler_from_label(model_path, identity["scheduler"]))
+    shape = families.latent_shape(model_path, identity["height"], identity["width"])
     embeds = text_adapter.encode(prompts, identity["guidance"])
     embeds.pop("truncated")
     owner = [row for row, prompt_seeds in enumerate(seeds) for _ in prompt_seeds]

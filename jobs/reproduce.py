@@ -31,14 +31,14 @@ def find_row(output: Output, prompt_id: str, seed: int) -> dict:
 def reproduce_image(row: dict):
     """The image of one manifest row, rendered alone (batch of one) through the same code path as the generator."""
 
-    from actors import diffusion
+    from actors import diffusion, families
     from actors.generator import device_and_dtype
     from orchestrator.embedded import resolve_model
     from orchestrator.seeds import batch_noise
 
     model_path = resolve_model(row["model"])
     try:
-        scheduler = diffusion.scheduler_from_label(model_path, row["scheduler"])
+        scheduler = families.scheduler_from_label(model_path, row["scheduler"])
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
     # As in a run: the scorer embeds on CPU in float32, the generator renders on its device from those embeddings.
@@ -48,7 +48,7 @@ def reproduce_image(row: dict):
     del text_adapter
     device, dtype = device_and_dtype()
     render_adapter = diffusion.load_adapter(model_path, "render", device=device, dtype=dtype, scheduler=scheduler)
-    latents = batch_noise([row["seed"]], diffusion.latent_shape(model_path, row["height"], row["width"]))
+    latents = batch_noise([row["seed"]], families.latent_shape(model_path, row["height"], row["width"]))
     return render_adapter.render(embeds, latents, steps=row["steps"], guidance_scale=row["guidance"],
                                  height=row["height"], width=row["width"], seeds=[row["seed"]])[0]
 

@@ -161,7 +161,7 @@ def measure_model(model: str, prompts: list[str], seeds_per_prompt: int, steps: 
     """
     import torch
 
-    from actors import diffusion
+    from actors import diffusion, families
     from actors.shapes_rater import rate
     from orchestrator.embedded import resolve_model
     from orchestrator.seeds import batch_noise, candidate_seeds
@@ -169,8 +169,8 @@ def measure_model(model: str, prompts: list[str], seeds_per_prompt: int, steps: 
     model_path = resolve_model(model)
     text = diffusion.load_adapter(model_path, "text")
     renderer = diffusion.load_adapter(model_path, "render")
-    width, height = diffusion.default_image_size(model_path)
-    shape = diffusion.latent_shape(model_path, height, width)
+    width, height = families.default_image_size(model_path)
+    shape = families.latent_shape(model_path, height, width)
     rows = []
     images_by_prompt: dict[str, np.ndarray] = {}
     mismatched = mismatched_prompts(prompts)

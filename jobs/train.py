@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         import torch
 
-        from actors import diffusion
+        from actors import families
         from orchestrator.budget import fit_residual_model, record_spread_quantiles
         from orchestrator.embedded import resolve_model
         from orchestrator.predictor import PredictorConfig
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         table = read_dataset(args.dataset)
         identity = dataset_identity(table)
         model_path = resolve_model(identity["model"])
-        latent_shape = diffusion.latent_shape(model_path, identity["height"], identity["width"])
+        latent_shape = families.latent_shape(model_path, identity["height"], identity["width"])
         groups = group_by_prompt(table)
         split = {"salt": SPLIT_SALT, "train": 1 - args.val - args.test, "val": args.val}
         parts = split_groups(groups, split["salt"], split["train"], split["val"])
@@ -143,13 +143,13 @@ def main(argv: list[str] | None = None) -> int:
         device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
         config = PredictorConfig(
             latent_shape=tuple(latent_shape),
-            text_dim=diffusion.text_embedding_dim(model_path),
+            text_dim=families.text_embedding_dim(model_path),
             channels=tuple(int(c) for c in args.channels.split(",")),
             hidden=args.hidden,
             head=tuple(int(c) for c in args.head.split(",")),
             dropout=args.dropout,
             attention=args.attention,
-            pipeline={**identity, "family": diffusion.pipeline_family(model_path)},
+            pipeline={**identity, "family": families.family_of(model_path).name},
             rater=identity["rater"],
             score_mean=score_mean,
             score_std=score_std,

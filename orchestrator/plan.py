@@ -135,7 +135,7 @@ class RunPlan:
 
 def build_plan(config: GenerateConfig) -> RunPlan:
     """Everything that can be derived, or found wrong, before compute: rater, model folder, size, predictor."""
-    from actors import diffusion
+    from actors import families
     from actors.rater import validate_rater_spec
     from orchestrator.embedded import resolve_model
 
@@ -144,17 +144,17 @@ def build_plan(config: GenerateConfig) -> RunPlan:
     except ValueError as exc:
         raise ConfigError(f"--rater {config.rater}: {exc}") from exc
     model_path = resolve_model(config.model)
-    default_width, default_height = diffusion.default_image_size(model_path)
+    default_width, default_height = families.default_image_size(model_path)
     width, height = config.width or default_width, config.height or default_height
     try:
-        latent_shape = diffusion.latent_shape(model_path, height, width)
+        latent_shape = families.latent_shape(model_path, height, width)
     except ValueError as exc:
         raise ConfigError(f"--width/--height: {exc}") from exc
     plan = RunPlan(config=config, model_path=model_path, width=width, height=height, latent_shape=latent_shape,
-                   scheduler=diffusion.scheduler_label(model_path, config.scheduler))
+                   scheduler=families.scheduler_label(model_path, config.scheduler))
     if config.policy_name == "preview":
         try:
-            diffusion.check_resumable_solver(model_path, config.scheduler)
+            families.check_resumable_solver(model_path, config.scheduler)
         except ValueError as exc:
             raise ConfigError(f"--policy preview: {exc}") from exc
     if config.uses_predictor:

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from actors import diffusion
+from actors import diffusion, families
 from orchestrator import embedded
 from orchestrator.seeds import batch_noise
 
@@ -70,7 +70,7 @@ def test_build_is_deterministic_and_leaves_caller_rng_alone(family, model_paths,
     assert torch.equal(rng_before, torch.get_rng_state())
 
     vae_weights = "vae/diffusion_pytorch_model.safetensors"
-    text_weights = [f"{name}/model.safetensors" for name in diffusion.ADAPTER_BY_FAMILY[family].text_encoder_names]
+    text_weights = [f"{name}/model.safetensors" for name in families.FAMILIES[family].text_encoder_names]
     for weights in (DENOISER_WEIGHTS[family], vae_weights, *text_weights):
         first = load_file(os.path.join(model_paths[family], weights))
         second = load_file(str(tmp_path / "again" / weights))
@@ -174,25 +174,25 @@ def test_pipeline_family_rejects_unknown_class(tmp_path):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_latent_shape_matches_pipeline_prepare_latents(family, model_paths, adapters):
-    shape = diffusion.latent_shape(model_paths[family], SIZE, SIZE)
+    shape = families.latent_shape(model_paths[family], SIZE, SIZE)
     assert shape == (4, 32, 32)
     pipe = adapters[(family, "full")].pipe
     made = pipe.prepare_latents(1, shape[0], SIZE, SIZE, torch.float32, "cpu", torch.Generator().manual_seed(0))
     assert tuple(made.shape) == (1, *shape)
-    assert diffusion.latent_shape(model_paths[family], 64, 128) == (4, 32, 64)
+    assert families.latent_shape(model_paths[family], 64, 128) == (4, 32, 64)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_latent_shape_rejects_indivisible_sizes(family, model_paths):
     with pytest.raises(ValueError, match="multiple of 8"):
-        diffusion.latent_shape(model_paths[family], 60, 64)
+        families.latent_shape(model_paths[family], 60, 64)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_load_adapter_parts_skip_components(family, adapters):
-    adapter = diffusion.ADAPTER_BY_FAMILY[family]
-    denoiser = adapter.denoiser_name
-    text_side = adapter.text_encoder_names + adapter.tokenizer_names
+    components = families.FAMILIES[family]
+    denoiser = components.denoiser_name
+    text_side = components.text_encoder_names + components.tokenizer_names
     text = adapters[(family, "text")].pipe
     assert all(getattr(text, name) is not None for name in text_side)
     assert getattr(text, denoiser) is None and text.vae is None
@@ -207,7 +207,7 @@ def test_load_adapter_parts_skip_components(family, adapters):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_model_identity_is_small_and_json_able(family, model_paths):
-    identity = diffusion.model_identity(model_paths[family])
+    identity = families.model_identity(model_paths[family])
     assert json.loads(json.dumps(identity)) == identity
     expected = {
         "sd": ("StableDiffusionPipeline", "DDIMScheduler", "UNet2DConditionModel"),
@@ -222,7 +222,7 @@ def test_encode_prompts_shapes_and_truncation(family, model_paths, adapters):
     text = adapters[(family, "text")]
     tokens = {"sd": 77, "sdxl": 77, "pixart": 120}[family]
     width = EMBED_WIDTH[family]
-    assert diffusion.text_embedding_dim(model_paths[family]) == width
+    assert families.text_embedding_dim(model_paths[family]) == width
     guided = text.encode(PROMPTS + [LONG_PROMPT], GUIDANCE)
     assert guided["prompt_embeds"].shape == (3, tokens, width)
     assert guided["prompt_embeds"].dtype == np.float32
@@ -238,7 +238,7 @@ def test_encode_prompts_shapes_and_truncation(family, model_paths, adapters):
             assert guided[key].shape == (3, 32) and guided[key].dtype == np.float32
         # force_zeros_for_empty_prompt: an unset negative prompt is all zeros, as in a plain pipeline call.
         assert not guided["negative_prompt_embeds"].any() and not guided["negative_pooled_prompt_embeds"].any()
-    assert set(guided) - {"truncated"} <= set(diffusion.EMBEDDING_KEYS)
+    assert set(guided) - {"truncated"} <= set(families.EMBEDDING_KEYS)
 
     unguided = text.encode(PROMPTS, 1.0)
     assert not [key for key in unguided if key.startswith("negative_")]
@@ -248,7 +248,7 @@ def test_encode_prompts_shapes_and_truncation(family, model_paths, adapters):
 @pytest.mark.parametrize("guidance", [1.0, GUIDANCE])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_render_from_embeds_matches_plain_prompt_call(family, guidance, model_paths, adapters):
-    latents = batch_noise([11, 12], diffusion.latent_shape(model_paths[family], SIZE, SIZE))
+    latents = batch_noise([11, 12], families.latent_shape(model_paths[family], SIZE, SIZE))
     embeds = adapters[(family, "text")].encode(PROMPTS, guidance)
     images = adapters[(family, "render")].render(
         embeds, latents, steps=STEPS, guidance_scale=guidance, height=SIZE, width=SIZE
@@ -273,7 +273,7 @@ def test_render_from_embeds_matches_plain_prompt_call(family, guidance, model_pa
 @pytest.mark.parametrize("family", FAMILIES)
 def test_render_is_repeatable_and_batch_independent(family, model_paths, adapters):
     render = adapters[(family, "render")]
-    latents = batch_noise([21, 22], diffusion.latent_shape(model_paths[family], SIZE, SIZE))
+    latents = batch_noise([21, 22], families.latent_shape(model_paths[family], SIZE, SIZE))
     embeds = adapters[(family, "text")].encode(PROMPTS, GUIDANCE)
     settings = {"steps": STEPS, "guidance_scale": GUIDANCE, "height": SIZE, "width": SIZE}
 
@@ -291,7 +291,7 @@ def test_render_is_repeatable_and_batch_independent(family, model_paths, adapter
 
 def test_render_without_negative_embeds_explains_the_fix(model_paths, adapters):
     embeds = adapters[("sd", "text")].encode(PROMPTS, 1.0)
-    latents = batch_noise([1, 2], diffusion.latent_shape(model_paths["sd"], SIZE, SIZE))
+    latents = batch_noise([1, 2], families.latent_shape(model_paths["sd"], SIZE, SIZE))
     with pytest.raises(ValueError, match="negative_prompt_embeds"):
         adapters[("sd", "render")].render(embeds, latents, steps=1, guidance_scale=GUIDANCE, height=SIZE, width=SIZE)
 
@@ -310,7 +310,7 @@ def test_pixart_sigma_uses_the_pixart_adapter_with_its_longer_context(tiny_pixar
     embeds = full.encode(["a lighthouse", "a fox"], 2.0)
     assert embeds["prompt_embeds"].shape[1] == 300 and not embeds["truncated"].any()
     embeds.pop("truncated")
-    latents = batch_noise([1, 2], diffusion.latent_shape(folder, 64, 64))
+    latents = batch_noise([1, 2], families.latent_shape(folder, 64, 64))
     images = render_only.render(embeds, latents, steps=2, guidance_scale=2.0, height=64, width=64)
     plain = full.pipe(prompt=["a lighthouse", "a fox"], latents=latents.clone(), num_inference_steps=2, guidance_scale=2.0,
                  height=64, width=64, output_type="np", use_resolution_binning=False, clean_caption=False).images
@@ -335,7 +335,7 @@ def test_each_named_solver_renders_repeatably_from_the_pipelines_own_schedule(fa
         assert render.pipe.scheduler.config[key] == own[key], key  # the model's noise schedule is kept
     embeds = adapters[(family, "text")].encode(PROMPTS, GUIDANCE)
     seeds = [41, 42]
-    latents = batch_noise(seeds, diffusion.latent_shape(path, SIZE, SIZE))
+    latents = batch_noise(seeds, families.latent_shape(path, SIZE, SIZE))
     settings = {"steps": STEPS, "guidance_scale": GUIDANCE, "height": SIZE, "width": SIZE}
     first = render.render(embeds, latents, seeds=seeds, **settings)
     again = diffusion.load_adapter(path, "render", scheduler=scheduler)  # as reproduce does, in a fresh load
@@ -344,5 +344,5 @@ def test_each_named_solver_renders_repeatably_from_the_pipelines_own_schedule(fa
     default = adapters[(family, "render")].render(embeds, latents, **settings)
     same_solver = class_name == type(adapters[(family, "render")].pipe.scheduler).__name__ and scheduler != "dpm++-karras"
     assert (max_level_difference(first, default) == 0) == same_solver  # a new solver draws another image
-    assert diffusion.scheduler_label(path, scheduler) == scheduler
-    assert diffusion.scheduler_from_label(path, diffusion.scheduler_label(path, "default")) == "default"
+    assert families.scheduler_label(path, scheduler) == scheduler
+    assert families.scheduler_from_label(path, families.scheduler_label(path, "default")) == "default"

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from actors import diffusion
+from actors import families
 from jobs import evaluate
 from orchestrator.embedded import resolve_model
 from orchestrator.predictor import NoiseQualityPredictor, PredictorConfig, save_predictor, split_of
@@ -34,8 +34,8 @@ def tiny(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("SEEDSIFT_CACHE", str(tmp_path_factory.mktemp("seedsift-cache")))
         path = resolve_model(MODEL)
-        yield {"path": path, "shape": diffusion.latent_shape(path, SETTINGS["height"], SETTINGS["width"]),
-               "scheduler": diffusion.model_identity(path)["scheduler"]}
+        yield {"path": path, "shape": families.latent_shape(path, SETTINGS["height"], SETTINGS["width"]),
+               "scheduler": families.model_identity(path)["scheduler"]}
 
 
 def known_score(seed: int, shape: tuple) -> float:

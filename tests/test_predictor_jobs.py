@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from actors import diffusion
+from actors import diffusion, families
 from jobs import evaluate, reproduce, train
 from jobs.collect import write_dataset
 from orchestrator import pipeline
@@ -140,7 +140,7 @@ def best_seeds(predictor_folder: str, prompt: str, prompt_id: str, candidates: i
     pipe = diffusion.load_adapter(model_path, "text")
     embeds = pipe.encode([prompt], SETTINGS["guidance"])
     seeds = candidate_seeds(SETTINGS["seed"], prompt_id, candidates)
-    scores = predictor.score_candidates(batch_noise(seeds, diffusion.latent_shape(model_path, 64, 64)),
+    scores = predictor.score_candidates(batch_noise(seeds, families.latent_shape(model_path, 64, 64)),
                                         {k: v[0] for k, v in embeds.items() if k != "truncated"})
     return {seeds[i] for i in np.argsort(-scores)[:keep]}
 

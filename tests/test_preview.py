@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from actors import diffusion
+from actors import diffusion, families
 from actors.generator import GeneratorStage, denoise_with_previews
 from actors.rater import make_rater
 from jobs import reproduce
@@ -56,7 +56,7 @@ def test_the_kept_preview_continues_to_the_same_image_as_a_normal_render(tiny_sd
     np.testing.assert_array_equal(out["preview_steps"], PREVIEW_STEPS)
 
     renderer, rater = diffusion.load_adapter(tiny_sd_path, "render"), make_rater("colorfulness")
-    embeds = {k: v for k, v in batch.items() if k in diffusion.EMBEDDING_KEYS}
+    embeds = {k: v for k, v in batch.items() if k in families.EMBEDDING_KEYS}
     for row, prompt in enumerate(PROMPTS):
         seeds = [int(s) for s in batch["preview_seeds"][row]]
         # Each candidate previewed on its own: the same predicted-final-image scores as in the batch.

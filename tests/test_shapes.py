@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from actors import diffusion, shapes_rater
+from actors import diffusion, families, shapes_rater
 from actors.rater import make_rater
 from orchestrator import shapes
 from orchestrator.embedded import resolve_model
@@ -216,8 +216,8 @@ def test_shipped_model_is_a_small_safetensors_sd_pipeline(shapes_path):
     assert sum(p.stat().st_size for p in files) < 8 * 2**20
     pipe = DiffusionPipeline.from_pretrained(shapes_path)
     assert isinstance(pipe, StableDiffusionPipeline) and pipe.safety_checker is None
-    assert diffusion.latent_shape(shapes_path, 64, 64) == (4, 16, 16)
-    assert diffusion.default_image_size(shapes_path) == (64, 64)
+    assert families.latent_shape(shapes_path, 64, 64) == (4, 16, 16)
+    assert families.default_image_size(shapes_path) == (64, 64)
     assert type(pipe.scheduler).__name__ == "DDIMScheduler"
 
 
