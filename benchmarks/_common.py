@@ -135,14 +135,67 @@ def table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
-def save(name: str, payload: dict, text: str) -> Path:
+def save(name: str, payload: dict, text: str, results_dir: Path | None = None) -> Path:
     """Print the table and write benchmarks/results/NAME.json (payload + the table + machine facts at the end)."""
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    results_dir = results_dir or RESULTS_DIR
+    results_dir.mkdir(parents=True, exist_ok=True)
     payload = {"benchmark": name, "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                "machine_at_end": machine(), **payload, "table": text}
-    path = RESULTS_DIR / f"{name}.json"
+    path = results_dir / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2, default=str))
-    (RESULTS_DIR / f"{name}.md").write_text(text + "\n")
+    (results_dir / f"{name}.md").write_text(text + "\n")
     print(text)
     print(f"\nwritten: {path}")
     return path
+
+
+class ImageWatcher:
+    """Polls a folder for image files and records when each first appears (perf_counter): both sides of the
+    comparison are timed the same way, from outside, where a user would look for the images."""
+
+    def __init__(self, folder: str, suffix: str = ".png", period: float = 0.02):
+        from orchestrator.storage import TEMPORARY_MARK  # the parent's only: the plain child does not pay for it
+
+        self.temporary_mark = TEMPORARY_MARK
+        self.folder, self.suffix, self.period = folder, suffix, period
+        self.seen: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _scan(self) -> None:
+        now = time.perf_counter()
+        for root, _, names in os.walk(self.folder):
+            for name in names:
+                # seedsift writes under a temporary name and renames: only final names count.
+                if name.endswith(self.suffix) and self.temporary_mark not in name:
+                    self.seen.setdefault(os.path.join(root, name), now)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._scan()
+            self._stop.wait(self.period)
+
+    def __enter__(self) -> ImageWatcher:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._scan()
+
+    def curve(self, since: float) -> list[tuple[float, int]]:
+        """(seconds since `since`, images written by then), one point per image."""
+        return [(t - since, n + 1) for n, t in enumerate(sorted(self.seen.values()))]
+
+
+def run_watched(args: list[str], out: str, env: dict | None = None) -> tuple[str, float, float, list]:
+    """Run one side as its own process; returns (stdout, wall clock at start, wall seconds, image curve)."""
+    os.makedirs(out, exist_ok=True)
+    started_wall, started = time.time(), time.perf_counter()
+    with ImageWatcher(out) as watcher:
+        proc = subprocess.run(args, capture_output=True, text=True, cwd=REPO_ROOT, env={**os.environ, **(env or {})})
+    wall = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc.stdout, started_wall, wall, watcher.curve(started)

@@ -10,19 +10,18 @@ ratio, the fixed costs, and, from SEEDSIFT_TRACE, where seedsift's seconds to th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import os
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 T_PROCESS = time.perf_counter()  # before any heavy import: start-up includes imports
 
 import _common  # noqa: E402,F401
-from _common import PYTHON, REPO_ROOT, LoadSampler, emit, machine, save, table  # noqa: E402
+from _common import PYTHON, REPO_ROOT, LoadSampler, emit, machine, run_watched, save, table  # noqa: E402
 
 # Images excluded from the steady-state window (warm-up: the first two batches of 4).
 STEADY_AFTER = 8
@@ -58,13 +57,14 @@ def child_plain(args) -> None:
     from orchestrator.corpus import prompt_id_for
     from orchestrator.embedded import resolve_model
     from orchestrator.seeds import batch_noise, candidate_seeds
-    from actors import diffusion
+    from actors import families
 
     t_imported = time.perf_counter()
     path = resolve_model(args.model)
-    pipe = DiffusionPipeline.from_pretrained(path)
+    dtype = torch.float16 if args.device == "cuda" else torch.float32  # as seedsift's generator on each device
+    pipe = DiffusionPipeline.from_pretrained(path, dtype=dtype).to(args.device)
     pipe.set_progress_bar_config(disable=True)
-    shape = diffusion.latent_shape(path, args.size, args.size)
+    shape = families.latent_shape(path, args.size, args.size)
     t_loaded = time.perf_counter()
     prompts = [line.rstrip("\n") for line in open(args.prompts, encoding="utf-8") if line.strip()]
     os.makedirs(args.out, exist_ok=True)
@@ -73,7 +73,8 @@ def child_plain(args) -> None:
         batch = prompts[start:start + args.batch_size]
         ids = [prompt_id_for(p) for p in batch]
         seeds = [candidate_seeds(args.seed, pid, 1)[0] for pid in ids]
-        result = pipe(prompt=batch, latents=batch_noise(seeds, shape), num_inference_steps=args.steps,
+        latents = batch_noise(seeds, shape).to(args.device, dtype)
+        result = pipe(prompt=batch, latents=latents, num_inference_steps=args.steps,
                       guidance_scale=args.guidance, height=args.size, width=args.size, output_type="np")
         images = (np.asarray(result.images) * 255).round().clip(0, 255).astype(np.uint8)
         for pid, seed, image in zip(ids, seeds, images):
@@ -82,7 +83,8 @@ def child_plain(args) -> None:
         marks.append((time.perf_counter(), done))
     emit({"imports_s": t_imported - T_PROCESS, "load_s": t_loaded - t_imported,
           "first_batch_s": marks[0][0] - t_loaded, "total_in_process_s": marks[-1][0] - T_PROCESS,
-          "marks": [(t - T_PROCESS, n) for t, n in marks], "images": done, "threads": torch.get_num_threads()})
+          "marks": [(t - T_PROCESS, n) for t, n in marks], "images": done, "threads": torch.get_num_threads(),
+          "peak_gpu_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else None})
 
 
 def compare_images(plain_dir: str, seedsift_dir: str) -> dict:
@@ -130,58 +132,6 @@ def leftover_processes(ray_tmpdir: str, wait_s: float = 3.0) -> list[dict]:
     return found
 
 
-class ImageWatcher:
-    """Polls a folder for image files and records when each first appears (perf_counter): both sides of the
-    comparison are timed the same way, from outside, where a user would look for the images."""
-
-    def __init__(self, folder: str, suffix: str = ".png", period: float = 0.02):
-        from orchestrator.storage import TEMPORARY_MARK  # the parent's only: the plain child does not pay for it
-
-        self.temporary_mark = TEMPORARY_MARK
-        self.folder, self.suffix, self.period = folder, suffix, period
-        self.seen: dict[str, float] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _scan(self) -> None:
-        now = time.perf_counter()
-        for root, _, names in os.walk(self.folder):
-            for name in names:
-                # seedsift writes under a temporary name and renames: only final names count.
-                if name.endswith(self.suffix) and self.temporary_mark not in name:
-                    self.seen.setdefault(os.path.join(root, name), now)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self._scan()
-            self._stop.wait(self.period)
-
-    def __enter__(self) -> ImageWatcher:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._scan()
-
-    def curve(self, since: float) -> list[tuple[float, int]]:
-        """(seconds since `since`, images written by then), one point per image."""
-        return [(t - since, n + 1) for n, t in enumerate(sorted(self.seen.values()))]
-
-
-def run_watched(args: list[str], out: str, env: dict | None = None) -> tuple[str, float, float, list]:
-    """Run one side as its own process; returns (stdout, wall clock at start, wall seconds, image curve)."""
-    os.makedirs(out, exist_ok=True)
-    started_wall, started = time.time(), time.perf_counter()
-    with ImageWatcher(out) as watcher:
-        proc = subprocess.run(args, capture_output=True, text=True, cwd=REPO_ROOT, env={**os.environ, **(env or {})})
-    wall = time.perf_counter() - started
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return proc.stdout, started_wall, wall, watcher.curve(started)
-
-
 def read_trace(path: str, since: float) -> dict[str, dict[str, float]]:
     """{who: {event: seconds since `since`}} from a SEEDSIFT_TRACE file (the first time of each event)."""
     events: dict[str, dict[str, float]] = {}
@@ -215,76 +165,110 @@ def breakdown(trace: dict, plain: dict, first_image: dict) -> list[dict]:
     return rows
 
 
+def local_generator_threads() -> int:
+    """A local generator's torch threads when --generator-cpus is not given: all cores but one (pipeline.py)."""
+    return max(1, (os.cpu_count() or 1) - 1)
+
+
+def compare(model: str, size: int, steps: int, count: int, args, tmp: str, sampler=None,
+            address: str | None = None) -> dict:
+    """One interleaved pair: the plain loop, then `seedsift generate`, on the same corpus and settings.
+
+    `sampler(name)`, if given, is a context manager around each side's process (the GPU check samples the GPU
+    with it) whose `summary(first_image, last_image)` goes into the result. `address`: the seedsift side joins
+    that Ray instead of starting its own (the GPU check's smoke test joins the test session's).
+    """
+    threads = args.generator_cpus or local_generator_threads()
+    prompts = os.path.join(tmp, "prompts.txt")
+    make_corpus(prompts, count)
+    common = ["--prompts", prompts, "--steps", str(steps), "--batch-size", str(args.batch_size), "--guidance",
+              str(args.guidance), "--model", model]
+    load_before = os.getloadavg()[0]
+    out_plain, out_seedsift = f"{tmp}/plain", f"{tmp}/seedsift"
+    sampled = {}
+    with sampler("plain") if sampler else contextlib.nullcontext() as sampling:
+        stdout, _, plain_wall, plain_curve = run_watched(
+            [PYTHON, __file__, "--child", "plain", "--out", out_plain, "--threads", str(threads), "--size", str(size),
+             "--device", args.device] + common, out_plain)
+    sampled["plain"] = sampling
+    plain = json.loads(next(line for line in stdout.splitlines() if line.startswith("RESULT:"))[7:])
+    ray_tmp, trace_file = os.path.join(tmp, "ray"), os.path.join(tmp, "trace.jsonl")
+    os.makedirs(ray_tmp)
+    env = {"SEEDSIFT_TRACE": trace_file}
+    env.update({"RAY_ADDRESS": address, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token")} if address else
+               {"RAY_ADDRESS": "", "RAY_TMPDIR": ray_tmp})
+    with sampler("seedsift") if sampler else contextlib.nullcontext() as sampling:
+        stdout, started_wall, seedsift_wall, seedsift_curve = run_watched(
+            [PYTHON, "-m", "jobs.generate", "--out", out_seedsift, "--policy", "random", "-n", "1", "-k", "1",
+             "--width", str(size), "--height", str(size), "--generator-cpus", str(threads), "--json"] + common,
+            out_seedsift, env=env)
+    sampled["seedsift"] = sampling
+    summary = json.loads(stdout)
+    leftovers = [] if address else leftover_processes(ray_tmp)
+    load_after = os.getloadavg()[0]
+    same = compare_images(out_plain, out_seedsift)
+    p_rate, s_rate = steady_rate(plain_curve, STEADY_AFTER), steady_rate(seedsift_curve, STEADY_AFTER)
+    if p_rate is None or s_rate is None or summary["images"] != count:
+        raise SystemExit(f"{count} images is too few for a steady window after {STEADY_AFTER} "
+                         f"(or the run made {summary['images']})")
+    first = {"plain": round(plain_curve[0][0], 2), "seedsift": round(seedsift_curve[0][0], 2)}
+    row = {
+        "size": f"{size}x{size}", "steps": steps, "images": count,
+        "plain first image s": first["plain"], "seedsift first image s": first["seedsift"],
+        "start-up difference s": first["seedsift"] - first["plain"],
+        "plain s/img": 1 / p_rate, "seedsift s/img": 1 / s_rate, "marginal ratio": s_rate / p_rate,
+        "plain wall s": plain_wall, "seedsift wall s": seedsift_wall,
+        # Fixed cost = wall time not explained by steady throughput: imports, loads, Ray, actors.
+        "plain fixed s": plain_wall - count / p_rate, "seedsift fixed s": seedsift_wall - count / s_rate,
+        "identical images": f"{same['identical']}/{same['matched']} (max diff {same['max_abs_uint8_diff']})",
+        "leftover processes": len([p for p in leftovers if p["state"] != "Z"]),
+        "load1 before/after": f"{load_before:.1f}/{load_after:.1f}",
+    }
+    row["fixed cost difference s"] = row["seedsift fixed s"] - row["plain fixed s"]
+    trace = read_trace(trace_file, started_wall)
+    curves = {"plain": plain_curve, "seedsift": seedsift_curve}
+    for side, sampling in sampled.items():
+        if sampling is not None:  # what the sampler saw while this side rendered (first to last image)
+            row.update({f"{side} {k}": v for k, v in sampling.summary(curves[side][0][0], curves[side][-1][0]).items()})
+    return {"row": row, "breakdown": breakdown(trace, plain, first),
+            "raw": {"plain": plain, "plain_curve": plain_curve, "seedsift_curve": seedsift_curve, "trace": trace,
+                    "leftovers": leftovers, "summary": summary}}
+
+
+COLUMNS = ["size", "steps", "images", "repeat", "plain first image s", "seedsift first image s",
+           "start-up difference s", "plain s/img", "seedsift s/img", "marginal ratio", "plain fixed s",
+           "seedsift fixed s", "fixed cost difference s", "plain wall s", "seedsift wall s", "identical images",
+           "leftover processes", "load1 before/after"]
+
+
+def breakdown_text(breakdowns: dict[str, list[dict]]) -> str:
+    return "".join(f"\n\nWhere the seconds to the first image go ({name}, last repeat; seconds from process start, "
+                   "from SEEDSIFT_TRACE):\n\n" + table(steps_table, ["step", "seedsift", "plain"])
+                   for name, steps_table in breakdowns.items())
+
+
 def parent(args) -> None:
     sizes = [tuple(int(x) for x in spec.split(":")) for spec in args.sizes]  # size:steps:images
     rows, raw, breakdowns = [], [], {}
     start_machine = machine()
-    # Both sides get the same torch threads: the generator's default locally is the machine's cores.
-    threads = args.generator_cpus or max(1, os.cpu_count() or 1)
     with LoadSampler() as load:
         for repeat in range(args.repeats):
             for size, steps, count in sizes:
                 with tempfile.TemporaryDirectory(prefix="seedsift-overhead-") as tmp:
-                    prompts = os.path.join(tmp, "prompts.txt")
-                    make_corpus(prompts, count)
-                    common = ["--prompts", prompts, "--steps", str(steps), "--batch-size", str(args.batch_size),
-                              "--guidance", str(args.guidance), "--model", args.model]
-                    load_before = os.getloadavg()[0]
-                    out_plain, out_seedsift = f"{tmp}/plain", f"{tmp}/seedsift"
-                    stdout, _, plain_wall, plain_curve = run_watched(
-                        [PYTHON, __file__, "--child", "plain", "--out", out_plain, "--threads", str(threads),
-                         "--size", str(size)] + common, out_plain)
-                    plain = json.loads(next(line for line in stdout.splitlines() if line.startswith("RESULT:"))[7:])
-                    ray_tmp, trace_file = os.path.join(tmp, "ray"), os.path.join(tmp, "trace.jsonl")
-                    os.makedirs(ray_tmp)
-                    stdout, started_wall, seedsift_wall, seedsift_curve = run_watched(
-                        [PYTHON, "-m", "jobs.generate", "--out", out_seedsift, "--policy", "random", "-n", "1", "-k",
-                         "1", "--width", str(size), "--height", str(size), "--generator-cpus", str(threads), "--json"]
-                        + common, out_seedsift,
-                        env={"RAY_TMPDIR": ray_tmp, "RAY_ADDRESS": "", "SEEDSIFT_TRACE": trace_file})
-                    summary = json.loads(stdout)
-                    leftovers = leftover_processes(ray_tmp)
-                    load_after = os.getloadavg()[0]
-                    same = compare_images(out_plain, out_seedsift)
-                    p_rate, s_rate = steady_rate(plain_curve, STEADY_AFTER), steady_rate(seedsift_curve, STEADY_AFTER)
-                    if p_rate is None or s_rate is None or summary["images"] != count:
-                        raise SystemExit(f"{count} images is too few for a steady window after {STEADY_AFTER} "
-                                         f"(or the run made {summary['images']})")
-                    first = {"plain": round(plain_curve[0][0], 2), "seedsift": round(seedsift_curve[0][0], 2)}
-                    row = {
-                        "size": f"{size}x{size}", "steps": steps, "images": count, "repeat": repeat + 1,
-                        "plain first image s": first["plain"], "seedsift first image s": first["seedsift"],
-                        "start-up difference s": first["seedsift"] - first["plain"],
-                        "plain s/img": 1 / p_rate, "seedsift s/img": 1 / s_rate, "marginal ratio": s_rate / p_rate,
-                        "plain wall s": plain_wall, "seedsift wall s": seedsift_wall,
-                        # Fixed cost = wall time not explained by steady throughput: imports, loads, Ray, actors.
-                        "plain fixed s": plain_wall - count / p_rate, "seedsift fixed s": seedsift_wall - count / s_rate,
-                        "identical images": f"{same['identical']}/{same['matched']} (max diff {same['max_abs_uint8_diff']})",
-                        "leftover processes": len([p for p in leftovers if p["state"] != "Z"]),
-                        "load1 before/after": f"{load_before:.1f}/{load_after:.1f}",
-                    }
-                    row["fixed cost difference s"] = row["seedsift fixed s"] - row["plain fixed s"]
-                    trace = read_trace(trace_file, started_wall)
-                    breakdowns[f"{size}x{size}, {steps} steps, {count} images"] = breakdown(trace, plain, first)
-                    rows.append(row)
-                    raw.append({"row": row, "plain": plain, "plain_curve": plain_curve, "seedsift_curve": seedsift_curve,
-                                "trace": trace, "leftovers": leftovers, "summary": summary})
-                    print(json.dumps(row), flush=True)
+                    result = compare(args.model, size, steps, count, args, tmp)
+                rows.append({**result["row"], "repeat": repeat + 1})
+                raw.append(result["raw"])
+                breakdowns[f"{size}x{size}, {steps} steps, {count} images"] = result["breakdown"]
+                print(json.dumps(rows[-1]), flush=True)
     load_summary = load.summary()
-    columns = ["size", "steps", "images", "repeat", "plain first image s", "seedsift first image s",
-               "start-up difference s", "plain s/img", "seedsift s/img", "marginal ratio", "plain fixed s",
-               "seedsift fixed s", "fixed cost difference s", "plain wall s", "seedsift wall s", "identical images",
-               "leftover processes", "load1 before/after"]
+    threads = args.generator_cpus or local_generator_threads()
     text = (f"Start-up and throughput: `seedsift generate` (the CLI, local Ray, 1 generator, {args.batch_size}/batch, "
             f"guidance {args.guidance}, --policy random -n 1 -k 1) vs a plain diffusers loop on {args.model}, both "
-            f"{threads} torch threads, interleaved; load avg 1-min during run {load_summary}\n\n" + table(rows, columns)
+            f"{threads} torch threads, interleaved; load avg 1-min during run {load_summary}\n\n" + table(rows, COLUMNS)
             + f"\n\nTimes are from process start, taken by the parent watching each output folder for image files; "
             f"steady = images/s after the first {STEADY_AFTER} images appeared; marginal ratio = seedsift's steady rate /"
             " plain's; fixed = wall - images / steady rate; 'leftover processes' = Ray processes of the run still "
-            "alive 3 s after its driver exited.")
-    for name, steps_table in breakdowns.items():  # the last repeat of each configuration
-        text += (f"\n\nWhere the seconds to the first image go ({name}, last repeat; seconds from process start, "
-                 "from SEEDSIFT_TRACE):\n\n" + table(steps_table, ["step", "seedsift", "plain"]))
+            "alive 3 s after its driver exited." + breakdown_text(breakdowns))
     save(args.name, {"args": vars(args), "machine_at_start": start_machine, "load_during": load_summary,
                      "rows": rows, "raw": raw}, text)
 
@@ -300,7 +284,7 @@ def main() -> None:
     parser.add_argument("--model", default="embedded:tiny-sd")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--generator-cpus", type=int, default=0,
-                        help="torch threads of both sides (0: the generator's local default, the machine's cores)")
+                        help="torch threads of both sides (0: the generator's local default, all cores but one)")
     parser.add_argument("--name", default="overhead", help="results/NAME.json and NAME.md (default: %(default)s)")
     # the plain child's arguments
     parser.add_argument("--prompts")
@@ -308,6 +292,7 @@ def main() -> None:
     parser.add_argument("--size", type=int)
     parser.add_argument("--steps", type=int)
     parser.add_argument("--threads", type=int)
+    parser.add_argument("--device", default="cpu", help="the plain child's device (cuda: float16, as seedsift)")
     args = parser.parse_args()
     if args.child == "plain":
         child_plain(args)

@@ -1,0 +1,204 @@
+"""GPU check: `seedsift generate` against a plain diffusers fp16 loop on full-size SD 1.5 and SDXL, on one GPU.
+
+Builds random-weight SD 1.5 and SDXL pipelines from their published configs (offline: no hub; a byte-level
+tokenizer stands in for CLIP's BPE, which changes no cost that matters), then runs bench_overhead's interleaved
+comparison on each (same prompts, seeds, size, steps and batch; the images match) while `nvidia-smi` samples the
+GPU: images/s ratio, time to the first image, GPU utilisation while rendering, peak GPU memory.
+
+    bash benchmarks/gpu_check.sh            # on a GPU machine: about 6-8 minutes on one H200
+    bash benchmarks/gpu_check.sh --smoke    # CPU, tiny configs of the same builders: what the test suite runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import _common  # noqa: F401  (puts the repository on sys.path)
+import bench_overhead
+from _common import LoadSampler, machine, save, table
+
+# Published configs (stable-diffusion-v1-5 and stable-diffusion-xl-base-1.0 unet/vae/text_encoder config.json),
+# written out: random weights, so only the shapes, and with them the cost, are real.
+SD15_UNET = {
+    "sample_size": 64, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "block_out_channels": [320, 640, 1280, 1280], "cross_attention_dim": 768, "attention_head_dim": 8,
+}
+SDXL_UNET = {
+    "sample_size": 128, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "block_out_channels": [320, 640, 1280], "attention_head_dim": [5, 10, 20], "cross_attention_dim": 2048,
+    "transformer_layers_per_block": [1, 2, 10], "use_linear_projection": True, "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 256, "projection_class_embeddings_input_dim": 2816,
+}
+VAE = {"in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 2,
+       "block_out_channels": [128, 256, 512, 512], "down_block_types": ["DownEncoderBlock2D"] * 4,
+       "up_block_types": ["UpDecoderBlock2D"] * 4}
+CLIP_L = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+          "hidden_act": "quick_gelu"}
+CLIP_BIGG = {"hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32, "num_attention_heads": 20,
+             "hidden_act": "gelu", "projection_dim": 1280}
+# The smoke mode's tiny configs: the same builders, at the sizes the test suite's tiny pipelines have.
+TINY_UNET = {"sample_size": 32, "in_channels": 4, "out_channels": 4, "layers_per_block": 1, "norm_num_groups": 4,
+             "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+             "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"], "block_out_channels": [16, 32],
+             "attention_head_dim": 4}
+TINY_VAE = {**VAE, "block_out_channels": [8, 8], "norm_num_groups": 4,
+            "down_block_types": ["DownEncoderBlock2D"] * 2, "up_block_types": ["UpDecoderBlock2D"] * 2}
+TINY_CLIP = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2}
+
+# family -> size, steps, images, and the configs at full size and in the smoke mode
+RUNS = {
+    "sd15": {"size": 512, "steps": 20, "images": 32, "batch": 4},
+    "sdxl": {"size": 1024, "steps": 20, "images": 16, "batch": 2},
+}
+SMOKE_RUNS = {"sd15": {"size": 64, "steps": 2, "images": 12, "batch": 4},
+              "sdxl": {"size": 64, "steps": 2, "images": 12, "batch": 4}}
+
+
+def build_pipeline(family: str, folder: str, smoke: bool) -> None:
+    """A random-weight pipeline of `family` saved into `folder` (fp16 on a GPU, fp32 in the smoke mode)."""
+    import torch
+    from diffusers import (AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline,
+                           StableDiffusionXLPipeline, UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from orchestrator.embedded import SD_NOISE_SCHEDULE, _tiny_clip_tokenizer
+
+    tokenizer = _tiny_clip_tokenizer()
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+           "pad_token_id": tokenizer.pad_token_id, "vocab_size": len(tokenizer), "max_position_embeddings": 77}
+    device = "cpu" if smoke else "cuda"
+    dtype = torch.float32 if smoke else torch.float16
+    torch.manual_seed(0)
+    with torch.device(device):  # full-size weights are drawn on the GPU: seconds instead of minutes
+        vae = AutoencoderKL(**(TINY_VAE if smoke else VAE))
+        if family == "sd15":
+            text = CLIPTextModel(CLIPTextConfig(**(TINY_CLIP if smoke else CLIP_L), **ids))
+            unet = UNet2DConditionModel(**(TINY_UNET if smoke else SD15_UNET) | {
+                "cross_attention_dim": text.config.hidden_size})
+            pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text, tokenizer=tokenizer,
+                                           scheduler=DDIMScheduler(**SD_NOISE_SCHEDULE, clip_sample=False,
+                                                                   set_alpha_to_one=False),
+                                           safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        else:
+            text = CLIPTextModel(CLIPTextConfig(**(TINY_CLIP if smoke else CLIP_L), **ids))
+            text_2 = CLIPTextModelWithProjection(CLIPTextConfig(
+                **(TINY_CLIP | {"projection_dim": 16} if smoke else CLIP_BIGG), **ids))
+            config = SDXL_UNET
+            if smoke:  # the tiny UNet with SDXL's extra conditioning, sized to the tiny encoders
+                config = TINY_UNET | {"use_linear_projection": True, "addition_embed_type": "text_time",
+                                      "addition_time_embed_dim": 8, "projection_class_embeddings_input_dim": 6 * 8 + 16}
+            unet = UNet2DConditionModel(**config | {
+                "cross_attention_dim": text.config.hidden_size + text_2.config.hidden_size})
+            pipe = StableDiffusionXLPipeline(unet=unet, vae=vae, text_encoder=text, text_encoder_2=text_2,
+                                             tokenizer=tokenizer, tokenizer_2=tokenizer,
+                                             scheduler=EulerDiscreteScheduler(**SD_NOISE_SCHEDULE))
+    pipe.to(dtype=dtype)
+    pipe.save_pretrained(folder)
+    del pipe
+    if not smoke:
+        torch.cuda.empty_cache()
+
+
+class GpuSampler:
+    """`nvidia-smi` every 200 ms while one side runs: GPU utilisation and memory, with their times."""
+
+    def __init__(self):
+        self.samples: list[tuple[float, float, float]] = []  # (perf_counter, utilisation %, memory MiB)
+        self._process = None
+        self._thread = None
+
+    def __enter__(self) -> GpuSampler:
+        self.started = time.perf_counter()
+        self._process = subprocess.Popen(
+            ["nvidia-smi", "--query-gpu=utilization.gpu,memory.used", "--format=csv,noheader,nounits", "-lms", "200"],
+            stdout=subprocess.PIPE, text=True)
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+        return self
+
+    def _read(self) -> None:
+        for line in self._process.stdout:
+            try:
+                utilisation, memory = (float(x) for x in line.split(",")[:2])
+            except ValueError:
+                continue
+            self.samples.append((time.perf_counter() - self.started, utilisation, memory))
+
+    def __exit__(self, *exc) -> None:
+        self._process.terminate()
+        self._process.wait()
+        self._thread.join(timeout=5)
+
+    def summary(self, first_image: float, last_image: float) -> dict:
+        """Utilisation while images were coming (first to last), and the peak memory of the whole run."""
+        window = [u for t, u, _ in self.samples if first_image <= t <= last_image] or [0.0]
+        return {"GPU util % (rendering)": sum(window) / len(window),
+                "peak GPU MiB": max((m for *_, m in self.samples), default=0.0)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="CPU, tiny configs: checks the script, measures nothing")
+    parser.add_argument("--families", nargs="+", default=list(RUNS), choices=list(RUNS))
+    parser.add_argument("--name", default=None, help="results/NAME.json and .md (default: gpu-check[-smoke])")
+    parser.add_argument("--results", default=None, help="folder for NAME.json and .md (default: benchmarks/results)")
+    parser.add_argument("--address", default=None, help="Ray for the seedsift side to join (default: its own)")
+    args = parser.parse_args(argv)
+    smoke = args.smoke
+    if not smoke and shutil.which("nvidia-smi") is None:
+        print("gpu_check: no nvidia-smi here; on a machine without a GPU run it with --smoke", file=sys.stderr)
+        return 2
+    rows, raw, breakdowns = [], [], {}
+    start_machine = machine()
+    with LoadSampler() as load, tempfile.TemporaryDirectory(prefix="seedsift-gpu-check-") as tmp:
+        for family in args.families:
+            settings = (SMOKE_RUNS if smoke else RUNS)[family]
+            folder = os.path.join(tmp, family)
+            started = time.perf_counter()
+            build_pipeline(family, folder, smoke)
+            build_s = time.perf_counter() - started
+            options = SimpleNamespace(batch_size=settings["batch"], guidance=7.5, generator_cpus=0,
+                                      device="cpu" if smoke else "cuda")
+            work = os.path.join(tmp, f"{family}-run")
+            os.makedirs(work)
+            result = bench_overhead.compare(folder, settings["size"], settings["steps"], settings["images"], options,
+                                            work, sampler=None if smoke else (lambda side: GpuSampler()),
+                                            address=args.address)
+            row = {"pipeline": family, "batch": settings["batch"], "build s": build_s, **result["row"]}
+            row["images/s ratio"] = row["marginal ratio"]
+            row["plain peak allocated GiB"] = result["raw"]["plain"].get("peak_gpu_memory_gb")
+            rows.append(row)
+            raw.append(result["raw"])
+            breakdowns[f"{family}, {settings['size']}x{settings['size']}"] = result["breakdown"]
+            print(json.dumps(row), flush=True)
+            shutil.rmtree(folder, ignore_errors=True)
+    columns = ["pipeline", "size", "steps", "images", "batch", "build s", "plain first image s",
+               "seedsift first image s", "plain s/img", "seedsift s/img", "images/s ratio", "plain fixed s",
+               "seedsift fixed s", "plain GPU util % (rendering)", "seedsift GPU util % (rendering)",
+               "plain peak GPU MiB", "seedsift peak GPU MiB", "plain peak allocated GiB", "identical images"]
+    text = ("GPU check" + (" (smoke: CPU, tiny configs; measures nothing)" if smoke else "")
+            + f": seedsift generate vs a plain diffusers {'fp32' if smoke else 'fp16'} loop, random-weight "
+            f"pipelines from the published configs; load {load.summary()}\n\n" + table(rows, columns)
+            + bench_overhead.breakdown_text(breakdowns))
+    save(args.name or ("gpu-check-smoke" if smoke else "gpu-check"),
+         {"args": vars(args), "machine_at_start": start_machine, "rows": rows, "raw": raw}, text,
+         Path(args.results) if args.results else None)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
