@@ -9,14 +9,20 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-from actors import diffusion, families, trace
+from actors import families, trace
+from actors.rater import make_rater, rate_batch
 from orchestrator.embedded import resolve_model
 from orchestrator.plan import RenderPlan
 from orchestrator.seeds import batch_noise
+
+if TYPE_CHECKING:  # torch and the model libraries load in the actor, not in the driver that builds the graph
+    import torch
+
+    from actors import diffusion
 
 logger = logging.getLogger("seedsift.generator")
 PREVIEW_INPUTS = ("preview_seeds", "preview_predicted")  # scorer -> generator only; preview_candidates stays
@@ -24,6 +30,8 @@ PREVIEW_INPUTS = ("preview_seeds", "preview_predicted")  # scorer -> generator o
 
 def device_and_dtype(dtype_name: str = "auto") -> tuple[str, torch.dtype]:
     """cuda with fp16 (or the named dtype) when a GPU is visible to this actor, else cpu with float32."""
+    import torch
+
     if torch.cuda.is_available():
         names = {"auto": torch.float16, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
         return "cuda", names[dtype_name]
@@ -56,6 +64,10 @@ class GeneratorStage:
     def __init__(self, plan: RenderPlan, num_threads: int = 1):
         trace.mark("generator", "process", trace.process_started())
         trace.mark("generator", "init")
+        import torch
+
+        from actors import diffusion
+
         torch.set_num_threads(max(1, num_threads))
         self.device, self.dtype = device_and_dtype()
         model_path = resolve_model(plan.model)
@@ -64,9 +76,7 @@ class GeneratorStage:
                                               scheduler=plan.scheduler)
         self.latent_shape = families.latent_shape(model_path, plan.height, plan.width)
         self.rater = None
-        if plan.preview:
-            from actors.rater import make_rater  # the previews are rated by the run's own rater, here on this actor
-
+        if plan.preview or plan.rates_images:  # the run's own rater, here on this actor
             self.rater = make_rater(plan.rater)
         self.first_call = trace.FirstCall("generator")
         trace.mark("generator", "ready")
@@ -96,7 +106,7 @@ class GeneratorStage:
                 status[ok] = "failed"
                 error[ok] = f"render failed: {type(exc).__name__}: {exc}"
         out.update(status=status, error=error, image=images)
-        return out
+        return rate_batch(self.rater, out) if self.plan.rates_images else out
 
     def _render(self, embeds: dict[str, np.ndarray], seeds: list[int]) -> np.ndarray:
         plan = self.plan

@@ -50,13 +50,20 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
-import torch
 
 from actors import trace
+from actors.light import give_way_to_generators
 from orchestrator.config import looks_like_local_path
 
 DEFAULT_RATER_SPEC = "colorfulness"
 RATER_NAMES = ("colorfulness", "sharpness", "shapes", "clip", "pickscore", "hpsv2", "imagereward")
+# Raters that read pixels with numpy: no model and no torch, microseconds an image. A generator rates its own renders
+# with them; an actor of their own would cost a process start (a second of CPU) and a hop for that.
+PIXEL_RATERS = ("colorfulness", "sharpness", "shapes")
+
+
+def is_pixel_rater(spec: str) -> bool:
+    return parse_rater_spec(spec).name in PIXEL_RATERS
 
 # Options each rater accepts after its path; raters missing here take no path and no options.
 RATER_OPTIONS = {
@@ -261,6 +268,7 @@ class ClipScoreRater:
     """CLIP score (logit_scale.exp() * cosine of image and text embeddings) from a CLIPModel; also PickScore."""
 
     def __init__(self, name: str, model_path: str, processor_path: str | None = None) -> None:
+        import torch
         from transformers import CLIPModel, CLIPProcessor
 
         self.name = name
@@ -287,6 +295,8 @@ class ClipScoreRater:
         self.max_text_tokens = int(self.model.config.text_config.max_position_embeddings)
 
     def score(self, images: np.ndarray, prompts: list[str]) -> np.ndarray:
+        import torch
+
         check_image_batch(images, prompts)
         # Long prompts are cut at CLIP's context length rather than failing the batch.
         text_inputs = self.processor.tokenizer(
@@ -306,49 +316,55 @@ class ClipScoreRater:
 
 
 class RaterStage:
-    """Ray Data callable class: builds one rater per actor and adds a float32 `score` column to each batch.
-
-    Rows whose `status` is not "ok" (placeholder images) get NaN. If the rater raises, the batch's ok rows become
-    status "failed" with the reason in `error`, so one bad batch never takes the job down.
-    """
+    """Ray Data callable class for model raters (CLIP, PickScore, HPSv2, ImageReward): one rater per actor, which
+    may hold a GPU fraction; adds a float32 `score` column to each batch (rate_batch). Pixel raters need no actor:
+    the generator rates its own renders with them (RenderPlan.rates_images)."""
 
     def __init__(self, rater_spec: str, num_threads: int = 1) -> None:
         trace.mark("rater", "process", trace.process_started())
         trace.mark("rater", "init")
-        # Ray sets OMP_NUM_THREADS=1 in workers; the caller decides how many cores this actor may use.
-        torch.set_num_threads(num_threads)
+        if not is_pixel_rater(rater_spec):
+            import torch  # model raters only: a pixel rater never loads torch (start-up time)
+
+            # Ray sets OMP_NUM_THREADS=1 in workers; the caller decides how many cores this actor may use.
+            torch.set_num_threads(num_threads)
         self.rater = make_rater(rater_spec)
         self.first_call = trace.FirstCall("rater")
         trace.mark("rater", "ready")
+        give_way_to_generators()  # once loaded: the first image waits for this load
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         with self.first_call:
-            return self._call(batch)
+            return rate_batch(self.rater, batch)
 
-    def _call(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        count = len(batch["status"])
-        # Object arrays, because writing "failed" into a fixed-width "<U2" array of "ok" would truncate it.
-        status = np.array([str(value) for value in batch["status"]], dtype=object)
-        old_errors = batch.get("error", [""] * count)
-        error = np.array(["" if value is None else str(value) for value in old_errors], dtype=object)
-        scores = np.full(count, np.nan, dtype=np.float32)
-        ok = status == "ok"
-        if ok.any():
-            try:
-                images = batch["image"][ok]
-                if images.dtype == object:
-                    # Ray Data gives ragged tensor columns as an object array of arrays.
-                    images = np.stack(list(images))
-                prompts = [str(prompt) for prompt in batch["prompt"][ok]]
-                ok_scores = np.asarray(self.rater.score(images, prompts), dtype=np.float32)
-                if ok_scores.shape != (int(ok.sum()),):
-                    raise ValueError(f"returned scores of shape {ok_scores.shape}, expected ({int(ok.sum())},)")
-                scores[ok] = ok_scores
-            except Exception as err:  # noqa: BLE001 - any rater failure is recorded in the rows, not raised
-                status[ok] = "failed"
-                error[ok] = f"rater {self.rater.name}: {type(err).__name__}: {err}"
-        result = dict(batch)
-        result["score"] = scores
-        result["status"] = status.astype(str)
-        result["error"] = error.astype(str)
-        return result
+
+def rate_batch(rater: Rater, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The batch with a float32 `score` column: NaN for rows not "ok" (placeholder images); if the rater raises, the
+    batch's ok rows become status "failed" with the reason in `error`, so one bad batch never takes the job down.
+    The rater stage's work, and a generator's when it rates its own renders (RenderPlan.rates_images)."""
+    count = len(batch["status"])
+    # Object arrays, because writing "failed" into a fixed-width "<U2" array of "ok" would truncate it.
+    status = np.array([str(value) for value in batch["status"]], dtype=object)
+    old_errors = batch.get("error", [""] * count)
+    error = np.array(["" if value is None else str(value) for value in old_errors], dtype=object)
+    scores = np.full(count, np.nan, dtype=np.float32)
+    ok = status == "ok"
+    if ok.any():
+        try:
+            images = batch["image"][ok]
+            if images.dtype == object:
+                # Ray Data gives ragged tensor columns as an object array of arrays.
+                images = np.stack(list(images))
+            prompts = [str(prompt) for prompt in batch["prompt"][ok]]
+            ok_scores = np.asarray(rater.score(images, prompts), dtype=np.float32)
+            if ok_scores.shape != (int(ok.sum()),):
+                raise ValueError(f"returned scores of shape {ok_scores.shape}, expected ({int(ok.sum())},)")
+            scores[ok] = ok_scores
+        except Exception as err:  # noqa: BLE001 - any rater failure is recorded in the rows, not raised
+            status[ok] = "failed"
+            error[ok] = f"rater {rater.name}: {type(err).__name__}: {err}"
+    result = dict(batch)
+    result["score"] = scores
+    result["status"] = status.astype(str)
+    result["error"] = error.astype(str)
+    return result

@@ -11,9 +11,9 @@ from collections import OrderedDict
 
 import numpy as np
 import ray
-import torch
 
-from actors import diffusion, families, trace
+from actors import families, trace
+from actors.light import give_way_to_generators
 from orchestrator.budget import keep_budget
 from orchestrator.embedded import resolve_model
 from orchestrator.manifest import SKIPPED, Manifest, row_key
@@ -33,6 +33,10 @@ class ScorerStage:
                  committed_shards: frozenset = frozenset(), num_threads: int = 1):
         trace.mark("scorer", "process", trace.process_started())
         trace.mark("scorer", "init")
+        import torch  # here, in the actor: the driver imports this module to build the graph, and needs no torch
+
+        from actors import diffusion
+
         torch.set_num_threads(max(1, num_threads))
         model_path = resolve_model(plan.model)
         self.plan = plan
@@ -51,6 +55,7 @@ class ScorerStage:
                                                   source=plan.predictor_source)
         self.first_call = trace.FirstCall("scorer")
         trace.mark("scorer", "ready")
+        give_way_to_generators()  # once loaded: the first image waits for this load
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         with self.first_call:

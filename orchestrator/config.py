@@ -48,7 +48,7 @@ class GenerateConfig:
     limit: int | None = None
     address: str | None = None
     generator_gpus: float | None = None  # None: 1 per generator when the cluster has GPUs, else 0
-    generator_cpus: float | None = None  # None: 2 per generator on GPU clusters, the machine's cores on CPU
+    generator_cpus: float | None = None  # None: 2 per generator on GPU clusters, all cores but one on CPU
     scorer_cpus: float = 0.5
     scorer_batch_size: int = 32
     rater_cpus: float = 0.25

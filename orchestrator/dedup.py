@@ -28,11 +28,14 @@ holds nothing that matters, so Ray Data may restart it like any pool actor.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
+from actors.light import give_way_to_generators
 from orchestrator.manifest import QUARANTINED, Manifest, shard_id, split_shard_id
 from orchestrator.reader import READ_CPUS
 
@@ -97,6 +100,7 @@ class DuplicateIndex:
             holders = np.concatenate([self.owners] + [o for _, o in pieces])
             self.keys, first = np.unique(keys, return_index=True)
             self.owners = holders[first]
+        give_way_to_generators()  # once loaded: the run waits for this load
         return int(len(self.keys))
 
     def lookup(self, keys: np.ndarray) -> np.ndarray:
@@ -135,8 +139,10 @@ class DuplicateIndex:
 class DuplicateFilter:
     """Ray Data callable class (one actor): quarantines every later occurrence of a prompt id or a prompt text."""
 
-    def __init__(self, indexes: list, manifest: Manifest, owners: Owners):
-        self.indexes = indexes
+    def __init__(self, indexes: IndexActors, manifest: Manifest, owners: Owners):
+        give_way_to_generators()
+        indexes.wait_loaded()  # no lookup before every bucket holds the committed keys
+        self.indexes = indexes.actors
         self.manifest = manifest
         self.owners = owners
         self.sources: dict[str, dict[int, str]] = {}  # shard -> {shard row: source}, for messages only
@@ -217,15 +223,28 @@ class DuplicateFilter:
         return self.sources.get(shard, {}).get(row, "an earlier row")
 
 
-def start_index(manifest: Manifest, owners: Owners, complete: list[str], open_parts: dict, buckets: int) -> list:
-    """The index actors, loaded from the output; they live as long as the driver holds them."""
+@dataclass(frozen=True)
+class IndexActors:
+    """The index actors of a run (they live as long as the driver holds this) and their loads from the output."""
+
+    actors: list
+    loads: list  # one ObjectRef per actor: its load from the output, in flight until it is done
+
+    def wait_loaded(self) -> None:
+        """Block until every bucket is loaded; raise what a load raised (a damaged manifest object, the store)."""
+        ray.get(self.loads)
+
+
+def start_index(manifest: Manifest, owners: Owners, complete: list[str], open_parts: dict,
+                buckets: int) -> IndexActors:
+    """The index actors, loading from the output in the background: the run's other actors start meanwhile, and
+    the filter waits for the loads before its first lookup."""
     actor = ray.remote(num_cpus=READ_CPUS, max_restarts=0)(DuplicateIndex)
-    indexes = [actor.remote(b, buckets) for b in range(buckets)]
-    ray.get([index.load.remote(manifest, owners, complete, open_parts) for index in indexes])
-    return indexes
+    actors = [actor.remote(b, buckets) for b in range(buckets)]
+    return IndexActors(actors, [index.load.remote(manifest, owners, complete, open_parts) for index in actors])
 
 
-def drop_duplicates(ds, indexes: list, manifest: Manifest, owners: Owners):
+def drop_duplicates(ds, indexes: IndexActors, manifest: Manifest, owners: Owners):
     """The dedup stage on a corpus dataset: one filter actor in front of the index actors (module docstring)."""
     return ds.map_batches(
         DuplicateFilter, fn_constructor_kwargs={"indexes": indexes, "manifest": manifest, "owners": owners},

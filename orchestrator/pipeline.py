@@ -17,11 +17,12 @@ import ray
 
 from actors import trace
 from actors.generator import GeneratorStage
+from actors.light import give_way_to_generators
 from actors.rater import RaterStage
 from actors.scorer import ScorerStage
 from orchestrator.config import ConfigError, GenerateConfig
 from orchestrator.corpus import Columns, CorpusFile, check_corpus, list_corpus
-from orchestrator.dedup import Owners, bucket_count, drop_duplicates, start_index
+from orchestrator.dedup import IndexActors, Owners, bucket_count, drop_duplicates, start_index
 from orchestrator.lease import Lease
 from orchestrator.ledger import ShardLedger
 from orchestrator.manifest import (DELIVERED, LAYOUT_VERSION, RUN_FILE, DamagedManifest, Manifest, ShardRecord,
@@ -131,11 +132,19 @@ def connect_ray(address: str | None, log_to_driver: bool = True) -> None:
     if address:
         ray.init(address=address, log_to_driver=log_to_driver)
     else:
-        # Light stages (reading, scoring, rating, writing) mostly wait; two spare logical CPUs let them run
-        # beside generators that own every physical core.
-        # Ray starts workers at nice 15; locally the generator is the job, not background work.
-        os.environ.setdefault("RAY_worker_niceness", "0")
-        ray.init(address="local", num_cpus=(os.cpu_count() or 1) + 2, log_to_driver=log_to_driver)
+        ray.init(address="local", log_to_driver=log_to_driver, **local_ray_options())
+        # The driver (and the Ray Data threads it starts from here on) mostly waits: the local generator goes first.
+        give_way_to_generators()
+
+
+def local_ray_options() -> dict:
+    """How a run on one machine starts its own Ray (the test suite's session Ray is started the same way)."""
+    # Ray starts workers at nice 15; locally the generator is the job, not background work.
+    os.environ.setdefault("RAY_worker_niceness", "0")
+    # Light stages (reading, scoring, rating, writing) mostly wait; two spare logical CPUs let them run beside
+    # generators that own every physical core. No dashboard: it costs about a second of start-up and 0.2 GB, and
+    # the console shows the run; `ray start --head` and --address give one.
+    return {"num_cpus": (os.cpu_count() or 1) + 2, "include_dashboard": False}
 
 
 @dataclass(frozen=True)
@@ -145,7 +154,12 @@ class Resources:
 
 
 def plan_resources(config: GenerateConfig) -> Resources:
-    """Per-generator GPUs and CPUs: a whole GPU each where the cluster has GPUs, the cores otherwise."""
+    """Per-generator GPUs and CPUs: a whole GPU each where the cluster has GPUs, else all cores but one.
+
+    A CPU generator's CPUs are also its torch threads. The core left over is the light stages': on 2 cores one
+    thread renders the tiny pipeline faster (0.19-0.21 s an image) than two (0.20-0.25 s), whose threads stall
+    whenever scoring, rating or writing takes a core from one of them (benchmarks/README.md, figure 1).
+    """
     resources = ray.cluster_resources()
     gpus = config.generator_gpus
     if gpus is None:
@@ -156,7 +170,8 @@ def plan_resources(config: GenerateConfig) -> Resources:
                            "whose GPU workers start at 0, pass --generator-gpus 1 so that GPU nodes are launched")
     cpus = config.generator_cpus
     if cpus is None:
-        cpus = 2.0 if gpus > 0 else max(1.0, (resources.get("CPU", 1) - 2) // config.generators)
+        # A local Ray declares the cores plus two (local_ray_options): the cores less one, shared by the generators.
+        cpus = 2.0 if gpus > 0 else max(1.0, (resources.get("CPU", 1) - 3) // config.generators)
     return Resources(generator_gpus=gpus, generator_cpus=cpus)
 
 
@@ -179,7 +194,7 @@ def count_usable_prompts(plan: RunPlan, files: list[CorpusFile]) -> int:
     return prompts
 
 
-def build_dataset(plan: RunPlan, manifest: Manifest, state: OutputState, files: list[CorpusFile], indexes: list,
+def build_dataset(plan: RunPlan, manifest: Manifest, state: OutputState, files: list[CorpusFile], indexes: IndexActors,
                   owners: Owners):
     """The lazy Ray dataset of a run: one accounting row per row that reached the sink."""
     config = plan.config
@@ -204,33 +219,35 @@ def build_dataset(plan: RunPlan, manifest: Manifest, state: OutputState, files: 
     )
     rendering = plan.rendering()
     images_per_row = max(1, rendering.preview)  # a preview row carries its prompt's M candidates
+    rows_per_batch = max(1, config.batch_size // images_per_row)  # --batch-size counts images
     ds = ds.map_batches(
         GeneratorStage,
         fn_constructor_args=(rendering,),
         fn_constructor_kwargs=dict(num_threads=max(1, int(resources.generator_cpus))),
-        batch_format="numpy", batch_size=max(1, config.batch_size // images_per_row),  # --batch-size counts images
-        compute=ray.data.ActorPoolStrategy(size=config.generators),
+        batch_format="numpy", batch_size=rows_per_batch, compute=ray.data.ActorPoolStrategy(size=config.generators),
         num_cpus=resources.generator_cpus, num_gpus=resources.generator_gpus,
     )
-    ds = ds.map_batches(
-        RaterStage,
-        fn_constructor_args=(config.rater,),
-        fn_constructor_kwargs=dict(num_threads=max(1, int(config.rater_cpus))),
-        batch_format="numpy", batch_size=config.batch_size, compute=ray.data.ActorPoolStrategy(size=1),
-        num_cpus=config.rater_cpus, num_gpus=config.rater_gpus,
-    )
+    if not rendering.rates_images:  # a model rater: its own actor, which may hold a GPU fraction
+        ds = ds.map_batches(
+            RaterStage,
+            fn_constructor_args=(config.rater,),
+            fn_constructor_kwargs=dict(num_threads=max(1, int(config.rater_cpus))),
+            batch_format="numpy", batch_size=rows_per_batch, compute=ray.data.ActorPoolStrategy(size=1),
+            num_cpus=config.rater_cpus, num_gpus=config.rater_gpus,
+        )
     return ds.map_batches(
         write_unit,
         fn_kwargs=dict(manifest=manifest, run_fields=plan.run_fields, image_format=config.image_format,
                        image_output=config.image_output, save_images=config.save_images),
-        # A preview row costs its M previews as well as its render: commit after about as much denoising as without.
-        batch_format="numpy", batch_size=max(1, max(config.batch_size, 16) // images_per_row),
+        # One unit per generator batch: its images land as soon as they are rendered and rated, and a kill loses at
+        # most one batch per generator. (A preview row costs its M previews too: as much denoising as without.)
+        batch_format="numpy", batch_size=rows_per_batch,
         num_cpus=READ_CPUS,
     )
 
 
 def start_stream(plan: RunPlan, files: list[CorpusFile], manifest: Manifest, state: OutputState):
-    """The duplicate index, loaded from the output, and the run's dataset; returns (dataset, index actors)."""
+    """The duplicate index, loading from the output, and the run's dataset; returns (dataset, index actors)."""
     owners = state.owners(files)
     committed = state.delivered_rows() + sum(len(p) for p in state.open_parts.values()) * plan.config.batch_size
     buckets = plan.config.dedup_buckets or bucket_count(2 * committed)
@@ -352,6 +369,9 @@ def _stream(plan: RunPlan, files: list[CorpusFile], manifest: Manifest, state: O
         if progress is not None:
             progress.close()
     except Exception as exc:
+        # An index that could not load the output fails the filter's start: say what the load met (a damaged
+        # manifest object, the store) rather than the filter's death.
+        indexes.wait_loaded()
         # An outage longer than the storage retries: one line naming the output, and the rerun resumes.
         cause = storage_error_in(exc)
         if cause is not None:

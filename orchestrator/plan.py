@@ -56,7 +56,8 @@ class RenderPlan:
     scheduler: str  # the --scheduler name
     preview: int = 0  # candidates previewed per prompt (0: no preview, render the rows as they come)
     preview_steps: int = 0
-    rater: str = ""  # rates the previews (the run's rater)
+    rater: str = ""  # the run's rater: rates the previews, and the renders when rates_images
+    rates_images: bool = False  # a pixel rater: the generator scores its own renders (no rater actor)
 
 
 @dataclass(frozen=True)
@@ -117,10 +118,13 @@ class RunPlan:
     def rendering(self) -> RenderPlan:
         config = self.config
         preview = config.policy_name == "preview"
+        from actors.rater import is_pixel_rater
+
         return RenderPlan(model=config.model, steps=config.steps, guidance=config.guidance, height=self.height,
                           width=self.width, scheduler=config.scheduler,
                           preview=config.preview_count if preview else 0,
-                          preview_steps=config.preview_step_count if preview else 0, rater=config.rater)
+                          preview_steps=config.preview_step_count if preview else 0, rater=config.rater,
+                          rates_images=is_pixel_rater(config.rater))
 
     def with_budget(self, usable_prompts: int) -> RunPlan:
         """--budget-images: the total spread over the usable prompts of the corpus (a counting pass)."""

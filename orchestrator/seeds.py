@@ -6,8 +6,10 @@ Sits between corpus reading and scoring: every later stage re-derives the same l
 from __future__ import annotations
 
 import hashlib
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 # torch's CPU generator keeps 32 bits of a seed (seed and seed + 2**32 draw the same noise), so a derived seed is
 # 32 bits: the value recorded is the value used, as diffusers users pass seeds. Version 1 drew 63-bit seeds.
@@ -30,18 +32,24 @@ def candidate_seeds(run_seed: int, prompt_id: str, count: int) -> list[int]:
 
 def initial_noise(seed: int, shape: tuple[int, ...]) -> torch.Tensor:
     """Standard-normal latent for one seed, always drawn on the CPU in float32 so every device sees the same tensor."""
+    import torch  # here, not at the top: the sink and the driver use the seed arithmetic without torch (start-up)
+
     generator = torch.Generator("cpu").manual_seed(int(seed))
     return torch.randn(tuple(shape), generator=generator, dtype=torch.float32)
 
 
 def batch_noise(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
     """Stack of initial noises, one per seed: each row depends on its own seed only, never on the batch."""
+    import torch
+
     return torch.stack([initial_noise(seed, shape) for seed in seeds])
 
 
 def step_noise_generators(seeds: list[int]) -> list[torch.Generator]:
     """One CPU generator per image for the noise a stochastic solver adds at each step, drawn from a stream
     apart from the initial latent's (a hash of the seed, not the seed itself)."""
+    import torch
+
     generators = []
     for seed in seeds:
         digest = hashlib.blake2b(f"seedsift/steps\x1f{int(seed)}".encode(), digest_size=4).digest()

@@ -13,7 +13,7 @@ each fault, a fresh output:
   complete and compact, during the summary;
 - moment: the same SIGKILL, the instant the run reaches a named moment: the duplicate filter starting, the scorer
   starting, the first shard compacted, the last shard compacted (the summary being written);
-- actor: one actor's worker process is SIGKILLed (scorer, generator, rater, duplicate filter, duplicate index, in
+- actor: one actor's worker process is SIGKILLed (scorer, generator, duplicate filter, duplicate index, in
   turn), at a random moment after it appears;
 - node: a worker node hosting a generator is removed from a ray.cluster_utils.Cluster (tests/cluster_failover.py);
 - s3: the output is on a moto S3 server reached through a pausable TCP proxy on 127.0.0.1 (tests/helpers_proxy.py),
@@ -52,7 +52,8 @@ KINDS = ("driver", "moment", "actor", "node", "s3", "disk")
 SHARE = {"driver": 0.32, "moment": 0.08, "actor": 0.25, "node": 0.10, "s3": 0.15, "disk": 0.10}  # of --faults
 MOMENTS = ("duplicate filter starting", "scorer starting", "first shard compacted", "last shard compacted")
 SHARD_SIZE = 4
-ACTORS = ("ScorerStage", "GeneratorStage", "RaterStage", "DuplicateFilter", "DuplicateIndex")
+# The run's actors (its pixel rater works inside the generator: a model rater would add RaterStage).
+ACTORS = ("ScorerStage", "GeneratorStage", "DuplicateFilter", "DuplicateIndex")
 PROMPTS, KEEP = 16, 2
 RUN_TIMEOUT_S = 240
 FEW_RETRIES = {"config_kwargs": {"retries": {"max_attempts": 2, "mode": "standard"}, "connect_timeout": 1,

@@ -77,13 +77,43 @@ def s3_endpoint():
 
 @pytest.fixture(scope="session")
 def ray_session(tmp_path_factory, s3_endpoint):
-    """One local Ray instance for the whole session (ray.init costs about 6 s); the model cache is shared too."""
+    """One local Ray instance for the whole session, started as a local run starts its own (the machine's cores
+    plus two logical CPUs, no dashboard), so in-process jobs see what a user's local run sees; clusters smaller
+    than that are tested explicitly. The model cache is shared too."""
     import ray
 
+    from orchestrator.pipeline import local_ray_options
+
     os.environ["SEEDSIFT_CACHE"] = str(tmp_path_factory.mktemp("seedsift-cache"))
-    ray.init(address="local", num_cpus=4, include_dashboard=False)
+    ray.init(address="local", **local_ray_options())
     yield ray
     ray.shutdown()
+
+
+FINISHED_PROMPTS = [f"a {colour} {thing}" for colour in ("red", "blue") for thing in ("cube", "fox", "bowl", "kite")]
+FINISHED_ROWS = 2 * len(FINISHED_PROMPTS)  # keep 2 of 4
+
+
+def finished_settings(corpus: str, out: str):
+    from orchestrator.config import GenerateConfig
+
+    return GenerateConfig(prompts=corpus, out=out, candidates=4, keep=2, steps=1, guidance=3.0, batch_size=4,
+                          generator_cpus=1, shard_size=4)
+
+
+@pytest.fixture(scope="session")
+def finished(ray_session, tmp_path_factory) -> dict:
+    """One finished run of two complete shards (16 rows), pristine: a test that damages or grows it copies it."""
+    from jobs import verify
+    from orchestrator import pipeline
+
+    folder = tmp_path_factory.mktemp("finished")
+    corpus = folder / "prompts.txt"
+    corpus.write_text("\n".join(FINISHED_PROMPTS) + "\n")
+    out = folder / "pristine"
+    pipeline.run(finished_settings(str(corpus), str(out)))
+    assert verify.verify_output(str(out))["strict_clean"]
+    return {"corpus": str(corpus), "out": out}
 
 
 @pytest.fixture

@@ -6,6 +6,8 @@ No Ray: RaterStage is called directly with numpy batches shaped like Ray Data's.
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +25,7 @@ from actors.rater import (
     parse_rater_spec,
     validate_rater_spec,
 )
+from tests.conftest import REPO_ROOT
 from tests.helpers_clip import build_tiny_clip, byte_symbols, tiny_clip_tokenizer
 
 
@@ -287,13 +290,21 @@ def test_stage_failure_keeps_other_rows_errors():
     assert "bad" in out["error"][0] and "bad" in out["error"][2] and out["error"][1] == ""
 
 
-def test_stage_sets_torch_threads():
+def test_a_model_raters_stage_sets_torch_threads(tiny_clip_folder):
     before = torch.get_num_threads()
     try:
-        RaterStage("colorfulness", num_threads=1)
+        RaterStage(f"clip:{tiny_clip_folder}", num_threads=1)
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_pixel_raters_stage_never_imports_torch():
+    """Its actor starts in about a second: what a run's start-up waits for."""
+    code = ("import sys; from actors.rater import RaterStage; import numpy as np; "
+            "stage = RaterStage('shapes', num_threads=2); assert 'torch' not in sys.modules, 'torch'")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
 
 
 def test_stage_with_clip_rater(tiny_clip_folder):
