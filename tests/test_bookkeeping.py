@@ -15,6 +15,7 @@ import time
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -225,19 +226,29 @@ def small(prompts: str, out: str, **overrides):
     return GenerateConfig(**values)
 
 
-def test_a_run_leaves_one_object_per_shard_and_its_summary_folds_them(ray_session, tmp_path):
+@pytest.fixture(scope="module")
+def sharded_run(ray_session, tmp_path_factory):
+    """One run in WebDataset tars: 9 prompts, a blank line and a duplicate in shards of 4 corpus rows, 2 seeds each,
+    tars of 3 images."""
     from orchestrator import pipeline
+
+    folder = tmp_path_factory.mktemp("sharded")
+    corpus = folder / "p.txt"
+    corpus.write_text("\n".join(PROMPTS + ["   ", "A red  cube"]) + "\n")
+    out = str(folder / "out")
+    summary = pipeline.run(small(str(corpus), out, keep=2, image_output="shards", shard_images=3))
+    return {"out": out, "summary": summary}
+
+
+def test_a_run_leaves_one_object_per_shard_and_its_summary_folds_them(sharded_run):
     from tests.helpers_manifest import manifest_frame
 
-    corpus = tmp_path / "p.txt"
-    corpus.write_text("\n".join(PROMPTS + ["   ", "A red  cube"]) + "\n")
-    out = str(tmp_path / "out")
-    summary = pipeline.run(small(str(corpus), out))
+    out, summary = sharded_run["out"], sharded_run["summary"]
     manifest = Manifest(Output(out))
     assert summary["shards"] == {"complete": 3, "open": 0, "shard_size": 4}
     assert manifest.object_count() == 3 and manifest.open_parts() == {}
     rows = manifest_frame(out)
-    assert summary["images"] == (rows.status == "ok").sum() == 9
+    assert summary["images"] == (rows.status == "ok").sum() == 18
     assert summary["prompts_quarantined"] == 2 and summary["quarantine_reasons"] == {
         "duplicate of an earlier row": 1, "prompt is empty or whitespace only": 1}
     assert summary["this_run"]["driver_peak_mb"] > 0 and summary["this_run"]["first_commit_s"] > 0
@@ -245,28 +256,24 @@ def test_a_run_leaves_one_object_per_shard_and_its_summary_folds_them(ray_sessio
     assert report["strict_clean"] and report["complete_shards"] == 3, report
 
 
-def test_webdataset_shards_round_trip_through_verify_reproduce_and_export(ray_session, tmp_path):
+def test_webdataset_shards_round_trip_through_verify_reproduce_and_export(sharded_run, tmp_path):
+    """(Last of the module's tests on sharded_run: it removes a tar at its end.)"""
     import webdataset as wds
 
     from jobs import manifest as manifest_job
     from jobs import reproduce
-    from orchestrator import pipeline
 
-    corpus = tmp_path / "p.txt"
-    corpus.write_text("\n".join(PROMPTS[:7]) + "\n")
-    out = str(tmp_path / "out")
-    summary = pipeline.run(small(str(corpus), out, keep=2, image_output="shards", shard_images=3))
-    assert summary["images"] == 14
+    out = sharded_run["out"]
     manifest = Manifest(Output(out))
-    rows = manifest.read_all().to_pylist()
+    rows = [row for row in manifest.read_all().to_pylist() if row["status"] == "ok"]
     tars = sorted({row["image_key"] for row in rows})
     assert all(key.startswith("images/p.txt/") and key.endswith(".tar") for key in tars)
-    assert len(tars) == 5  # shard 0: 8 images in tars of 3 (3 + 3 + 2); shard 1: 6 images (3 + 3)
+    assert len(tars) == 7  # shards 0 and 1: 8 images each in tars of 3 (3 + 3 + 2); shard 2: 2 images
     assert not any(name.endswith(".png") for name in os.listdir(os.path.join(out, "images")))  # no loose files
 
     # Readable by the WebDataset library itself: every sample has its image, prompt and manifest row.
     samples = list(wds.WebDataset([os.path.join(out, key) for key in tars], shardshuffle=False))
-    assert len(samples) == 14
+    assert len(samples) == 18
     by_key = {row["image_member"].rsplit(".", 1)[0]: row for row in rows}
     for sample in samples:
         row = by_key[sample["__key__"]]
@@ -287,7 +294,8 @@ def test_webdataset_shards_round_trip_through_verify_reproduce_and_export(ray_se
     exported = tmp_path / "rows.parquet"
     assert manifest_job.main(["--out", out, "--to", str(exported)]) == 0
     table = pq.read_table(exported)
-    assert table.num_rows == 14 and len(set(zip(*[table[c].to_pylist() for c in ("prompt_id", "seed")]))) == 14
+    table = table.filter(pc.equal(table["status"], "ok"))
+    assert table.num_rows == 18 and len(set(zip(*[table[c].to_pylist() for c in ("prompt_id", "seed")]))) == 18
     assert all(uri.startswith(out) for uri in table["image_uri"].to_pylist())
 
     # A moved copy, reached by another spelling of its path (relative, with a trailing slash), is the same output:

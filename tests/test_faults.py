@@ -394,14 +394,12 @@ def test_full_disk_fails_in_one_line_and_the_rerun_finishes_clean(ray_session, t
 # --- a finished read-only job ends with its own status ------------------------------------------------------------
 
 
-def test_verify_ends_with_its_status_and_skips_the_teardown_that_could_abort(ray_session, tmp_path):
+def test_verify_ends_with_its_status_and_skips_the_teardown_that_could_abort(finished, tmp_path):
     """`verify` once aborted with status 134 after printing a clean report ("terminate called without an active
     exception": Arrow's thread pools torn down at interpreter exit). A finished read-only job now leaves with
-    os._exit after flushing: no exit-time hook runs (the marker below is never written), the report is complete,
-    and twelve runs in a row on one output all end 0 with the same report."""
-    corpus = write_txt(tmp_path / "prompts.txt", PROMPTS[:4])
-    out = str(tmp_path / "out")
-    pipeline.run(small_config(corpus, out))
+    os._exit after flushing: no exit-time hook runs (the marker below is never written) and the report is complete.
+    (Twelve runs in a row: the slow tier's test_verify_ends_the_same_way_twelve_times_in_a_row.)"""
+    out = str(finished["out"])
     marker = tmp_path / "interpreter-teardown-ran"
     probe = (f"import atexit, sys; atexit.register(lambda: open({str(marker)!r}, 'w').close()); "
              f"sys.argv = ['seedsift', 'verify', '--out', {out!r}, '--strict']; from jobs.cli import entry; entry()")
@@ -409,10 +407,16 @@ def test_verify_ends_with_its_status_and_skips_the_teardown_that_could_abort(ray
                            check=False)
     assert ended.returncode == 0, ended.stderr[-2000:]
     assert json.loads(ended.stdout)["strict_clean"] and not marker.exists()
+
+
+@pytest.mark.slow  # twelve processes of about a second: a sample of a rare abort, which the test above rules out
+def test_verify_ends_the_same_way_twelve_times_in_a_row(finished):
+    """The abort it replaced was seen once in 19 runs: twelve runs in a row on one output all end 0 with the same
+    report."""
     reports = set()
     for _ in range(12):
-        again = subprocess.run([sys.executable, "-m", "jobs.verify", "--out", out], cwd=REPO_ROOT,
+        again = subprocess.run([sys.executable, "-m", "jobs.verify", "--out", str(finished["out"])], cwd=REPO_ROOT,
                                capture_output=True, text=True, timeout=120, check=False)
         assert again.returncode == 0, (again.returncode, again.stderr[-2000:])
         reports.add(again.stdout)
-    assert len(reports) == 1 and json.loads(reports.pop())["delivered_rows"] == 8
+    assert len(reports) == 1 and json.loads(reports.pop())["delivered_rows"] == 16

@@ -113,7 +113,7 @@ def test_a_corpus_without_a_prompt_column_fails_in_seconds_with_one_line(tmp_pat
 @pytest.fixture(scope="module")
 def twelve(tmp_path_factory) -> Path:
     corpus = tmp_path_factory.mktemp("console") / "prompts.txt"
-    corpus.write_text("\n".join(f"a small robot number {i} waving" for i in range(11)) + "\n\n   \n")
+    corpus.write_text("\n".join(f"a small robot number {i} waving" for i in range(11)) + "\n日本語の猫\n\n   \n")
     return corpus
 
 
@@ -144,14 +144,17 @@ def test_an_unexpected_failure_is_one_line_with_status_1_and_its_traceback_in_th
 
 
 def test_the_console_shows_images_done_and_a_short_summary_not_ray(twelve, tmp_path):
+    """The generate command as a user at a terminal runs it: the console, then the report it wrote."""
     out = tmp_path / "out"
-    code, screen = in_a_terminal("generate", "--prompts", str(twelve), "--out", str(out), *FAST, timeout=600)
+    code, screen = in_a_terminal("generate", "--prompts", str(twelve), "--out", str(out), *FAST, "--shard-size", "4",
+                                 timeout=600)
     assert code == 0, screen[-3000:]
-    assert re.search(r"images: 100%\|.*\| 11/11 \[.*(img/s|s/img), failed=0 quarantined=1\]", screen), screen[-2000:]
-    assert "done: 11 images for 11 prompts" in screen
+    assert re.search(r"images: 100%\|.*\| 12/12 \[.*(img/s|s/img), failed=0 quarantined=1\]", screen), screen[-2000:]
+    assert "done: 12 images for 12 prompts" in screen
     assert "1 quarantined (1 prompt is empty or whitespace only)" in screen
-    assert "denoising steps: 22 spent; best-of-2 would have spent 44 (50% saved)" in screen
+    assert "denoising steps: 24 spent; best-of-2 would have spent 48 (50% saved)" in screen
     assert f"report: {out}/report.html" in screen
+    check_report(out, images=12)
     for noise in NOISE:
         assert noise not in screen, noise
     assert "Ray's logs, and this driver's, are in" in screen
@@ -164,11 +167,11 @@ def test_json_prints_the_summary_and_verbose_shows_rays_logs(twelve, tmp_path):
     quiet = cli("generate", "--prompts", str(twelve), "--out", str(tmp_path / "a"), *FAST, "--json", timeout=600)
     assert quiet.returncode == 0, quiet.stderr[-3000:]
     summary = json.loads(quiet.stdout)  # nothing but the JSON on stdout
-    assert summary["images"] == 11 and summary["output"].endswith("/a")
+    assert summary["images"] == 12 and summary["output"].endswith("/a")
     assert not any(noise in quiet.stderr for noise in NOISE), quiet.stderr[-2000:]
     loud = cli("generate", "--prompts", str(twelve), "--out", str(tmp_path / "b"), *FAST, "--verbose", timeout=600)
     assert loud.returncode == 0, loud.stderr[-3000:]
-    assert "INFO" in loud.stderr and "done: 11 images" in loud.stdout
+    assert "INFO" in loud.stderr and "done: 12 images" in loud.stdout
 
 
 # --- the report --------------------------------------------------------------------------------------------
@@ -192,21 +195,9 @@ def parse(path: Path) -> _Links:
     return page
 
 
-@pytest.mark.parametrize("job", ["generate", "collect"])
-def test_report_links_every_image_and_lists_every_quarantined_row(ray_session, tmp_path, job):
-    from jobs.report import write_report
-    from orchestrator import pipeline
-    from orchestrator.config import GenerateConfig
-    from orchestrator.storage import Output
-
-    corpus = tmp_path / "p.jsonl"
-    corpus.write_text("\n".join([json.dumps({"prompt": f"a paper boat number {i}"}) for i in range(6)]
-                                + ["{broken", json.dumps({"prompt": ""}), json.dumps({"prompt": "日本語の猫"})]) + "\n")
-    out = tmp_path / "out"
-    pipeline.run(GenerateConfig(prompts=str(corpus), out=str(out), candidates=2, keep=1, steps=2, guidance=3.0,
-                                generator_cpus=1, shard_size=4, all_candidates=job == "collect",
-                                policy="random"))
-    write_report(Output(str(out)))
+def check_report(out: Path, images: int) -> None:
+    """OUT/report.html and its shard pages link every committed image and name every quarantined row (its source
+    and reason); non-ASCII prompts are shown; the front page stays small."""
     rows = manifest_frame(str(out))
     front = parse(out / "report.html")
     pages = [parse(p) for p in sorted((out / "report").rglob("*.html"))]
@@ -214,13 +205,30 @@ def test_report_links_every_image_and_lists_every_quarantined_row(ray_session, t
                                  for p_path, page in zip(sorted((out / "report").rglob("*.html")), pages)
                                  for link in page.links if link.startswith("../../images")}
     ok = rows[rows.status == "ok"]
-    assert len(ok) == (14 if job == "collect" else 7)
+    assert len(ok) == images
     assert set(ok.image_key) <= linked  # every committed image is linked, from the front page or a shard page
     text = " ".join(front.text + [t for page in pages for t in page.text])
     for source, error in rows[rows.status == "quarantined"][["source", "error"]].itertuples(index=False):
         assert source in text and error in text
     assert "日本語の猫" in text
     assert (out / "report.html").stat().st_size < 200_000
+
+
+def test_collect_writes_its_training_set_and_a_report_of_every_candidate(ray_session, tmp_path, capsys):
+    """The collect job's own entry (in this process, on the session's Ray): every candidate rendered and rated,
+    dataset.parquet of the ok rows, and the report over all of them, quarantined rows named."""
+    from jobs import collect
+
+    corpus = tmp_path / "p.jsonl"
+    corpus.write_text("\n".join([json.dumps({"prompt": f"a paper boat number {i}"}) for i in range(6)]
+                                + ["{broken", json.dumps({"prompt": ""}), json.dumps({"prompt": "日本語の猫"})]) + "\n")
+    out = tmp_path / "out"
+    assert collect.main(["--prompts", str(corpus), "--out", str(out), *FAST, "--shard-size", "4", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["images"] == 14 and summary["dataset_rows"] == 14 and summary["prompts_quarantined"] == 2
+    dataset = pq.read_table(out / "dataset.parquet")
+    assert dataset.num_rows == 14 and set(dataset["candidate_index"].to_pylist()) == {0, 1}
+    check_report(out, images=14)
 
 
 @pytest.mark.browser
@@ -256,19 +264,27 @@ def test_the_report_renders_in_a_real_browser(ray_session, tmp_path):
 # --- solvers ---------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("model", "scheduler"), [("tiny_sd_path", "euler-a"), ("tiny_pixart_path", "unipc")])
-def test_a_chosen_solver_is_recorded_and_reproduced(ray_session, tmp_path, request, model, scheduler):
+@pytest.mark.parametrize(("model", "scheduler", "rater"),
+                         [("tiny_sd_path", "euler-a", "colorfulness"), ("tiny_pixart_path", "unipc", "clip")])
+def test_a_chosen_solver_is_recorded_and_reproduced(ray_session, tmp_path, request, model, scheduler, rater):
+    """A stochastic solver on SD, a multistep one on PixArt; the PixArt run also rates with a CLIP model (a model
+    rater, loaded in its own actor), and every row records the rater spec that scored it."""
     from jobs import reproduce
     from orchestrator import pipeline
     from orchestrator.config import ConfigError, GenerateConfig
+    from tests.helpers_clip import build_tiny_clip
 
+    if rater == "clip":
+        build_tiny_clip(tmp_path / "tiny-clip")
+        rater = f"clip:{tmp_path / 'tiny-clip'}"
     corpus = tmp_path / "p.txt"
     corpus.write_text("a watercolor fox\na lighthouse at night\n")
     settings = dict(prompts=str(corpus), out=str(tmp_path / "out"), model=request.getfixturevalue(model),
-                    candidates=2, keep=2, steps=3, guidance=3.0, generator_cpus=1)
-    pipeline.run(GenerateConfig(**settings, scheduler=scheduler))
+                    candidates=2, keep=2, steps=3, guidance=3.0, generator_cpus=1, rater=rater)
+    summary = pipeline.run(GenerateConfig(**settings, scheduler=scheduler))
     rows = manifest_frame(settings["out"])
-    assert set(rows.scheduler) == {scheduler}
+    assert summary["images"] == 4 and rows.status.eq("ok").all() and np.isfinite(rows.score).all()
+    assert set(rows.scheduler) == {scheduler} and set(rows.rater) == {rater}
     row = rows.iloc[1]
     target = tmp_path / "again.png"
     assert reproduce.main(["--manifest", settings["out"], "--prompt-id", row.prompt_id, "--seed", str(int(row.seed)),

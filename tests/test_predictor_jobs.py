@@ -120,19 +120,6 @@ def test_evaluate_reports_on_held_out_prompts(trained):
     assert (report / "report.html").exists() and (report / "contact_sheet.png").exists()
 
 
-def test_generate_with_the_predictor_keeps_its_top_k(trained):
-    out = str(trained["folder"] / "generate-predictor")
-    summary = pipeline.run(GenerateConfig(prompts=trained["corpus"], out=out, policy="predictor",
-                                          predictor=trained["predictor"], candidates=6, keep=2, **SETTINGS))
-    rows = manifest(out)
-    assert summary["images"] == 24 * 2 and rows.predicted_score.notna().all()
-    difficulty = summary["prompt_difficulty"]
-    assert difficulty["prompts"] == 24 and len(difficulty["hardest_prompts"]) == 10
-
-    for prompt_id, group in list(rows.groupby("prompt_id"))[:4]:
-        assert set(group.seed) == best_seeds(trained["predictor"], group.prompt.iloc[0], prompt_id, 6, 2)
-
-
 def best_seeds(predictor_folder: str, prompt: str, prompt_id: str, candidates: int, keep: int) -> set[int]:
     """The `keep` best of a prompt's candidate seeds by the predictor, recomputed in this process."""
     model_path = resolve_model("embedded:tiny-sd")
@@ -145,8 +132,9 @@ def best_seeds(predictor_folder: str, prompt: str, prompt_id: str, candidates: i
     return {seeds[i] for i in np.argsort(-scores)[:keep]}
 
 
-def test_generate_with_a_predictor_in_object_storage(trained, s3_bucket):
-    """The driver reads the predictor once and ships it to the scorer actors: any node can use an s3:// one."""
+def test_generate_with_a_predictor_in_object_storage_keeps_its_top_k(trained, s3_bucket):
+    """The driver reads the predictor once and ships it to the scorer actors: any node can use an s3:// one, and
+    each prompt keeps the k seeds the predictor ranks best."""
     import s3fs
 
     fs = s3fs.S3FileSystem()  # the loopback endpoint, from the standard AWS variables
@@ -155,11 +143,13 @@ def test_generate_with_a_predictor_in_object_storage(trained, s3_bucket):
         fs.put_file(str(Path(trained["predictor"]) / name), f"{remote}/{name}")
     out = str(trained["folder"] / "generate-s3-predictor")
     summary = pipeline.run(GenerateConfig(prompts=trained["corpus"], out=out, policy="predictor", predictor=remote,
-                                          candidates=6, keep=1, limit=6, **SETTINGS))
+                                          candidates=6, keep=2, **SETTINGS))
     rows = manifest(out)
-    assert summary["images"] == 6 and rows.predicted_score.notna().all()
-    for prompt_id, group in list(rows.groupby("prompt_id"))[:3]:
-        assert set(group.seed) == best_seeds(trained["predictor"], group.prompt.iloc[0], prompt_id, 6, 1)
+    assert summary["images"] == 24 * 2 and rows.predicted_score.notna().all()
+    difficulty = summary["prompt_difficulty"]
+    assert difficulty["prompts"] == 24 and len(difficulty["hardest_prompts"]) == 10
+    for prompt_id, group in list(rows.groupby("prompt_id"))[:4]:
+        assert set(group.seed) == best_seeds(trained["predictor"], group.prompt.iloc[0], prompt_id, 6, 2)
     # run.json names the predictor by its digest and never carries its weights.
     run = json.loads((Path(out) / "run.json").read_text())
     assert run["fingerprint_fields"]["predictor"] and len(json.dumps(run)) < 10_000
@@ -170,25 +160,22 @@ def test_generate_with_a_predictor_in_object_storage(trained, s3_bucket):
                                     predictor=remote, candidates=6, keep=1, **SETTINGS))
 
 
-def test_budget_policy_spends_the_budget_unevenly(trained):
-    out = str(trained["folder"] / "generate-budget")
-    summary = pipeline.run(GenerateConfig(prompts=trained["corpus"], out=out, policy="budget",
-                                          predictor=trained["predictor"], candidates=6, keep=4, budget=2.0,
-                                          **SETTINGS))
+def test_budget_policy_spends_the_budget_unevenly_under_one_fingerprint(trained):
+    """--budget-images 48 over 24 prompts is --budget 2.0: the same rule, spent unevenly. 0.1 recorded the
+    fingerprint taken before --budget-images was turned into renders per prompt in run.json, and the one taken
+    after in the rows and the summary; the derived budget now lives in the plan."""
+    out = str(trained["folder"] / "generate-budget-images")
+    config = GenerateConfig(prompts=trained["corpus"], out=out, policy="budget", predictor=trained["predictor"],
+                            candidates=6, keep=4, budget_images=48, **SETTINGS)
+    per_prompt = GenerateConfig(prompts=trained["corpus"], out=out, policy="budget", predictor=trained["predictor"],
+                                candidates=6, keep=4, budget=2.0, **SETTINGS)
+    assert pipeline.prepare(per_prompt)[0].budget_rule == pipeline.prepare(config)[0].with_budget(24).budget_rule
+    summary = pipeline.run(config)
     counts = manifest(out).groupby("prompt_id").size()
-    assert counts.min() >= 1 and counts.max() <= 4
+    assert counts.min() >= 1 and counts.max() <= 4 and counts.nunique() > 1
     assert summary["budget"]["renders_per_prompt_target"] == 2.0
     # Calibrated on the predictor's recorded spreads, not on this corpus: close to the budget, not exact.
     assert 1.0 <= summary["budget"]["renders_per_prompt_spent"] <= 3.0
-
-
-def test_budget_images_run_file_manifest_and_summary_share_one_fingerprint(trained):
-    """0.1 recorded the fingerprint taken before --budget-images was turned into renders per prompt in run.json,
-    and the one taken after in the rows and the summary. The derived budget now lives in the plan."""
-    out = str(trained["folder"] / "generate-budget-images")
-    config = GenerateConfig(prompts=trained["corpus"], out=out, policy="budget", predictor=trained["predictor"],
-                            candidates=6, keep=4, budget_images=20, **SETTINGS)
-    summary = pipeline.run(config)
     run_file = json.loads((Path(out) / "run.json").read_text())
     assert set(manifest(out).run_id) == {run_file["fingerprint"]} == {summary["run_id"]}
     assert config.budget is None  # the configuration was not written back

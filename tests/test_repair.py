@@ -14,34 +14,16 @@ import pytest
 
 from jobs import cli, verify
 from orchestrator import pipeline
-from orchestrator.config import GenerateConfig
 from orchestrator.manifest import Manifest
 from orchestrator.storage import Output
 
-PROMPTS = [f"a {colour} {thing}" for colour in ("red", "blue") for thing in ("cube", "fox", "bowl", "kite")]  # 8
-ROWS = 2 * len(PROMPTS)  # keep 2 of 4
-
-
-def settings(corpus: str, out: str) -> GenerateConfig:
-    return GenerateConfig(prompts=corpus, out=out, candidates=4, keep=2, steps=1, guidance=3.0, batch_size=4,
-                          generator_cpus=1, shard_size=4)
+from tests.conftest import FINISHED_ROWS as ROWS
+from tests.conftest import finished_settings as settings
 
 
 def generate_cli(corpus: str, out: str) -> list[str]:
     return ["generate", "--prompts", corpus, "--out", out, "--candidates", "4", "--keep", "2", "--steps", "1",
             "--guidance", "3.0", "--batch-size", "4", "--generator-cpus", "1", "--shard-size", "4"]
-
-
-@pytest.fixture(scope="module")
-def finished(ray_session, tmp_path_factory) -> dict:
-    """One finished run of two complete shards, kept as a pristine copy for each test to damage."""
-    folder = tmp_path_factory.mktemp("repair")
-    corpus = folder / "prompts.txt"
-    corpus.write_text("\n".join(PROMPTS) + "\n")
-    out = folder / "pristine"
-    pipeline.run(settings(str(corpus), str(out)))
-    assert verify.verify_output(str(out))["strict_clean"]
-    return {"corpus": str(corpus), "out": out}
 
 
 def copy_of(finished: dict, tmp_path: Path) -> Output:
