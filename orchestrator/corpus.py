@@ -178,6 +178,21 @@ def check_corpus(files: list[CorpusFile], columns: Columns = DETECT, storage_opt
                     break
 
 
+def readable_on_the_driver(files: list[CorpusFile], storage_options: dict | None = None) -> bool:
+    """Whether the driver may read the corpus's text up front (at most COUNTED_BYTES of it, decompressed about 5x);
+    Parquet files count nothing here: their row counts and shard checks come from metadata."""
+    budget = {"local": COUNTED_BYTES["local"], "remote": COUNTED_BYTES["remote"]}
+    for corpus_file in files:
+        if corpus_file.fmt == "parquet":
+            continue
+        fs, path = fsspec.core.url_to_fs(corpus_file.uri, **(storage_options or {}))
+        where = "local" if "local" in type(fs).__name__.lower() else "remote"
+        budget[where] -= fs.size(path) * (5 if corpus_file.compression else 1)
+        if budget[where] < 0:
+            return False
+    return True
+
+
 def count_rows(files: list[CorpusFile], storage_options: dict | None = None) -> tuple[int | None, bool]:
     """Corpus rows counted cheaply up front: exact for parquet (its metadata), lines for text files of moderate
     size. Returns (rows, exact); rows is None when a file is too large to count without reading it all."""

@@ -21,14 +21,14 @@ from actors.light import give_way_to_generators
 from actors.rater import RaterStage
 from actors.scorer import ScorerStage
 from orchestrator.config import ConfigError, GenerateConfig
-from orchestrator.corpus import Columns, CorpusFile, check_corpus, list_corpus
+from orchestrator.corpus import Columns, CorpusFile, check_corpus, list_corpus, readable_on_the_driver
 from orchestrator.dedup import IndexActors, Owners, bucket_count, drop_duplicates, start_index
 from orchestrator.lease import Lease
 from orchestrator.ledger import ShardLedger
 from orchestrator.manifest import (DELIVERED, LAYOUT_VERSION, RUN_FILE, DamagedManifest, Manifest, ShardRecord,
                                    split_shard_id)
 from orchestrator.plan import RunPlan, build_plan
-from orchestrator.reader import READ_CPUS, ReadSettings, file_key, read_corpus, split_limit
+from orchestrator.reader import READ_CPUS, ReadSettings, corpus_needs_work, file_key, read_corpus, split_limit
 from orchestrator.sink import write_unit
 from orchestrator.storage import Output, storage_error_in
 from orchestrator.summary import merge_stats, prompt_difficulty, shard_stats
@@ -308,6 +308,10 @@ def run(config: GenerateConfig, console=None) -> dict:
         lease.start_heartbeat()
         state = OutputState.read(manifest)
         trace.mark("driver", "checked")
+        if nothing_to_render(plan, files, state):  # a rerun with nothing new, an empty corpus: no Ray, no model
+            if console is not None:
+                console.say("seedsift: nothing to render: every row of the corpus is committed already (or it has none)")
+            return finish(manifest, plan, state, {}, ShardLedger(), started, None)
         connect_ray(config.address, log_to_driver=console is None or console.verbose)
         trace.mark("driver", "ray up")
         if console is not None:
@@ -321,6 +325,16 @@ def run(config: GenerateConfig, console=None) -> dict:
                           "--repair moves them aside so that this command redoes their rows") from exc
     finally:
         lease.release()
+
+
+def nothing_to_render(plan: RunPlan, files: list[CorpusFile], state: OutputState) -> bool:
+    """True when no corpus row needs work, known before Ray starts: no open parts (failed rows to retry, a shard in
+    progress) and every shard complete and unchanged. A corpus too large to read on the driver says False (its read
+    tasks find out), so this check never costs a large corpus a second read."""
+    config = plan.config
+    if state.open_parts or not readable_on_the_driver(files, config.storage_options):
+        return False
+    return not corpus_needs_work(files, read_settings(config), state.complete_frames(), file_limits(config, files))
 
 
 def expected_images(plan: RunPlan, files: list[CorpusFile], state: OutputState) -> tuple[int | None, int, bool]:
@@ -377,8 +391,14 @@ def _stream(plan: RunPlan, files: list[CorpusFile], manifest: Manifest, state: O
         if cause is not None:
             raise cause from exc
         raise
+    return finish(manifest, plan, state, compactions.records, ledger, started, first_commit)
+
+
+def finish(manifest: Manifest, plan: RunPlan, state: OutputState, new_records: dict[str, ShardRecord],
+           ledger: ShardLedger, started: float, first_commit: float | None) -> dict:
+    """The run's summary, folded from shard statistics, written to OUT/summary.json."""
     summary_started = time.time()
-    summary = summarise(manifest, plan, state, compactions.records, ledger, started, first_commit)
+    summary = summarise(manifest, plan, state, new_records, ledger, started, first_commit)
     summary["this_run"]["summary_s"] = round(time.time() - summary_started, 3)
     manifest.output.write_json(SUMMARY_FILE, summary)
     trace.mark("driver", "summary written")

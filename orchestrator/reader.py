@@ -277,6 +277,22 @@ def read_corpus(files: list[CorpusFile], settings: ReadSettings, complete: dict 
     return ray.data.read_datasource(source, override_num_blocks=max(1, len(files)), num_cpus=READ_CPUS)
 
 
+def corpus_needs_work(files: list[CorpusFile], settings: ReadSettings, complete: dict,
+                      limits: dict[str, int] | None = None) -> bool:
+    """Whether any corpus row still needs reading: False when every row lies in a complete shard and no file grew
+    or changed since (the same digest checks the read tasks make, stopping at the first shard with work)."""
+    for corpus_file in files:
+        limit = None if limits is None else limits.get(corpus_file.name)
+        if limit is not None and limit <= 0:
+            continue
+        read = read_parquet_shards if corpus_file.fmt == "parquet" else read_text_shards
+        shards = read(corpus_file, complete.get(file_key(corpus_file.name), {}),
+                      dataclasses.replace(settings, limit=limit))
+        if next(shards, None) is not None:
+            return True
+    return False
+
+
 def split_limit(files: list[CorpusFile], limit: int | None, storage_options: dict | None = None,
                 columns: Columns = DETECT) -> dict[str, int] | None:
     """--limit N over a corpus of several files: the first N rows in file order, as a count per file.

@@ -26,6 +26,18 @@ def private_ray_env(**extra: str) -> dict:
     return env
 
 
+def session_ray_env(**extra: str) -> dict:
+    """This process's environment for a job process that joins the pytest session's Ray (as `ray job submit` and
+    --address runs join a cluster): its address, token authentication as the session uses it, no private
+    RAY_TMPDIR, unbuffered output, plus `extra`. Killing such a job kills only its driver; Ray ends its actors."""
+    import ray
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_TMPDIR", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
+    env.update(RAY_ADDRESS=ray.get_runtime_context().gcs_address, PYTHONUNBUFFERED="1", **extra)
+    env.setdefault("RAY_AUTH_MODE", "token")
+    return env
+
+
 def stop_private_ray(ray_tmp: str, roots: list[int] = ()) -> None:
     """Stop only the processes of one private Ray: descendants of `roots` and anything started with its RAY_TMPDIR.
 

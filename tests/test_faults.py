@@ -140,29 +140,6 @@ def test_duplicate_filter_keeps_the_first_and_honours_committed_rows(ray_session
     assert rows[0]["error"] == "duplicate of c.jsonl:3"
 
 
-@pytest.mark.slow  # two to three full runs of 40-150 s: in CI's second tier
-def test_duplicate_prompts_and_ids_are_quarantined_and_stable(ray_session, tmp_path):
-    lines = [{"id": "a", "prompt": "a red cube"}, {"id": "b", "prompt": "a blue cube"},
-             {"id": "a", "prompt": "a different text, same id"}, {"id": "c", "prompt": "A red  cube"},
-             {"id": "d", "prompt": "a green cube"}, {"id": "a", "prompt": "a third copy of id a"}]
-    corpus = tmp_path / "prompts.jsonl"
-    corpus.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
-    first, second = Output(str(tmp_path / "one")), Output(str(tmp_path / "two"))
-    pipeline.run(small_config(str(corpus), first.uri, keep=1, candidates=2))
-    rows = manifest(first)
-    quarantined = rows[rows.status == "quarantined"].sort_values("source")
-    assert list(quarantined.source) == ["prompts.jsonl:3", "prompts.jsonl:4", "prompts.jsonl:6"]
-    assert set(quarantined.error) == {"duplicate of prompts.jsonl:1"}
-    assert sorted(rows[rows.status == "ok"].prompt_id) == ["a", "b", "d"]
-    assert_clean(first, rows=6)
-
-    again = pipeline.run(small_config(str(corpus), first.uri, keep=1, candidates=2))
-    assert again["this_run"]["rows"] == 0  # nothing new: the duplicates were committed as quarantined rows
-    pipeline.run(small_config(str(corpus), second.uri, keep=1, candidates=2))
-    assert comparable(manifest(second)).drop(columns="score").equals(comparable(rows).drop(columns="score"))
-    assert_clean(first, rows=6)
-
-
 # --- driver SIGKILL -------------------------------------------------------------------------------------------
 
 

@@ -223,3 +223,26 @@ def test_a_block_of_only_quarantined_rows_keeps_string_columns(tiny_sd_path):
         out = scorer(batch)
         for column in ("prompt", "error"):
             assert pa.array(list(out[column])).type == pa.string(), (column, prompts)
+
+
+def test_a_rerun_with_nothing_new_and_an_empty_corpus_start_no_ray(finished, tmp_path):
+    """Every corpus row committed (a scheduled rerun that finds nothing new), or no row at all: the job says so and
+    ends before Ray or any model starts (its private Ray folder stays empty)."""
+    import shutil
+
+    from tests.helpers_ray import private_ray_env
+
+    out = tmp_path / "out"
+    shutil.copytree(finished["out"], out)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    for corpus, target, images in ((finished["corpus"], out, 16), (str(empty), tmp_path / "new", 0)):
+        env = private_ray_env()
+        result = subprocess.run([sys.executable, "-m", "jobs.cli", "generate", "--prompts", corpus, "--out",
+                                 str(target), "--candidates", "4", "--keep", "2", "--steps", "1", "--guidance", "3.0",
+                                 "--batch-size", "4", "--generator-cpus", "1", "--shard-size", "4"],
+                                cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, env=env)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert "nothing to render" in result.stderr and f"done: {images} images" in result.stdout, result.stderr
+        assert not os.listdir(env["RAY_TMPDIR"])  # no Ray session was started
+        assert json.loads((target / "summary.json").read_text())["this_run"]["rows"] == 0

@@ -116,19 +116,35 @@ def test_text_formats_quarantine_bad_bytes_and_long_lines(tmp_path, fmt):
     assert "invalid UTF-8" in rows[1]["error"] or "UTF-8" in rows[1]["error"]
 
 
+# Later copies of an id or of a text (case and spaces aside) are quarantined as duplicates of the first.
+DUPLICATES = [{"id": "a", "prompt": "a red cube"}, {"id": "b", "prompt": "a blue cube"},
+              {"id": "a", "prompt": "a different text, same id"}, {"id": "c", "prompt": "A red  cube"},
+              {"id": "d", "prompt": "a green cube"}, {"id": "a", "prompt": "a third copy of id a"}]
+
+
 def test_a_run_over_the_named_cases_completes_with_every_line_accounted_for(ray_session, tmp_path):
+    """The named cases, good lines and duplicates in one real run: every line is one row, duplicates name their
+    first occurrence (a quarantined line never is one), and the rerun has nothing left to do."""
+    from jobs.verify import verify_output
     from orchestrator import pipeline
     from orchestrator.config import GenerateConfig
 
     path = tmp_path / "c.jsonl"
-    lines = list(NAMED_CASES.values()) + GOOD
+    lines = list(NAMED_CASES.values()) + GOOD + [json.dumps(line) for line in DUPLICATES]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     out = tmp_path / "out"
-    summary = pipeline.run(GenerateConfig(prompts=str(path), out=str(out), candidates=2, keep=1, steps=2,
-                                          guidance=3.0, generator_cpus=1))
+    config = GenerateConfig(prompts=str(path), out=str(out), candidates=2, keep=1, steps=2, guidance=3.0,
+                            generator_cpus=1)
+    summary = pipeline.run(config)
     rows = pq.read_table(out / "manifest" / "shards").to_pylist()
     assert sorted(row["source"] for row in rows) == sorted(f"c.jsonl:{i}" for i in range(1, len(lines) + 1))
-    assert summary["images"] == len(GOOD) and summary["prompts_quarantined"] == len(NAMED_CASES)
-    again = pipeline.run(GenerateConfig(prompts=str(path), out=str(out), candidates=2, keep=1, steps=2,
-                                        guidance=3.0, generator_cpus=1))
+    assert summary["images"] == len(GOOD) + 3 and summary["prompts_quarantined"] == len(NAMED_CASES) + 3
+    first = len(NAMED_CASES) + len(GOOD)  # lines before the duplicates' block
+    duplicates = {row["source"]: row["error"] for row in rows if row["error"] and "duplicate" in row["error"]}
+    assert duplicates == {f"c.jsonl:{first + n}": f"duplicate of c.jsonl:{first + 1}" for n in (3, 4, 6)}
+    assert sorted(row["prompt_id"] for row in rows if row["source"] in
+                  {f"c.jsonl:{first + n}" for n in range(1, 7)} and row["status"] == "ok") == ["a", "b", "d"]
+    report = verify_output(str(out))
+    assert report["strict_clean"] and report["committed_rows"] == len(lines), report
+    again = pipeline.run(config)
     assert again["this_run"]["rows"] == 0  # the rerun does not fail the same way: it has nothing left to do
