@@ -111,9 +111,9 @@ def finished(ray_session, tmp_path_factory) -> dict:
     corpus = folder / "prompts.txt"
     corpus.write_text("\n".join(FINISHED_PROMPTS) + "\n")
     out = folder / "pristine"
-    pipeline.run(finished_settings(str(corpus), str(out)))
+    summary = pipeline.run(finished_settings(str(corpus), str(out)))
     assert verify.verify_output(str(out))["strict_clean"]
-    return {"corpus": str(corpus), "out": out}
+    return {"corpus": str(corpus), "out": out, "summary": summary}
 
 
 @pytest.fixture

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import io
+import dataclasses
 import json
 import os
 import subprocess
@@ -17,7 +17,7 @@ from jobs import reproduce
 from orchestrator import pipeline
 from orchestrator.config import ConfigError, GenerateConfig
 from orchestrator.seeds import candidate_seeds
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, finished_settings
 from tests.helpers_manifest import manifest_frame
 
 PROMPTS = ["a red cube on a table", "a watercolor fox", "   ", "an astronaut riding a horse",
@@ -40,24 +40,20 @@ def small_config(prompts: str, out: str, **overrides) -> GenerateConfig:
     return GenerateConfig(**values)
 
 
-@pytest.fixture(scope="module")
-def sd_run(ray_session, tmp_path_factory):
-    """One SD run over a corpus with a whitespace line and an invalid UTF-8 line; reused by several tests."""
-    folder = tmp_path_factory.mktemp("sd-run")
-    corpus = write_txt(folder / "prompts.txt", PROMPTS, extra=b"bad \xff\xfe bytes\n")
-    out = str(folder / "out")
-    summary = pipeline.run(small_config(corpus, out))
-    return {"corpus": corpus, "out": out, "summary": summary, "folder": folder}
+def copy_of(finished: dict, folder) -> dict:
+    """A copy of the session's finished output and its corpus, for a test that grows or changes them."""
+    import shutil
+
+    shutil.copytree(finished["out"], folder / "out")
+    shutil.copy(finished["corpus"], folder / "prompts.txt")
+    return {"out": str(folder / "out"), "corpus": str(folder / "prompts.txt")}
 
 
-def test_generate_writes_k_images_per_prompt_with_manifest(sd_run):
-    rows = manifest(sd_run["out"])
+def test_generate_writes_k_images_per_prompt_with_manifest(finished):
+    """The session's finished run (conftest: 8 prompts, 2 of 4 candidates kept, 1 step, shards of 4 rows)."""
+    rows = manifest(str(finished["out"]))
     ok = rows[rows.status == "ok"]
-    quarantined = rows[rows.status == "quarantined"]
-    assert len(ok) == 5 * 2 and ok.image_uri.notna().all()
-    assert len(quarantined) == 2
-    assert {"prompt is empty or whitespace only", "invalid UTF-8 at byte 4 of the line"} == set(quarantined.error)
-    assert quarantined.seed.isna().all()
+    assert len(rows) == len(ok) == 8 * 2 and ok.image_uri.notna().all()
     for prompt_id, group in ok.groupby("prompt_id"):
         # The random policy keeps the first k candidates, so seeds are the derived ones, in order.
         assert sorted(group.candidate_index) == [0, 1]
@@ -71,27 +67,28 @@ def test_generate_writes_k_images_per_prompt_with_manifest(sd_run):
     assert not ok.duplicated(["prompt_id", "seed"]).any()
 
 
-def test_summary_counts_and_compute(sd_run):
-    summary = sd_run["summary"]
-    on_disk = json.loads(open(os.path.join(sd_run["out"], "summary.json")).read())
+def test_summary_counts_and_compute(finished):
+    summary = finished["summary"]
+    on_disk = json.loads((finished["out"] / "summary.json").read_text())
     assert on_disk == summary
-    assert summary["prompts"] == 5 and summary["images"] == 10 and summary["failures"] == 0
-    assert summary["prompts_quarantined"] == 2
-    assert summary["denoising_steps_spent"] == 10 * 2
-    assert summary["denoising_steps_best_of_n"] == 5 * 4 * 2
+    assert summary["prompts"] == 8 and summary["images"] == 16 and summary["failures"] == 0
+    assert summary["prompts_quarantined"] == 0
+    assert summary["denoising_steps_spent"] == 16 * 1
+    assert summary["denoising_steps_best_of_n"] == 8 * 4 * 1
     assert summary["this_run"]["images_per_s"] > 0
 
 
-def test_rerun_skips_committed_work_and_grown_corpus_renders_only_new(sd_run):
+def test_rerun_skips_committed_work_and_grown_corpus_renders_only_new(finished, tmp_path):
     """A rerun over a grown corpus skips every committed row and renders the new prompt only. (A rerun over an
-    unchanged corpus, which renders nothing, is test_malformed_rows' and the budget test's.)"""
-    before = manifest(sd_run["out"])
-    with open(sd_run["corpus"], "ab") as corpus:  # a corpus grows by appending
+    unchanged corpus, which renders nothing and starts no Ray, is test_a_rerun_with_nothing_new....)"""
+    grown = copy_of(finished, tmp_path)
+    before = manifest(grown["out"])
+    with open(grown["corpus"], "ab") as corpus:  # a corpus grows by appending
         corpus.write(b"a new prompt about owls\n")
-    summary = pipeline.run(small_config(sd_run["corpus"], sd_run["out"]))
+    summary = pipeline.run(finished_settings(grown["corpus"], grown["out"]))
     assert summary["this_run"]["images"] == 2 and summary["this_run"]["rows"] == 2
     assert summary["this_run"]["skipped_already_committed"] == len(before)
-    rows = manifest(sd_run["out"])
+    rows = manifest(grown["out"])
     assert len(rows) == len(before) + 2
     assert not rows.duplicated(["prompt_id", "seed"]).any()
     key = ["source", "prompt_id", "seed", "status", "image_key", "score"]
@@ -99,16 +96,17 @@ def test_rerun_skips_committed_work_and_grown_corpus_renders_only_new(sd_run):
     assert committed <= set(rows[key].astype(str).itertuples(index=False))  # committed rows untouched
 
 
-def test_changed_configuration_is_refused_before_compute(sd_run):
-    with pytest.raises(ConfigError, match=r"steps: 2 -> 3"):
-        pipeline.run(small_config(sd_run["corpus"], sd_run["out"], steps=3))
+def test_changed_configuration_is_refused_before_compute(finished, tmp_path):
+    changed = copy_of(finished, tmp_path)
+    with pytest.raises(ConfigError, match=r"steps: 1 -> 3"):
+        pipeline.run(dataclasses.replace(finished_settings(changed["corpus"], changed["out"]), steps=3))
 
 
-def test_reproduce_rebuilds_a_stored_image(sd_run, tmp_path):
-    row = manifest(sd_run["out"]).query("status == 'ok'").iloc[3]
+def test_reproduce_rebuilds_a_stored_image(finished, tmp_path):
+    row = manifest(str(finished["out"])).query("status == 'ok'").iloc[3]
     target = tmp_path / "again.png"
-    code = reproduce.main(["--manifest", sd_run["out"], "--prompt-id", row.prompt_id, "--seed", str(int(row.seed)),
-                           "--out", str(target)])
+    code = reproduce.main(["--manifest", str(finished["out"]), "--prompt-id", row.prompt_id, "--seed",
+                           str(int(row.seed)), "--out", str(target)])
     assert code == 0
     original = np.asarray(Image.open(row.image_uri), dtype=np.int16)
     rebuilt = np.asarray(Image.open(target), dtype=np.int16)
@@ -138,34 +136,6 @@ def test_imagereward_and_hpsv2_raters_selected_by_name(ray_session, tmp_path):
         rows = manifest(out)
         assert summary["images"] == 2 and rows.status.eq("ok").all(), rows.error.tolist()
         assert np.isfinite(rows.score).all() and set(rows.rater) == {spec}
-
-
-def test_s3_corpus_and_output_through_the_endpoint(ray_session, s3_bucket, tmp_path):
-    import s3fs
-
-    fs = s3fs.S3FileSystem()  # endpoint and credentials from the standard AWS variables
-    lines = [json.dumps({"id": f"id-{i}", "prompt": p}) for i, p in enumerate(PROMPTS[:3])] + ["{broken"]
-    fs.pipe_file(f"{s3_bucket}/in/prompts.jsonl", "\n".join(lines).encode())
-    out = f"{s3_bucket}/runs/one"
-    summary = pipeline.run(small_config(f"{s3_bucket}/in/prompts.jsonl", out, keep=1))
-    assert summary["images"] == 2 and summary["prompts_quarantined"] == 2
-
-    rows = manifest(out)
-    ok = rows[rows.status == "ok"]
-    assert set(ok.prompt_id) == {"id-0", "id-1"}
-    for uri in ok.image_uri:
-        assert uri.startswith(f"{out}/images/")
-        assert Image.open(io.BytesIO(fs.cat_file(uri))).size == (64, 64)
-    assert fs.exists(f"{out}/summary.json") and fs.exists(f"{out}/run.json")
-    # Credentials travel through the environment chain and never land in outputs.
-    for key in ("summary.json", "run.json"):
-        assert "testing-secret-value" not in fs.cat_file(f"{out}/{key}").decode()
-
-    target = tmp_path / "from-s3.png"
-    assert reproduce.main(["--manifest", out, "--prompt-id", "id-1", "--seed", str(ok[ok.prompt_id == "id-1"].seed.iloc[0]),
-                           "--out", str(target)]) == 0
-    original = np.asarray(Image.open(io.BytesIO(fs.cat_file(ok[ok.prompt_id == "id-1"].image_uri.iloc[0]))), np.int16)
-    assert np.abs(original - np.asarray(Image.open(target), np.int16)).max() <= 1
 
 
 def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -139,6 +139,8 @@ def test_a_run_over_the_named_cases_completes_with_every_line_accounted_for(ray_
     rows = pq.read_table(out / "manifest" / "shards").to_pylist()
     assert sorted(row["source"] for row in rows) == sorted(f"c.jsonl:{i}" for i in range(1, len(lines) + 1))
     assert summary["images"] == len(GOOD) + 3 and summary["prompts_quarantined"] == len(NAMED_CASES) + 3
+    quarantined = [row for row in rows if row["status"] == "quarantined"]
+    assert all(row["seed"] is None and row["image_key"] is None and row["error"] for row in quarantined)
     first = len(NAMED_CASES) + len(GOOD)  # lines before the duplicates' block
     duplicates = {row["source"]: row["error"] for row in rows if row["error"] and "duplicate" in row["error"]}
     assert duplicates == {f"c.jsonl:{first + n}": f"duplicate of c.jsonl:{first + 1}" for n in (3, 4, 6)}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -21,9 +22,8 @@ from orchestrator.seeds import batch_noise, candidate_seeds
 from orchestrator.storage import Output
 from tests.helpers_manifest import manifest_frame
 
-PROMPTS = [f"{thing} in the style of {style}" for thing in ("a fox", "a red car", "a lighthouse", "a bowl of soup",
-                                                            "an owl", "a city street")
-           for style in ("watercolour", "pixel art", "a photograph", "an oil painting")]
+PROMPTS = [f"{thing} in the style of {style}" for thing in ("a fox", "a red car", "a lighthouse", "a bowl of soup")
+           for style in ("watercolour", "pixel art", "a photograph", "an oil painting")]  # 16
 SETTINGS = dict(steps=2, guidance=3.0, batch_size=8, generator_cpus=1, rater="colorfulness", seed=3)
 
 
@@ -33,7 +33,7 @@ def manifest(out: str) -> pd.DataFrame:
 
 @pytest.fixture(scope="module")
 def trained(ray_session, tmp_path_factory):
-    """A small collect (24 prompts x 6 candidates) and a small predictor trained on it by the train job."""
+    """A small collect (16 prompts x 6 candidates) and a small predictor trained on it by the train job."""
     folder = tmp_path_factory.mktemp("predictor-jobs")
     corpus = folder / "prompts.txt"
     corpus.write_text("\n".join(PROMPTS) + "\n")
@@ -51,7 +51,7 @@ def trained(ray_session, tmp_path_factory):
 
 
 def test_collect_renders_every_candidate_and_writes_the_training_set(trained):
-    assert trained["summary"]["images"] == 24 * 6 and trained["rows"] == 24 * 6
+    assert trained["summary"]["images"] == 16 * 6 and trained["rows"] == 16 * 6
     dataset = pd.read_parquet(Path(trained["collect"]) / "dataset.parquet")
     assert set(dataset.columns) >= {"prompt_id", "prompt", "seed", "score", "model", "rater", "steps"}
     for prompt_id, group in dataset.groupby("prompt_id"):
@@ -114,7 +114,7 @@ def test_evaluate_reports_on_held_out_prompts(trained):
     assert evaluate.main(["--dataset", trained["collect"], "--predictor", trained["predictor"], "--out", str(report),
                           "--contact-prompts", "1"]) == 0
     figures = json.loads((report / "evaluation.json").read_text())
-    assert figures["split"] == "test" and 0 < figures["prompts"] < 24
+    assert figures["split"] == "test" and 0 < figures["prompts"] < 16
     for key in ("spearman_per_prompt_mean", "top1_gain_std_units", "p_pick_best", "gain_curve", "ndcg"):
         assert key in figures
     assert (report / "report.html").exists() and (report / "contact_sheet.png").exists()
@@ -132,44 +132,62 @@ def best_seeds(predictor_folder: str, prompt: str, prompt_id: str, candidates: i
     return {seeds[i] for i in np.argsort(-scores)[:keep]}
 
 
-def test_generate_with_a_predictor_in_object_storage_keeps_its_top_k(trained, s3_bucket):
-    """The driver reads the predictor once and ships it to the scorer actors: any node can use an s3:// one, and
-    each prompt keeps the k seeds the predictor ranks best."""
+def test_corpus_predictor_and_output_in_object_storage(trained, s3_bucket, tmp_path):
+    """Everything on S3 through the loopback endpoint: a jsonl corpus (two lines quarantined), the predictor (the
+    driver reads it once and ships it to the scorer actors, so any node can use it) and the output. Each prompt
+    keeps the k seeds the predictor ranks best; rows locate their images under the output; a row reproduces from S3;
+    the credentials, from the standard AWS variables, never land in an output file."""
     import s3fs
 
     fs = s3fs.S3FileSystem()  # the loopback endpoint, from the standard AWS variables
     remote = f"{s3_bucket}/predictors/small"
     for name in ("config.json", "model.safetensors"):
         fs.put_file(str(Path(trained["predictor"]) / name), f"{remote}/{name}")
-    out = str(trained["folder"] / "generate-s3-predictor")
-    summary = pipeline.run(GenerateConfig(prompts=trained["corpus"], out=out, policy="predictor", predictor=remote,
+    lines = [json.dumps({"id": f"id-{i}", "prompt": p}) for i, p in enumerate(PROMPTS)] + ["{broken", '"   "']
+    corpus = f"{s3_bucket}/in/prompts.jsonl"
+    fs.pipe_file(corpus, "\n".join(lines).encode())
+    out = f"{s3_bucket}/runs/predictor"
+    summary = pipeline.run(GenerateConfig(prompts=corpus, out=out, policy="predictor", predictor=remote,
                                           candidates=6, keep=2, **SETTINGS))
+    assert summary["images"] == 16 * 2 and summary["prompts_quarantined"] == 2
     rows = manifest(out)
-    assert summary["images"] == 24 * 2 and rows.predicted_score.notna().all()
+    ok = rows[rows.status == "ok"]
+    assert ok.predicted_score.notna().all() and set(ok.prompt_id) == {f"id-{i}" for i in range(16)}
     difficulty = summary["prompt_difficulty"]
-    assert difficulty["prompts"] == 24 and len(difficulty["hardest_prompts"]) == 10
-    for prompt_id, group in list(rows.groupby("prompt_id"))[:4]:
+    assert difficulty["prompts"] == 16 and len(difficulty["hardest_prompts"]) == 10
+    for prompt_id, group in list(ok.groupby("prompt_id"))[:4]:
         assert set(group.seed) == best_seeds(trained["predictor"], group.prompt.iloc[0], prompt_id, 6, 2)
-    # run.json names the predictor by its digest and never carries its weights.
-    run = json.loads((Path(out) / "run.json").read_text())
+    for uri in ok.image_uri[:4]:
+        assert uri.startswith(f"{out}/images/")
+        assert Image.open(io.BytesIO(fs.cat_file(uri))).size == (64, 64)
+    # run.json names the predictor by its digest and never carries its weights, nor any credential.
+    run = json.loads(fs.cat_file(f"{out}/run.json"))
     assert run["fingerprint_fields"]["predictor"] and len(json.dumps(run)) < 10_000
+    for key in ("summary.json", "run.json"):
+        assert "testing-secret-value" not in fs.cat_file(f"{out}/{key}").decode()
+    row = ok.iloc[0]
+    target = tmp_path / "from-s3.png"
+    assert reproduce.main(["--manifest", out, "--prompt-id", row.prompt_id, "--seed", str(int(row.seed)), "--out",
+                           str(target)]) == 0
+    original = np.asarray(Image.open(io.BytesIO(fs.cat_file(row.image_uri))), np.int16)
+    assert np.abs(original - np.asarray(Image.open(target), np.int16)).max() <= 1
 
     with pytest.raises(ConfigError, match="no model.safetensors there"):
         fs.rm(f"{remote}/model.safetensors")
-        pipeline.run(GenerateConfig(prompts=trained["corpus"], out=out + "-missing", policy="predictor",
-                                    predictor=remote, candidates=6, keep=1, **SETTINGS))
+        pipeline.run(GenerateConfig(prompts=corpus, out=out + "-missing", policy="predictor", predictor=remote,
+                                    candidates=6, keep=1, **SETTINGS))
 
 
 def test_budget_policy_spends_the_budget_unevenly_under_one_fingerprint(trained):
-    """--budget-images 48 over 24 prompts is --budget 2.0: the same rule, spent unevenly. 0.1 recorded the
+    """--budget-images 32 over 16 prompts is --budget 2.0: the same rule, spent unevenly. 0.1 recorded the
     fingerprint taken before --budget-images was turned into renders per prompt in run.json, and the one taken
     after in the rows and the summary; the derived budget now lives in the plan."""
     out = str(trained["folder"] / "generate-budget-images")
     config = GenerateConfig(prompts=trained["corpus"], out=out, policy="budget", predictor=trained["predictor"],
-                            candidates=6, keep=4, budget_images=48, **SETTINGS)
+                            candidates=6, keep=4, budget_images=32, **SETTINGS)
     per_prompt = GenerateConfig(prompts=trained["corpus"], out=out, policy="budget", predictor=trained["predictor"],
                                 candidates=6, keep=4, budget=2.0, **SETTINGS)
-    assert pipeline.prepare(per_prompt)[0].budget_rule == pipeline.prepare(config)[0].with_budget(24).budget_rule
+    assert pipeline.prepare(per_prompt)[0].budget_rule == pipeline.prepare(config)[0].with_budget(16).budget_rule
     summary = pipeline.run(config)
     counts = manifest(out).groupby("prompt_id").size()
     assert counts.min() >= 1 and counts.max() <= 4 and counts.nunique() > 1
