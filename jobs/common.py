@@ -96,7 +96,7 @@ def check_prompts(config: GenerateConfig) -> None:
     """The corpus's files and their prompt columns, checked in a second (pipeline.prepare checks them again)."""
     from orchestrator.corpus import Columns, check_corpus, list_corpus
 
-    check_corpus(list_corpus(config.prompts, config.storage_options), Columns(config.prompt_column, config.id_column),
+    check_corpus(list_corpus(config.prompts, config.storage_options, config.out), Columns(config.prompt_column, config.id_column),
                  config.storage_options)
 
 

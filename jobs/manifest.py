@@ -15,7 +15,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from jobs.common import run_job
-from orchestrator.config import ConfigError
 from orchestrator.manifest import MANIFEST_SCHEMA, Manifest
 from orchestrator.storage import Output
 
@@ -25,8 +24,7 @@ EXPORT_SCHEMA = MANIFEST_SCHEMA.append(pa.field("image_uri", pa.string()))
 def export(output: Output, target: str, storage_options: dict | None = None) -> int:
     """Write the output's committed rows to `target` (a local path or URI), shard by shard; returns the rows."""
     manifest = Manifest(output)
-    if manifest.read_run() is None and not manifest.legacy_parts():
-        raise ConfigError(f"{output.uri} holds no seedsift run; is it the --out of a generate or collect run?")
+    manifest.require_run()
     rows = 0
     with fsspec.open(target, "wb", **(storage_options or {})) as handle:
         with pq.ParquetWriter(handle, EXPORT_SCHEMA, compression="zstd") as writer:

@@ -25,7 +25,6 @@ import random
 import numpy as np
 
 from jobs.common import run_job
-from orchestrator.config import ConfigError
 from orchestrator.manifest import Manifest, split_shard_id
 from orchestrator.storage import Output
 from orchestrator.summary import merge_stats, quantile, shard_stats
@@ -71,9 +70,8 @@ def _shown_location(output) -> str:
 def write_report(output: Output, seed: int = 0) -> str:
     """Write OUT/report.html (and the shard pages it needs); returns its URI."""
     manifest = Manifest(output)
+    manifest.require_run()
     run = manifest.read_run()
-    if run is None:
-        raise ConfigError(f"{output.uri} holds no seedsift run; is it the --out of a generate or collect run?")
     summary = output.read_json("summary.json") if output.exists("summary.json") else {}
     records = manifest.complete_records()
     open_parts = manifest.open_parts()

@@ -13,15 +13,14 @@ import fsspec
 
 from jobs.common import run_job
 from orchestrator.config import ConfigError
-from orchestrator.manifest import RUN_FILE, Manifest
+from orchestrator.manifest import Manifest
 from orchestrator.storage import Output
 
 
 def find_row(output: Output, prompt_id: str, seed: int) -> dict:
     """The committed manifest row of (prompt_id, seed); a clear error when there is none."""
     manifest = Manifest(output)
-    if manifest.read_run() is None and not manifest.legacy_parts():
-        raise ConfigError(f"{output.uri} holds no seedsift run (no {RUN_FILE}); is it the --out of a generate run?")
+    manifest.require_run()
     row = manifest.find_row(prompt_id, seed)
     if row is None:
         raise ConfigError(f"{output.uri}: no manifest row for prompt_id {prompt_id!r} and seed {seed}")

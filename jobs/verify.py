@@ -31,6 +31,7 @@ from orchestrator.manifest import (
     legacy_to_current,
     row_keys,
 )
+from orchestrator.config import ConfigError
 from orchestrator.storage import TEMPORARY_MARK, Output
 
 LISTED = 20  # examples per problem kept in the report
@@ -206,7 +207,7 @@ def repair_output(output: Output, lease_seconds: float = 120.0) -> dict:
     run redoes its rows and rewrites their images; a run.json moved aside is written again by that run."""
     from orchestrator.lease import Lease
 
-    lease = Lease(output, lease_seconds)
+    lease = Lease(output, lease_seconds, busy_advice="Run `seedsift verify --repair` again when it has finished")
     lease.acquire()
     try:
         damaged = verify_output(output)["damaged_object_keys"]
@@ -252,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         output = Output(args.out, json.loads(args.storage_options))
+        Manifest(output).require_run()  # a typo, a corpus folder, a missing bucket: never "clean", nothing created
         if args.repair:
             repaired = repair_output(output)
             print(json.dumps(repaired, indent=2))
@@ -264,6 +266,9 @@ def main(argv: list[str] | None = None) -> int:
     except OutputBusy as exc:  # --repair waits for no one: the run holding the output may still fix it
         print(f"seedsift verify: {exc}", file=sys.stderr)
         return 4
+    except ConfigError as exc:
+        print(f"seedsift verify: {exc}", file=sys.stderr)
+        return 2
     except (OSError, ValueError) as exc:
         print(f"seedsift verify: cannot read {args.out}: {exc}", file=sys.stderr)
         return 2

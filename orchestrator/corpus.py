@@ -12,6 +12,7 @@ import csv
 import hashlib
 import io
 import json
+import os
 import posixpath
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -107,8 +108,9 @@ class CorpusFile:
     compression: str | None
 
 
-def list_corpus(uri: str, storage_options: dict | None = None) -> list[CorpusFile]:
-    """The files of a corpus: one file, every corpus file under a folder (recursively), or a glob's matches."""
+def list_corpus(uri: str, storage_options: dict | None = None, output: str | None = None) -> list[CorpusFile]:
+    """The files of a corpus: one file, every corpus file under a folder (recursively), or a glob's matches;
+    never a file inside `output` (a run's --out inside its --prompts folder must not read its manifest back)."""
     fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
     protocol = uri.split("://", 1)[0] + "://" if "://" in uri else ""
     glob = any(ch in path for ch in "*?[")
@@ -122,6 +124,13 @@ def list_corpus(uri: str, storage_options: dict | None = None) -> list[CorpusFil
         if not fs.exists(path):
             raise CorpusError(f"--prompts {uri}: no such file or folder")
         root, found = posixpath.dirname(path.rstrip("/")), [path]
+    if output is not None:
+        inside = fs._strip_protocol(os.path.abspath(output) if "://" not in output else output).rstrip("/")
+        kept = [p for p in found if p.rstrip("/") != inside and not p.startswith(inside + "/")]
+        if found and not kept:
+            raise CorpusError(f"--prompts {uri}: its only corpus files are inside --out {output}, which holds what "
+                              "seedsift writes; give the prompts' own file or folder")
+        found = kept
     if not found:
         raise CorpusError(f"--prompts {uri}: no corpus files there (.txt .jsonl .csv .tsv .parquet, optionally "
                           f"{' '.join(COMPRESSION_SUFFIXES)})")

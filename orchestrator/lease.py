@@ -68,9 +68,12 @@ def _utc(seconds: float | None = None) -> str:
 
 
 class Lease:
-    def __init__(self, output: Output, seconds: float):
+    RUN_ADVICE = "Let it finish, or rerun with --wait to start when it ends"
+
+    def __init__(self, output: Output, seconds: float, busy_advice: str = RUN_ADVICE):
         self.output = output
         self.seconds = seconds
+        self.busy_advice = busy_advice  # what a refused caller can do: a run can --wait, verify --repair cannot
         self.holder = Holder(run=uuid.uuid4().hex[:12], host=socket.gethostname(), pid=os.getpid(),
                              started=_utc(), seconds=seconds, machine=this_machine(),
                              pid_started=_process_start(os.getpid()))
@@ -82,7 +85,7 @@ class Lease:
 
     # taking and giving back ---------------------------------------------------------------------------------
 
-    def acquire(self, wait: bool = False, poll: float = 5.0) -> None:
+    def acquire(self, wait: bool = False, poll: float = 1.0) -> None:
         """Take the output, or raise OutputBusy naming the holder; with `wait`, poll until it is free."""
         announced = False
         while True:
@@ -115,8 +118,8 @@ class Lease:
         if holder is not None and not holder.released and age < holder.seconds and not _gone(holder):
             raise OutputBusy(
                 f"output {self.output.uri} is in use by another run ({holder.describe()}; last renewed "
-                f"{age:.0f} s ago, expires in {holder.seconds - age:.0f} s). Let it finish, or rerun with --wait to "
-                f"start when it ends; if that run is dead, its lease expires on its own"
+                f"{age:.0f} s ago, expires in {holder.seconds - age:.0f} s). {self.busy_advice}; if that run is dead, "
+                "its lease expires on its own"
             )
         if holder is not None and not holder.released:
             why = "whose process is gone" if _gone(holder) else f"that stopped renewing it {age:.0f} s ago"
@@ -208,10 +211,15 @@ def this_machine() -> str:
 
 
 def _process_start(pid: int) -> float:
+    """When a live process started; 0.0 for none, and for a zombie: a killed process its parent has not reaped yet
+    (seconds usually, for ever under a container init that never reaps) runs nothing and holds nothing."""
     import psutil
 
     try:
-        return psutil.Process(pid).create_time()
+        process = psutil.Process(pid)
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return 0.0
+        return process.create_time()
     except psutil.Error:
         return 0.0
 

@@ -226,6 +226,44 @@ class Manifest:
         except ValueError as exc:
             raise DamagedManifest(f"{self.output.uri_of(RUN_FILE)} is not valid JSON ({exc})") from exc
 
+    def holds_a_run(self) -> bool:
+        """Whether a seedsift run wrote here: a run.json with a seedsift fingerprint, or manifest objects beside an
+        unreadable run.json or none (a damaged output, or one of seedsift 0.1, which verify and repair still read).
+        A path that does not exist, or a bucket that does not, holds none."""
+        try:
+            if self.output.exists(RUN_FILE):
+                try:
+                    run = self.output.read_json(RUN_FILE)
+                except ValueError:
+                    return bool(self.output.list_keys("manifest", ".parquet"))
+                return isinstance(run, dict) and "fingerprint" in run
+            return bool(self.output.list_keys("manifest", ".parquet"))
+        except FileNotFoundError:
+            return False
+
+    def require_run(self) -> None:
+        """ConfigError unless a seedsift run wrote here: what every job that reads an output checks first."""
+        if not self.holds_a_run():
+            from orchestrator.config import ConfigError
+
+            raise ConfigError(f"{self.output.uri} holds no seedsift run; is it the --out of a generate or collect "
+                              "run?")
+
+    def check_may_write(self) -> None:
+        """ConfigError unless the output is new, empty or seedsift's own: a run never replaces a file it did not
+        write. A killed run's lease, taken before its run.json was written, counts as seedsift's."""
+        from orchestrator.lease import LEASE_FILE
+
+        if self.holds_a_run():
+            return
+        foreign = [name for name in self.output.top_level() if name != LEASE_FILE]
+        if foreign:
+            from orchestrator.config import ConfigError
+
+            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            raise ConfigError(f"--out {self.output.uri} holds files seedsift did not write ({shown}); seedsift writes "
+                              "only into an empty folder, a new one, or its own output: choose another --out")
+
     def legacy_parts(self) -> list[str]:
         """Parts of a version-1 output (seedsift 0.1 wrote `manifest/part-<hash>.parquet`, one per 16 rows)."""
         return [key for key in self.output.list_keys("manifest", ".parquet") if key.count("/") == 1]

@@ -73,12 +73,14 @@ class OutputState:
 def prepare(config: GenerateConfig) -> tuple[RunPlan, list[CorpusFile], Manifest]:
     """Everything that can fail before Ray starts: plan (model, size, predictor), corpus files, output."""
     # The corpus first: a wrong column is the commonest first-hour mistake, and this takes a second.
-    files = list_corpus(config.prompts, config.storage_options)
+    files = list_corpus(config.prompts, config.storage_options, config.out)
     check_corpus(files, Columns(config.prompt_column, config.id_column), config.storage_options)
     plan = build_plan(config)
     output = Output(config.out, config.storage_options)
+    manifest = Manifest(output)
+    manifest.check_may_write()  # before the probe below: a folder of someone else's files gets no write at all
     output.check_writable()
-    return plan, files, Manifest(output)
+    return plan, files, manifest
 
 
 def check_run_file(manifest: Manifest, plan: RunPlan) -> None:

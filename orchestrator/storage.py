@@ -281,6 +281,17 @@ class Output:
         keys = [self.key_of(path) for path in list(found)]
         return sorted(key for key in keys if key.endswith(suffix) and TEMPORARY_MARK not in key)
 
+    def top_level(self) -> list[str]:
+        """Names directly under the output's root, sorted (one listing, whatever lies deeper); [] for none."""
+        root = self.path("")
+        self.fs.invalidate_cache(root)
+        try:
+            entries = self._guard("listing the output", self.fs.ls, root, detail=False)
+        except FileNotFoundError:
+            return []
+        names = sorted({entry.rstrip("/").rsplit("/", 1)[-1] for entry in entries})
+        return [name for name in names if TEMPORARY_MARK not in name and name != root.rstrip("/").rsplit("/", 1)[-1]]
+
     def list_sizes(self, folder: str, suffix: str = "") -> dict[str, int]:
         """Like list_keys, with each object's size (one listing; no request per object)."""
         base = self.path(folder)

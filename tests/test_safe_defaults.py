@@ -1,0 +1,135 @@
+"""Safe by default: seedsift never touches a user's files, never calls nothing "clean", never hangs without a word.
+
+One test per break an adversarial run against 0.2 found (each failed there); the small-cluster placement tests,
+which need a Ray head of their own, are in tests/test_cluster.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from orchestrator.lease import LEASE_FILE, Lease
+from orchestrator.storage import Output
+from tests.conftest import REPO_ROOT
+
+
+def test_a_killed_runs_zombie_does_not_hold_the_output(tmp_path):
+    """A SIGKILLed driver stays a zombie until its parent reaps it (for ever under an init that never reaps): its
+    lease is taken over at once, as a dead process's is."""
+    output = Output(str(tmp_path / "out"))
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        started = psutil.Process(child.pid).create_time()
+        os.kill(child.pid, signal.SIGKILL)
+        # Not reaped: this process, its parent, calls no wait until the end.
+        deadline = time.time() + 10
+        while psutil.Process(child.pid).status() != psutil.STATUS_ZOMBIE and time.time() < deadline:
+            time.sleep(0.01)
+        assert psutil.Process(child.pid).status() == psutil.STATUS_ZOMBIE
+        holder = Lease(output, seconds=600)
+        record = json.loads(holder._encode(holder.holder))
+        record.update(pid=child.pid, pid_started=started)  # the killed run, exactly as it recorded itself
+        output.write_bytes(LEASE_FILE, json.dumps(record).encode())
+        Lease(output, seconds=600).acquire()  # at once, not after --lease-seconds
+    finally:
+        child.wait()
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    from tests.helpers_ray import private_ray_env
+
+    env = private_ray_env()
+    result = subprocess.run([sys.executable, "-m", "jobs.cli", *args], cwd=REPO_ROOT, capture_output=True, text=True,
+                            timeout=120, env=env)
+    result.ray_started = bool(os.listdir(env["RAY_TMPDIR"]))
+    return result
+
+
+FAST = ["--candidates", "2", "--keep", "1", "--steps", "1", "--guidance", "3.0", "--generator-cpus", "1"]
+
+
+def test_a_folder_of_someone_elses_files_is_refused_and_left_untouched(tmp_path):
+    """0.2 replaced the user's summary.json and report.html, then called their photo an orphan."""
+    folder = tmp_path / "theirs"
+    (folder / "images" / "zz").mkdir(parents=True)
+    files = {"summary.json": b'{"mine": 1}', "report.html": b"<p>my report</p>", "thesis.txt": b"chapter 1",
+             "images/zz/photo.png": b"\x89PNG not really"}
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    before = {p: p.stat().st_mtime_ns for p in folder.rglob("*")}
+    corpus = tmp_path / "p.txt"
+    corpus.write_text("a red cube\n")
+    result = cli("generate", "--prompts", str(corpus), "--out", str(folder), *FAST)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "holds files seedsift did not write" in lines[0] and "thesis.txt" in lines[0], lines
+    assert not result.ray_started
+    assert {p: p.stat().st_mtime_ns for p in folder.rglob("*")} == before  # nothing written, nothing replaced
+    for name, data in files.items():
+        assert (folder / name).read_bytes() == data
+    # verify does not call it an output with an orphan either
+    checked = cli("verify", "--out", str(folder))
+    assert checked.returncode == 2 and "holds no seedsift run" in checked.stderr, checked.stderr
+
+
+@pytest.mark.parametrize("flags", [[], ["--strict"], ["--repair"]])
+def test_verify_of_something_that_is_no_output_says_so_and_creates_nothing(tmp_path, flags):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "p.txt").write_text("a red cube\n")
+    for target in (tmp_path / "no" / "such" / "path", tmp_path / "typo", corpus):
+        result = cli("verify", "--out", str(target), *flags)
+        assert result.returncode == 2, (target, result.stdout, result.stderr)
+        assert "holds no seedsift run" in result.stderr and '"clean": true' not in result.stdout
+    assert not (tmp_path / "typo").exists() and not (tmp_path / "no").exists()
+    assert sorted(p.name for p in corpus.iterdir()) == ["p.txt"]  # no lease.json, no damaged/
+
+
+def test_verify_of_a_missing_bucket_says_so(s3_endpoint):
+    from jobs import verify
+
+    assert verify.main(["--out", "s3://no-such-bucket-here/x"]) == 2
+
+
+def test_verify_repair_while_a_run_holds_the_output_says_what_to_do(finished, tmp_path, capsys):
+    import shutil
+
+    from jobs import verify
+
+    out = tmp_path / "out"
+    shutil.copytree(finished["out"], out)
+    holder = Lease(Output(str(out)), seconds=600)
+    holder.acquire()
+    try:
+        assert verify.main(["--out", str(out), "--repair"]) == 4
+        message = capsys.readouterr().err
+        assert "seedsift verify --repair` again" in message and "--wait" not in message, message
+    finally:
+        holder.release()
+
+
+def test_an_output_inside_its_corpus_folder_is_never_read_as_corpus(ray_session, tmp_path):
+    """0.2 read its own manifest back as corpus on every rerun: more sources, more quarantined rows each time."""
+    from orchestrator import pipeline
+    from tests.conftest import finished_settings
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "prompts.txt").write_text("a red cube\na blue fox\n")
+    out = corpus / "out"
+    for _ in range(2):
+        summary = pipeline.run(finished_settings(str(corpus), str(out)))
+    assert summary["prompts"] == 2 and summary["prompts_quarantined"] == 0 and summary["this_run"]["rows"] == 0
+    from tests.helpers_manifest import manifest_frame
+
+    assert set(manifest_frame(str(out)).source.str.rsplit(":", n=1).str[0]) == {"prompts.txt"}
+    only_output = cli("generate", "--prompts", str(out), "--out", str(out), *FAST)
+    assert only_output.returncode == 2 and "inside --out" in only_output.stderr, only_output.stderr
