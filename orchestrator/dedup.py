@@ -236,17 +236,17 @@ class IndexActors:
 
 
 def start_index(manifest: Manifest, owners: Owners, complete: list[str], open_parts: dict,
-                buckets: int) -> IndexActors:
+                buckets: int, num_cpus: float = READ_CPUS) -> IndexActors:
     """The index actors, loading from the output in the background: the run's other actors start meanwhile, and
     the filter waits for the loads before its first lookup."""
-    actor = ray.remote(num_cpus=READ_CPUS, max_restarts=0)(DuplicateIndex)
+    actor = ray.remote(num_cpus=num_cpus, max_restarts=0)(DuplicateIndex)
     actors = [actor.remote(b, buckets) for b in range(buckets)]
     return IndexActors(actors, [index.load.remote(manifest, owners, complete, open_parts) for index in actors])
 
 
-def drop_duplicates(ds, indexes: IndexActors, manifest: Manifest, owners: Owners):
+def drop_duplicates(ds, indexes: IndexActors, manifest: Manifest, owners: Owners, num_cpus: float = READ_CPUS):
     """The dedup stage on a corpus dataset: one filter actor in front of the index actors (module docstring)."""
     return ds.map_batches(
         DuplicateFilter, fn_constructor_kwargs={"indexes": indexes, "manifest": manifest, "owners": owners},
-        batch_format="pyarrow", batch_size=None, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=READ_CPUS,
+        batch_format="pyarrow", batch_size=None, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=num_cpus,
     )

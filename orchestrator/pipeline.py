@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass
 
@@ -21,6 +22,7 @@ from actors.light import give_way_to_generators
 from actors.rater import RaterStage
 from actors.scorer import ScorerStage
 from orchestrator.config import ConfigError, GenerateConfig
+from orchestrator.console import STATUS_EVERY_S
 from orchestrator.corpus import Columns, CorpusFile, check_corpus, list_corpus, readable_on_the_driver
 from orchestrator.dedup import IndexActors, Owners, bucket_count, drop_duplicates, start_index
 from orchestrator.lease import Lease
@@ -149,23 +151,42 @@ def local_ray_options() -> dict:
     return {"num_cpus": (os.cpu_count() or 1) + 2, "include_dashboard": False}
 
 
+# Light tasks the cluster must be able to run beside the run's actors: a read or sink task, and a compaction.
+TASK_SLOTS = 2
+
+
 @dataclass(frozen=True)
 class Resources:
+    """What each stage asks Ray for, fitted to the cluster the run joined. These are Ray's logical CPUs: they decide
+    where actors and tasks are placed, not how many threads they use."""
+
     generator_gpus: float
     generator_cpus: float
+    generator_threads: int  # torch threads of a generator, from its unscaled CPUs
+    scorer_cpus: float
+    rater_cpus: float  # a model rater's actor (a pixel rater works inside the generator)
+    light_cpus: float  # each read, duplicate filter, index, sink and compaction task or actor
+    scale: float = 1.0  # below 1: every CPU request shrunk by this to fit the cluster
+    cluster_cpus: float = 0.0
+
+    def describe(self) -> str:
+        return (f"generators {self.generator_cpus:.2g} CPU + {self.generator_gpus:g} GPU each, scorers "
+                f"{self.scorer_cpus:.2g} CPU, rater {self.rater_cpus:.2g} CPU, reading and writing {self.light_cpus:.2g} "
+                "CPU a task")
 
 
-def plan_resources(config: GenerateConfig) -> Resources:
-    """Per-generator GPUs and CPUs: a whole GPU each where the cluster has GPUs, else all cores but one.
+def plan_resources(config: GenerateConfig, cluster: dict, buckets: int, model_rater: bool) -> Resources:
+    """Per-stage requests: a whole GPU per generator where the cluster has GPUs, else all cores but one; the light
+    stages their configured shares. When the sum is more than the cluster's CPUs (a 2-CPU `ray start --head`, which
+    0.2 deadlocked: the last read task could never be placed), every CPU request is scaled down to fit.
 
     A CPU generator's CPUs are also its torch threads. The core left over is the light stages': on 2 cores one
     thread renders the tiny pipeline faster (0.19-0.21 s an image) than two (0.20-0.25 s), whose threads stall
     whenever scoring, rating or writing takes a core from one of them (benchmarks/README.md, figure 1).
     """
-    resources = ray.cluster_resources()
     gpus = config.generator_gpus
     if gpus is None:
-        gpus = 1.0 if resources.get("GPU", 0) > 0 else 0.0
+        gpus = 1.0 if cluster.get("GPU", 0) > 0 else 0.0
         if gpus == 0 and (config.address or os.environ.get("RAY_ADDRESS")):
             # An autoscaling cluster whose GPU workers start at zero shows no GPU yet.
             logger.warning("the cluster has no GPU now, so generators run on CPU; on an autoscaling cluster "
@@ -173,8 +194,16 @@ def plan_resources(config: GenerateConfig) -> Resources:
     cpus = config.generator_cpus
     if cpus is None:
         # A local Ray declares the cores plus two (local_ray_options): the cores less one, shared by the generators.
-        cpus = 2.0 if gpus > 0 else max(1.0, (resources.get("CPU", 1) - 3) // config.generators)
-    return Resources(generator_gpus=gpus, generator_cpus=cpus)
+        cpus = 2.0 if gpus > 0 else max(1.0, (cluster.get("CPU", 1) - 3) // config.generators)
+    rater = config.rater_cpus if model_rater else 0.0
+    demand = (config.generators * cpus + config.scorers * config.scorer_cpus + rater
+              + (1 + buckets + TASK_SLOTS) * READ_CPUS)
+    total = float(cluster.get("CPU", 0))
+    # No CPU at all is an autoscaling head whose workers are still to come: ask as configured, and say what waits.
+    scale = total / demand if 0 < total < demand else 1.0
+    return Resources(generator_gpus=gpus, generator_cpus=cpus * scale, generator_threads=max(1, int(cpus)),
+                     scorer_cpus=config.scorer_cpus * scale, rater_cpus=config.rater_cpus * scale,
+                     light_cpus=READ_CPUS * scale, scale=scale, cluster_cpus=total)
 
 
 def read_settings(config: GenerateConfig) -> ReadSettings:
@@ -197,14 +226,14 @@ def count_usable_prompts(plan: RunPlan, files: list[CorpusFile]) -> int:
 
 
 def build_dataset(plan: RunPlan, manifest: Manifest, state: OutputState, files: list[CorpusFile], indexes: IndexActors,
-                  owners: Owners):
+                  owners: Owners, resources: Resources):
     """The lazy Ray dataset of a run: one accounting row per row that reached the sink."""
     config = plan.config
-    resources = plan_resources(config)
     # Scorer actors on any node get the predictor from the object store, not from a path only the driver sees.
     predictor_ref = ray.put(plan.predictor.files) if plan.predictor else None
-    ds = read_corpus(files, read_settings(config), state.complete_frames(), file_limits(config, files))
-    ds = drop_duplicates(ds, indexes, manifest, owners)  # later copies of a prompt id or text: quarantined rows
+    ds = read_corpus(files, read_settings(config), state.complete_frames(), file_limits(config, files),
+                     num_cpus=resources.light_cpus)
+    ds = drop_duplicates(ds, indexes, manifest, owners, resources.light_cpus)  # later copies of a prompt id or text: quarantined rows
     # Reading and duplicate detection work in shard-sized blocks (cheap per row); the scorer gets blocks of one call
     # each, because a map task emits its output only when its input block is done: a 10,000-row block would hold
     # back the first render until 10,000 prompts were embedded.
@@ -217,7 +246,7 @@ def build_dataset(plan: RunPlan, manifest: Manifest, state: OutputState, files: 
                                    num_threads=max(1, int(config.scorer_cpus))),
         batch_format="numpy", batch_size=plan.scoring().prompts_per_call,
         compute=ray.data.ActorPoolStrategy(size=config.scorers),
-        num_cpus=config.scorer_cpus,
+        num_cpus=resources.scorer_cpus,
     )
     rendering = plan.rendering()
     images_per_row = max(1, rendering.preview)  # a preview row carries its prompt's M candidates
@@ -225,7 +254,7 @@ def build_dataset(plan: RunPlan, manifest: Manifest, state: OutputState, files: 
     ds = ds.map_batches(
         GeneratorStage,
         fn_constructor_args=(rendering,),
-        fn_constructor_kwargs=dict(num_threads=max(1, int(resources.generator_cpus))),
+        fn_constructor_kwargs=dict(num_threads=resources.generator_threads),
         batch_format="numpy", batch_size=rows_per_batch, compute=ray.data.ActorPoolStrategy(size=config.generators),
         num_cpus=resources.generator_cpus, num_gpus=resources.generator_gpus,
     )
@@ -235,7 +264,7 @@ def build_dataset(plan: RunPlan, manifest: Manifest, state: OutputState, files: 
             fn_constructor_args=(config.rater,),
             fn_constructor_kwargs=dict(num_threads=max(1, int(config.rater_cpus))),
             batch_format="numpy", batch_size=rows_per_batch, compute=ray.data.ActorPoolStrategy(size=1),
-            num_cpus=config.rater_cpus, num_gpus=config.rater_gpus,
+            num_cpus=resources.rater_cpus, num_gpus=config.rater_gpus,
         )
     return ds.map_batches(
         write_unit,
@@ -244,20 +273,25 @@ def build_dataset(plan: RunPlan, manifest: Manifest, state: OutputState, files: 
         # One unit per generator batch: its images land as soon as they are rendered and rated, and a kill loses at
         # most one batch per generator. (A preview row costs its M previews too: as much denoising as without.)
         batch_format="numpy", batch_size=rows_per_batch,
-        num_cpus=READ_CPUS,
+        num_cpus=resources.light_cpus,
     )
 
 
-def start_stream(plan: RunPlan, files: list[CorpusFile], manifest: Manifest, state: OutputState):
+def index_buckets(plan: RunPlan, state: OutputState) -> int:
+    committed = state.delivered_rows() + sum(len(p) for p in state.open_parts.values()) * plan.config.batch_size
+    return plan.config.dedup_buckets or bucket_count(2 * committed)
+
+
+def start_stream(plan: RunPlan, files: list[CorpusFile], manifest: Manifest, state: OutputState,
+                 resources: Resources):
     """The duplicate index, loading from the output, and the run's dataset; returns (dataset, index actors)."""
     owners = state.owners(files)
-    committed = state.delivered_rows() + sum(len(p) for p in state.open_parts.values()) * plan.config.batch_size
-    buckets = plan.config.dedup_buckets or bucket_count(2 * committed)
-    indexes = start_index(manifest, owners, sorted(state.records), state.open_parts, buckets)
-    return build_dataset(plan, manifest, state, files, indexes, owners), indexes
+    indexes = start_index(manifest, owners, sorted(state.records), state.open_parts, index_buckets(plan, state),
+                          resources.light_cpus)
+    return build_dataset(plan, manifest, state, files, indexes, owners, resources), indexes
 
 
-@ray.remote(num_cpus=READ_CPUS, max_retries=3)
+@ray.remote(max_retries=3)
 def _compact(manifest: Manifest, shard: str, frame, image_format: str, shard_images: int) -> ShardRecord | None:
     return manifest.compact(shard, frame, image_format, shard_images)
 
@@ -265,8 +299,8 @@ def _compact(manifest: Manifest, shard: str, frame, image_format: str, shard_ima
 class Compactions:
     """Shard compactions running as Ray tasks beside the stream; at most one at a time per shard."""
 
-    def __init__(self, manifest: Manifest, config: GenerateConfig):
-        self.manifest, self.config = manifest, config
+    def __init__(self, manifest: Manifest, config: GenerateConfig, num_cpus: float = READ_CPUS):
+        self.manifest, self.config, self.num_cpus = manifest, config, num_cpus
         self.running: dict = {}  # ObjectRef -> shard
         self.queued: dict[str, object] = {}  # shard -> frame, waiting for its running compaction
         self.records: dict[str, ShardRecord] = {}
@@ -275,7 +309,8 @@ class Compactions:
         if shard in self.running.values():
             self.queued[shard] = frame
             return
-        ref = _compact.remote(self.manifest, shard, frame, self.config.image_format, self.config.shard_images)
+        ref = _compact.options(num_cpus=self.num_cpus).remote(self.manifest, shard, frame, self.config.image_format,
+                                                             self.config.shard_images)
         self.running[ref] = shard
 
     def collect(self, wait: bool = False) -> None:
@@ -321,7 +356,8 @@ def run(config: GenerateConfig, console=None) -> dict:
         if config.policy == "budget" and plan.budget_per_prompt is None:
             plan = plan.with_budget(count_usable_prompts(plan, files))
         progress = None if console is None else console.progress(*expected_images(plan, files, state))
-        return _stream(plan, files, manifest, state, lease, started, progress)
+        return _stream(plan, files, manifest, state, lease, started, progress,
+                       say=console.say if console is not None else None)
     except DamagedManifest as exc:
         raise ConfigError(f"{exc}; `seedsift verify --out {config.out}` names every damaged object, and with "
                           "--repair moves them aside so that this command redoes their rows") from exc
@@ -359,15 +395,22 @@ def expected_images(plan: RunPlan, files: list[CorpusFile], state: OutputState) 
 
 
 def _stream(plan: RunPlan, files: list[CorpusFile], manifest: Manifest, state: OutputState, lease: Lease,
-            started: float, progress=None) -> dict:
+            started: float, progress=None, say=None) -> dict:
     config = plan.config
-    compactions = Compactions(manifest, config)
+    say = say or logger.warning
+    resources = plan_resources(config, ray.cluster_resources(), index_buckets(plan, state),
+                               model_rater=not plan.rendering().rates_images)
+    if resources.scale < 1:
+        say(f"seedsift: the cluster has {resources.cluster_cpus:g} CPUs, fewer than this run's stages ask for: their "
+            f"CPU requests are scaled by {resources.scale:.2f} to fit ({resources.describe()})")
+    compactions = Compactions(manifest, config, resources.light_cpus)
     for shard in sorted(set(state.records) & set(state.open_parts)):
         compactions.submit(shard)  # parts left beside a complete shard by a kill during its compaction
-    ds, indexes = start_stream(plan, files, manifest, state)  # the driver holds the index actors for the run
+    ds, indexes = start_stream(plan, files, manifest, state, resources)  # the driver holds the index actors
     trace.mark("driver", "stream built")
     ledger = ShardLedger()
     first_commit = None
+    watch = StallWatch(ledger, resources, say)
     try:
         for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
             lease.check()
@@ -382,9 +425,11 @@ def _stream(plan: RunPlan, files: list[CorpusFile], manifest: Manifest, state: O
                 trace.mark("driver", "first rows committed")
             compactions.collect()
         compactions.collect(wait=True)
+        watch.stop()
         if progress is not None:
             progress.close()
     except Exception as exc:
+        watch.stop()
         # An index that could not load the output fails the filter's start: say what the load met (a damaged
         # manifest object, the store) rather than the filter's death.
         indexes.wait_loaded()
@@ -394,6 +439,55 @@ def _stream(plan: RunPlan, files: list[CorpusFile], manifest: Manifest, state: O
             raise cause from exc
         raise
     return finish(manifest, plan, state, compactions.records, ledger, started, first_commit)
+
+
+class StallWatch:
+    """One console line every STATUS_EVERY_S while nothing is committed and some of the run's actors wait to be
+    placed: what waits, and what the cluster has free. A run that cannot be placed says so instead of hanging in
+    silence (in the terminal, and in `ray job logs` under `ray job submit`)."""
+
+    def __init__(self, ledger: ShardLedger, resources: Resources, say, every: float = STATUS_EVERY_S):
+        self.ledger, self.resources, self.say, self.every = ledger, resources, say, every
+        self.job = ray.get_runtime_context().get_job_id()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="seedsift-stall-watch", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        last = -1
+        while not self._stop.wait(self.every):
+            rows = self.ledger.totals["rows"]
+            if rows == last:
+                line = self.describe()
+                if line:
+                    self.say(line)
+            last = rows
+
+    def describe(self) -> str | None:
+        waiting = pending_actors(self.job)
+        if not waiting:
+            return None
+        free, total = ray.available_resources(), ray.cluster_resources()
+        have = ", ".join(f"{name} {free.get(name, 0):g} of {total.get(name, 0):g} free" for name in ("CPU", "GPU")
+                         if total.get(name) or name == "CPU")
+        return (f"seedsift: nothing committed for {self.every:.0f} s: waiting for the cluster to place "
+                f"{', '.join(waiting)}; it has {have}; this run asks for {self.resources.describe()}")
+
+
+def pending_actors(job: str) -> list[str]:
+    """This job's actors still waiting to be created (a stage that cannot be placed), by class, counted."""
+    from collections import Counter
+
+    try:
+        table = ray._private.state.actors()  # the GCS actor table: needs no dashboard (a local run has none)
+    except Exception:  # noqa: BLE001 - the watch only informs; a failed look is no reason to stop a run
+        return []
+    names = Counter(info.get("ActorClassName") or "actor" for info in table.values()
+                    if info.get("JobID") == job and info.get("State") in ("PENDING_CREATION", "DEPENDENCIES_UNREADY"))
+    return [f"{n} x {name}" if n > 1 else name for name, n in sorted(names.items())]
 
 
 def finish(manifest: Manifest, plan: RunPlan, state: OutputState, new_records: dict[str, ShardRecord],

@@ -270,11 +270,11 @@ class CorpusDatasource(Datasource):
 
 
 def read_corpus(files: list[CorpusFile], settings: ReadSettings, complete: dict | None = None,
-                limits: dict[str, int] | None = None) -> ray.data.Dataset:
+                limits: dict[str, int] | None = None, num_cpus: float = READ_CPUS) -> ray.data.Dataset:
     """A Ray dataset of the corpus rows that need work; the driver only lists files, workers stream them."""
     source = CorpusDatasource(files, complete or {}, settings, limits)
     # One block stream per file, never split into smaller read tasks: a shard's rows stay together.
-    return ray.data.read_datasource(source, override_num_blocks=max(1, len(files)), num_cpus=READ_CPUS)
+    return ray.data.read_datasource(source, override_num_blocks=max(1, len(files)), num_cpus=num_cpus)
 
 
 def corpus_needs_work(files: list[CorpusFile], settings: ReadSettings, complete: dict,

@@ -133,3 +133,46 @@ def test_an_output_inside_its_corpus_folder_is_never_read_as_corpus(ray_session,
     assert set(manifest_frame(str(out)).source.str.rsplit(":", n=1).str[0]) == {"prompts.txt"}
     only_output = cli("generate", "--prompts", str(out), "--out", str(out), *FAST)
     assert only_output.returncode == 2 and "inside --out" in only_output.stderr, only_output.stderr
+
+
+@pytest.mark.parametrize("cpus", [1, 2, 4])
+def test_a_run_asks_for_no_more_cpus_than_the_cluster_has(cpus):
+    """A fresh 2-CPU `ray start --head` deadlocked 0.2 (generator 1 + scorer 0.5 + rater 0.25 + index 0.25 held both
+    CPUs, and the read task could never be placed): the requests, tasks included, now fit whatever the cluster has;
+    threads stay as configured. (The real 1- and 2-CPU heads: tests/test_cluster.py.)"""
+    from orchestrator.config import GenerateConfig
+    from orchestrator.pipeline import TASK_SLOTS, plan_resources
+
+    config = GenerateConfig(prompts="p.txt", out="o")
+    resources = plan_resources(config, {"CPU": float(cpus)}, buckets=1, model_rater=True)
+    asked = (resources.generator_cpus + resources.scorer_cpus + resources.rater_cpus
+             + (1 + 1 + TASK_SLOTS) * resources.light_cpus)
+    assert asked <= cpus + 1e-9 and resources.generator_threads >= 1
+    assert (resources.scale < 1) == (cpus < 3), resources  # a local Ray (cores + 2 = 4 here) needs no scaling
+    assert min(resources.generator_cpus, resources.scorer_cpus, resources.light_cpus) > 0
+
+
+def test_a_stage_that_cannot_be_placed_is_named_with_what_the_cluster_has(ray_session):
+    import ray
+
+    from orchestrator.config import GenerateConfig
+    from orchestrator.ledger import ShardLedger
+    from orchestrator.pipeline import StallWatch, plan_resources
+
+    @ray.remote(num_cpus=1000)
+    class TooBigStage:
+        pass
+
+    actor = TooBigStage.remote()
+    said = []
+    watch = StallWatch(ShardLedger(), plan_resources(GenerateConfig(prompts="p.txt", out="o"),
+                                                     ray.cluster_resources(), 1, False), said.append, every=0.2)
+    try:
+        deadline = time.time() + 30
+        while not said and time.time() < deadline:
+            time.sleep(0.1)
+    finally:
+        watch.stop()
+        ray.kill(actor)
+    assert said and "waiting for the cluster to place" in said[0] and "TooBigStage" in said[0], said
+    assert "CPU" in said[0] and "free" in said[0], said
