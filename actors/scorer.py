@@ -23,6 +23,7 @@ from orchestrator.selection import keep_first, keep_top_k
 
 PASSED_THROUGH = ("prompt_id", "source", "status", "shard", "shard_row", "shard_rows", "shard_base", "shard_frame",
                   "prompt_key", "text_key")
+SCORE_CHUNK = 256  # candidate noises drawn and scored at a time, whatever N is
 SHARDS_CACHED = 4  # delivered keys of this many shards are kept: a scorer works on a few shards at a time
 
 
@@ -150,8 +151,10 @@ class ScorerStage:
         """Predicted score of each candidate for one prompt, or None when the policy needs no prediction."""
         if self.predictor is None:
             return None
-        noise = batch_noise(seeds, self.latent_shape)
-        return self.predictor.score_candidates(noise, {k: v[row] for k, v in embeds.items() if k != "truncated"})
+        prompt = {k: v[row] for k, v in embeds.items() if k != "truncated"}
+        # In chunks: N noises of an SDXL latent are 256 KB each, so 100,000 of them at once would not fit in memory.
+        return np.concatenate([self.predictor.score_candidates(batch_noise(seeds[i:i + SCORE_CHUNK], self.latent_shape),
+                                                               prompt) for i in range(0, len(seeds), SCORE_CHUNK)])
 
 
 class _Rows:

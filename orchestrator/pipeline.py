@@ -151,6 +151,9 @@ def local_ray_options() -> dict:
     return {"num_cpus": (os.cpu_count() or 1) + 2, "include_dashboard": False}
 
 
+# A model-holding stage whose actor dies more often than this (out of memory, a crash in its library) ends the run
+# with one line and exit 1, its lease released, instead of Ray restarting it for ever; a rerun resumes.
+STAGE_RESTARTS = 3
 # Light tasks the cluster must be able to run beside the run's actors: a read or sink task, and a compaction.
 TASK_SLOTS = 2
 
@@ -246,7 +249,7 @@ def build_dataset(plan: RunPlan, manifest: Manifest, state: OutputState, files: 
                                    num_threads=max(1, int(config.scorer_cpus))),
         batch_format="numpy", batch_size=plan.scoring().prompts_per_call,
         compute=ray.data.ActorPoolStrategy(size=config.scorers),
-        num_cpus=resources.scorer_cpus,
+        num_cpus=resources.scorer_cpus, max_restarts=STAGE_RESTARTS,
     )
     rendering = plan.rendering()
     images_per_row = max(1, rendering.preview)  # a preview row carries its prompt's M candidates
@@ -256,7 +259,7 @@ def build_dataset(plan: RunPlan, manifest: Manifest, state: OutputState, files: 
         fn_constructor_args=(rendering,),
         fn_constructor_kwargs=dict(num_threads=resources.generator_threads),
         batch_format="numpy", batch_size=rows_per_batch, compute=ray.data.ActorPoolStrategy(size=config.generators),
-        num_cpus=resources.generator_cpus, num_gpus=resources.generator_gpus,
+        num_cpus=resources.generator_cpus, num_gpus=resources.generator_gpus, max_restarts=STAGE_RESTARTS,
     )
     if not rendering.rates_images:  # a model rater: its own actor, which may hold a GPU fraction
         ds = ds.map_batches(
@@ -264,7 +267,7 @@ def build_dataset(plan: RunPlan, manifest: Manifest, state: OutputState, files: 
             fn_constructor_args=(config.rater,),
             fn_constructor_kwargs=dict(num_threads=max(1, int(config.rater_cpus))),
             batch_format="numpy", batch_size=rows_per_batch, compute=ray.data.ActorPoolStrategy(size=1),
-            num_cpus=resources.rater_cpus, num_gpus=config.rater_gpus,
+            num_cpus=resources.rater_cpus, num_gpus=config.rater_gpus, max_restarts=STAGE_RESTARTS,
         )
     return ds.map_batches(
         write_unit,

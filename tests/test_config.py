@@ -15,7 +15,8 @@ def config(**overrides):
     ("overrides", "message"),
     [
         ({"keep": 5, "candidates": 4}, "--keep 5 is more than --candidates 4"),
-        ({"candidates": 0}, "--candidates must be at least 1"),
+        ({"candidates": 0}, "--candidates must be between 1 and 1,000,000"),
+        ({"candidates": 1_000_001, "keep": 1}, "--candidates must be between 1 and 1,000,000"),
         ({"width": -64}, "--width must be a positive multiple of 8"),
         ({"height": 60}, "--height must be a positive multiple of 8"),
         ({"policy": "best"}, "--policy 'best' is unknown"),

@@ -147,7 +147,7 @@ def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     ("flags", "message"),
     [
         (["--candidates", "2", "--keep", "3"], "--keep 3 is more than --candidates 2"),
-        (["--candidates", "0"], "--candidates must be at least 1"),
+        (["--candidates", "0"], "--candidates must be between 1 and"),
         (["--model", "/no/such/model"], "no such folder"),
         (["--rater", "aesthetic"], "unknown rater"),
         (["--width", "-64"], "--width must be a positive multiple of 8"),

@@ -176,3 +176,37 @@ def test_a_stage_that_cannot_be_placed_is_named_with_what_the_cluster_has(ray_se
         ray.kill(actor)
     assert said and "waiting for the cluster to place" in said[0] and "TooBigStage" in said[0], said
     assert "CPU" in said[0] and "free" in said[0], said
+
+
+def test_candidates_are_scored_in_memory_that_does_not_grow_with_n(ray_session):
+    """-n 100000 with the predictor ran 0.2's scorer out of memory (every noise drawn at once) and Ray restarted
+    it for ever. Scored in chunks, memory does not grow with N (6 chunks' worth after 2 chunks' worth adds nothing
+    to the peak), and the chunks give the scores of one batch. (N = 100,000 end to end: docs/reliability.md.)"""
+    import resource
+
+    import numpy as np
+
+    from actors.scorer import SCORE_CHUNK, ScorerStage
+    from orchestrator.embedded import resolve_model
+    from orchestrator.plan import ScoringPlan
+    from orchestrator.predictor import EMBEDDED_PREDICTORS, read_predictor_files
+    from orchestrator.seeds import batch_noise, candidate_seeds
+
+    location = str(EMBEDDED_PREDICTORS["tiny-sd"])
+    plan = ScoringPlan(model=resolve_model("embedded:tiny-sd"), run_seed=0, candidates=6 * SCORE_CHUNK, keep=1,
+                       policy="predictor", guidance=7.5, height=64, width=64, prompts_per_call=1,
+                       predictor_source=location)
+    files = ray_session.put(read_predictor_files(location, "embedded:tiny-sd", {}))
+    scorer = ScorerStage(plan, predictor_files=[files])
+    embeds = scorer.adapter.encode(["a red cube"], 7.5)
+    seeds = candidate_seeds(0, "p", 6 * SCORE_CHUNK)
+    scorer._predict(seeds[:2 * SCORE_CHUNK], embeds, 0)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    scores = scorer._predict(seeds, embeds, 0)
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert scores.shape == (6 * SCORE_CHUNK,) and np.isfinite(scores).all()
+    assert grown_mb < 12, grown_mb  # drawn at once, these 1,536 noises alone would add 24 MB
+    head = seeds[:SCORE_CHUNK + 5]
+    whole = scorer.predictor.score_candidates(batch_noise(head, scorer.latent_shape),
+                                              {k: v[0] for k, v in embeds.items() if k != "truncated"})
+    np.testing.assert_allclose(scores[:len(head)], whole, rtol=1e-5, atol=1e-6)
