@@ -85,13 +85,17 @@ class Columns:
     def id_of(self, names) -> str | None:
         return pick_column(names, (self.id,) if self.id else ID_COLUMNS)
 
-    def missing(self, where: str, names) -> str:
-        """The one-line error for a file without a prompt column: what was found, and the flag to use."""
+    def check(self, where: str, names) -> None:
+        """CorpusError in one line when the prompt column, or an id column named with --id-column, is not there:
+        what was found, and the flag to use. (A detected id column may be absent: ids are then text hashes.)"""
         found = ", ".join(names) or "none"
-        if self.prompt:
-            return f"{where}: no column {self.prompt!r} (--prompt-column; found: {found})"
-        return (f"{where}: no prompt column (found: {found}); looked for {', '.join(PROMPT_COLUMNS)} in any case; "
-                "pass --prompt-column NAME")
+        if self.prompt_of(names) is None:
+            if self.prompt:
+                raise CorpusError(f"{where}: no column {self.prompt!r} (--prompt-column; found: {found})")
+            raise CorpusError(f"{where}: no prompt column (found: {found}); looked for {', '.join(PROMPT_COLUMNS)} "
+                              "in any case; pass --prompt-column NAME")
+        if self.id and self.id_of(names) is None:
+            raise CorpusError(f"{where}: no column {self.id!r} (--id-column; found: {found})")
 
 
 DETECT = Columns()
@@ -182,8 +186,8 @@ def check_corpus(files: list[CorpusFile], columns: Columns = DETECT, storage_opt
                         value = json.loads(line)
                     except ValueError:
                         continue
-                    if isinstance(value, dict) and columns.prompt_of(value.keys()) is None:
-                        raise CorpusError(columns.missing(f"{corpus_file.name} (first object)", sorted(value)))
+                    if isinstance(value, dict):
+                        columns.check(f"{corpus_file.name} (first object)", sorted(value))
                     break
 
 
@@ -397,8 +401,7 @@ def delimited_header(line: bytes, name: str, delimiter: str, columns: Columns = 
     """The header fields of a csv/tsv file's first line; a missing prompt column is a CorpusError naming the fix."""
     text = line.decode("utf-8-sig", errors="replace").rstrip("\r\n")  # a byte-order mark is not part of a name
     header = next(csv.reader([text], delimiter=delimiter), [])
-    if columns.prompt_of(header) is None:
-        raise CorpusError(columns.missing(f"{name} line 1", header))
+    columns.check(f"{name} line 1", header)
     return header
 
 
@@ -456,10 +459,8 @@ def _parse_delimited(lines: Iterable[bytes], name: str, delimiter: str, first_li
 
 def parquet_columns(names: list[str], file_name: str, columns: Columns = DETECT) -> tuple[str, str | None]:
     """The prompt and id columns of a parquet file's schema; a missing prompt column is a CorpusError."""
-    prompt_col = columns.prompt_of(names)
-    if prompt_col is None:
-        raise CorpusError(columns.missing(file_name, names))
-    return prompt_col, columns.id_of(names)
+    columns.check(file_name, names)
+    return columns.prompt_of(names), columns.id_of(names)
 
 
 def parse_table(table: pa.Table, name: str, first_row: int = 0, columns: Columns = DETECT) -> Iterator[dict]:

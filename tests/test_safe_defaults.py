@@ -210,3 +210,22 @@ def test_candidates_are_scored_in_memory_that_does_not_grow_with_n(ray_session):
     whole = scorer.predictor.score_candidates(batch_noise(head, scorer.latent_shape),
                                               {k: v[0] for k, v in embeds.items() if k != "truncated"})
     np.testing.assert_allclose(scores[:len(head)], whole, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl", "parquet"])
+def test_a_named_id_column_that_is_not_there_is_refused_like_a_prompt_column(tmp_path, fmt):
+    """0.2 ignored --id-column nope and hashed the texts into ids without a word."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    corpus = tmp_path / f"p.{fmt}"
+    if fmt == "csv":
+        corpus.write_text("prompt,key\na red cube,1\n")
+    elif fmt == "jsonl":
+        corpus.write_text(json.dumps({"prompt": "a red cube", "key": "1"}) + "\n")
+    else:
+        pq.write_table(pa.table({"prompt": ["a red cube"], "key": ["1"]}), corpus)
+    result = cli("generate", "--prompts", str(corpus), "--out", str(tmp_path / "out"), "--id-column", "nope", *FAST)
+    assert result.returncode == 2 and not result.ray_started, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no column 'nope' (--id-column; found:" in lines[0] and "key" in lines[0], lines
