@@ -11,7 +11,7 @@ import sys
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from jobs.common import add_run_arguments, check_prompts, config_from_args, run_job
+from jobs.common import add_run_arguments, check_prompts, config_from_args, finished, run_job
 from orchestrator.console import Console
 from orchestrator.manifest import MANIFEST_SCHEMA, Manifest
 from orchestrator.storage import Output
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         console.finish(summary, write_report(output))
         if not args.json:
             print(f"training set: {summary['dataset']} ({summary['dataset_rows']:,} rated candidates)")
-        return 0
+        return finished(summary, console)
 
     with Console(verbose=args.verbose, as_json=args.json) as console:
         return run_job(body, output=args.out)

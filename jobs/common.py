@@ -100,6 +100,18 @@ def check_prompts(config: GenerateConfig) -> None:
                  config.storage_options)
 
 
+def finished(summary: dict, console) -> int:
+    """A finished run's exit status: 0, or EXIT_INPUT with one line per damaged corpus file (its rows before the
+    damage were delivered; the file stays reported as a failed row until it is replaced)."""
+    from orchestrator.reader import DAMAGED_FILE
+
+    damaged = [reason for reason in summary.get("failure_reasons") or {} if DAMAGED_FILE in reason]
+    for reason in damaged:
+        console.say(f"seedsift: {reason}; the rows before it are delivered: replace the file and rerun the same "
+                    "command")
+    return EXIT_INPUT if damaged else 0
+
+
 EXIT_FAILED = 1  # anything else: a bug or a failure of Ray itself; the traceback is in the driver's log
 EXIT_INPUT = 2  # configuration or input: fix the command or the corpus
 EXIT_STORAGE = 3  # the output stayed unreachable or full after retries: rerun the same command to resume

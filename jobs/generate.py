@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jobs.common import add_run_arguments, check_prompts, config_from_args, run_job
+from jobs.common import add_run_arguments, check_prompts, config_from_args, finished, run_job
 from orchestrator.console import Console
 from orchestrator.storage import Output
 
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
 
         summary = pipeline.run(config, console)
         console.finish(summary, write_report(Output(config.out, config.storage_options)))
-        return 0  # failed rows are in the manifest and the summary, and a rerun retries them
+        return finished(summary, console)  # failed rows are in the manifest and the summary; a rerun retries them
 
     with Console(verbose=args.verbose, as_json=args.json) as console:
         return run_job(body, output=args.out)

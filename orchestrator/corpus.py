@@ -169,6 +169,7 @@ def check_corpus(files: list[CorpusFile], columns: Columns = DETECT, storage_opt
     import pyarrow.parquet as pq
 
     for corpus_file in files[:CHECKED_FILES]:
+        check_compression(corpus_file, storage_options)
         if corpus_file.fmt == "txt":
             continue
         with open_corpus_file(corpus_file, storage_options) as handle:
@@ -189,6 +190,23 @@ def check_corpus(files: list[CorpusFile], columns: Columns = DETECT, storage_opt
                     if isinstance(value, dict):
                         columns.check(f"{corpus_file.name} (first object)", sorted(value))
                     break
+
+
+# The first bytes of each compressed format: a file named .gz that holds plain text is found before Ray starts.
+MAGIC = {"gzip": b"\x1f\x8b", "bz2": b"BZh", "xz": b"\xfd7zXZ\x00", "zstd": b"\x28\xb5\x2f\xfd"}
+
+
+def check_compression(corpus_file: CorpusFile, storage_options: dict | None = None) -> None:
+    """CorpusError naming the file when its name says compressed and its first bytes say otherwise. (Damage
+    further in is found while reading: the rows before it are delivered, the file reported as a failed row.)"""
+    magic = MAGIC.get(corpus_file.compression or "")
+    if magic is None:
+        return
+    with fsspec.open(corpus_file.uri, "rb", **(storage_options or {})) as handle:
+        head = handle.read(len(magic))
+    if head != magic:
+        raise CorpusError(f"{corpus_file.name}: not {corpus_file.compression} data (it starts with {head[:8]!r}), "
+                          f"though its name says so; compress it, or name it without {corpus_file.uri.rsplit('.', 1)[-1]!r}")
 
 
 def readable_on_the_driver(files: list[CorpusFile], storage_options: dict | None = None) -> bool:
@@ -224,9 +242,12 @@ def count_rows(files: list[CorpusFile], storage_options: dict | None = None) -> 
             return None, False
         lines, last = 0, b"\n"
         with open_corpus_file(corpus_file, storage_options) as handle:
-            while chunk := handle.read(1 << 20):
-                lines += chunk.count(b"\n") - chunk.count(b"\n\n")  # blank lines are no rows
-                last = chunk[-1:]
+            try:
+                while chunk := handle.read(1 << 20):
+                    lines += chunk.count(b"\n") - chunk.count(b"\n\n")  # blank lines are no rows
+                    last = chunk[-1:]
+            except (EOFError, ValueError, OSError):  # damaged compressed data: the reader reports it, row by row
+                pass
         lines += last != b"\n"
         total += lines - (corpus_file.fmt in ("csv", "tsv"))
         exact = False  # blank lines and multi-line csv fields make a line count an estimate

@@ -22,7 +22,8 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from orchestrator.corpus import (CORPUS_SCHEMA, DETECT, Columns, CorpusFile, delimited_header, id_digest, in_sample,
-                                 open_corpus_file, parquet_columns, parse_lines, parse_table, text_digest)
+                                 corpus_record, open_corpus_file, parquet_columns, parse_lines, parse_table,
+                                 text_digest)
 from orchestrator.images import safe_key
 from orchestrator.manifest import ShardFrame, shard_id
 
@@ -61,15 +62,48 @@ class ReadSettings:
     columns: Columns = DETECT
 
 
-class _LineStream:
-    """Raw lines of a binary stream with the byte position after each, and the bytes they came from."""
+def _decompression_errors() -> tuple[type[BaseException], ...]:
+    """What a codec raises on damaged or truncated data (EOFError: a stream that ends before its end marker)."""
+    import gzip
+    import lzma
+    import zlib
 
-    def __init__(self, raw):
+    errors: list[type[BaseException]] = [EOFError, zlib.error, lzma.LZMAError, gzip.BadGzipFile]
+    try:
+        import zstandard
+
+        errors.append(zstandard.ZstdError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+class _LineStream:
+    """Raw lines of a binary stream with the byte position after each, and the bytes they came from.
+
+    For a compressed file, damaged data ends the stream where it starts, and `damage` says what the codec found:
+    the rows before it are read, the file is reported (a failed row), and the run goes on."""
+
+    def __init__(self, raw, compressed: bool = False):
         self._raw = io.BufferedReader(raw) if not hasattr(raw, "peek") else raw
         self._pending = b""
         self.position = 0
         self.line = 0  # number of the last line read with readline (set by the caller after skipping bytes)
         self.hasher = None  # set by the framing loop: hashes every byte read while set
+        self.damage: str | None = None
+        self._errors = _decompression_errors() if compressed else ()
+
+    def _raw_call(self, read, *args) -> bytes:
+        if self.damage is not None:
+            return b""
+        try:
+            return read(*args)
+        except Exception as exc:  # noqa: BLE001 - codec errors only; anything else is raised as it was
+            if isinstance(exc, self._errors) or (self._errors and isinstance(exc, OSError)
+                                                 and "data stream" in str(exc)):  # bz2's damaged data
+                self.damage = f"{type(exc).__name__}: {exc}"
+                return b""
+            raise
 
     def read_exact(self, size: int) -> bytes:
         chunks, remaining = [], size
@@ -78,7 +112,7 @@ class _LineStream:
             self._pending = self._pending[len(chunks[0]):]
             remaining -= len(chunks[0])
         while remaining > 0:
-            chunk = self._raw.read(min(HASH_CHUNK, remaining))
+            chunk = self._raw_call(self._raw.read, min(HASH_CHUNK, remaining))
             if not chunk:
                 break
             chunks.append(chunk)
@@ -95,11 +129,11 @@ class _LineStream:
         if self._pending:
             cut = self._pending.find(b"\n")
             if cut < 0:
-                line, self._pending = self._pending + self._raw.readline(), b""
+                line, self._pending = self._pending + self._raw_call(self._raw.readline), b""
             else:
                 line, self._pending = self._pending[:cut + 1], self._pending[cut + 1:]
         else:
-            line = self._raw.readline()
+            line = self._raw_call(self._raw.readline)
         if line:
             self.line += 1
         self._advance(line)
@@ -116,6 +150,17 @@ class _LineStream:
             if not line:
                 return
             yield line
+
+
+DAMAGED_FILE = "compressed data damaged"
+
+
+def damaged_file_row(corpus_file: CorpusFile, stream: _LineStream) -> dict:
+    """The row a damaged compressed file ends with: failed (not delivered), so the file stays reported and its shard
+    open until the file is replaced; the rows before the damage are delivered as usual."""
+    row = corpus_record(None, None, f"{corpus_file.name}:{stream.line + 1}")
+    return row | {"status": "failed", "error": f"{corpus_file.name}: {DAMAGED_FILE} after line {stream.line} "
+                                               f"({stream.damage}); the rest of the file was not read"}
 
 
 def _digest(data: bytes) -> str:
@@ -138,7 +183,7 @@ def read_text_shards(corpus_file: CorpusFile, complete: dict[int, ShardFrame], s
     key = file_key(corpus_file.name)
     budget = settings.limit
     with open_corpus_file(corpus_file, settings.storage_options) as raw:
-        stream = _LineStream(raw)
+        stream = _LineStream(raw, compressed=corpus_file.compression is not None)
         header = None
         if corpus_file.fmt in ("csv", "tsv"):
             first = stream.readline()
@@ -178,6 +223,8 @@ def read_text_shards(corpus_file: CorpusFile, complete: dict[int, ShardFrame], s
                 if len(rows) >= wanted:
                     break
             stream.hasher = None
+            if stream.damage is not None:  # the file ends at its damage: this is its last shard
+                rows.append(damaged_file_row(corpus_file, stream))
             if not rows:
                 return
             # The parser reads no further than the last line of the row it yields (or to the end of the file, whose
@@ -188,7 +235,7 @@ def read_text_shards(corpus_file: CorpusFile, complete: dict[int, ShardFrame], s
             yield _shard_table(rows, shard_id(key, index), base, frame)
             if budget is not None:
                 budget -= len(rows)
-            if len(rows) < wanted:
+            if len(rows) < wanted or stream.damage is not None:
                 return
             index += 1
 

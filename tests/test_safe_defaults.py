@@ -229,3 +229,36 @@ def test_a_named_id_column_that_is_not_there_is_refused_like_a_prompt_column(tmp
     assert result.returncode == 2 and not result.ray_started, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "no column 'nope' (--id-column; found:" in lines[0] and "key" in lines[0], lines
+
+
+def test_a_file_named_compressed_that_is_not_is_refused_before_ray(tmp_path):
+    corpus = tmp_path / "p.txt.gz"
+    corpus.write_text("a red cube\n")
+    result = cli("generate", "--prompts", str(corpus), "--out", str(tmp_path / "out"), *FAST)
+    assert result.returncode == 2 and not result.ray_started, result.stderr  # 0.2: exit 3, the storage code
+    assert "p.txt.gz: not gzip data" in result.stderr.strip().splitlines()[-1]
+
+
+def test_a_truncated_compressed_file_delivers_its_rows_before_the_damage_and_names_the_file(finished, tmp_path):
+    """0.2 failed late (exit 1 after Ray started, no file named, 'rerun to resume', and the rerun failed the same
+    way). The readable rows are delivered; the file is named in one line with the input exit code."""
+    import gzip
+
+    from jobs import generate
+    from tests.helpers_manifest import manifest_frame
+
+    whole = gzip.compress("".join(f"a paper boat number {i}\n" for i in range(60)).encode())
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "cut.txt.gz").write_bytes(whole[: len(whole) * 2 // 3])
+    (tmp_path / "corpus" / "fine.txt").write_text("a red cube\n")
+    out = tmp_path / "out"
+    argv = ["--prompts", str(tmp_path / "corpus"), "--out", str(out), *FAST]
+    assert generate.main(argv) == 2
+    rows = manifest_frame(str(out))
+    failed = rows[rows.status == "failed"]
+    assert len(failed) == 1 and "cut.txt.gz: compressed data damaged after line" in failed.error.iloc[0]
+    delivered = rows[rows.status == "ok"]
+    assert (delivered.source == "fine.txt:1").sum() == 1 and delivered.source.str.startswith("cut.txt.gz").sum() > 0
+    assert not rows.duplicated(["prompt_id", "seed"]).any()
+    assert generate.main(argv) == 2  # the same answer, nothing rendered twice
+    assert len(manifest_frame(str(out))) == len(rows)
