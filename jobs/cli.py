@@ -56,10 +56,20 @@ def entry() -> NoReturn:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in JOBS:
+        import difflib
+
         width = max(map(len, JOBS))
         lines = [f"  {name:<{width}}  {text}" for name, text in JOBS.items()]
-        print("usage: seedsift JOB [flags]   (seedsift JOB --help for its flags)\n\njobs:\n" + "\n".join(lines))
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
+        usage = "usage: seedsift JOB [flags]   (seedsift JOB --help for its flags)\n\njobs:\n" + "\n".join(lines)
+        if argv and argv[0] in ("-h", "--help"):
+            print(usage)
+            return 0
+        if argv:
+            close = difflib.get_close_matches(argv[0], JOBS, n=1)
+            print(f"seedsift: unknown job {argv[0]!r}" + (f"; did you mean {close[0]!r}?" if close else ""),
+                  file=sys.stderr)
+        print(usage, file=sys.stderr)
+        return 2
     return importlib.import_module(f"jobs.{argv[0]}").main(argv[1:])
 
 

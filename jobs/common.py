@@ -162,7 +162,9 @@ def run_job(body: Callable[[], int], output: str | None = None) -> int:
     from orchestrator.lease import LeaseLost, OutputBusy
 
     if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        # seedsift's own progress at INFO; the libraries' INFO (botocore's credential chain, ...) is noise here.
+        logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        logging.getLogger("seedsift").setLevel(logging.INFO)
     stream = Console.ACTIVE.stream if Console.ACTIVE is not None else sys.stderr
     try:
         return body()

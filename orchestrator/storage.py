@@ -324,13 +324,16 @@ class Output:
             self.write_bytes(probe, b"probe")
             self.fs.rm_file(self.path(probe))
         except Exception as exc:  # any storage error means the job cannot run: say which output and why
-            message = (f"output {self.uri} is not writable ({type(exc).__name__}: {exc}); check the path or bucket, "
-                       "the credentials (AWS_* variables or --storage-options) and AWS_ENDPOINT_URL")
+            cause = f"{type(exc).__name__}: {exc}"
+            if _is_full(exc):  # the store, not the command: free space and the same command works (exit 3)
+                raise StorageError(f"output {self.uri} is full ({cause}); free space, then rerun the same command")
             if _is_unreachable(exc):  # the store is down, not the command wrong: the same command will work later
-                raise StorageError(message) from exc
+                raise StorageError(f"output {self.uri} cannot be reached ({cause}); rerun the same command once "
+                                   "the store is back") from exc
             from orchestrator.config import ConfigError
 
-            raise ConfigError(message) from exc
+            raise ConfigError(f"output {self.uri} is not writable ({cause}); check the path or bucket, the "
+                              "credentials (AWS_* variables or --storage-options) and AWS_ENDPOINT_URL") from exc
 
     def sweep_temporaries(self) -> int:
         """Delete `*.tmp-*` files left by local writes of a killed run; returns how many.
@@ -364,11 +367,14 @@ class Output:
             raise self._storage_error(what, exc) from exc
 
     def _storage_error(self, what: str, exc: BaseException) -> StorageError:
-        return StorageError(
-            f"output {self.uri}: {what} failed after retries ({type(exc).__name__}: {exc}); the store is "
-            "unreachable, full or refusing writes. Nothing partial was committed: rerun the same command once "
-            "the store is back and it resumes"
-        )
+        cause = f"output {self.uri}: {what} failed after retries ({type(exc).__name__}: {exc})"
+        if _is_full(exc):
+            advice = "the store is full: free space, then rerun the same command"
+        elif _is_unreachable(exc):
+            advice = "the store cannot be reached: rerun the same command once it is back"
+        else:
+            advice = "the store refused it: check the credentials and permissions, then rerun the same command"
+        return StorageError(f"{cause}; {advice}. Nothing partial was committed: the rerun resumes")
 
 
 def _create_local(path: str):
@@ -381,6 +387,19 @@ def _create_local(path: str):
         except FileNotFoundError:
             if attempt == 4:
                 raise
+
+
+def _is_full(exc: BaseException) -> bool:
+    """Whether a storage failure means the store has no room (a full disk or quota), anywhere in its causes."""
+    import errno
+
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def _is_unreachable(exc: BaseException) -> bool:

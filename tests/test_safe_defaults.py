@@ -262,3 +262,42 @@ def test_a_truncated_compressed_file_delivers_its_rows_before_the_damage_and_nam
     assert not rows.duplicated(["prompt_id", "seed"]).any()
     assert generate.main(argv) == 2  # the same answer, nothing rendered twice
     assert len(manifest_frame(str(out))) == len(rows)
+
+
+def test_an_unknown_job_name_says_so_and_suggests_one():
+    result = subprocess.run([sys.executable, "-m", "jobs.cli", "generat"], cwd=REPO_ROOT, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[0] == "seedsift: unknown job 'generat'; did you mean 'generate'?"
+    assert "usage: seedsift JOB" in result.stderr and not result.stdout
+
+
+def test_storage_failures_say_which_of_full_unreachable_or_refused(tmp_path, monkeypatch):
+    """A store full at start exits 3 as documented (0.2: 2); each message gives one cause and its one fix."""
+    import errno
+
+    from orchestrator.config import ConfigError
+    from orchestrator.storage import StorageError
+
+    output = Output(str(tmp_path / "out"))
+    for raised, kind, words in ((OSError(errno.ENOSPC, "No space left on device"), StorageError, "is full"),
+                                (ConnectionError("connection refused"), StorageError, "cannot be reached"),
+                                (PermissionError(errno.EACCES, "Permission denied"), ConfigError, "is not writable")):
+        monkeypatch.setattr(Output, "write_bytes", lambda self, key, data, raised=raised: (_ for _ in ()).throw(raised))
+        with pytest.raises(kind) as caught:
+            output.check_writable()
+        message = str(caught.value)
+        assert words in message, message
+        assert ("credentials" in message) == (kind is ConfigError) and ("store is back" in message) == (
+            words == "cannot be reached"), message
+        mid_run = str(output._storage_error("writing x", raised))
+        assert sum(advice in mid_run for advice in ("is full", "cannot be reached", "refused it")) == 1, mid_run
+
+
+def test_reading_an_output_on_s3_prints_no_library_chatter(s3_endpoint, s3_bucket, tmp_path):
+    """0.2's `seedsift manifest` on S3 printed botocore's INFO lines (its credential chain) around its answer."""
+    result = subprocess.run([sys.executable, "-m", "jobs.cli", "manifest", "--out", f"{s3_bucket}/nothing", "--to",
+                             str(tmp_path / "rows.parquet")], cwd=REPO_ROOT, capture_output=True, text=True,
+                            timeout=60, env=dict(os.environ))
+    assert result.returncode == 2 and "holds no seedsift run" in result.stderr, result.stderr
+    assert "INFO" not in result.stderr and "credentials" not in result.stderr.lower(), result.stderr
