@@ -128,9 +128,7 @@ def summary_lines(summary: dict, report: str | None = None) -> list[str]:
         quarantined += " (" + "; ".join(f"{n} {r}" for r, n in list(summary["quarantine_reasons"].items())[:3]) + ")"
     lines.append(f"{failures}; {quarantined}")
     if summary["denoising_steps_best_of_n"]:
-        lines.append(f"denoising steps: {summary['denoising_steps_spent']:,} spent; best-of-"
-                     f"{summary['candidates_per_prompt']} would have spent {summary['denoising_steps_best_of_n']:,} "
-                     f"({summary['steps_saved_vs_best_of_n']:.0%} saved)")
+        lines.append(steps_line(summary))
     for warning in summary.get("warnings") or []:
         lines.append(f"warning: {warning}")
     where = f"output: {summary['output']}"
@@ -138,6 +136,23 @@ def summary_lines(summary: dict, report: str | None = None) -> list[str]:
         where += f"   report: {report}"
     lines.append(where + f"   summary: {summary['output']}/summary.json")
     return lines
+
+
+def steps_line(summary: dict) -> str:
+    """Steps spent, and what they compare with: a saving only at equal quality (see pipeline.savings)."""
+    n, spent = summary["candidates_per_prompt"], summary["denoising_steps_spent"]
+    best = summary["denoising_steps_best_of_n"]
+    saving = summary.get("savings") or {}
+    line = f"denoising steps: {spent:,} spent"
+    if saving.get("equal_quality_steps"):
+        scores = saving.get("scores") or {}
+        return (line + f"; best-of-n matching the predictor's pick would spend {saving['equal_quality_steps']:,} "
+                f"({saving['renders_for_equal_quality']:.2f} renders a prompt, from its evaluation.json): "
+                f"{saving['saved_at_equal_quality']:.0%} saved at equal quality. Rendering all {n} and keeping the "
+                f"best would spend {best:,} and score higher ({scores.get('oracle_best_of_n_mean', float('nan')):.3g} "
+                f"against {scores.get('predictor_top1_mean', float('nan')):.3g} on held-out prompts)")
+    return (line + f"; rendering all {n} candidates and keeping the best would spend {best:,}, and score higher: no "
+            "saving at equal quality is claimed without the predictor's evaluation.json")
 
 
 def _ray_up() -> bool:

@@ -174,8 +174,8 @@ class Resources:
 
     def describe(self) -> str:
         return (f"generators {self.generator_cpus:.2g} CPU + {self.generator_gpus:g} GPU each, scorers "
-                f"{self.scorer_cpus:.2g} CPU, rater {self.rater_cpus:.2g} CPU, reading and writing {self.light_cpus:.2g} "
-                "CPU a task")
+                f"{self.scorer_cpus:.2g} CPU, rater {self.rater_cpus:.2g} CPU, reading and writing "
+                f"{self.light_cpus:.2g} CPU a task")
 
 
 def plan_resources(config: GenerateConfig, cluster: dict, buckets: int, model_rater: bool) -> Resources:
@@ -236,7 +236,8 @@ def build_dataset(plan: RunPlan, manifest: Manifest, state: OutputState, files: 
     predictor_ref = ray.put(plan.predictor.files) if plan.predictor else None
     ds = read_corpus(files, read_settings(config), state.complete_frames(), file_limits(config, files),
                      num_cpus=resources.light_cpus)
-    ds = drop_duplicates(ds, indexes, manifest, owners, resources.light_cpus)  # later copies of a prompt id or text: quarantined rows
+    # Later copies of a prompt id or text become quarantined rows.
+    ds = drop_duplicates(ds, indexes, manifest, owners, resources.light_cpus)
     # Reading and duplicate detection work in shard-sized blocks (cheap per row); the scorer gets blocks of one call
     # each, because a map task emits its output only when its input block is done: a 10,000-row block would hold
     # back the first render until 10,000 prompts were embedded.
@@ -350,7 +351,8 @@ def run(config: GenerateConfig, console=None) -> dict:
         trace.mark("driver", "checked")
         if nothing_to_render(plan, files, state):  # a rerun with nothing new, an empty corpus: no Ray, no model
             if console is not None:
-                console.say("seedsift: nothing to render: every row of the corpus is committed already (or it has none)")
+                console.say("seedsift: nothing to render: every row of the corpus is committed already (or it has "
+                            "none)")
             return finish(manifest, plan, state, {}, ShardLedger(), started, None)
         connect_ray(config.address, log_to_driver=console is None or console.verbose)
         trace.mark("driver", "ray up")
@@ -532,7 +534,7 @@ def summarise(manifest: Manifest, plan: RunPlan, state: OutputState, new_records
         "kept_per_prompt": config.rows_per_prompt,
         "denoising_steps_spent": steps_spent,
         "denoising_steps_best_of_n": best_of_n_steps,
-        "steps_saved_vs_best_of_n": 1 - steps_spent / best_of_n_steps if best_of_n_steps else 0.0,
+        "savings": savings(plan, prompts, steps_spent),
         "prompt_difficulty": prompt_difficulty(total),
         "quarantine_reasons": total["quarantine_reasons"],
         "failure_reasons": total["failure_reasons"],
@@ -556,6 +558,29 @@ def summarise(manifest: Manifest, plan: RunPlan, state: OutputState, new_records
         },
     }
 
+
+
+def savings(plan: RunPlan, prompts: int, steps_spent: int) -> dict:
+    """What the run's steps are compared with. Best-of-N (render all N, keep the best) costs more and also scores
+    more, so fewer steps than it are a saving only at equal quality: the predictor's evaluation.json says how many
+    renders best-of-n needs on held-out prompts to match its pick (top-1 of the same N); without that, or for other
+    policies, no saving is claimed."""
+    config = plan.config
+    evaluation = plan.predictor.evaluation if plan.predictor else None
+    result = {"best_of_n_steps": prompts * config.candidates * config.steps, "equal_quality_steps": None,
+              "saved_at_equal_quality": None, "basis": None}
+    applies = (config.policy == "predictor" and config.keep == 1 and evaluation
+               and evaluation.get("candidates") == config.candidates
+               and evaluation.get("renders_for_equal_quality") is not None)
+    if applies and prompts and steps_spent:
+        renders = float(evaluation["renders_for_equal_quality"])
+        equal = prompts * renders * config.steps
+        result.update(equal_quality_steps=round(equal), saved_at_equal_quality=1 - steps_spent / equal,
+                      renders_for_equal_quality=renders,
+                      scores={k: evaluation.get(k) for k in ("predictor_top1_mean", "oracle_best_of_n_mean",
+                                                              "random_mean")},
+                      basis=f"{plan.predictor.location}/evaluation.json, {evaluation.get('prompts')} held-out prompts")
+    return result
 
 
 def _peak_rss_mb() -> float | None:

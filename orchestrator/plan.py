@@ -24,6 +24,7 @@ class PredictorPlan:
     files: dict = field(repr=False)  # config.json and model.safetensors, as bytes
     digest: str
     trained: object = field(repr=False)  # its PredictorConfig
+    evaluation: dict | None = field(default=None, repr=False)  # its evaluation.json (held-out figures), if any
 
 
 @dataclass(frozen=True)
@@ -168,7 +169,8 @@ def build_plan(config: GenerateConfig) -> RunPlan:
 
 def _with_predictor(plan: RunPlan) -> RunPlan:
     """Read the predictor once and refuse one trained for another pipeline, before any compute."""
-    from orchestrator.predictor import predictor_from_files, read_predictor_files, resolve_predictor, weights_digest
+    from orchestrator.predictor import (predictor_from_files, read_evaluation, read_predictor_files, resolve_predictor,
+                                        weights_digest)
 
     config = plan.config
     # Problems raise PredictorMismatch, a ConfigError naming where the predictor was read from.
@@ -185,7 +187,8 @@ def _with_predictor(plan: RunPlan) -> RunPlan:
                             "its ranking may be weaker")
     for warning in warnings:
         logger.warning(warning)
-    predictor = PredictorPlan(location=location, files=files, digest=weights_digest(files), trained=trained)
+    predictor = PredictorPlan(location=location, files=files, digest=weights_digest(files), trained=trained,
+                              evaluation=read_evaluation(location, config.storage_options))
     plan = dataclasses.replace(plan, predictor=predictor, warnings=plan.warnings + tuple(warnings))
     if config.policy == "budget" and config.budget is not None:
         plan = dataclasses.replace(plan, budget_per_prompt=config.budget,

@@ -302,6 +302,20 @@ def read_predictor_files(spec: str | None, model: str, storage_options: dict | N
     return files
 
 
+EVALUATION_FILE = "evaluation.json"  # written beside a predictor by `seedsift evaluate` (or shipped with it)
+
+
+def read_evaluation(location: str, storage_options: dict | None = None) -> dict | None:
+    """The evaluation.json beside a predictor (held-out figures), or None: it is optional, and only informs."""
+    from orchestrator.storage import Output
+
+    folder = Output(location, storage_options or {})
+    try:
+        return folder.read_json(EVALUATION_FILE) if folder.exists(EVALUATION_FILE) else None
+    except (OSError, ValueError):
+        return None
+
+
 def read_config(files: dict[str, bytes], where: str = "") -> PredictorConfig:
     """The PredictorConfig in a predictor's config.json, or PredictorMismatch saying why it is not one."""
     try:
