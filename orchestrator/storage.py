@@ -289,6 +289,10 @@ class Output:
             entries = self._guard("listing the output", self.fs.ls, root, detail=False)
         except FileNotFoundError:
             return []
+        except StorageError as exc:  # a local path under a file holds nothing: check_writable then says why
+            if isinstance(exc.__cause__, NotADirectoryError):
+                return []
+            raise
         names = sorted({entry.rstrip("/").rsplit("/", 1)[-1] for entry in entries})
         return [name for name in names if TEMPORARY_MARK not in name and name != root.rstrip("/").rsplit("/", 1)[-1]]
 
@@ -324,7 +328,8 @@ class Output:
             self.write_bytes(probe, b"probe")
             self.fs.rm_file(self.path(probe))
         except Exception as exc:  # any storage error means the job cannot run: say which output and why
-            cause = f"{type(exc).__name__}: {exc}"
+            root = exc.__cause__ if isinstance(exc, StorageError) and exc.__cause__ is not None else exc
+            cause = f"{type(root).__name__}: {root}"
             if _is_full(exc):  # the store, not the command: free space and the same command works (exit 3)
                 raise StorageError(f"output {self.uri} is full ({cause}); free space, then rerun the same command")
             if _is_unreachable(exc):  # the store is down, not the command wrong: the same command will work later
