@@ -127,6 +127,12 @@ def summary_lines(summary: dict, report: str | None = None) -> list[str]:
     if summary.get("quarantine_reasons"):
         quarantined += " (" + "; ".join(f"{n} {r}" for r, n in list(summary["quarantine_reasons"].items())[:3]) + ")"
     lines.append(f"{failures}; {quarantined}")
+    outdated = summary.get("outdated_corpus_lines") or {}
+    if outdated.get("lines"):
+        count = outdated["lines"]
+        lines.append(f"{count:,} corpus line{'' if count == 1 else 's'} changed or went away after rendering (first: "
+                     f"{outdated['sources'][0]}): new versions are rendered, and the earlier rows and images stay in "
+                     "the output; summary.json's outdated_corpus_lines names them")
     if summary["denoising_steps_best_of_n"]:
         lines.append(steps_line(summary))
     for warning in summary.get("warnings") or []:

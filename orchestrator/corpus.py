@@ -146,6 +146,13 @@ def list_corpus(uri: str, storage_options: dict | None = None, output: str | Non
     return files
 
 
+def is_collection(uri: str, storage_options: dict | None = None) -> bool:
+    """Whether --prompts names a folder or a glob (files that may come and go), not one file: there each file's
+    ids are its own (see corpus_record)."""
+    fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    return any(ch in path for ch in "*?[") or fs.isdir(path)
+
+
 def _has_corpus_suffix(path: str) -> bool:
     try:
         corpus_format(path)
@@ -307,11 +314,13 @@ def _printable(value: str, longest: int = 80) -> str:
     return "".join(f"\\x{ord(ch):02x}" if ch in _CONTROL else ch for ch in cleaned)
 
 
-def corpus_record(prompt, raw_id, source: str) -> dict:
+def corpus_record(prompt, raw_id, source: str, id_scope: str | None = None) -> dict:
     """One corpus row; a prompt or id that cannot be used is kept as a quarantined row with the reason.
 
     Whatever the input, the row holds only storable text: a quarantined row keeps at most an escaped excerpt of a
-    bad prompt, and a bad id is replaced by one derived from the row's source.
+    bad prompt, and a bad id is replaced by one derived from the row's source. `id_scope`, the file's name in a
+    folder or glob corpus, qualifies an id the corpus gives (`NAME#ID`): ids need only be unique within a file.
+    Hashed ids stay bare, so the same text in two files is still one prompt (a duplicate).
     """
     error = None
     if prompt is None:
@@ -338,6 +347,8 @@ def corpus_record(prompt, raw_id, source: str) -> dict:
         prompt_id = prompt_id_for(text) if text else fallback
     else:
         prompt_id = str(raw_id).strip()
+        if id_scope is not None:
+            prompt_id = f"{id_scope}#{prompt_id}"
     return {
         "prompt_id": prompt_id,
         "prompt": text,
@@ -362,18 +373,21 @@ def _decoded_lines(lines: Iterable[bytes], first_line: int) -> Iterator[tuple[in
 
 
 def parse_lines(lines: Iterable[bytes], fmt: str, name: str, first_line: int = 1,
-                header: list[str] | None = None, columns: Columns = DETECT) -> Iterator[dict]:
-    """Corpus rows from the raw lines of one txt, jsonl, csv or tsv file (`name` is used in sources and errors).
+                header: list[str] | None = None, columns: Columns = DETECT, ids_per_file: bool = False
+                ) -> Iterator[dict]:
+    """Corpus rows from the raw lines of one txt, jsonl, csv or tsv file (`name` is used in sources and errors;
+    with `ids_per_file` it also qualifies the ids the file gives, see corpus_record).
 
     Lazy: it pulls a line only when it needs one, so a caller can tell where in the file each row ends. A csv/tsv
     parse resumed mid-file takes the file's `header` and the number of the first line it gets.
     """
+    scope = name if ids_per_file else None
     if fmt == "txt":
         yield from _parse_txt(lines, name, first_line)
     elif fmt == "jsonl":
-        yield from _parse_jsonl(lines, name, first_line, columns)
+        yield from _parse_jsonl(lines, name, first_line, columns, scope)
     elif fmt in ("csv", "tsv"):
-        yield from _parse_delimited(lines, name, "," if fmt == "csv" else "\t", first_line, header, columns)
+        yield from _parse_delimited(lines, name, "," if fmt == "csv" else "\t", first_line, header, columns, scope)
     else:
         raise ValueError(f"{name}: parse_lines reads txt, jsonl, csv or tsv, not {fmt}")
 
@@ -387,7 +401,8 @@ def _parse_txt(lines: Iterable[bytes], name: str, first_line: int) -> Iterator[d
             yield corpus_record(text, None, source)
 
 
-def _parse_jsonl(lines: Iterable[bytes], name: str, first_line: int, columns: Columns) -> Iterator[dict]:
+def _parse_jsonl(lines: Iterable[bytes], name: str, first_line: int, columns: Columns, scope: str | None
+                 ) -> Iterator[dict]:
     for number, text, error in _decoded_lines(lines, first_line):
         source = f"{name}:{number}"
         if error:
@@ -413,7 +428,7 @@ def _parse_jsonl(lines: Iterable[bytes], name: str, first_line: int, columns: Co
                 wanted = repr(columns.prompt) if columns.prompt else "'prompt'"
                 yield corpus_record(None, None, source) | {"error": f"no {wanted} field (found: {found})"}
             else:
-                yield corpus_record(value[prompt_key], value.get(id_key) if id_key else None, source)
+                yield corpus_record(value[prompt_key], value.get(id_key) if id_key else None, source, scope)
         else:
             yield corpus_record(None, None, source) | {"error": f"a JSON {type(value).__name__}, expected an object or a string"}
 
@@ -427,7 +442,7 @@ def delimited_header(line: bytes, name: str, delimiter: str, columns: Columns = 
 
 
 def _parse_delimited(lines: Iterable[bytes], name: str, delimiter: str, first_line: int,
-                     header: list[str] | None, columns: Columns) -> Iterator[dict]:
+                     header: list[str] | None, columns: Columns, scope: str | None) -> Iterator[dict]:
     lines = iter(lines)
     if header is None:
         first = next(lines, None)
@@ -472,7 +487,7 @@ def _parse_delimited(lines: Iterable[bytes], name: str, delimiter: str, first_li
                 "error": f"malformed row: {len(fields)} fields, the header has {len(header)}"
             }
             continue
-        yield corpus_record(fields[prompt_index], fields[id_index] if id_index is not None else None, source)
+        yield corpus_record(fields[prompt_index], fields[id_index] if id_index is not None else None, source, scope)
     while bad:
         number, error = bad.pop(0)
         yield corpus_record(None, None, f"{name}:{number}") | {"error": error}
@@ -484,13 +499,16 @@ def parquet_columns(names: list[str], file_name: str, columns: Columns = DETECT)
     return columns.prompt_of(names), columns.id_of(names)
 
 
-def parse_table(table: pa.Table, name: str, first_row: int = 0, columns: Columns = DETECT) -> Iterator[dict]:
-    """Corpus rows from a parquet table; nulls and non-text prompts are quarantined, not fatal."""
+def parse_table(table: pa.Table, name: str, first_row: int = 0, columns: Columns = DETECT,
+                ids_per_file: bool = False) -> Iterator[dict]:
+    """Corpus rows from a parquet table; nulls and non-text prompts are quarantined, not fatal. `ids_per_file`: as
+    for parse_lines."""
+    scope = name if ids_per_file else None
     prompt_col, id_col = parquet_columns(table.column_names, name, columns)
     prompts = table.column(prompt_col).to_pylist()
     ids = table.column(id_col).to_pylist() if id_col else [None] * len(prompts)
     for offset, (prompt, raw_id) in enumerate(zip(prompts, ids)):
-        yield corpus_record(prompt, raw_id, f"{name}:row{first_row + offset}")
+        yield corpus_record(prompt, raw_id, f"{name}:row{first_row + offset}", scope)
 
 
 def rows_to_blocks(rows: Iterable[dict], rows_per_block: int = ROWS_PER_BLOCK) -> Iterator[pa.Table]:

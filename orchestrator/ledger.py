@@ -33,6 +33,7 @@ class ShardLedger:
     def __init__(self):
         self.open: dict[str, _OpenShard] = {}
         self.totals = {"rows": 0, "images": 0, "failed": 0, "quarantined": 0, "skipped": 0}
+        self.skipped_by_shard: dict[str, int] = {}  # rows read again and found delivered already, per shard
 
     def add(self, accounts: dict[str, np.ndarray]) -> list[tuple[str, ShardFrame]]:
         """Take one batch of accounting rows; returns the shards it completed, with their frames."""
@@ -42,6 +43,8 @@ class ShardLedger:
                 accounts["shard_frame"], accounts["planned"], accounts["tally"], accounts["status"]):
             shard, row, status = str(shard), int(row), str(status)
             self._count(status, int(tally))
+            if status == SKIPPED:
+                self.skipped_by_shard[shard] = self.skipped_by_shard.get(shard, 0) + int(tally)
             entry = self.open.get(shard)
             if entry is None:
                 entry = self.open[shard] = _OpenShard(rows=int(rows), base=int(base), frame=str(frame))

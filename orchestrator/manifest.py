@@ -444,12 +444,20 @@ class Manifest:
                 frames.append(part_frame)
         if not tables:
             return None
+        # The reader re-read a complete shard whose bytes changed since (edited, shrunk, or a tail that grew).
+        reread = frame is not None and existing is not None and frame.digest != existing.frame.digest
         frame = frame or max(frames, key=lambda f: (f.rows, f.end))
+        outdated = set(existing.stats.get("outdated_sources", [])) if existing else set()
+        if reread:
+            outdated |= outdated_sources(tables[0], concat(tables[1:]) if len(tables) > 1 else None, frame.rows)
         rows = sort_shard(unique_rows(concat(tables)))
         tar_count = existing.tars if existing else 0
         if tars:  # images of rows committed while the shard was open: pack them into the shard's tars
             rows, tar_count = self._pack_tars(shard, rows, tar_count, image_format, shard_images)
-        record = ShardRecord(shard=shard, frame=frame, stats=shard_stats(rows), tars=tar_count)
+        stats = shard_stats(rows)
+        if outdated:
+            stats["outdated_sources"] = sorted(outdated)
+        record = ShardRecord(shard=shard, frame=frame, stats=stats, tars=tar_count)
         self.output.write_table(complete_key(shard), rows.replace_schema_metadata(
             {FOOTER_KEY: record.to_json().encode("utf-8")}))
         self.output.delete(parts + tars)
@@ -521,6 +529,28 @@ def unique_rows(table: pa.Table) -> pa.Table:
     if len(best) == table.num_rows:
         return table
     return table.take(pa.array(sorted(best.values()), pa.int64()))
+
+
+def outdated_sources(earlier: pa.Table, now: pa.Table | None, rows_now: int) -> set[str]:
+    """Sources of a re-read shard's earlier delivered rows whose corpus line has since changed or gone.
+
+    A position the reader delivered nothing new for, inside the shard's rows now, is unchanged. Any other earlier
+    row (its position is past the shard's end now, or new rows were committed for it) is outdated unless its prompt
+    id and text are among the shard's new rows: a line that only moved (an insertion or deletion above it) comes
+    back as a quarantined duplicate of itself and is not named. One that moved across a shard boundary is named in
+    its old shard: an over-count, never a miss. The output is append-only (those images were paid for and may be
+    in use), so the rows stay; the shard record lists them, and the summary and console say so."""
+    columns = ("shard_row", "prompt_id", "prompt")
+    new_rows = list(zip(*(now[c].to_pylist() for c in columns))) if now is not None else []
+    changed = {position for position, _, _ in new_rows}
+    present = {(prompt_id, prompt) for _, prompt_id, prompt in new_rows}
+    found = set()
+    for position, prompt_id, prompt, status, source in zip(*(earlier[c].to_pylist() for c in (
+            *columns, "status", "source"))):
+        if status in DELIVERED and (position >= rows_now or position in changed) \
+                and (prompt_id, prompt) not in present:
+            found.add(source)
+    return found
 
 
 def sort_shard(table: pa.Table) -> pa.Table:

@@ -8,6 +8,7 @@ what the output already holds: it reads one footer per complete shard, never the
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -23,7 +24,7 @@ from actors.rater import RaterStage
 from actors.scorer import ScorerStage
 from orchestrator.config import ConfigError, GenerateConfig
 from orchestrator.console import STATUS_EVERY_S
-from orchestrator.corpus import Columns, CorpusFile, check_corpus, list_corpus, readable_on_the_driver
+from orchestrator.corpus import Columns, CorpusFile, check_corpus, is_collection, list_corpus, readable_on_the_driver
 from orchestrator.dedup import IndexActors, Owners, bucket_count, drop_duplicates, start_index
 from orchestrator.lease import Lease
 from orchestrator.ledger import ShardLedger
@@ -37,6 +38,7 @@ from orchestrator.summary import merge_stats, prompt_difficulty, shard_stats
 
 logger = logging.getLogger("seedsift")
 SUMMARY_FILE = "summary.json"
+ID_SCOPE = "per file"  # run.json's layout["ids"] for outputs begun by this version (see check_run_file)
 
 
 @dataclass
@@ -68,8 +70,17 @@ class OutputState:
         return frames
 
     def delivered_rows(self) -> int:
-        return sum(sum(record.stats.get("by_status", {}).get(s, 0) for s in DELIVERED)
-                   for record in self.records.values())
+        return sum(self.delivered_in(shard) for shard in self.records)
+
+    def delivered_in(self, shard: str) -> int:
+        return sum(self.records[shard].stats.get("by_status", {}).get(s, 0) for s in DELIVERED)
+
+    def skipped(self, ledger: ShardLedger) -> int:
+        """Rows committed before this run that it did not render again: those of complete shards, and those it
+        read again and found delivered (open parts, changed shards; a complete shard read again is counted once)."""
+        again = ledger.skipped_by_shard
+        return (sum(max(self.delivered_in(shard), again.get(shard, 0)) for shard in self.records)
+                + sum(n for shard, n in again.items() if shard not in self.records))
 
 
 def prepare(config: GenerateConfig) -> tuple[RunPlan, list[CorpusFile], Manifest]:
@@ -85,11 +96,16 @@ def prepare(config: GenerateConfig) -> tuple[RunPlan, list[CorpusFile], Manifest
     return plan, files, manifest
 
 
-def check_run_file(manifest: Manifest, plan: RunPlan) -> None:
-    """Refuse to mix two run configurations or two layouts in one output; write run.json for a new output."""
+def check_run_file(manifest: Manifest, plan: RunPlan) -> RunPlan:
+    """Refuse to mix two run configurations or two layouts in one output; write run.json for a new output.
+
+    Returns the plan with the output's id scope: an output begun by this version qualifies the ids of a folder or
+    glob corpus by their file (layout `ids: per file`); one begun by seedsift 0.2 keeps ids unique across the corpus,
+    as it was written (its committed rows must keep matching what the corpus reads as)."""
     output = manifest.output
     previous = manifest.read_run()
-    layout = {"version": LAYOUT_VERSION, **plan.config.layout_fields()}
+    layout = {"version": LAYOUT_VERSION, **plan.config.layout_fields(), "ids": ID_SCOPE}
+    collection = is_collection(plan.config.prompts, plan.config.storage_options)
     if previous is None:
         if manifest.legacy_parts():
             raise ConfigError(f"{output.uri} holds manifest parts but no {RUN_FILE}; it is not a seedsift output "
@@ -101,7 +117,7 @@ def check_run_file(manifest: Manifest, plan: RunPlan) -> None:
             "config": plan.config.public_dict(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         })
-        return
+        return dataclasses.replace(plan, ids_per_file=collection)
     recorded = previous.get("layout")
     if recorded is None or manifest.legacy_parts():
         raise ConfigError(
@@ -111,7 +127,8 @@ def check_run_file(manifest: Manifest, plan: RunPlan) -> None:
     if recorded.get("version") != LAYOUT_VERSION:
         raise ConfigError(f"{output.uri} has manifest layout {recorded.get('version')}; this seedsift writes "
                           f"layout {LAYOUT_VERSION}. Use the seedsift that wrote it, or a new --out")
-    changed = {k: (recorded.get(k), v) for k, v in layout.items() if recorded.get(k) != v}
+    scope = recorded.get("ids", "per corpus")  # 0.2's outputs record none: ids unique across the corpus
+    changed = {k: (recorded.get(k), v) for k, v in layout.items() if k != "ids" and recorded.get(k) != v}
     if changed:
         raise ConfigError(f"{output.uri} is laid out with " + ", ".join(f"{k}={a!r}" for k, (a, _) in changed.items())
                           + "; this run asks for " + ", ".join(f"{k}={b!r}" for k, (_, b) in changed.items())
@@ -123,6 +140,10 @@ def check_run_file(manifest: Manifest, plan: RunPlan) -> None:
             f"{output.uri} holds a run with another configuration ({changed}); resuming would mix images "
             "from two configurations. Write to a new --out, or rerun with the earlier settings."
         )
+    if collection and scope != ID_SCOPE:
+        logger.warning("%s was begun by seedsift 0.2: the ids of its corpus stay unique across all its files (a "
+                       "repeated id is a duplicate); a new --out scopes them per file", output.uri)
+    return dataclasses.replace(plan, ids_per_file=collection and scope == ID_SCOPE)
 
 
 def connect_ray(address: str | None, log_to_driver: bool = True) -> None:
@@ -209,9 +230,10 @@ def plan_resources(config: GenerateConfig, cluster: dict, buckets: int, model_ra
                      light_cpus=READ_CPUS * scale, scale=scale, cluster_cpus=total)
 
 
-def read_settings(config: GenerateConfig) -> ReadSettings:
+def read_settings(plan: RunPlan) -> ReadSettings:
+    config = plan.config
     return ReadSettings(shard_size=config.shard_size, sample=config.sample, storage_options=config.storage_options,
-                        columns=Columns(config.prompt_column, config.id_column))
+                        columns=Columns(config.prompt_column, config.id_column), ids_per_file=plan.ids_per_file)
 
 
 def file_limits(config: GenerateConfig, files: list[CorpusFile]) -> dict[str, int] | None:
@@ -222,10 +244,24 @@ def count_usable_prompts(plan: RunPlan, files: list[CorpusFile]) -> int:
     """--budget-images: a counting pass over the corpus (reading only)."""
     config = plan.config
     prompts = 0
-    for batch in read_corpus(files, read_settings(config), limits=file_limits(config, files)
+    for batch in read_corpus(files, read_settings(plan), limits=file_limits(config, files)
                              ).iter_batches(batch_format="pyarrow", batch_size=None):
         prompts += batch["status"].to_pylist().count("ok")
     return prompts
+
+
+def rebatch(ds, rows: int, num_cpus: float):
+    """`ds.repartition(target_num_rows_per_block=rows)`, its tasks asking for `num_cpus` like every light stage.
+
+    Ray Data's repartition takes no resource arguments, and its tasks' default, one whole CPU, cannot be placed
+    beside a run's actors on a small cluster: on a fresh 2-CPU `ray start --head` the run waited for ever for that
+    CPU (tests/test_cluster.py runs it on real 1- and 2-CPU heads). The logical operator keeps its remote arguments
+    in a dict, set here; Ray is pinned below 2.64 in pyproject.toml, and the assertion names a Ray that changed it."""
+    out = ds.repartition(target_num_rows_per_block=rows)
+    operator = out._logical_plan.dag
+    assert type(operator).__name__ == "StreamingRepartition" and isinstance(operator.ray_remote_args, dict), operator
+    operator.ray_remote_args["num_cpus"] = num_cpus
+    return out
 
 
 def build_dataset(plan: RunPlan, manifest: Manifest, state: OutputState, files: list[CorpusFile], indexes: IndexActors,
@@ -234,14 +270,14 @@ def build_dataset(plan: RunPlan, manifest: Manifest, state: OutputState, files: 
     config = plan.config
     # Scorer actors on any node get the predictor from the object store, not from a path only the driver sees.
     predictor_ref = ray.put(plan.predictor.files) if plan.predictor else None
-    ds = read_corpus(files, read_settings(config), state.complete_frames(), file_limits(config, files),
+    ds = read_corpus(files, read_settings(plan), state.complete_frames(), file_limits(config, files),
                      num_cpus=resources.light_cpus)
     # Later copies of a prompt id or text become quarantined rows.
     ds = drop_duplicates(ds, indexes, manifest, owners, resources.light_cpus)
     # Reading and duplicate detection work in shard-sized blocks (cheap per row); the scorer gets blocks of one call
     # each, because a map task emits its output only when its input block is done: a 10,000-row block would hold
     # back the first render until 10,000 prompts were embedded.
-    ds = ds.repartition(target_num_rows_per_block=plan.scoring().prompts_per_call)
+    ds = rebatch(ds, plan.scoring().prompts_per_call, resources.light_cpus)
     ds = ds.map_batches(
         ScorerStage,
         fn_constructor_args=(plan.scoring(),),
@@ -344,7 +380,7 @@ def run(config: GenerateConfig, console=None) -> dict:
     lease = Lease(manifest.output, config.lease_seconds)
     lease.acquire(wait=config.wait)  # before Ray: a second run into a held output stops here, in seconds
     try:
-        check_run_file(manifest, plan)
+        plan = check_run_file(manifest, plan)
         manifest.output.sweep_temporaries()  # left by writers of a killed run; we hold the lease, nobody else writes
         lease.start_heartbeat()
         state = OutputState.read(manifest)
@@ -377,7 +413,7 @@ def nothing_to_render(plan: RunPlan, files: list[CorpusFile], state: OutputState
     config = plan.config
     if state.open_parts or not readable_on_the_driver(files, config.storage_options):
         return False
-    return not corpus_needs_work(files, read_settings(config), state.complete_frames(), file_limits(config, files))
+    return not corpus_needs_work(files, read_settings(plan), state.complete_frames(), file_limits(config, files))
 
 
 def expected_images(plan: RunPlan, files: list[CorpusFile], state: OutputState) -> tuple[int | None, int, bool]:
@@ -472,14 +508,35 @@ class StallWatch:
             last = rows
 
     def describe(self) -> str | None:
-        waiting = pending_actors(self.job)
-        if not waiting:
+        waiting, demands = pending_actors(self.job), pending_demands()
+        if not waiting and not demands:
             return None
         free, total = ray.available_resources(), ray.cluster_resources()
         have = ", ".join(f"{name} {free.get(name, 0):g} of {total.get(name, 0):g} free" for name in ("CPU", "GPU")
                          if total.get(name) or name == "CPU")
+        what = ", ".join(waiting) if waiting else "tasks"
+        asks = f" (pending: {'; '.join(demands)})" if demands else ""
         return (f"seedsift: nothing committed for {self.every:.0f} s: waiting for the cluster to place "
-                f"{', '.join(waiting)}; it has {have}; this run asks for {self.resources.describe()}")
+                f"{what}{asks}; it has {have}; this run asks for {self.resources.describe()}")
+
+
+def pending_demands() -> list[str]:
+    """Resource requests of tasks and actors the cluster cannot place now, as the autoscaler sees them (`ray
+    status`'s "Pending Demands"; read from the GCS, no dashboard needed): "2 x CPU 1", for instance."""
+    try:
+        from ray._private import worker
+        from ray.autoscaler.v2.sdk import get_cluster_status
+
+        status = get_cluster_status(worker._global_node.gcs_address)
+        demands = status.resource_demands.ray_task_actor_demand
+    except Exception:  # noqa: BLE001 - the watch only informs; a failed look is no reason to stop a run
+        return []
+    found = []
+    for demand in demands:
+        for request in demand.bundles_by_count:
+            bundle = " + ".join(f"{name} {amount:g}" for name, amount in sorted(request.bundle.items()))
+            found.append(f"{request.count} x {bundle}")
+    return found
 
 
 def pending_actors(job: str) -> list[str]:
@@ -538,6 +595,8 @@ def summarise(manifest: Manifest, plan: RunPlan, state: OutputState, new_records
         "prompt_difficulty": prompt_difficulty(total),
         "quarantine_reasons": total["quarantine_reasons"],
         "failure_reasons": total["failure_reasons"],
+        # Delivered rows whose corpus line changed or went away since (a re-read shard): kept, and named.
+        "outdated_corpus_lines": total["outdated"],
         "score": total["score"],
         "warnings": list(plan.warnings),
         "budget": None if config.policy != "budget" else {
@@ -549,7 +608,7 @@ def summarise(manifest: Manifest, plan: RunPlan, state: OutputState, new_records
                    "shard_size": config.shard_size},
         "this_run": {
             **{k: ledger.totals[k] for k in ("rows", "images", "failed", "quarantined")},
-            "skipped_already_committed": state.delivered_rows() + ledger.totals["skipped"],
+            "skipped_already_committed": state.skipped(ledger),
             "shards_completed": len(new_records),
             "wall_time_s": round(wall, 2),
             "first_commit_s": round(first_commit, 2) if first_commit is not None else None,  # from process start

@@ -73,6 +73,9 @@ class RunPlan:
     budget_per_prompt: float | None = None  # --budget, or --budget-images spread over the corpus
     budget_rule: dict | None = None
     warnings: tuple = ()  # setting mismatches worth a line in the log and a place in the summary
+    # Whether the corpus's ids are qualified by their file (NAME#ID): a folder or glob corpus, into an output laid
+    # out so (every output begun since 0.3); set by pipeline.check_run_file once the output's layout is known.
+    ids_per_file: bool = False
 
     @property
     def fingerprint_fields(self) -> dict:

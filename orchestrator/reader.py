@@ -60,6 +60,7 @@ class ReadSettings:
     limit: int | None = None  # rows of this file to read at most (the driver splits --limit over the files)
     storage_options: dict | None = None
     columns: Columns = DETECT
+    ids_per_file: bool = False  # a folder or glob corpus of an output laid out so: ids are qualified by their file
 
 
 def _decompression_errors() -> tuple[type[BaseException], ...]:
@@ -216,7 +217,7 @@ def read_text_shards(corpus_file: CorpusFile, complete: dict[int, ShardFrame], s
             if budget is not None:
                 wanted = min(wanted, budget)
             for record in parse_lines(stream.lines(), corpus_file.fmt, corpus_file.name, stream.line + 1, header,
-                                      settings.columns):
+                                      settings.columns, settings.ids_per_file):
                 if settings.sample is not None and not in_sample(record["prompt_id"], settings.sample):
                     continue
                 rows.append(record)
@@ -278,7 +279,7 @@ def read_parquet_shards(corpus_file: CorpusFile, complete: dict[int, ShardFrame]
                       if first < end and first + parquet.metadata.row_group(g).num_rows > start]
             table = parquet.read_row_groups(groups, columns=columns)
             table = table.slice(start - group_starts[groups[0]], end - start)
-            rows = [r for r in parse_table(table, corpus_file.name, start, settings.columns)
+            rows = [r for r in parse_table(table, corpus_file.name, start, settings.columns, settings.ids_per_file)
                     if settings.sample is None or in_sample(r["prompt_id"], settings.sample)]
             if budget is not None:
                 rows = rows[:budget]

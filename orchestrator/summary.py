@@ -135,6 +135,8 @@ def merge_stats(many: list[dict]) -> dict:
             sensitive += difficulty["most_seed_sensitive"]
     for name in ("by_status", "quarantine_reasons", "failure_reasons"):
         total[name] = dict(total[name].most_common())
+    outdated = [source for stats in many for source in stats.get("outdated_sources") or []]
+    total["outdated"] = {"lines": len(outdated), "sources": sorted(outdated)[:LISTED]}
     total["score"] = merge_sketches(scores)
     total["difficulty"] = None if not means else {
         "mean": merge_sketches(means), "spread": merge_sketches(spreads),

@@ -1,6 +1,6 @@
-"""Soak of the exactly-once promise: many injected faults of five kinds, each followed by a rerun and a full check.
+"""Soak of the exactly-once promise: many injected faults of seven kinds, each followed by a rerun and a full check.
 
-    .venv/bin/python scripts/soak.py [--faults 52] [--kinds driver,moment,actor,node,s3,disk] [--minutes 75]
+    .venv/bin/python scripts/soak.py [--faults 52] [--kinds driver,moment,rerun,actor,node,s3,disk] [--minutes 75]
                                      [--seed 0] [--work DIR] [--json FILE]
 
 Every run is the CLI (`python -m jobs.cli generate`) in its own process group with a private RAY_TMPDIR, as a user
@@ -13,6 +13,9 @@ each fault, a fresh output:
   complete and compact, during the summary;
 - moment: the same SIGKILL, the instant the run reaches a named moment: the duplicate filter starting, the scorer
   starting, the first shard compacted, the last shard compacted (the summary being written);
+- rerun: the run is SIGKILLed (its whole process group) once its first rows are committed, and the same command
+  is rerun at once, while the killed driver is still an unreaped zombie holding the output's lease (a container
+  init that never reaps keeps it so for ever): the rerun must take the lease over and finish, not be refused;
 - actor: one actor's worker process is SIGKILLed (scorer, generator, duplicate filter, duplicate index, in
   turn), at a random moment after it appears;
 - node: a worker node hosting a generator is removed from a ray.cluster_utils.Cluster (tests/cluster_failover.py);
@@ -48,8 +51,9 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-KINDS = ("driver", "moment", "actor", "node", "s3", "disk")
-SHARE = {"driver": 0.32, "moment": 0.08, "actor": 0.25, "node": 0.10, "s3": 0.15, "disk": 0.10}  # of --faults
+KINDS = ("driver", "moment", "rerun", "actor", "node", "s3", "disk")
+SHARE = {"driver": 0.27, "moment": 0.08, "rerun": 0.05, "actor": 0.25, "node": 0.10, "s3": 0.15,
+         "disk": 0.10}  # of --faults
 MOMENTS = ("duplicate filter starting", "scorer starting", "first shard compacted", "last shard compacted")
 SHARD_SIZE = 4
 # The run's actors (its pixel rater works inside the generator: a model rater would add RaterStage).
@@ -276,6 +280,27 @@ class Soak:
         return {"detail": f"SIGKILL at '{name}' ({at:.1f} s)", "first_status": status,
                 "committed_at_fault": committed_rows(out, None), "reruns": self.runner.complete(out), "out": out}
 
+    def rerun(self) -> dict:
+        """SIGKILL the run's process group once rows are committed, without reaping the driver, and rerun the same
+        command at once: the zombie's lease must not hold the output (0.2 refused the rerun with exit 4)."""
+        import psutil
+
+        out = self.out("rerun")
+        run = self.runner.start(out)
+        while run.alive() and committed_rows(out, None) == 0:
+            time.sleep(0.05)
+        if not run.alive():
+            return {"skipped": "finished before its first rows were committed", "first_status": run.stop()}
+        at = time.time() - run.started
+        committed = committed_rows(out, None)
+        os.killpg(run.process.pid, signal.SIGKILL)  # not waited for: the driver stays a zombie, its lease on disk
+        while psutil.Process(run.process.pid).status() != psutil.STATUS_ZOMBIE:
+            time.sleep(0.01)
+        reruns = self.runner.complete(out, attempts=1)  # at once, and once: a refusal (exit 4) is the failure
+        status = run.stop()  # now reap the zombie and sweep what its Ray left
+        return {"detail": f"SIGKILL at {at:.1f} s, rerun at once beside the zombie driver", "first_status": status,
+                "committed_at_fault": committed, "reruns": reruns, "out": out}
+
     def actor(self, index: int) -> dict:
         name = ACTORS[index % len(ACTORS)]
         out = self.out("actor")
@@ -411,6 +436,8 @@ class Soak:
             result = self.driver()
         elif kind == "moment":
             result = self.moment(index)
+        elif kind == "rerun":
+            result = self.rerun()
         elif kind == "actor":
             result = self.actor(index)
         elif kind == "node":

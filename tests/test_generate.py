@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -17,7 +18,7 @@ from jobs import reproduce
 from orchestrator import pipeline
 from orchestrator.config import ConfigError, GenerateConfig
 from orchestrator.seeds import candidate_seeds
-from tests.conftest import REPO_ROOT, finished_settings
+from tests.conftest import FINISHED_PROMPTS, REPO_ROOT, finished_settings
 from tests.helpers_manifest import manifest_frame
 
 PROMPTS = ["a red cube on a table", "a watercolor fox", "   ", "an astronaut riding a horse",
@@ -79,17 +80,25 @@ def test_summary_counts_and_compute(finished):
 
 
 def test_rerun_skips_committed_work_and_grown_corpus_renders_only_new(finished, tmp_path):
-    """A rerun over a grown corpus skips every committed row and renders the new prompt only. (A rerun over an
+    """A rerun over a grown corpus whose second line was also edited renders the new prompt and the edited line's
+    new text only, and says that the edited line's earlier rows stay (0.2 kept them silently). (A rerun over an
     unchanged corpus, which renders nothing and starts no Ray, is test_a_rerun_with_nothing_new....)"""
+    from orchestrator.console import summary_lines
+
     grown = copy_of(finished, tmp_path)
     before = manifest(grown["out"])
-    with open(grown["corpus"], "ab") as corpus:  # a corpus grows by appending
-        corpus.write(b"a new prompt about owls\n")
+    lines = Path(grown["corpus"]).read_text().splitlines()
+    lines[1] = "an edited second prompt about herons"
+    Path(grown["corpus"]).write_text("\n".join(lines + ["a new prompt about owls"]) + "\n")  # edited, then grown
     summary = pipeline.run(finished_settings(grown["corpus"], grown["out"]))
-    assert summary["this_run"]["images"] == 2 and summary["this_run"]["rows"] == 2
+    assert summary["this_run"]["images"] == 4 and summary["this_run"]["rows"] == 4
     assert summary["this_run"]["skipped_already_committed"] == len(before)
+    assert summary["outdated_corpus_lines"] == {"lines": 1, "sources": ["prompts.txt:2"]}
+    assert any(line.startswith("1 corpus line changed or went away after rendering (first: prompts.txt:2)")
+               for line in summary_lines(summary))
     rows = manifest(grown["out"])
-    assert len(rows) == len(before) + 2
+    assert len(rows) == len(before) + 4
+    assert set(rows[rows.source == "prompts.txt:2"].prompt) == {FINISHED_PROMPTS[1], lines[1]}
     assert not rows.duplicated(["prompt_id", "seed"]).any()
     key = ["source", "prompt_id", "seed", "status", "image_key", "score"]
     committed = set(before[key].astype(str).itertuples(index=False))

@@ -124,29 +124,37 @@ DUPLICATES = [{"id": "a", "prompt": "a red cube"}, {"id": "b", "prompt": "a blue
 
 def test_a_run_over_the_named_cases_completes_with_every_line_accounted_for(ray_session, tmp_path):
     """The named cases, good lines and duplicates in one real run: every line is one row, duplicates name their
-    first occurrence (a quarantined line never is one), and the rerun has nothing left to do."""
+    first occurrence (a quarantined line never is one), and the rerun has nothing left to do. The corpus is a folder
+    whose second file repeats an id of the first with another text: ids are scoped per file, so that row is no
+    duplicate (0.2 quarantined it)."""
     from jobs.verify import verify_output
     from orchestrator import pipeline
     from orchestrator.config import GenerateConfig
 
-    path = tmp_path / "c.jsonl"
+    folder = tmp_path / "corpus"
+    folder.mkdir()
     lines = list(NAMED_CASES.values()) + GOOD + [json.dumps(line) for line in DUPLICATES]
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (folder / "c.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (folder / "d.jsonl").write_text(json.dumps({"id": "a", "prompt": "a yellow sphere"}) + "\n", encoding="utf-8")
     out = tmp_path / "out"
-    config = GenerateConfig(prompts=str(path), out=str(out), candidates=2, keep=1, steps=2, guidance=3.0,
+    config = GenerateConfig(prompts=str(folder), out=str(out), candidates=2, keep=1, steps=2, guidance=3.0,
                             generator_cpus=1)
     summary = pipeline.run(config)
     rows = pq.read_table(out / "manifest" / "shards").to_pylist()
-    assert sorted(row["source"] for row in rows) == sorted(f"c.jsonl:{i}" for i in range(1, len(lines) + 1))
-    assert summary["images"] == len(GOOD) + 3 and summary["prompts_quarantined"] == len(NAMED_CASES) + 3
+    assert sorted(row["source"] for row in rows) == sorted([f"c.jsonl:{i}" for i in range(1, len(lines) + 1)]
+                                                           + ["d.jsonl:1"])
+    assert summary["images"] == len(GOOD) + 4 and summary["prompts_quarantined"] == len(NAMED_CASES) + 3
+    other = next(row for row in rows if row["source"] == "d.jsonl:1")
+    assert other["status"] == "ok" and other["prompt_id"] == "d.jsonl#a", other
     quarantined = [row for row in rows if row["status"] == "quarantined"]
     assert all(row["seed"] is None and row["image_key"] is None and row["error"] for row in quarantined)
     first = len(NAMED_CASES) + len(GOOD)  # lines before the duplicates' block
     duplicates = {row["source"]: row["error"] for row in rows if row["error"] and "duplicate" in row["error"]}
     assert duplicates == {f"c.jsonl:{first + n}": f"duplicate of c.jsonl:{first + 1}" for n in (3, 4, 6)}
     assert sorted(row["prompt_id"] for row in rows if row["source"] in
-                  {f"c.jsonl:{first + n}" for n in range(1, 7)} and row["status"] == "ok") == ["a", "b", "d"]
+                  {f"c.jsonl:{first + n}" for n in range(1, 7)} and row["status"] == "ok") == [
+        "c.jsonl#a", "c.jsonl#b", "c.jsonl#d"]
     report = verify_output(str(out))
-    assert report["strict_clean"] and report["committed_rows"] == len(lines), report
+    assert report["strict_clean"] and report["committed_rows"] == len(lines) + 1, report
     again = pipeline.run(config)
     assert again["this_run"]["rows"] == 0  # the rerun does not fail the same way: it has nothing left to do
