@@ -1,7 +1,9 @@
-"""Node failover check: a CPU head plus two GPU workers on one machine; one worker is removed while the job runs.
+"""Placement and failover on one multi-node cluster: a CPU-only head plus two GPU workers on one machine.
 
-Run by tests/test_faults.py in its own process (python tests/cluster_failover.py OUT), never inside pytest's Ray.
-A replacement worker joins a few seconds later, as an autoscaler would add one. Prints one RESULT: JSON line.
+Run by tests/test_cluster.py (and scripts/soak.py) in its own process (python tests/cluster_failover.py OUT), never
+inside pytest's Ray. Once both generators run, it records where they are (placement: one per GPU worker, none on
+the head); then one worker hosting a generator is removed while the job runs, and a replacement worker joins a few
+seconds later, as an autoscaler would add one. Prints one RESULT: JSON line for the tests to assert on.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ sys.path.insert(0, str(REPO_ROOT))  # run as a plain script: make the project im
 
 PROMPTS = 12
 KEEP = 2
+GPU_WORKERS = 2
 
 
 def free_port() -> int:
@@ -27,16 +30,21 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def generator_nodes() -> set[str]:
-    """Node ids hosting an alive generator actor, from Ray's public state API (needs the dashboard)."""
+def generator_actors(alive_only: bool = False) -> list[dict]:
+    """The GeneratorStage actors Ray knows of (ever started, unless `alive_only`): each one's node, GPUs and state,
+    from Ray's public state API (needs the dashboard)."""
     from ray.util.state import list_actors
 
-    actors = list_actors(detail=True, limit=1000, raise_on_missing_output=False,
-                         filters=[("state", "=", "ALIVE")])
-    return {actor.node_id for actor in actors if "GeneratorStage" in (actor.class_name or "")}
+    filters = [("state", "=", "ALIVE")] if alive_only else None
+    actors = list_actors(detail=True, limit=1000, raise_on_missing_output=False, filters=filters)
+    return [{"class_name": a.class_name, "node_id": a.node_id, "state": a.state,
+             "gpus": (a.required_resources or {}).get("GPU", 0)}
+            for a in actors if "GeneratorStage" in (a.class_name or "") + (a.repr_name or "")]
 
 
 def main(out: str) -> dict:
+    # Ray reads these when it starts: auth off for a private test cluster, and the caller's private RAY_TMPDIR
+    # keeps this cluster's sockets and its "current cluster" file away from any other Ray on the machine.
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.pop("RAY_ADDRESS", None)
     import ray
@@ -44,17 +52,23 @@ def main(out: str) -> dict:
 
     from orchestrator import pipeline
     from orchestrator.config import GenerateConfig
+    from orchestrator.manifest import Manifest
+    from orchestrator.storage import Output
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 0, "include_dashboard": True,
-                                                              "dashboard_port": free_port()})
+    # Explicit ports: the defaults (dashboard 8265, agent 52365) may be held by another Ray on this machine.
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 2, "num_gpus": 0, "include_dashboard": True, "dashboard_port": free_port(),
+        "dashboard_agent_listen_port": free_port()})
     try:
-        workers = [cluster.add_node(num_cpus=2, num_gpus=1) for _ in range(2)]
+        workers = [cluster.add_node(num_cpus=2, num_gpus=1) for _ in range(GPU_WORKERS)]
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, runtime_env={"env_vars": {"SEEDSIFT_CACHE": os.environ["SEEDSIFT_CACHE"]}})
+        placement = {"cluster_gpus": ray.cluster_resources().get("GPU", 0), "head_node_id": cluster.head_node.node_id,
+                     "gpu_node_ids": sorted(node.node_id for node in workers)}
         corpus = Path(out).parent / "prompts.txt"
         corpus.write_text("\n".join(f"prompt number {i} of the failover test" for i in range(PROMPTS)) + "\n")
-        config = GenerateConfig(prompts=str(corpus), out=out, generators=2, generator_cpus=1, candidates=2,
-                                keep=KEEP, steps=2, guidance=3.0, batch_size=2, address=cluster.address)
+        config = GenerateConfig(prompts=str(corpus), out=out, generators=GPU_WORKERS, generator_cpus=1,
+                                candidates=2, keep=KEEP, steps=2, guidance=3.0, batch_size=2, address=cluster.address)
         outcome: dict = {}
 
         def run():
@@ -67,9 +81,13 @@ def main(out: str) -> dict:
         thread.start()
         victim = workers[1]
         deadline = time.time() + 120
-        while victim.node_id not in generator_nodes() and thread.is_alive() and time.time() < deadline:
+        # Placement: wait until every generator runs, then record each one's node and GPUs (any state: a generator
+        # that died and was restarted before the removal would show up as a third).
+        while (len(generator_actors(alive_only=True)) < GPU_WORKERS and thread.is_alive()
+               and time.time() < deadline):
             time.sleep(0.2)
-        had_generator = victim.node_id in generator_nodes()
+        placement["generators"] = generator_actors()
+        had_generator = victim.node_id in {g["node_id"] for g in generator_actors(alive_only=True)}
         manifest = Path(out) / "manifest"
 
         def committed() -> int:
@@ -81,17 +99,29 @@ def main(out: str) -> dict:
         cluster.remove_node(victim)
         removed_at = time.time()
         time.sleep(3)
-        cluster.add_node(num_cpus=2, num_gpus=1)  # what an autoscaler does for a lost GPU node
+        replacement = cluster.add_node(num_cpus=2, num_gpus=1)  # what an autoscaler does for a lost GPU node
         thread.join(150)
-        return {
+        finished = not thread.is_alive()
+        result = {
+            **placement,
+            "removed_node_id": victim.node_id,
             "removed_node_had_generator": had_generator,
+            "replacement_node_id": replacement.node_id,
             "parts_before_removal": committed_before,
             "finished_after_removal_s": round(time.time() - removed_at, 1),
-            "finished": not thread.is_alive(),
+            "finished": finished,
             "error": outcome.get("error"),
             "summary_images": (outcome.get("summary") or {}).get("images"),
             "expected_rows": PROMPTS * KEEP,
         }
+        if finished:
+            result["generators_after_run"] = generator_actors()
+            rows = Manifest(Output(out)).read_all().to_pylist()
+            result.update(
+                manifest_rows=len(rows), manifest_ok_rows=sum(row["status"] == "ok" for row in rows),
+                images_exist=all(os.path.exists(os.path.join(out, row["image_key"]))
+                                 for row in rows if row["status"] == "ok"))
+        return result
     finally:
         ray.shutdown()
         cluster.shutdown()

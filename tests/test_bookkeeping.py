@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -31,7 +32,7 @@ from orchestrator.reader import ReadSettings, read_text_shards
 from orchestrator.storage import Output
 from orchestrator.summary import merge_stats, quantile, shard_stats
 from tests.conftest import REPO_ROOT
-from tests.helpers_ray import private_ray_env
+from tests.helpers_ray import session_ray_env
 
 SHARD = "p.txt/000000"
 FRAME = ShardFrame(file="p.txt", index=0, rows=40, start=0, end=400, first_line=1, end_line=40, digest="d")
@@ -376,8 +377,6 @@ def fabricate_open_shard(out: str, parts: int) -> set:
 
 @pytest.mark.slow
 def test_sigkill_at_any_moment_of_a_compaction_loses_and_duplicates_nothing(tmp_path):
-    import signal
-
     out = str(tmp_path / "out")
     expected = fabricate_open_shard(out, parts=120)
     code = COMPACT_CHILD.format(repo=str(REPO_ROOT), out=out, shard=SHARD)
@@ -415,6 +414,12 @@ def test_sigkill_at_any_moment_of_a_compaction_loses_and_duplicates_nothing(tmp_
 
 
 # --- two runs into one output ---------------------------------------------------------------------------------
+# The subject is the output's lease between job processes, not Ray's start-up: the jobs are CLI processes that join
+# the session's Ray (as `--address` and `ray job submit` runs join a cluster). The lease is taken before Ray, so a
+# run holds it from its first second.
+
+OVERLAP_PROMPTS = 8  # two shards: the first run still renders while the second is refused and the third waits
+RACE_PROMPTS = 4
 
 
 def job(corpus: str, out: str, *extra: str, storage_options: dict | None = None) -> list[str]:
@@ -423,44 +428,60 @@ def job(corpus: str, out: str, *extra: str, storage_options: dict | None = None)
             "4", "--json", "--storage-options", json.dumps(storage_options or {}), *extra]
 
 
+def start_job(command: list[str]) -> subprocess.Popen:
+    """A job process joined to the session's Ray, in a process group of its own."""
+    return subprocess.Popen(command, cwd=REPO_ROOT, env=session_ray_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, start_new_session=True)
+
+
+def stop_job(process: subprocess.Popen | None) -> None:
+    """SIGKILL a job process's group, if it still runs: only its driver (it joined the session's Ray, which ends
+    the job's actors); tests/helpers_ray.kill_run is for jobs with a private Ray."""
+    if process is None:
+        return
+    if process.returncode is None:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    process.wait()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_overlapping_runs_refuse_or_wait_and_leave_a_clean_output(ray_session, tmp_path, s3_bucket, where):
-    from tests.helpers_ray import kill_run
-
     corpus = tmp_path / "p.txt"
-    corpus.write_text("\n".join(f"prompt {i} of the overlap test" for i in range(24)) + "\n")
+    corpus.write_text("\n".join(f"prompt {i} of the overlap test" for i in range(OVERLAP_PROMPTS)) + "\n")
     out = str(tmp_path / "out") if where == "local" else f"{s3_bucket}/out"
     output = Output(out)
-    envs = [private_ray_env() for _ in range(3)]
-    first = subprocess.Popen(job(str(corpus), out), cwd=REPO_ROOT, env=envs[0], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, start_new_session=True)
+    first = start_job(job(str(corpus), out))
+    waiting = None
     try:
         deadline = time.time() + 120
         while not output.exists(LEASE_FILE) and time.time() < deadline and first.poll() is None:
-            time.sleep(0.2)
+            time.sleep(0.05)
         assert first.poll() is None, "the first run ended before the second could start"
+        # The refused run and the waiting one start together, both while the first holds the output.
         started = time.time()
-        second = subprocess.run(job(str(corpus), out), cwd=REPO_ROOT, env=envs[1], capture_output=True, text=True,
-                                timeout=120)
+        waiting = start_job(job(str(corpus), out, "--wait"))
+        second = subprocess.run(job(str(corpus), out), cwd=REPO_ROOT, env=session_ray_env(), capture_output=True,
+                                text=True, timeout=120)
         refused_in = time.time() - started
         assert second.returncode == 4, second.stderr[-2000:]
         message = second.stderr.strip().splitlines()[-1]
         assert f"pid {first.pid}" in message and "--wait" in message and "started" in message, message
         assert refused_in < 30, refused_in  # before Ray starts
-        waiting = subprocess.Popen(job(str(corpus), out, "--wait"), cwd=REPO_ROOT, env=envs[2],
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-        assert first.wait(timeout=300) == 0, first.stderr.read().decode()[-3000:]
+        _, first_err = first.communicate(timeout=300)
+        assert first.returncode == 0, first_err.decode()[-3000:]
         stdout, stderr = waiting.communicate(timeout=300)
         assert waiting.returncode == 0, stderr.decode()[-3000:]
         summary = json.loads(stdout.decode()[stdout.decode().index("{"):])
         assert summary["this_run"]["images"] == 0  # it waited, then found everything done
     finally:
-        for process, env in ((first, envs[0]), (locals().get("waiting"), envs[2])):
-            if process is not None:
-                kill_run(process, env["RAY_TMPDIR"])
+        stop_job(first)
+        stop_job(waiting)
     report = verify_output(output)
-    assert report["strict_clean"] and report["delivered_rows"] == 48, report
+    assert report["strict_clean"] and report["delivered_rows"] == 2 * OVERLAP_PROMPTS, report
 
 
 @pytest.mark.slow
@@ -471,25 +492,21 @@ def test_two_runs_started_together_in_either_order_render_each_row_once(ray_sess
     """A plain run and a `--wait` run of the same command, started a few milliseconds apart in either order, both
     racing for the lease's create-only write: one renders everything; the other is refused in one line (exit 4) or
     waits and then finds nothing to do. Nothing is rendered twice; the output ends strict-clean."""
-    from tests.helpers_ray import kill_run
-
     corpus = tmp_path / "p.txt"
-    corpus.write_text("\n".join(f"prompt {i} of the race test" for i in range(12)) + "\n")
+    corpus.write_text("\n".join(f"prompt {i} of the race test" for i in range(RACE_PROMPTS)) + "\n")
     out = str(tmp_path / "out") if where == "local" else f"{s3_bucket}/race-{first}"
     commands = {"plain": job(str(corpus), out), "waiting": job(str(corpus), out, "--wait")}
     order = [first, "waiting" if first == "plain" else "plain"]
-    envs = {name: private_ray_env() for name in order}
     runs = {}
     try:
         for name in order:
-            runs[name] = subprocess.Popen(commands[name], cwd=REPO_ROOT, env=envs[name], stdout=subprocess.PIPE,
-                                          stderr=subprocess.PIPE, start_new_session=True)
+            runs[name] = start_job(commands[name])
             time.sleep(0.005)
         results = {name: (run.wait(timeout=300), *(s.decode() for s in run.communicate())) for name, run in
                    runs.items()}
     finally:
-        for name, run in runs.items():
-            kill_run(run, envs[name]["RAY_TMPDIR"])
+        for run in runs.values():
+            stop_job(run)
     rendered = 0
     for name, (status, stdout, stderr) in results.items():
         if status == 4:  # refused: only the plain run can be, and only in one line naming the holder
@@ -498,6 +515,29 @@ def test_two_runs_started_together_in_either_order_render_each_row_once(ray_sess
             continue
         assert status == 0, f"{name}: {stderr[-3000:]}"
         rendered += json.loads(stdout[stdout.index("{"):])["this_run"]["images"]
-    assert rendered == 24, results  # every row rendered by exactly one of the two
+    assert rendered == 2 * RACE_PROMPTS, results  # every row rendered by exactly one of the two
     report = verify_output(Output(out))
-    assert report["strict_clean"] and report["delivered_rows"] == 24, report
+    assert report["strict_clean"] and report["delivered_rows"] == 2 * RACE_PROMPTS, report
+
+
+def test_outdated_corpus_lines_are_named_and_moved_ones_are_not():
+    """Which earlier rows of a re-read shard are outdated: an edited line and a removed one are; a line that only
+    moved up (a deletion above it: the reader delivers it again, as a quarantined duplicate of itself) is not, and
+    neither is an unchanged one the reader delivered nothing new for."""
+    import pyarrow as pa
+
+    from orchestrator.manifest import outdated_sources
+
+    def rows(*entries):
+        names = ("shard_row", "prompt_id", "prompt", "status", "source")
+        return pa.table({name: [entry[i] for entry in entries] for i, name in enumerate(names)})
+
+    earlier = rows((0, "a", "a cat", "ok", "p.txt:1"), (1, "b", "a dog", "ok", "p.txt:2"),
+                   (2, "c", "a cow", "ok", "p.txt:3"), (3, "d", "a hen", "ok", "p.txt:4"))
+    # Line 2 deleted: "a cow" and "a hen" move up one line, and the shard has 3 rows now.
+    moved = rows((1, "c", "a cow", "quarantined", "p.txt:2"), (2, "d", "a hen", "quarantined", "p.txt:3"))
+    assert outdated_sources(earlier, moved, 3) == {"p.txt:2"}
+    # Line 3 edited in place, line 4 removed, nothing else delivered again.
+    edited = rows((2, "e", "a goat", "ok", "p.txt:3"))
+    assert outdated_sources(earlier, edited, 3) == {"p.txt:3", "p.txt:4"}
+    assert outdated_sources(earlier, None, 4) == set()  # a tail that grew, or nothing changed

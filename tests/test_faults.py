@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 
 from jobs.verify import verify_output
-from tests.helpers_ray import kill_run, private_ray_env, run_cluster_script, stop_private_ray
+from tests.helpers_ray import kill_run, private_ray_env, session_ray_env
 from orchestrator import pipeline
 from orchestrator.config import GenerateConfig
 from orchestrator.dedup import DuplicateFilter
@@ -99,6 +99,75 @@ def parts(output: Output) -> int:
         return 0
 
 
+def run_here(module: str, argv: list[str], capture) -> tuple[int, str, str]:
+    """`python -m jobs.MODULE ARGV` through that module's entry, jobs.MODULE.main(ARGV), in this process and on the
+    session's Ray; returns (status, stdout, stderr) as captured by capsys or capfd."""
+    import importlib
+
+    capture.readouterr()
+    status = importlib.import_module(f"jobs.{module}").main(argv)
+    out, err = capture.readouterr()
+    return status, out, err
+
+
+def json_summary(stdout: str) -> dict:
+    """The --json summary (`json.dumps(indent=2)`: from a line `{`), whatever Ray printed around it."""
+    lines = stdout.splitlines(keepends=True)
+    start = next(i for i, line in enumerate(lines) if line.rstrip() == "{")
+    return json.JSONDecoder().raw_decode("".join(lines[start:]))[0]
+
+
+def start_job(module: str, argv: list[str], env: dict, log: Path) -> subprocess.Popen:
+    """`python -m jobs.MODULE ARGV` as its own process, in a process group of its own, its output to `log`."""
+    with open(log, "wb") as handle:
+        return subprocess.Popen([sys.executable, "-m", f"jobs.{module}", *argv], cwd=REPO_ROOT, env=env,
+                                stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def kill_group(process: subprocess.Popen) -> None:
+    """SIGKILL a job's process group, for a job that joined the session's Ray: that is only its driver.
+    (tests/helpers_ray.kill_run is for a private Ray: with no RAY_TMPDIR it would stop every process without one.)"""
+    if process.poll() is None:  # (an ended one's pid may name another group by now)
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    process.wait()
+
+
+def wait_for_job_end(driver_pid: int, timeout: float = 60) -> None:
+    """Once a driver that joined the session's Ray is gone (killed, or exited): wait until Ray has marked its job
+    dead and ended its actors and the workers running its tasks (the raylet kills them), so nothing of that run
+    writes to its output any more. Only this session's raylet's workers are looked at: other Rays may share the
+    machine."""
+    import psutil
+    from ray._private import state, worker
+
+    raylet = psutil.Process(worker._global_node.all_processes["raylet"][0].process.pid)
+    services = ("ray::IDLE", "ray::DashboardAgent", "ray::RuntimeEnvAgent")
+
+    def ended() -> bool:
+        jobs = [job for job in state.jobs() if job["DriverPid"] == driver_pid]
+        if not all(job["IsDead"] for job in jobs):
+            return False
+        ids = {job["JobID"] for job in jobs}
+        actors = list(state.actors().values())
+        # Detached actors outlive their job by design (Ray Data's shared singletons, whichever job started them).
+        if any(actor["JobID"] in ids and not actor["IsDetached"] and actor["State"] != "DEAD" for actor in actors):
+            return False
+        others = {actor["Pid"] for actor in actors if actor["State"] == "ALIVE"}  # detached, or other jobs'
+        for child in raylet.children(recursive=True):
+            try:
+                title = " ".join(child.cmdline())
+            except psutil.Error:
+                continue
+            if title.startswith("ray::") and title.split()[0] not in services and child.pid not in others:
+                return False  # a worker still running a task (of the ended job: this session runs nothing else now)
+        return True
+
+    wait_for(ended, timeout, f"Ray to end the job of driver {driver_pid}")
+
+
 # --- duplicates -----------------------------------------------------------------------------------------------
 
 
@@ -143,74 +212,114 @@ def test_duplicate_filter_keeps_the_first_and_honours_committed_rows(ray_session
 # --- driver SIGKILL -------------------------------------------------------------------------------------------
 
 
-def job_command(job: str, corpus: str, out: str) -> list[str]:
-    """generate keeping all 4 candidates, or collect (which renders all 4 by definition): 64 rows for 16 prompts,
-    in shards of 4 prompts, so that shards complete (and are compacted) while the run goes on. generate-preview
-    previews all 4 candidates for one step and keeps the best: 16 rows."""
-    keep = ["--keep", "4"] if job.startswith("generate") else []
+def job_argv(job: str, corpus: str, out: str) -> tuple[str, list[str]]:
+    """(module, flags) of one case's command, `python -m jobs.MODULE FLAGS`. generate keeps all 4 candidates, and
+    collect renders all 4 by definition: 64 rows for 16 prompts, in shards of 4 prompts, so that shards complete (and
+    are compacted) while the run goes on. generate-preview previews all 4 candidates for one step and keeps the
+    best: 16 rows. collect-shards writes WebDataset tars of 5 images."""
+    module = job.split("-")[0]
+    keep = ["--keep", "4"] if module == "generate" else []
     if job == "generate-preview":
         keep = ["--keep", "1", "--policy", "preview", "--preview", "4", "--preview-steps", "1"]
     layout = ["--image-output", "shards", "--shard-images", "5"] if job.endswith("shards") else []
-    return [sys.executable, "-m", f"jobs.{job.split('-')[0]}", "--prompts", corpus, "--out", out, "--candidates", "4",
-            *keep, "--steps", "2", "--guidance", "3.0", "--batch-size", "4", "--generator-cpus", "1",
-            "--shard-size", "4", "--json", *layout]
+    return module, ["--prompts", corpus, "--out", out, "--candidates", "4", *keep, "--steps", "2", "--guidance", "3.0",
+                    "--batch-size", "4", "--generator-cpus", "1", "--shard-size", "4", "--json", *layout]
+
+
+# The same configurations as small_config overrides (shard_size 4 for all), for the uninterrupted references.
+REFERENCE_SETTINGS = {
+    "generate": {"keep": 4},
+    "generate-preview": {"keep": 1, "policy": "preview", "preview": 4, "preview_steps": 1},
+    "collect-shards": {"keep": 4, "all_candidates": True, "image_output": "shards", "shard_images": 5},
+}
+
+
+@pytest.fixture(scope="module")
+def reference(ray_session, tmp_path_factory):
+    """reference(job): the uninterrupted run of that job's configuration, in the session's Ray; a configuration runs
+    once per module, however many tests compare against it."""
+    folder = tmp_path_factory.mktemp("reference")
+    corpus = write_txt(folder / "prompts.txt", PROMPTS)  # prompt ids are hashes of the text, as in each test's copy
+    outputs: dict[tuple, Output] = {}
+
+    def of(job: str) -> Output:
+        settings = {"shard_size": 4, **REFERENCE_SETTINGS[job]}
+        key = tuple(sorted(settings.items()))
+        if key not in outputs:
+            output = Output(str(folder / f"run{len(outputs)}"))
+            pipeline.run(small_config(corpus, output.uri, **settings))
+            outputs[key] = output
+        return outputs[key]
+
+    return of
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("job", ["generate", "collect", "generate-shards", "generate-preview"])
-def test_driver_sigkill_then_rerun_matches_an_uninterrupted_run(ray_session, tmp_path, job):
+@pytest.mark.parametrize("job,ray_of_its_own", [
+    ("generate-preview", False),  # preview rows and image files; joins a running Ray: a cluster's job
+    ("collect-shards", False),  # collect's dataset rebuild, WebDataset tars; joins a running Ray
+    ("generate", True),  # plain generate, image files, its own Ray (a local user's run): the kill takes Ray down too
+], ids=["generate-preview", "collect-shards", "generate-private-ray"])
+def test_driver_sigkill_then_rerun_matches_an_uninterrupted_run(ray_session, reference, tmp_path, capsys, job,
+                                                                 ray_of_its_own):
+    """A SIGKILL of the job's whole process group mid-run leaves a clean partial output; the same command, rerun (in
+    this process, on the session's Ray), skips exactly what was committed and ends equal to an uninterrupted run."""
     from orchestrator.embedded import resolve_model
 
     resolve_model("embedded:tiny-sd")  # built into the session cache before the job uses it
     corpus = write_txt(tmp_path / "prompts.txt", PROMPTS)
-    killed, clean = Output(str(tmp_path / "killed")), Output(str(tmp_path / "clean"))
-    env = private_ray_env(SEEDSIFT_CACHE=os.environ["SEEDSIFT_CACHE"])
-    log = open(tmp_path / "job.log", "wb")
-    process = subprocess.Popen(job_command(job, corpus, killed.uri), cwd=REPO_ROOT, env=env, stdout=log,
-                               stderr=subprocess.STDOUT, start_new_session=True)
+    killed = Output(str(tmp_path / "killed"))
+    module, argv = job_argv(job, corpus, killed.uri)
+    cache = os.environ["SEEDSIFT_CACHE"]
+    env = private_ray_env(SEEDSIFT_CACHE=cache) if ray_of_its_own else session_ray_env(SEEDSIFT_CACHE=cache)
+    log = tmp_path / "job.log"
+    process = start_job(module, argv, env, log)
+
+    def kill() -> None:
+        if ray_of_its_own:
+            kill_run(process, env["RAY_TMPDIR"])  # the driver's group, then whatever of its Ray is left
+        else:
+            kill_group(process)  # the driver only: the session's Ray ends the job's actors and tasks
+            wait_for_job_end(process.pid)
+
     try:
         wait_for(lambda: parts(killed) >= 1 or process.poll() is not None, TIMEOUT_S, "the first manifest part")
-        assert process.poll() is None, "the job finished before it could be killed: " + (
-            tmp_path / "job.log").read_text()[-2000:]
-        time.sleep(random.Random(job).uniform(0, 3))  # past the first commit: parts, completions, compactions
+        assert process.poll() is None, "the job finished before it could be killed: " + log.read_text()[-2000:]
+        time.sleep(random.Random(job).uniform(0, 1.5))  # past the first commit: parts, completions, compactions
         if process.poll() is not None:
-            pytest.fail("the job finished before it could be killed: " + (tmp_path / "job.log").read_text()[-2000:])
-        kill_run(process, env["RAY_TMPDIR"])
-        partial = verify_output(killed)
-        rows = 16 if job == "generate-preview" else 64
-        assert partial["clean"] and 0 < partial["committed_rows"] <= rows, partial  # mid-run, nothing duplicated
-        rerun = subprocess.run(job_command(job, corpus, killed.uri), cwd=REPO_ROOT, env=env, capture_output=True,
-                               text=True, timeout=TIMEOUT_S, start_new_session=True)
-        assert rerun.returncode == 0, rerun.stderr[-3000:]
-        summary = json.loads(rerun.stdout[rerun.stdout.index("{"):])
-        assert summary["this_run"]["skipped_already_committed"] == partial["committed_rows"]
+            pytest.fail("the job finished before it could be killed: " + log.read_text()[-2000:])
     finally:
-        kill_run(process, env["RAY_TMPDIR"])  # also stops what the rerun left: it used the same RAY_TMPDIR
-    # The uninterrupted reference, in the session's Ray.
-    preview = {"keep": 1, "policy": "preview", "preview": 4, "preview_steps": 1} if job == "generate-preview" else {}
-    pipeline.run(small_config(corpus, clean.uri, **{"keep": 4, **preview}, all_candidates=job == "collect",
-                              shard_size=4))
+        kill()
+    partial = verify_output(killed)
+    rows = 16 if job == "generate-preview" else 64
+    assert partial["clean"] and 0 < partial["committed_rows"] <= rows, partial  # mid-run, nothing duplicated
+    status, out, err = run_here(module, argv, capsys)
+    assert status == 0, err[-3000:]
+    summary = json_summary(out)
+    assert summary["this_run"]["skipped_already_committed"] == partial["committed_rows"]
+    clean = reference(job)
     assert_clean(killed, rows=rows)
     assert_clean(clean, rows=rows)
     a, b = comparable(manifest(killed)), comparable(manifest(clean))
     assert a.drop(columns="score").equals(b.drop(columns="score"))
     assert (a.score.astype(float) - b.score.astype(float)).abs().max() < 1e-3
-    if job == "collect":  # the training set is rebuilt from every committed row: each (prompt, seed) once
+    if module == "collect":  # the training set is rebuilt from every committed row: each (prompt, seed) once
         dataset = pd.read_parquet(Path(killed.uri) / "dataset.parquet")
-        assert len(dataset) == 64 and not dataset.duplicated(["prompt_id", "seed"]).any()
+        assert len(dataset) == rows and not dataset.duplicated(["prompt_id", "seed"]).any()
 
 
 # --- actor kills ------------------------------------------------------------------------------------------------
 
 
 def stage_actor_pids(stage: str) -> list[int]:
-    """Pids of this session's alive Ray Data actors of one stage (GCS actor table, no dashboard needed)."""
+    """Pids of this test process's alive Ray Data actors of one stage (GCS actor table, no dashboard needed)."""
     import psutil
     import ray
 
     pids = []
+    job = ray.get_runtime_context().get_job_id()
     for info in ray._private.state.actors().values():
-        if info["State"] != "ALIVE" or not info.get("Pid"):
+        if info["State"] != "ALIVE" or not info.get("Pid") or info.get("JobID") != job:
             continue
         try:
             title = " ".join(psutil.Process(info["Pid"]).cmdline())
@@ -221,37 +330,37 @@ def stage_actor_pids(stage: str) -> list[int]:
     return pids
 
 
+def kill_stage(stage: str) -> list[int]:
+    """SIGKILL every alive actor of one stage: an honest actor death, the worker process is gone."""
+    victims = stage_actor_pids(stage)
+    assert victims, f"no {stage} actor left to kill"
+    for pid in victims:
+        os.kill(pid, signal.SIGKILL)
+    return victims
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", ["GeneratorStage", "ScorerStage"])
-def test_killed_actor_is_restarted_and_every_row_lands_once(ray_session, tmp_path, stage):
+def test_killed_scorer_and_then_killed_generator_are_restarted_and_every_row_lands_once(ray_session, tmp_path):
+    """One run, two actor deaths: the scorer's actor as soon as it is up (its prompts are still to be scored: it
+    finishes them all within about half a second of the first committed part, so it is killed before that), then
+    the generator's once the next part has landed after it (mid-run: some rows committed, others on their way).
+    Pixel raters run inside the generator, so no rater actor is left to kill."""
     corpus = write_txt(tmp_path / "prompts.txt", PROMPTS[:12])
     output = Output(str(tmp_path / "out"))
     run = Background(small_config(corpus, output.uri, scorer_batch_size=2))
-    wait_for(lambda: stage_actor_pids(stage), TIMEOUT_S, f"a {stage} actor", run.thread)
-    if stage == "GeneratorStage":  # mid-run: some rows are committed, others are on their way
-        wait_for(lambda: parts(output) >= 1, TIMEOUT_S, "the first manifest part", run.thread)
-    victims = stage_actor_pids(stage)
-    for pid in victims:
-        os.kill(pid, signal.SIGKILL)  # an honest actor death: the worker process is gone
+    wait_for(lambda: stage_actor_pids("ScorerStage"), TIMEOUT_S, "a ScorerStage actor", run.thread)
+    committed = parts(output)
+    kill_stage("ScorerStage")
+    wait_for(lambda: parts(output) > committed, TIMEOUT_S, "the next manifest part", run.thread)
+    kill_stage("GeneratorStage")
     run.join()
     assert run.error is None, repr(run.error)
     assert run.result["images"] == 24
     assert_clean(output, rows=24)
 
 
-# --- node removal -----------------------------------------------------------------------------------------------
-
-
-@pytest.mark.slow
-def test_removed_worker_node_the_job_still_finishes(ray_session, tmp_path):
-
-    env = private_ray_env(SEEDSIFT_CACHE=os.environ["SEEDSIFT_CACHE"])
-    env["RAY_AUTH_MODE"] = "disabled"
-    out = tmp_path / "out"
-    result = run_cluster_script("cluster_failover.py", out, env, TIMEOUT_S)
-    assert result["removed_node_had_generator"], json.dumps(result)
-    assert result["summary_images"] == result["expected_rows"]
-    assert_clean(Output(str(out)), rows=result["expected_rows"])
+# Node removal lives in tests/test_cluster.py: one cluster run (tests/cluster_failover.py) serves placement and
+# failover.
 
 
 # --- S3 outages -------------------------------------------------------------------------------------------------
@@ -298,46 +407,55 @@ def s3_output(endpoint: Endpoint, **extra) -> Output:
 
 @pytest.mark.slow
 def test_s3_outage_is_ridden_out_by_retries(ray_session, own_endpoint, tmp_path):
-    corpus = write_txt(tmp_path / "prompts.txt", PROMPTS[:12])
+    """A 4 s outage after the first committed part, while the run goes on (8 prompts, 16 rows: 4 generator batches,
+    so 3 are still to be committed), is ridden out by the store's retries: the run finishes strict-clean."""
+    corpus = write_txt(tmp_path / "prompts.txt", PROMPTS[:8])
     output = s3_output(own_endpoint)
     run = Background(small_config(corpus, output.uri, storage_options=output.storage_options))
     wait_for(lambda: parts(output) >= 1, TIMEOUT_S, "the first manifest part", run.thread)
     own_endpoint.stop()
-    time.sleep(4)
+    mid_run = run.thread.is_alive()
+    time.sleep(4)  # the outage: shorter than the retries last
     own_endpoint.start()
+    assert mid_run, "the run ended before the outage began"
     run.join()
     assert run.error is None, repr(run.error)
-    assert_clean(output, rows=24)
+    assert_clean(output, rows=16)
 
 
 @pytest.mark.slow
 def test_s3_outage_longer_than_retries_fails_clearly_and_the_rerun_resumes(ray_session, own_endpoint, tmp_path):
-    corpus = write_txt(tmp_path / "prompts.txt", PROMPTS[:12])
+    """An outage from the first committed part on, longer than the (shortened) retries: the run fails naming the
+    output and the rerun; once the store is back, the same run resumes, skipping what was committed."""
+    corpus = write_txt(tmp_path / "prompts.txt", PROMPTS[:8])
     short = {"config_kwargs": {"retries": {"max_attempts": 2, "mode": "standard"}, "connect_timeout": 1}}
     output = s3_output(own_endpoint, **short)
     run = Background(small_config(corpus, output.uri, storage_options=output.storage_options))
     wait_for(lambda: parts(output) >= 1, TIMEOUT_S, "the first manifest part", run.thread)
     own_endpoint.stop()
+    mid_run = run.thread.is_alive()
     try:
         run.join()
     finally:
         own_endpoint.start()
+    assert mid_run, "the run ended before the outage began"
     assert run.error is not None, "the run finished although the store was down"
     assert output.uri in str(run.error) and "rerun the same command" in str(run.error), str(run.error)[-2000:]
 
     summary = pipeline.run(small_config(corpus, output.uri, storage_options=output.storage_options))
-    assert summary["images"] == 24 and summary["this_run"]["skipped_already_committed"] > 0
-    assert_clean(output, rows=24)
+    assert summary["images"] == 16 and summary["this_run"]["skipped_already_committed"] > 0
+    assert_clean(output, rows=16)
 
 
 # --- a full disk --------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.slow
-def test_full_disk_fails_in_one_line_and_the_rerun_finishes_clean(ray_session, tmp_path):
+def test_full_disk_fails_in_one_line_and_the_rerun_finishes_clean(ray_session, tmp_path, capfd):
     """The output on a small tmpfs that fills mid-run: exit 3 with one line naming the output and the rerun; once
-    the disk is larger, the same command finishes, sweeping the failed writers' temporaries: strict-clean. Each run
-    is the CLI in its own process with its own Ray, as a user or scheduler runs it."""
+    the disk is larger, the same command finishes, sweeping the failed writers' temporaries: strict-clean. The
+    failing run is the CLI in its own process, joined to the session's Ray as a cluster's job is; the rerun is the
+    same command through jobs.cli.main in this process."""
     from orchestrator.embedded import resolve_model
 
     resolve_model("embedded:tiny-sd")  # built into the session cache before the job uses it
@@ -345,26 +463,30 @@ def test_full_disk_fails_in_one_line_and_the_rerun_finishes_clean(ray_session, t
     disk.mkdir()
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96k", "tmpfs", str(disk)], capture_output=True).returncode:
         pytest.skip("mounting a tmpfs needs root")
-    env = private_ray_env(SEEDSIFT_CACHE=os.environ["SEEDSIFT_CACHE"])
+    env = session_ray_env(SEEDSIFT_CACHE=os.environ["SEEDSIFT_CACHE"])
     try:
         corpus = write_txt(tmp_path / "prompts.txt", PROMPTS)
         out = str(disk / "out")
-        command = [sys.executable, "-m", "jobs.cli", "generate", "--prompts", corpus, "--out", out, "--candidates", "4",
-                   "--keep", "2", "--steps", "2", "--guidance", "3.0", "--batch-size", "4", "--generator-cpus", "1",
-                   "--shard-size", "4"]
-        full = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
-        assert full.returncode == 3, full.stderr[-3000:]
-        last = [line for line in full.stderr.splitlines() if line.strip()][-1]
-        assert out in last and "rerun the same command" in last, full.stderr[-3000:]
-        assert "Traceback" not in full.stderr + full.stdout, full.stderr[-3000:]
+        command = ["generate", "--prompts", corpus, "--out", out, "--candidates", "4", "--keep", "2", "--steps", "2",
+                   "--guidance", "3.0", "--batch-size", "4", "--generator-cpus", "1", "--shard-size", "4"]
+        full = subprocess.Popen([sys.executable, "-m", "jobs.cli", *command], cwd=REPO_ROOT, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            stdout, stderr = full.communicate(timeout=TIMEOUT_S)
+        finally:
+            kill_group(full)  # only if it is still there (a timeout): its driver
+        wait_for_job_end(full.pid)  # nothing of the failed run writes any more
+        assert full.returncode == 3, stderr[-3000:]
+        last = [line for line in stderr.splitlines() if line.strip()][-1]
+        assert out in last and "rerun the same command" in last, stderr[-3000:]
+        assert "Traceback" not in stderr + stdout, stderr[-3000:]
         partial = verify_output(out)
         assert partial["clean"] and partial["committed_rows"] < 32, partial  # nothing doubled or half-written
         subprocess.run(["mount", "-o", "remount,size=16m", str(disk)], check=True)
-        rerun = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
-        assert rerun.returncode == 0, rerun.stderr[-3000:]
+        status, _, err = run_here("cli", command, capfd)
+        assert status == 0, err[-3000:]
         assert_clean(Output(out), rows=32)
     finally:
-        stop_private_ray(env["RAY_TMPDIR"])
         subprocess.run(["umount", "-l", str(disk)], capture_output=True)
 
 

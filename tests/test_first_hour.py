@@ -25,7 +25,7 @@ from PIL import Image
 
 from tests.conftest import REPO_ROOT
 from tests.helpers_manifest import manifest_frame
-from tests.helpers_ray import private_ray_env
+from tests.helpers_ray import private_ray_env, session_ray_env
 
 NOISE = ("INFO", "Running Dataset", "logging_progress", "core_worker", "torchvision", "Token authentication",
          "RayDeprecationWarning", "DeprecationWarning", "Loading weights", "MapBatches")
@@ -33,9 +33,10 @@ FAST = ["--candidates", "2", "--keep", "1", "--steps", "2", "--guidance", "3.0",
         "--generator-cpus", "1"]
 
 
-def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def cli(*args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """The CLI in a subprocess: with a Ray of its own, as a user's local run, unless `env` says otherwise."""
     return subprocess.run([sys.executable, "-m", "jobs.cli", *args], cwd=REPO_ROOT, capture_output=True, text=True,
-                          timeout=timeout, env=private_ray_env())
+                          timeout=timeout, env=env or private_ray_env())
 
 
 def in_a_terminal(*args: str, timeout: float = 300) -> tuple[int, str]:
@@ -78,15 +79,23 @@ def mixed_corpus(tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_common_corpora_run_end_to_end_from_one_folder(mixed_corpus, tmp_path):
+    """A local run (the CLI with a Ray of its own) over a folder of every common corpus shape, with --json: stdout
+    is nothing but the JSON summary, and none of Ray's or the libraries' noise reaches stderr."""
     out = tmp_path / "out"
     result = cli("generate", "--prompts", str(mixed_corpus), "--out", str(out), *FAST, "--json", timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout)  # nothing but the JSON on stdout
+    assert summary["images"] == 13 and summary["output"].endswith("/out"), summary
+    assert not any(noise in result.stderr for noise in NOISE), result.stderr[-2000:]
     rows = manifest_frame(str(out))
     assert (rows.status == "ok").all(), rows[rows.status != "ok"][["source", "error"]]
+    assert len(rows) == summary["images"]
     by_file = rows.source.str.rsplit(":", n=1).str[0].value_counts().to_dict()
     assert by_file == {"drawbench.csv": 2, "lines.txt.gz": 2, "objects.jsonl.gz": 2, "more.tsv.bz2": 2,
                        "parquet/coco.parquet": 2, "parquet/laion.parquet": 2, "extra.txt.zst": 1}
-    assert {"j1", "j2", "u1", "u2"} <= set(rows.prompt_id)  # id columns found by name, case ignored
+    # Id columns found by name, case ignored; in a folder, each id is its file's (qualified by the file's name).
+    assert {"objects.jsonl.gz#j1", "objects.jsonl.gz#j2", "parquet/laion.parquet#u1",
+            "parquet/laion.parquet#u2"} <= set(rows.prompt_id), sorted(rows.prompt_id)
     assert "A storefront with 'Hello World' written on it." in set(rows.prompt)
 
 
@@ -117,7 +126,6 @@ def twelve(tmp_path_factory) -> Path:
     return corpus
 
 
-@pytest.mark.slow
 def test_an_unexpected_failure_is_one_line_with_status_1_and_its_traceback_in_the_log(tmp_path, monkeypatch, capfd):
     """Whatever else breaks inside a run (a bug, Ray itself) ends in one console line with status 1, saying that the
     same command resumes and where the traceback is; the traceback goes to that log, not to the console."""
@@ -152,7 +160,8 @@ def test_the_console_shows_images_done_and_a_short_summary_not_ray(twelve, tmp_p
     assert re.search(r"images: 100%\|.*\| 12/12 \[.*(img/s|s/img), failed=0 quarantined=1\]", screen), screen[-2000:]
     assert "done: 12 images for 12 prompts" in screen
     assert "1 quarantined (1 prompt is empty or whitespace only)" in screen
-    assert "denoising steps: 24 spent; best-of-2 would have spent 48 (50% saved)" in screen
+    assert ("denoising steps: 24 spent; rendering all 2 candidates and keeping the best would spend 48, and score "
+            "higher: no saving at equal quality is claimed") in screen
     assert f"report: {out}/report.html" in screen
     check_report(out, images=12)
     for noise in NOISE:
@@ -163,13 +172,11 @@ def test_the_console_shows_images_done_and_a_short_summary_not_ray(twelve, tmp_p
 
 
 @pytest.mark.slow
-def test_json_prints_the_summary_and_verbose_shows_rays_logs(twelve, tmp_path):
-    quiet = cli("generate", "--prompts", str(twelve), "--out", str(tmp_path / "a"), *FAST, "--json", timeout=600)
-    assert quiet.returncode == 0, quiet.stderr[-3000:]
-    summary = json.loads(quiet.stdout)  # nothing but the JSON on stdout
-    assert summary["images"] == 12 and summary["output"].endswith("/a")
-    assert not any(noise in quiet.stderr for noise in NOISE), quiet.stderr[-2000:]
-    loud = cli("generate", "--prompts", str(twelve), "--out", str(tmp_path / "b"), *FAST, "--verbose", timeout=600)
+def test_verbose_shows_rays_logs(ray_session, twelve, tmp_path):
+    """--verbose lets Ray's INFO lines through to stderr; the summary still goes to stdout. (--json's quiet half is
+    checked by the mixed-corpus run.) The CLI joins the session's Ray, as an --address run joins a cluster."""
+    loud = cli("generate", "--prompts", str(twelve), "--out", str(tmp_path / "b"), *FAST, "--verbose", timeout=600,
+               env=session_ray_env())
     assert loud.returncode == 0, loud.stderr[-3000:]
     assert "INFO" in loud.stderr and "done: 12 images" in loud.stdout
 
