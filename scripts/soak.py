@@ -294,7 +294,8 @@ class Soak:
         at = time.time() - run.started
         committed = committed_rows(out, None)
         os.killpg(run.process.pid, signal.SIGKILL)  # not waited for: the driver stays a zombie, its lease on disk
-        while psutil.Process(run.process.pid).status() != psutil.STATUS_ZOMBIE:
+        deadline = time.time() + 10
+        while psutil.Process(run.process.pid).status() != psutil.STATUS_ZOMBIE and time.time() < deadline:
             time.sleep(0.01)
         reruns = self.runner.complete(out, attempts=1)  # at once, and once: a refusal (exit 4) is the failure
         status = run.stop()  # now reap the zombie and sweep what its Ray left

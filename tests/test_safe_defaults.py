@@ -201,17 +201,19 @@ def test_a_stage_that_cannot_be_placed_is_named_with_what_the_cluster_has(ray_se
     said = []
     watch = StallWatch(ShardLedger(), plan_resources(GenerateConfig(prompts="p.txt", out="o"),
                                                      ray.cluster_resources(), 1, False), said.append, every=0.2)
-    try:
-        deadline = time.time() + 30
-        while not said and time.time() < deadline:
+    try:  # Ray reports pending demands a moment after the actor table shows the actor: wait for a line with both
+        deadline = time.time() + 60
+        while not any("CPU 999" in line and "CPU 1000" in line for line in said) and time.time() < deadline:
             time.sleep(0.1)
+        seen = list(said)  # before anything is killed: a line the watch writes after that describes another state
     finally:
         watch.stop()
         ray.kill(actor)
         ray.cancel(task, force=True)
-    assert said and "waiting for the cluster to place" in said[0] and "TooBigStage" in said[0], said
-    assert "1 x CPU 999" in said[0] and "1 x CPU 1000" in said[0], said  # Ray's pending demands, tasks too
-    assert "CPU" in said[0] and "free" in said[0], said
+    assert seen and all("waiting for the cluster to place" in line and "TooBigStage" in line for line in seen), seen
+    line = seen[-1]
+    assert "1 x CPU 999" in line and "1 x CPU 1000" in line, seen  # Ray's pending demands, tasks too
+    assert "CPU" in line and "free" in line, seen
 
 
 def test_candidates_are_scored_in_memory_that_does_not_grow_with_n(ray_session, monkeypatch):
