@@ -11,7 +11,7 @@ echo "start: $(uptime)"
 $PY benchmarks/bench_selection.py          # figure 2: scoring 16 candidates vs rendering one SD 1.5 image
 # figure 1: seedsift generate vs a plain diffusers loop. 1 torch thread on both sides: on a shared 2-core machine
 # two-thread runs mostly measure the neighbours (OpenMP barriers stall when one thread is preempted); drop the flag
-# on a quiet machine to measure the pipeline's local default (generator_cpus = the cores).
+# on a quiet machine to measure the pipeline's local default (a CPU generator gets all cores but one).
 $PY benchmarks/bench_overhead.py --generator-cpus 1
 $PY benchmarks/bench_embeddings.py         # figure 3: prompt embeddings from the scorer, no text encoder in the generator
 # figure 4: 10k -> 1M prompts (scoring runs capped at 120 s each), cluster placement, 1 vs 2 generators
