@@ -92,6 +92,12 @@ class Background:
         return self
 
 
+def images_written(output: Output) -> int:
+    """Image files under a local output: a count that only grows while a run goes on."""
+    folder = Path(output.uri) / "images"
+    return sum(1 for path in folder.rglob("*.png")) if folder.exists() else 0
+
+
 def parts(output: Output) -> int:
     try:
         return len(output.list_keys("manifest", ".parquet"))
@@ -330,9 +336,10 @@ def stage_actor_pids(stage: str) -> list[int]:
     return pids
 
 
-def kill_stage(stage: str) -> list[int]:
-    """SIGKILL every alive actor of one stage: an honest actor death, the worker process is gone."""
-    victims = stage_actor_pids(stage)
+def kill_stage(stage: str, spare: frozenset = frozenset()) -> list[int]:
+    """SIGKILL every alive actor of one stage (but the `spare` pids: another run's): an honest actor death, the
+    worker process is gone."""
+    victims = [pid for pid in stage_actor_pids(stage) if pid not in spare]
     assert victims, f"no {stage} actor left to kill"
     for pid in victims:
         os.kill(pid, signal.SIGKILL)
@@ -341,22 +348,24 @@ def kill_stage(stage: str) -> list[int]:
 
 @pytest.mark.slow
 def test_killed_scorer_and_then_killed_generator_are_restarted_and_every_row_lands_once(ray_session, tmp_path):
-    """One run, two actor deaths: the scorer's actor as soon as it is up (its prompts are still to be scored: it
-    finishes them all within about half a second of the first committed part, so it is killed before that), then
-    the generator's once the next part has landed after it (mid-run: some rows committed, others on their way).
-    Pixel raters run inside the generator, so no rater actor is left to kill."""
-    corpus = write_txt(tmp_path / "prompts.txt", PROMPTS[:12])
+    """One run of 16 prompts, two actor deaths: the scorer's actor as soon as it is up (its prompts are still to
+    be scored: it finishes them all within about half a second of the first committed part, so it is killed before
+    that), then the generator's once new images have landed after that (mid-run: some rows committed, others on
+    their way). Pixel raters run inside the generator, so no rater actor is left to kill."""
+    corpus = write_txt(tmp_path / "prompts.txt", PROMPTS)
     output = Output(str(tmp_path / "out"))
+    # Actors an earlier run of this session may still be ending are not this run's: spared, never waited on.
+    earlier = frozenset(stage_actor_pids("ScorerStage") + stage_actor_pids("GeneratorStage"))
     run = Background(small_config(corpus, output.uri, scorer_batch_size=2))
-    wait_for(lambda: stage_actor_pids("ScorerStage"), TIMEOUT_S, "a ScorerStage actor", run.thread)
-    committed = parts(output)
-    kill_stage("ScorerStage")
-    wait_for(lambda: parts(output) > committed, TIMEOUT_S, "the next manifest part", run.thread)
-    kill_stage("GeneratorStage")
+    wait_for(lambda: set(stage_actor_pids("ScorerStage")) - earlier, TIMEOUT_S, "a ScorerStage actor", run.thread)
+    made = images_written(output)  # a count that only grows (parts are compacted away, images never are)
+    kill_stage("ScorerStage", spare=earlier)
+    wait_for(lambda: images_written(output) > made, TIMEOUT_S, "the next committed images", run.thread)
+    kill_stage("GeneratorStage", spare=earlier)
     run.join()
     assert run.error is None, repr(run.error)
-    assert run.result["images"] == 24
-    assert_clean(output, rows=24)
+    assert run.result["images"] == 2 * len(PROMPTS)
+    assert_clean(output, rows=2 * len(PROMPTS))
 
 
 # Node removal lives in tests/test_cluster.py: one cluster run (tests/cluster_failover.py) serves placement and
