@@ -32,7 +32,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from orchestrator import images as image_layout
-from orchestrator.storage import Output
+from orchestrator.storage import LOCK_SUFFIX, PROBE_PREFIX, Output
 from orchestrator.summary import shard_stats
 
 logger = logging.getLogger("seedsift")
@@ -254,10 +254,13 @@ class Manifest:
         write. A killed run's lease, taken before its run.json was written, counts as seedsift's."""
         from orchestrator.lease import LEASE_FILE
 
-        if self.holds_a_run():
-            return
-        foreign = [name for name in self.output.top_level() if name != LEASE_FILE]
-        if foreign:
+        # Another run starting into the same output at the same moment may have taken the lease (and its lock) and
+        # be probing the store, its run.json not written yet: those names are seedsift's, never a user's. The
+        # listing comes first and the run check after it, so a run.json that appears in between is read, not
+        # mistaken for a user's file.
+        own = {LEASE_FILE, LEASE_FILE + LOCK_SUFFIX}
+        foreign = [name for name in self.output.top_level() if name not in own and not name.startswith(PROBE_PREFIX)]
+        if foreign and not self.holds_a_run():
             from orchestrator.config import ConfigError
 
             shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")

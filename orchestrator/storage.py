@@ -29,6 +29,8 @@ S3_DEFAULTS = {
     "config_kwargs": {"retries": {"max_attempts": 10, "mode": "standard"}, "connect_timeout": 5, "read_timeout": 60},
 }
 TEMPORARY_MARK = ".tmp-"  # local writes go to `<key>.tmp-<uuid>` first, then os.replace
+PROBE_PREFIX = ".seedsift-probe-"  # check_writable's probe object, deleted at once
+LOCK_SUFFIX = ".lock"  # beside a local object replaced under a lock (replace_if_version)
 IO_THREADS = 16  # concurrent small reads (manifest footers, parts): object stores answer many requests at once
 
 
@@ -180,7 +182,7 @@ class Output:
         if self.is_local:
             import fcntl
 
-            with open(f"{path}.lock", "a+b") as lock:
+            with open(f"{path}{LOCK_SUFFIX}", "a+b") as lock:
                 fcntl.flock(lock, fcntl.LOCK_EX)
                 try:
                     with open(path, "rb") as f:
@@ -323,7 +325,7 @@ class Output:
 
     def check_writable(self) -> None:
         """Fail early with a clear message when the output cannot be written (missing bucket, no permission, offline)."""
-        probe = f".seedsift-probe-{uuid.uuid4().hex}"
+        probe = f"{PROBE_PREFIX}{uuid.uuid4().hex}"
         try:
             self.write_bytes(probe, b"probe")
             self.fs.rm_file(self.path(probe))

@@ -323,9 +323,10 @@ def stage_actor_pids(stage: str) -> list[int]:
     import ray
 
     pids = []
-    job = ray.get_runtime_context().get_job_id()
-    for info in ray._private.state.actors().values():
-        if info["State"] != "ALIVE" or not info.get("Pid") or info.get("JobID") != job:
+    job = ray.get_runtime_context().job_id
+    # Filtered by the GCS: this session's table holds every actor of every earlier run, most of them dead.
+    for info in ray._private.state.actors(job_id=job, actor_state_name="ALIVE").values():
+        if not info.get("Pid"):
             continue
         try:
             title = " ".join(psutil.Process(info["Pid"]).cmdline())
@@ -361,6 +362,8 @@ def test_killed_scorer_and_then_killed_generator_are_restarted_and_every_row_lan
     made = images_written(output)  # a count that only grows (parts are compacted away, images never are)
     kill_stage("ScorerStage", spare=earlier)
     wait_for(lambda: images_written(output) > made, TIMEOUT_S, "the next committed images", run.thread)
+    wait_for(lambda: set(stage_actor_pids("GeneratorStage")) - earlier, TIMEOUT_S, "an alive GeneratorStage actor",
+             run.thread)
     kill_stage("GeneratorStage", spare=earlier)
     run.join()
     assert run.error is None, repr(run.error)

@@ -80,6 +80,23 @@ def test_a_folder_of_someone_elses_files_is_refused_and_left_untouched(tmp_path)
     assert checked.returncode == 2 and "holds no seedsift run" in checked.stderr, checked.stderr
 
 
+def test_another_run_starting_at_the_same_moment_is_not_taken_for_a_users_files(tmp_path):
+    """Two runs started together into a new output: the first has taken the lease and is probing the store, its
+    run.json not written yet. The second must see seedsift's own names there (and then wait for or be refused the
+    lease), not a folder of someone else's files: the race test on S3 found this."""
+    from orchestrator.manifest import Manifest
+    from orchestrator.storage import LOCK_SUFFIX, PROBE_PREFIX
+
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in (LEASE_FILE, LEASE_FILE + LOCK_SUFFIX, f"{PROBE_PREFIX}0123abcd"):
+        (out / name).write_bytes(b"{}")
+    Manifest(Output(str(out))).check_may_write()  # no error
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(Exception, match="holds files seedsift did not write .notes.txt."):
+        Manifest(Output(str(out))).check_may_write()
+
+
 @pytest.mark.parametrize("flags", [[], ["--strict"], ["--repair"]])
 def test_verify_of_something_that_is_no_output_says_so_and_creates_nothing(tmp_path, flags):
     corpus = tmp_path / "corpus"
