@@ -348,27 +348,23 @@ def kill_stage(stage: str, spare: frozenset = frozenset()) -> list[int]:
 
 
 @pytest.mark.slow
-def test_killed_scorer_and_then_killed_generator_are_restarted_and_every_row_lands_once(ray_session, tmp_path):
-    """One run of 16 prompts, two actor deaths: the scorer's actor as soon as it is up (its prompts are still to
-    be scored: it finishes them all within about half a second of the first committed part, so it is killed before
-    that), then the generator's once new images have landed after that (mid-run: some rows committed, others on
-    their way). Pixel raters run inside the generator, so no rater actor is left to kill."""
-    corpus = write_txt(tmp_path / "prompts.txt", PROMPTS)
+@pytest.mark.parametrize("stage", ["GeneratorStage", "ScorerStage"])
+def test_killed_actor_is_restarted_and_every_row_lands_once(ray_session, tmp_path, stage):
+    """One stage's actor SIGKILLed mid-run (the generator once rows are committed): Ray restarts it and every row
+    lands once. (One run killing the scorer and then the generator was tried, and in the full slow tier it could
+    not always find the generator alive after the scorer's restart; two runs are slower and certain.) Pixel raters
+    run inside the generator, so no rater actor is left to kill."""
+    corpus = write_txt(tmp_path / "prompts.txt", PROMPTS[:12])
     output = Output(str(tmp_path / "out"))
-    # Actors an earlier run of this session may still be ending are not this run's: spared, never waited on.
-    earlier = frozenset(stage_actor_pids("ScorerStage") + stage_actor_pids("GeneratorStage"))
     run = Background(small_config(corpus, output.uri, scorer_batch_size=2))
-    wait_for(lambda: set(stage_actor_pids("ScorerStage")) - earlier, TIMEOUT_S, "a ScorerStage actor", run.thread)
-    made = images_written(output)  # a count that only grows (parts are compacted away, images never are)
-    kill_stage("ScorerStage", spare=earlier)
-    wait_for(lambda: images_written(output) > made, TIMEOUT_S, "the next committed images", run.thread)
-    wait_for(lambda: set(stage_actor_pids("GeneratorStage")) - earlier, TIMEOUT_S, "an alive GeneratorStage actor",
-             run.thread)
-    kill_stage("GeneratorStage", spare=earlier)
+    wait_for(lambda: stage_actor_pids(stage), TIMEOUT_S, f"a {stage} actor", run.thread)
+    if stage == "GeneratorStage":  # mid-run: some rows are committed, others are on their way
+        wait_for(lambda: images_written(output) >= 1, TIMEOUT_S, "the first committed images", run.thread)
+    kill_stage(stage)
     run.join()
     assert run.error is None, repr(run.error)
-    assert run.result["images"] == 2 * len(PROMPTS)
-    assert_clean(output, rows=2 * len(PROMPTS))
+    assert run.result["images"] == 24
+    assert_clean(output, rows=24)
 
 
 # Node removal lives in tests/test_cluster.py: one cluster run (tests/cluster_failover.py) serves placement and
