@@ -466,11 +466,9 @@ def _stream(plan: RunPlan, files: list[CorpusFile], manifest: Manifest, state: O
                 trace.mark("driver", "first rows committed")
             compactions.collect()
         compactions.collect(wait=True)
-        watch.stop()
         if progress is not None:
             progress.close()
     except Exception as exc:
-        watch.stop()
         # An index that could not load the output fails the filter's start: say what the load met (a damaged
         # manifest object, the store) rather than the filter's death.
         indexes.wait_loaded()
@@ -479,6 +477,8 @@ def _stream(plan: RunPlan, files: list[CorpusFile], manifest: Manifest, state: O
         if cause is not None:
             raise cause from exc
         raise
+    finally:
+        watch.stop()  # whatever ends the stream: no stall line after it
     return finish(manifest, plan, state, compactions.records, ledger, started, first_commit)
 
 
