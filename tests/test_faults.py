@@ -62,14 +62,14 @@ def assert_clean(output: Output, rows: int) -> dict:
     return report
 
 
-def wait_for(condition, timeout: float, what: str, thread: threading.Thread | None = None) -> None:
+def wait_for(condition, timeout: float, what: str, thread: threading.Thread | None = None, poll: float = 0.1) -> None:
     deadline = time.time() + timeout
     while not condition():
         if thread is not None and not thread.is_alive():
             pytest.fail(f"the run ended before {what}")
         if time.time() > deadline:
             pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.1)
+        time.sleep(poll)
 
 
 class Background:
@@ -337,16 +337,6 @@ def stage_actor_pids(stage: str) -> list[int]:
     return pids
 
 
-def kill_stage(stage: str, spare: frozenset = frozenset()) -> list[int]:
-    """SIGKILL every alive actor of one stage (but the `spare` pids: another run's): an honest actor death, the
-    worker process is gone."""
-    victims = [pid for pid in stage_actor_pids(stage) if pid not in spare]
-    assert victims, f"no {stage} actor left to kill"
-    for pid in victims:
-        os.kill(pid, signal.SIGKILL)
-    return victims
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", ["GeneratorStage", "ScorerStage"])
 def test_killed_actor_is_restarted_and_every_row_lands_once(ray_session, tmp_path, stage):
@@ -354,17 +344,29 @@ def test_killed_actor_is_restarted_and_every_row_lands_once(ray_session, tmp_pat
     lands once. (One run killing the scorer and then the generator was tried, and in the full slow tier it could
     not always find the generator alive after the scorer's restart; two runs are slower and certain.) Pixel raters
     run inside the generator, so no rater actor is left to kill."""
-    corpus = write_txt(tmp_path / "prompts.txt", PROMPTS[:12])
+    corpus = write_txt(tmp_path / "prompts.txt", PROMPTS[:16])
     output = Output(str(tmp_path / "out"))
     run = Background(small_config(corpus, output.uri, scorer_batch_size=2))
     wait_for(lambda: stage_actor_pids(stage), TIMEOUT_S, f"a {stage} actor", run.thread)
-    if stage == "GeneratorStage":  # mid-run: some rows are committed, others are on their way
-        wait_for(lambda: images_written(output) >= 1, TIMEOUT_S, "the first committed images", run.thread)
-    kill_stage(stage)
+    victims = stage_actor_pids(stage)
+    if stage == "GeneratorStage":
+        # Mid-run: some rows committed, others on their way. The pids are looked up once, before the first image
+        # (a GCS query is slow next to a batch of the tiny pipeline, and the landing machine once finished every
+        # batch between the first image and the lookup); from the first image on only a file count stands
+        # between the test and the kill.
+        wait_for(lambda: images_written(output) >= 1, TIMEOUT_S, "the first committed images", run.thread, poll=0.01)
+    assert victims, f"no {stage} actor to kill"
+    for pid in victims:  # an honest actor death: the worker process is gone
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pytest.fail(f"the {stage} actor had ended before the kill: the run outran the test")
+    written_at_kill = images_written(output)
     run.join()
     assert run.error is None, repr(run.error)
-    assert run.result["images"] == 24
-    assert_clean(output, rows=24)
+    assert written_at_kill < 32, "every image was written before the kill: the test killed nothing that mattered"
+    assert run.result["images"] == 32
+    assert_clean(output, rows=32)
 
 
 # Node removal lives in tests/test_cluster.py: one cluster run (tests/cluster_failover.py) serves placement and
