@@ -31,7 +31,7 @@ class ScorerStage:
     """Ray Data callable class: one instance per scorer actor, holding the text encoder (and the predictor)."""
 
     def __init__(self, plan: ScoringPlan, *, predictor_files: list | None = None, manifest: Manifest | None = None,
-                 committed_shards: frozenset = frozenset(), num_threads: int = 1):
+                 committed_shards: frozenset = frozenset(), num_threads: int = 1, light: bool = True):
         trace.mark("scorer", "process", trace.process_started())
         trace.mark("scorer", "init")
         import torch  # here, in the actor: the driver imports this module to build the graph, and needs no torch
@@ -56,7 +56,8 @@ class ScorerStage:
                                                   source=plan.predictor_source)
         self.first_call = trace.FirstCall("scorer")
         trace.mark("scorer", "ready")
-        give_way_to_generators()  # once loaded: the first image waits for this load
+        if light:  # an actor of its own (not one that also renders, actors/local.py)
+            give_way_to_generators()  # once loaded: the first image waits for this load
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         with self.first_call:

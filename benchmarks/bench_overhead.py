@@ -203,7 +203,7 @@ def compare(model: str, size: int, steps: int, count: int, args, tmp: str, sampl
              "--width", str(size), "--height", str(size), "--generator-cpus", str(threads), "--json"] + common,
             out_seedsift, env=env)
     sampled["seedsift"] = sampling
-    summary = json.loads(stdout)
+    summary = json.loads(stdout.replace(tmp, "TMP"))  # the results are committed: no path of this machine
     leftovers = [] if address else leftover_processes(ray_tmp)
     load_after = os.getloadavg()[0]
     same = compare_images(out_plain, out_seedsift)

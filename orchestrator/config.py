@@ -71,6 +71,9 @@ class GenerateConfig:
     budget_images: int | None = None  # or a total for the corpus, turned into renders per prompt by a counting pass
     preview: int | None = None  # preview policy: candidates (of N, the predictor's best) that run the first steps
     preview_steps: int | None = None  # preview policy: steps each of them runs before the best one continues
+    # One actor scores and renders (actors/local.py): None decides by the cluster (one node, no GPU, one generator
+    # and one scorer); the API and the tests may force either graph.
+    one_actor: bool | None = None
 
     def __post_init__(self) -> None:
         self.validate()

@@ -20,6 +20,7 @@ import ray
 from actors import trace
 from actors.generator import GeneratorStage
 from actors.light import give_way_to_generators
+from actors.local import ScoreAndRenderStage
 from actors.rater import RaterStage
 from actors.scorer import ScorerStage
 from orchestrator.config import ConfigError, GenerateConfig
@@ -192,16 +193,18 @@ class Resources:
     light_cpus: float  # each read, duplicate filter, index, sink and compaction task or actor
     scale: float = 1.0  # below 1: every CPU request shrunk by this to fit the cluster
     cluster_cpus: float = 0.0
+    one_actor: bool = False  # the scorer inside the generator's actor (actors/local.py), scorer_cpus 0
 
     def describe(self) -> str:
-        return (f"generators {self.generator_cpus:.2g} CPU + {self.generator_gpus:g} GPU each, scorers "
-                f"{self.scorer_cpus:.2g} CPU, rater {self.rater_cpus:.2g} CPU, reading and writing "
-                f"{self.light_cpus:.2g} CPU a task")
+        scorers = "scoring in the generator" if self.one_actor else f"scorers {self.scorer_cpus:.2g} CPU"
+        return (f"generators {self.generator_cpus:.2g} CPU + {self.generator_gpus:g} GPU each, {scorers}, "
+                f"rater {self.rater_cpus:.2g} CPU, reading and writing {self.light_cpus:.2g} CPU a task")
 
 
-def plan_resources(config: GenerateConfig, cluster: dict, buckets: int, model_rater: bool) -> Resources:
+def plan_resources(config: GenerateConfig, cluster: dict, buckets: int, model_rater: bool, nodes: int = 1) -> Resources:
     """Per-stage requests: a whole GPU per generator where the cluster has GPUs, else all cores but one; the light
-    stages their configured shares. When the sum is more than the cluster's CPUs (a 2-CPU `ray start --head`, which
+    stages their configured shares. On one node without a GPU, with one generator and one scorer, the scorer works
+    inside the generator's actor (actors/local.py) and asks for nothing of its own. When the sum is more than the cluster's CPUs (a 2-CPU `ray start --head`, which
     0.2 deadlocked: the last read task could never be placed), every CPU request is scaled down to fit.
 
     A CPU generator's CPUs are also its torch threads. The core left over is the light stages': on 2 cores one
@@ -220,14 +223,18 @@ def plan_resources(config: GenerateConfig, cluster: dict, buckets: int, model_ra
         # A local Ray declares the cores plus two (local_ray_options): the cores less one, shared by the generators.
         cpus = 2.0 if gpus > 0 else max(1.0, (cluster.get("CPU", 1) - 3) // config.generators)
     rater = config.rater_cpus if model_rater else 0.0
-    demand = (config.generators * cpus + config.scorers * config.scorer_cpus + rater
+    one_actor = config.one_actor
+    if one_actor is None:
+        one_actor = gpus == 0 and nodes == 1 and config.generators == 1 and config.scorers == 1
+    scorers = 0.0 if one_actor else config.scorers * config.scorer_cpus
+    demand = (config.generators * cpus + scorers + rater
               + (1 + buckets + TASK_SLOTS) * READ_CPUS)
     total = float(cluster.get("CPU", 0))
     # No CPU at all is an autoscaling head whose workers are still to come: ask as configured, and say what waits.
     scale = total / demand if 0 < total < demand else 1.0
     return Resources(generator_gpus=gpus, generator_cpus=cpus * scale, generator_threads=max(1, int(cpus)),
-                     scorer_cpus=config.scorer_cpus * scale, rater_cpus=config.rater_cpus * scale,
-                     light_cpus=READ_CPUS * scale, scale=scale, cluster_cpus=total)
+                     scorer_cpus=0.0 if one_actor else config.scorer_cpus * scale, rater_cpus=config.rater_cpus * scale,
+                     light_cpus=READ_CPUS * scale, scale=scale, cluster_cpus=total, one_actor=one_actor)
 
 
 def read_settings(plan: RunPlan) -> ReadSettings:
@@ -277,27 +284,37 @@ def build_dataset(plan: RunPlan, manifest: Manifest, state: OutputState, files: 
     # Reading and duplicate detection work in shard-sized blocks (cheap per row); the scorer gets blocks of one call
     # each, because a map task emits its output only when its input block is done: a 10,000-row block would hold
     # back the first render until 10,000 prompts were embedded.
-    ds = rebatch(ds, plan.scoring().prompts_per_call, resources.light_cpus)
-    ds = ds.map_batches(
-        ScorerStage,
-        fn_constructor_args=(plan.scoring(),),
-        fn_constructor_kwargs=dict(predictor_files=[predictor_ref], manifest=manifest,
-                                   committed_shards=state.committed_shards,
-                                   num_threads=max(1, int(config.scorer_cpus))),
-        batch_format="numpy", batch_size=plan.scoring().prompts_per_call,
-        compute=ray.data.ActorPoolStrategy(size=config.scorers),
-        num_cpus=resources.scorer_cpus, max_restarts=STAGE_RESTARTS,
-    )
-    rendering = plan.rendering()
+    scoring, rendering = plan.scoring(), plan.rendering()
+    ds = rebatch(ds, scoring.prompts_per_call, resources.light_cpus)
     images_per_row = max(1, rendering.preview)  # a preview row carries its prompt's M candidates
     rows_per_batch = max(1, config.batch_size // images_per_row)  # --batch-size counts images
-    ds = ds.map_batches(
-        GeneratorStage,
-        fn_constructor_args=(rendering,),
-        fn_constructor_kwargs=dict(num_threads=resources.generator_threads),
-        batch_format="numpy", batch_size=rows_per_batch, compute=ray.data.ActorPoolStrategy(size=config.generators),
-        num_cpus=resources.generator_cpus, num_gpus=resources.generator_gpus, max_restarts=STAGE_RESTARTS,
-    )
+    scorer_kwargs = dict(predictor_files=[predictor_ref], manifest=manifest, committed_shards=state.committed_shards)
+    if resources.one_actor:  # one machine, no GPU: scoring and rendering in one actor (actors/local.py)
+        ds = ds.map_batches(
+            ScoreAndRenderStage,
+            fn_constructor_args=(scoring, rendering),
+            fn_constructor_kwargs=dict(rows_per_batch=rows_per_batch, num_threads=resources.generator_threads,
+                                       **scorer_kwargs),
+            batch_format="numpy", batch_size=scoring.prompts_per_call, compute=ray.data.ActorPoolStrategy(size=1),
+            num_cpus=resources.generator_cpus, max_restarts=STAGE_RESTARTS,
+        )
+    else:
+        ds = ds.map_batches(
+            ScorerStage,
+            fn_constructor_args=(scoring,),
+            fn_constructor_kwargs=dict(num_threads=max(1, int(config.scorer_cpus)), **scorer_kwargs),
+            batch_format="numpy", batch_size=scoring.prompts_per_call,
+            compute=ray.data.ActorPoolStrategy(size=config.scorers),
+            num_cpus=resources.scorer_cpus, max_restarts=STAGE_RESTARTS,
+        )
+        ds = ds.map_batches(
+            GeneratorStage,
+            fn_constructor_args=(rendering,),
+            fn_constructor_kwargs=dict(num_threads=resources.generator_threads),
+            batch_format="numpy", batch_size=rows_per_batch,
+            compute=ray.data.ActorPoolStrategy(size=config.generators),
+            num_cpus=resources.generator_cpus, num_gpus=resources.generator_gpus, max_restarts=STAGE_RESTARTS,
+        )
     if not rendering.rates_images:  # a model rater: its own actor, which may hold a GPU fraction
         ds = ds.map_batches(
             RaterStage,
@@ -440,7 +457,8 @@ def _stream(plan: RunPlan, files: list[CorpusFile], manifest: Manifest, state: O
     config = plan.config
     say = say or logger.warning
     resources = plan_resources(config, ray.cluster_resources(), index_buckets(plan, state),
-                               model_rater=not plan.rendering().rates_images)
+                               model_rater=not plan.rendering().rates_images,
+                               nodes=sum(1 for node in ray.nodes() if node["Alive"]))
     if resources.scale < 1:
         say(f"seedsift: the cluster has {resources.cluster_cpus:g} CPUs, fewer than this run's stages ask for: their "
             f"CPU requests are scaled by {resources.scale:.2f} to fit ({resources.describe()})")

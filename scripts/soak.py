@@ -54,10 +54,11 @@ sys.path.insert(0, str(REPO_ROOT))
 KINDS = ("driver", "moment", "rerun", "actor", "node", "s3", "disk")
 SHARE = {"driver": 0.27, "moment": 0.08, "rerun": 0.05, "actor": 0.25, "node": 0.10, "s3": 0.15,
          "disk": 0.10}  # of --faults
-MOMENTS = ("duplicate filter starting", "scorer starting", "first shard compacted", "last shard compacted")
+MOMENTS = ("duplicate filter starting", "scoring actor starting", "first shard compacted", "last shard compacted")
 SHARD_SIZE = 4
-# The run's actors (its pixel rater works inside the generator: a model rater would add RaterStage).
-ACTORS = ("ScorerStage", "GeneratorStage", "DuplicateFilter", "DuplicateIndex")
+# The run's actors: one machine without a GPU, so one actor scores and renders (actors/local.py), and its pixel
+# rater works inside it (a model rater would add RaterStage). Generators apart from scorers: the node kind.
+ACTORS = ("ScoreAndRenderStage", "DuplicateFilter", "DuplicateIndex")
 PROMPTS, KEEP = 16, 2
 RUN_TIMEOUT_S = 240
 FEW_RETRIES = {"config_kwargs": {"retries": {"max_attempts": 2, "mode": "standard"}, "connect_timeout": 1,
@@ -256,7 +257,7 @@ class Soak:
 
     def moment(self, index: int) -> dict:
         """A driver SIGKILL the instant the run reaches a named moment (polled every 10 ms): the duplicate filter's
-        or the scorer's actor process appears; the first shard's compacted object appears (its open parts may still
+        or the scoring actor's process appears; the first shard's compacted object appears (its open parts may still
         be there); the last one appears (every row committed: the report and summary are being written)."""
         name = MOMENTS[index % len(MOMENTS)]
         out = self.out("moment")
@@ -265,8 +266,8 @@ class Soak:
         def reached() -> bool:
             if name.startswith("duplicate"):
                 return bool(run.actor_pids("DuplicateFilter") or run.actor_pids("DuplicateIndex"))
-            if name.startswith("scorer"):
-                return bool(run.actor_pids("ScorerStage"))
+            if name.startswith("scoring"):
+                return bool(run.actor_pids("ScoreAndRenderStage"))
             compacted = len(list(shards.rglob("*.parquet"))) if shards.exists() else 0
             return compacted >= (1 if name.startswith("first") else -(-PROMPTS // SHARD_SIZE))
 

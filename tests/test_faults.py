@@ -338,18 +338,18 @@ def stage_actor_pids(stage: str) -> list[int]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", ["GeneratorStage", "ScorerStage"])
+@pytest.mark.parametrize("stage", ["ScoreAndRenderStage", "ScorerStage"])
 def test_killed_actor_is_restarted_and_every_row_lands_once(ray_session, tmp_path, stage):
-    """One stage's actor SIGKILLed mid-run (the generator once rows are committed): Ray restarts it and every row
-    lands once. (One run killing the scorer and then the generator was tried, and in the full slow tier it could
-    not always find the generator alive after the scorer's restart; two runs are slower and certain.) Pixel raters
-    run inside the generator, so no rater actor is left to kill."""
+    """One stage's actor SIGKILLed mid-run: Ray restarts it and every row lands once. The actor that renders
+    (here, on one machine, it also scores: actors/local.py) is killed once rows are committed; the scorer of the
+    graph that keeps it apart (clusters, GPUs) as it loads. (Generators on a killed node: tests/test_cluster.py.)
+    Pixel raters run inside the actor that renders, so no rater actor is left to kill."""
     corpus = write_txt(tmp_path / "prompts.txt", PROMPTS[:16])
     output = Output(str(tmp_path / "out"))
-    run = Background(small_config(corpus, output.uri, scorer_batch_size=2))
+    run = Background(small_config(corpus, output.uri, scorer_batch_size=2, one_actor=stage == "ScoreAndRenderStage"))
     wait_for(lambda: stage_actor_pids(stage), TIMEOUT_S, f"a {stage} actor", run.thread)
     victims = stage_actor_pids(stage)
-    if stage == "GeneratorStage":
+    if stage == "ScoreAndRenderStage":
         # Mid-run: some rows committed, others on their way. The pids are looked up once, before the first image
         # (a GCS query is slow next to a batch of the tiny pipeline, and the landing machine once finished every
         # batch between the first image and the lookup); from the first image on only a file count stands

@@ -182,20 +182,36 @@ def test_ids_are_scoped_per_file_in_new_outputs_and_as_written_in_older_ones(tmp
 
 
 @pytest.mark.parametrize("cpus", [1, 2, 4])
-def test_a_run_asks_for_no_more_cpus_than_the_cluster_has(cpus):
+@pytest.mark.parametrize("one_actor", [False, True], ids=["scorer-apart", "one-actor"])
+def test_a_run_asks_for_no_more_cpus_than_the_cluster_has(cpus, one_actor):
     """A fresh 2-CPU `ray start --head` deadlocked 0.2 (generator 1 + scorer 0.5 + rater 0.25 + index 0.25 held both
     CPUs, and the read task could never be placed): the requests, tasks included, now fit whatever the cluster has;
     threads stay as configured. (The real 1- and 2-CPU heads: tests/test_cluster.py.)"""
     from orchestrator.config import GenerateConfig
     from orchestrator.pipeline import TASK_SLOTS, plan_resources
 
-    config = GenerateConfig(prompts="p.txt", out="o")
+    config = GenerateConfig(prompts="p.txt", out="o", one_actor=one_actor)
     resources = plan_resources(config, {"CPU": float(cpus)}, buckets=1, model_rater=True)
+    assert resources.one_actor == one_actor and (resources.scorer_cpus == 0) == one_actor
     asked = (resources.generator_cpus + resources.scorer_cpus + resources.rater_cpus
              + (1 + 1 + TASK_SLOTS) * resources.light_cpus)
     assert asked <= cpus + 1e-9 and resources.generator_threads >= 1
     assert (resources.scale < 1) == (cpus < 3), resources  # a local Ray (cores + 2 = 4 here) needs no scaling
-    assert min(resources.generator_cpus, resources.scorer_cpus, resources.light_cpus) > 0
+    assert min(resources.generator_cpus, resources.light_cpus) > 0
+
+
+@pytest.mark.parametrize(("nodes", "gpus", "generators", "one_actor"),
+                         [(1, 0, 1, True), (2, 0, 1, False), (1, 1, 1, False), (1, 0, 2, False)])
+def test_one_actor_scores_and_renders_only_on_one_node_without_a_gpu(nodes, gpus, generators, one_actor):
+    """A laptop or a single CPU head: one actor scores and renders (one process imports the libraries and loads the
+    model, actors/local.py). Clusters, GPUs and several generators keep the scorer apart."""
+    from orchestrator.config import GenerateConfig
+    from orchestrator.pipeline import plan_resources
+
+    config = GenerateConfig(prompts="p.txt", out="o", generators=generators)
+    resources = plan_resources(config, {"CPU": 16.0, "GPU": float(gpus)}, buckets=1, model_rater=False, nodes=nodes)
+    assert resources.one_actor == one_actor
+    assert ("scoring in the generator" in resources.describe()) == one_actor
 
 
 def test_a_stage_that_cannot_be_placed_is_named_with_what_the_cluster_has(ray_session):
