@@ -204,8 +204,9 @@ class Resources:
 def plan_resources(config: GenerateConfig, cluster: dict, buckets: int, model_rater: bool, nodes: int = 1) -> Resources:
     """Per-stage requests: a whole GPU per generator where the cluster has GPUs, else all cores but one; the light
     stages their configured shares. On one node without a GPU, with one generator and one scorer, the scorer works
-    inside the generator's actor (actors/local.py) and asks for nothing of its own. When the sum is more than the cluster's CPUs (a 2-CPU `ray start --head`, which
-    0.2 deadlocked: the last read task could never be placed), every CPU request is scaled down to fit.
+    inside the generator's actor (actors/local.py) and asks for nothing of its own. When the sum is more than the
+    cluster's CPUs (a 2-CPU `ray start --head`, which 0.2 deadlocked: the last read task could never be placed),
+    every CPU request is scaled down to fit.
 
     A CPU generator's CPUs are also its torch threads. The core left over is the light stages': on 2 cores one
     thread renders the tiny pipeline faster (0.19-0.21 s an image) than two (0.20-0.25 s), whose threads stall
@@ -233,7 +234,8 @@ def plan_resources(config: GenerateConfig, cluster: dict, buckets: int, model_ra
     # No CPU at all is an autoscaling head whose workers are still to come: ask as configured, and say what waits.
     scale = total / demand if 0 < total < demand else 1.0
     return Resources(generator_gpus=gpus, generator_cpus=cpus * scale, generator_threads=max(1, int(cpus)),
-                     scorer_cpus=0.0 if one_actor else config.scorer_cpus * scale, rater_cpus=config.rater_cpus * scale,
+                     scorer_cpus=0.0 if one_actor else config.scorer_cpus * scale,
+                     rater_cpus=config.rater_cpus * scale,
                      light_cpus=READ_CPUS * scale, scale=scale, cluster_cpus=total, one_actor=one_actor)
 
 

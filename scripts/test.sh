@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Sets up, then runs the test suite: the fast tier by default (about 7 minutes on a quiet 2-core machine).
+# Sets up, then runs the test suite: the fast tier by default (about 6.5 minutes with set-up on a quiet 2-core machine).
 #   bash scripts/test.sh              fast tier: everything not marked slow or browser
-#   bash scripts/test.sh --all        also the slow tier (separate Ray clusters, kills, outages: about 15 min more)
+#   bash scripts/test.sh --all        also the slow tier (separate Ray clusters, kills, outages: about 13 min more)
 #   bash scripts/test.sh -k NAME ...  other arguments go to pytest
 # Each tier ends with its wall time and the load average, so a slow run on a busy machine shows as one.
 set -euo pipefail
