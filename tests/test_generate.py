@@ -204,6 +204,41 @@ def test_a_block_of_only_quarantined_rows_keeps_string_columns(tiny_sd_path):
             assert pa.array(list(out[column])).type == pa.string(), (column, prompts)
 
 
+def test_one_actor_yields_in_generator_batches_what_the_two_stages_give(tiny_sd_path):
+    """actors/local.py: a scorer block of 3 prompts, 2 rows kept each, leaves the one actor as generator batches of
+    4 and 2 rows, equal column by column (images to the bit) to the scorer's rows rendered by a GeneratorStage."""
+    from actors.generator import GeneratorStage
+    from actors.local import ScoreAndRenderStage
+    from actors.scorer import ScorerStage
+    from orchestrator.plan import RenderPlan, ScoringPlan
+
+    scoring = ScoringPlan(model=tiny_sd_path, run_seed=0, candidates=4, keep=2, policy="random", guidance=3.0,
+                          height=64, width=64, prompts_per_call=3)
+    rendering = RenderPlan(model=tiny_sd_path, steps=2, guidance=3.0, height=64, width=64, scheduler="default",
+                           rater="colorfulness", rates_images=True)
+    prompts = ["a red cube", "a blue ball", "a green cone"]
+    batch = {"prompt_id": np.array(["p1", "p2", "p3"], dtype=object), "prompt": np.array(prompts, dtype=object),
+             "source": np.array(["a:1", "a:2", "a:3"], dtype=object), "status": np.array(["ok"] * 3, dtype=object),
+             "error": np.array([None] * 3, dtype=object), "shard": np.array(["a/000000"] * 3, dtype=object),
+             "shard_row": np.arange(3), "shard_rows": np.full(3, 3), "shard_base": np.zeros(3, np.int64),
+             "shard_frame": np.array(["{}"] * 3, dtype=object), "prompt_key": np.arange(1, 4, dtype=np.uint64),
+             "text_key": np.arange(4, 7, dtype=np.uint64)}
+    parts = list(ScoreAndRenderStage(scoring, rendering, rows_per_batch=4)(batch))
+    assert [len(part["status"]) for part in parts] == [4, 2]
+
+    scored = ScorerStage(scoring, light=False)(batch)
+    generator = GeneratorStage(rendering)
+    expected = [generator({name: values[start:start + 4] for name, values in scored.items()}) for start in (0, 4)]
+    for got, want in zip(parts, expected):
+        assert sorted(got) == sorted(want) and "prompt_embeds" not in got
+        for name in want:
+            if want[name].dtype == object:
+                assert [repr(v) for v in got[name]] == [repr(v) for v in want[name]], name
+            else:
+                np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    assert all((part["status"] == "ok").all() for part in parts)
+
+
 def test_a_rerun_with_nothing_new_and_an_empty_corpus_start_no_ray(finished, tmp_path):
     """Every corpus row committed (a scheduled rerun that finds nothing new), or no row at all: the job says so and
     ends before Ray or any model starts (its private Ray folder stays empty)."""
