@@ -227,15 +227,14 @@ def plan_resources(config: GenerateConfig, cluster: dict, buckets: int, model_ra
     one_actor = config.one_actor
     if one_actor is None:
         one_actor = gpus == 0 and nodes == 1 and config.generators == 1 and config.scorers == 1
-    scorers = 0.0 if one_actor else config.scorers * config.scorer_cpus
-    demand = (config.generators * cpus + scorers + rater
+    scorer_cpus = 0.0 if one_actor else config.scorer_cpus
+    demand = (config.generators * cpus + config.scorers * scorer_cpus + rater
               + (1 + buckets + TASK_SLOTS) * READ_CPUS)
     total = float(cluster.get("CPU", 0))
     # No CPU at all is an autoscaling head whose workers are still to come: ask as configured, and say what waits.
     scale = total / demand if 0 < total < demand else 1.0
     return Resources(generator_gpus=gpus, generator_cpus=cpus * scale, generator_threads=max(1, int(cpus)),
-                     scorer_cpus=0.0 if one_actor else config.scorer_cpus * scale,
-                     rater_cpus=config.rater_cpus * scale,
+                     scorer_cpus=scorer_cpus * scale, rater_cpus=config.rater_cpus * scale,
                      light_cpus=READ_CPUS * scale, scale=scale, cluster_cpus=total, one_actor=one_actor)
 
 
