@@ -62,14 +62,16 @@ def assert_clean(output: Output, rows: int) -> dict:
     return report
 
 
-def wait_for(condition, timeout: float, what: str, thread: threading.Thread | None = None, poll: float = 0.1) -> None:
+def wait_for(condition, timeout: float, what: str, thread: threading.Thread | None = None, poll: float = 0.1):
+    """Poll `condition` until it gives a true value, and return that value."""
     deadline = time.time() + timeout
-    while not condition():
+    while not (value := condition()):
         if thread is not None and not thread.is_alive():
             pytest.fail(f"the run ended before {what}")
         if time.time() > deadline:
             pytest.fail(f"timed out waiting for {what}")
         time.sleep(poll)
+    return value
 
 
 class Background:
@@ -347,15 +349,13 @@ def test_killed_actor_is_restarted_and_every_row_lands_once(ray_session, tmp_pat
     corpus = write_txt(tmp_path / "prompts.txt", PROMPTS[:16])
     output = Output(str(tmp_path / "out"))
     run = Background(small_config(corpus, output.uri, scorer_batch_size=2, one_actor=stage == "ScoreAndRenderStage"))
-    wait_for(lambda: stage_actor_pids(stage), TIMEOUT_S, f"a {stage} actor", run.thread)
-    victims = stage_actor_pids(stage)
+    victims = wait_for(lambda: stage_actor_pids(stage), TIMEOUT_S, f"a {stage} actor", run.thread)
     if stage == "ScoreAndRenderStage":
         # Mid-run: some rows committed, others on their way. The pids are looked up once, before the first image
         # (a GCS query is slow next to a batch of the tiny pipeline, and the landing machine once finished every
         # batch between the first image and the lookup); from the first image on only a file count stands
         # between the test and the kill.
         wait_for(lambda: images_written(output) >= 1, TIMEOUT_S, "the first committed images", run.thread, poll=0.01)
-    assert victims, f"no {stage} actor to kill"
     for pid in victims:  # an honest actor death: the worker process is gone
         try:
             os.kill(pid, signal.SIGKILL)
