@@ -271,7 +271,11 @@ def reference(ray_session, tmp_path_factory):
 def test_driver_sigkill_then_rerun_matches_an_uninterrupted_run(ray_session, reference, tmp_path, capsys, job,
                                                                  ray_of_its_own):
     """A SIGKILL of the job's whole process group mid-run leaves a clean partial output; the same command, rerun (in
-    this process, on the session's Ray), skips exactly what was committed and ends equal to an uninterrupted run."""
+    this process, on the session's Ray), skips exactly what was committed and ends equal to an uninterrupted run.
+
+    A local user's run (its own Ray) is rerun at once, beside its killed driver left an unreaped zombie that still
+    names the output's lease (0.2 refused that rerun with exit 4 for up to --lease-seconds); the kill takes its Ray's
+    daemons with the driver, and the test waits only until that Ray's workers are gone, so nothing still writes."""
     from orchestrator.embedded import resolve_model
 
     resolve_model("embedded:tiny-sd")  # built into the session cache before the job uses it
@@ -284,8 +288,13 @@ def test_driver_sigkill_then_rerun_matches_an_uninterrupted_run(ray_session, ref
     process = start_job(module, argv, env, log)
 
     def kill() -> None:
-        if ray_of_its_own:
-            kill_run(process, env["RAY_TMPDIR"])  # the driver's group, then whatever of its Ray is left
+        if ray_of_its_own:  # the driver's group (Ray's daemons are in it), not reaped: a zombie holding the lease
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            wait_for(lambda: zombie(process.pid) and not private_ray_processes(env["RAY_TMPDIR"], process.pid),
+                     60, "the killed driver a zombie and its Ray's workers gone")
         else:
             kill_group(process)  # the driver only: the session's Ray ends the job's actors and tasks
             wait_for_job_end(process.pid)
@@ -301,7 +310,13 @@ def test_driver_sigkill_then_rerun_matches_an_uninterrupted_run(ray_session, ref
     partial = verify_output(killed)
     rows = 16 if job == "generate-preview" else 64
     assert partial["clean"] and 0 < partial["committed_rows"] <= rows, partial  # mid-run, nothing duplicated
-    status, out, err = run_here(module, argv, capsys)
+    try:
+        if ray_of_its_own:
+            assert zombie(process.pid), "the rerun must start beside the unreaped driver"
+        status, out, err = run_here(module, argv, capsys)
+    finally:
+        if ray_of_its_own:
+            kill_run(process, env["RAY_TMPDIR"])  # reap the zombie; stop anything of its Ray still there
     assert status == 0, err[-3000:]
     summary = json_summary(out)
     assert summary["this_run"]["skipped_already_committed"] == partial["committed_rows"]
@@ -314,6 +329,30 @@ def test_driver_sigkill_then_rerun_matches_an_uninterrupted_run(ray_session, ref
     if module == "collect":  # the training set is rebuilt from every committed row: each (prompt, seed) once
         dataset = pd.read_parquet(Path(killed.uri) / "dataset.parquet")
         assert len(dataset) == rows and not dataset.duplicated(["prompt_id", "seed"]).any()
+
+
+def zombie(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def private_ray_processes(ray_tmp: str, driver: int) -> list[int]:
+    """Live processes of a private Ray (started with its RAY_TMPDIR), the zombie driver aside."""
+    import psutil
+
+    alive = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.pid not in (driver, os.getpid()) and proc.status() != psutil.STATUS_ZOMBIE \
+                    and proc.environ().get("RAY_TMPDIR") == ray_tmp:
+                alive.append(proc.pid)
+        except psutil.Error:
+            pass
+    return alive
 
 
 # --- actor kills ------------------------------------------------------------------------------------------------
