@@ -51,8 +51,8 @@ from typing import Protocol
 
 import numpy as np
 
-from actors import trace
-from actors.light import give_way_to_generators
+from actors.stages import trace
+from actors.stages.light import give_way_to_generators
 from orchestrator.config import looks_like_local_path
 
 DEFAULT_RATER_SPEC = "colorfulness"

@@ -62,7 +62,7 @@ def fabricate(corpus_path: Path, out: str, rows: int, storage_options: dict) -> 
     from orchestrator.pipeline import check_run_file
     from orchestrator.plan import build_plan
     from orchestrator.reader import ReadSettings, read_text_shards
-    from orchestrator.seeds import candidate_seeds
+    from actors.models.seeds import candidate_seeds
     from orchestrator.storage import Output
 
     started = time.time()

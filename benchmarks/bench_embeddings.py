@@ -20,16 +20,16 @@ from _common import PYTHON, LoadSampler, emit, machine, run_child, save, table, 
 
 T5_LARGEISH = {"d_model": 1024, "d_kv": 64, "d_ff": 2816, "num_layers": 8, "num_heads": 16,
                "feed_forward_proj": "gated-gelu"}
-MAX_SEQUENCE_LENGTH = 120  # PixArt-alpha's T5 context (actors.diffusion.PIXART_MAX_SEQUENCE_LENGTH)
+MAX_SEQUENCE_LENGTH = 120  # PixArt-alpha's T5 context (actors.models.diffusion.PIXART_MAX_SEQUENCE_LENGTH)
 
 
 def build_pipeline(folder: str) -> None:
-    """orchestrator.embedded.build_tiny_pixart with a T5 of d_model 1024 x 8 layers (about 100 M parameters)."""
+    """actors.models.embedded.build_tiny_pixart with a T5 of d_model 1024 x 8 layers (about 100 M parameters)."""
     import torch
     from diffusers import DPMSolverMultistepScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
     from transformers import T5Config, T5EncoderModel
 
-    from orchestrator.embedded import _tiny_t5_tokenizer, _tiny_vae
+    from actors.models.embedded import _tiny_t5_tokenizer, _tiny_vae
 
     tokenizer = _tiny_t5_tokenizer()
     torch.manual_seed(0)
@@ -49,7 +49,7 @@ def build_pipeline(folder: str) -> None:
 
 def prompts_and_seeds(count: int) -> tuple[list[str], list[int]]:
     from orchestrator.corpus import prompt_id_for
-    from orchestrator.seeds import candidate_seeds
+    from actors.models.seeds import candidate_seeds
 
     prompts = [f"a watercolor painting of a lighthouse number {i} on a rocky coast at dawn" for i in range(count)]
     return prompts, [candidate_seeds(0, prompt_id_for(p), 1)[0] for p in prompts]
@@ -75,8 +75,8 @@ def child(args) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from actors import diffusion, families
-    from orchestrator.seeds import batch_noise
+    from actors.models import diffusion, families
+    from actors.models.seeds import batch_noise
 
     rss_imports = vm_rss_mb()
     started = time.perf_counter()
@@ -116,8 +116,8 @@ def child_timing(args) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    from actors import diffusion, families
-    from orchestrator.seeds import batch_noise
+    from actors.models import diffusion, families
+    from actors.models.seeds import batch_noise
 
     adapter = diffusion.load_adapter(args.model_path, "full")
     prompts, seeds = prompts_and_seeds(args.batch_size)

@@ -55,9 +55,9 @@ def child_plain(args) -> None:
     from diffusers import DiffusionPipeline
 
     from orchestrator.corpus import prompt_id_for
-    from orchestrator.embedded import resolve_model
-    from orchestrator.seeds import batch_noise, candidate_seeds
-    from actors import families
+    from actors.models.embedded import resolve_model
+    from actors.models.seeds import batch_noise, candidate_seeds
+    from actors.models import families
 
     t_imported = time.perf_counter()
     path = resolve_model(args.model)

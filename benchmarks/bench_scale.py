@@ -60,7 +60,7 @@ def child_stream(args) -> None:
             ds = read_corpus(files, ReadSettings(shard_size=10_000))
             ds = drop_duplicates(ds, indexes, manifest, owners)
             if args.mode == "score":
-                from actors.scorer import ScorerStage
+                from actors.stages.scorer import ScorerStage
                 from orchestrator.config import GenerateConfig
                 from orchestrator.plan import build_plan
 

@@ -64,7 +64,7 @@ def main() -> None:
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from orchestrator.predictor import NoiseQualityPredictor, PredictorConfig
-    from orchestrator.seeds import batch_noise, candidate_seeds
+    from actors.models.seeds import batch_noise, candidate_seeds
 
     start_machine = machine()
     results: dict[str, dict] = {}

@@ -49,7 +49,7 @@ def mirrored_prompt(prompt: str) -> str:
 
 def moved_noise(noise, seeds: list[int], amount: float):
     """sqrt(1 - e^2) z + e w with w drawn from a stream of each seed apart from its own: still standard normal."""
-    from orchestrator.seeds import batch_noise
+    from actors.models.seeds import batch_noise
 
     other = batch_noise([seed ^ 0x5EED5EED for seed in seeds], tuple(noise.shape[1:]))
     return (1.0 - amount ** 2) ** 0.5 * noise + amount * other
@@ -95,13 +95,13 @@ def main() -> None:
 
     import torch
 
-    from actors.families import default_image_size, latent_shape
-    from actors.diffusion import load_adapter
+    from actors.models.families import default_image_size, latent_shape
+    from actors.models.diffusion import load_adapter
     from actors.shapes_rater import rate
-    from orchestrator.embedded import resolve_model
+    from actors.models.embedded import resolve_model
     from orchestrator.metrics import per_prompt_spearman, top1_gain
     from orchestrator.predictor import load_predictor, resolve_predictor
-    from orchestrator.seeds import batch_noise, candidate_seeds
+    from actors.models.seeds import batch_noise, candidate_seeds
     from orchestrator.shapes import held_out_prompts
 
     torch.manual_seed(0)

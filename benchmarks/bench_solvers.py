@@ -1,7 +1,7 @@
 """Solvers against steps: what each `--scheduler` buys per denoising step, on one model and rater.
 
 For each solver and step count, the same prompts and seeds are rendered through seedsift's own render path
-(`actors.diffusion.load_adapter(..., scheduler=...)`, its `encode` and `render` from the seed's exact latents),
+(`actors.models.diffusion.load_adapter(..., scheduler=...)`, its `encode` and `render` from the seed's exact latents),
 then rated. Two figures per cell:
 
 - mean_score: the rater's mean over all renders (with its standard error);
@@ -46,8 +46,8 @@ def render_all(adapter, model_path: str, prompts: list[str], seeds: list[int], s
                size: tuple[int, int], batch: int) -> np.ndarray:
     import torch
 
-    from actors.families import latent_shape
-    from orchestrator.seeds import batch_noise
+    from actors.models.families import latent_shape
+    from actors.models.seeds import batch_noise
 
     height, width = size
     shape = latent_shape(model_path, height, width)
@@ -81,11 +81,11 @@ def main() -> None:
 
     import torch
 
-    from actors.families import default_image_size
-    from actors.diffusion import load_adapter
+    from actors.models.families import default_image_size
+    from actors.models.diffusion import load_adapter
     from actors.rater import make_rater
-    from orchestrator.embedded import resolve_model
-    from orchestrator.seeds import candidate_seeds
+    from actors.models.embedded import resolve_model
+    from actors.models.seeds import candidate_seeds
 
     torch.manual_seed(0)
     model_path = resolve_model(args.model)

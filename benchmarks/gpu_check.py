@@ -75,7 +75,7 @@ def build_pipeline(family: str, folder: str, smoke: bool) -> None:
                            StableDiffusionXLPipeline, UNet2DConditionModel)
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from orchestrator.embedded import SD_NOISE_SCHEDULE, _tiny_clip_tokenizer
+    from actors.models.embedded import SD_NOISE_SCHEDULE, _tiny_clip_tokenizer
 
     tokenizer = _tiny_clip_tokenizer()
     ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,

@@ -80,7 +80,7 @@ def config_from_args(args: argparse.Namespace, **overrides) -> GenerateConfig:
         raise ConfigError(f"--storage-options is not valid JSON ({exc.msg}); pass an object like '{{\"anon\": false}}'")
     values = {name: getattr(args, name) for name in GenerateConfig.__dataclass_fields__ if hasattr(args, name)}
     # Flags left out take the model's own defaults (a shipped model's tuned settings), else the configuration's.
-    from orchestrator.embedded import model_defaults
+    from actors.models.embedded import model_defaults
 
     for name, value in model_defaults(args.model).items():
         if values.get(name) is None:

@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
 def evaluate(args: argparse.Namespace) -> dict:
     """The whole job: check inputs, predict, measure, render the contact sheet, write the report; returns the JSON."""
     from jobs.train import dataset_identity, read_dataset
-    from orchestrator.embedded import resolve_model
+    from actors.models.embedded import resolve_model
     from orchestrator.predictor import predictor_from_files, read_config, read_predictor_files
     from orchestrator.training import group_by_prompt
 
@@ -138,7 +138,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     predictor = predictor_from_files(predictor_files, model_path, identity["height"], identity["width"],
                                      source=args.predictor)
 
-    from actors import diffusion, families
+    from actors.models import diffusion, families
 
     latent_shape = families.latent_shape(model_path, identity["height"], identity["width"])
     text_adapter = diffusion.load_adapter(model_path, "text")  # CPU float32, exactly as the scorer stage embeds
@@ -302,7 +302,7 @@ def embed_prompts(adapter, prompts: list[str], guidance: float) -> list[dict[str
 
 def predict(predictor, seeds: list[np.ndarray], embeddings: list[dict], latent_shape: tuple) -> list[np.ndarray]:
     """Predicted scores of every prompt's candidates, with the noise re-derived from each seed as the scorer does."""
-    from orchestrator.seeds import batch_noise
+    from actors.models.seeds import batch_noise
 
     return [predictor.score_candidates(batch_noise([int(s) for s in prompt_seeds], latent_shape), embeds)
             for prompt_seeds, embeds in zip(seeds, embeddings)]
@@ -344,10 +344,10 @@ def preview_scores(model_path: str, identity: dict, prompts: list[str], embeddin
                    seeds: list[list[int]], at_steps: list[int]) -> list[dict[int, np.ndarray]]:
     """Each prompt's candidates (seeds[i]) previewed as the preview policy does: one denoising per candidate, its
     predicted final image decoded and rated after each step count in `at_steps`. Returns [{step: scores}]."""
-    from actors import diffusion, families
-    from actors.generator import denoise_with_previews, device_and_dtype
+    from actors.models import diffusion, families
+    from actors.stages.generator import denoise_with_previews, device_and_dtype
     from actors.rater import make_rater
-    from orchestrator.seeds import batch_noise
+    from actors.models.seeds import batch_noise
 
     scheduler = families.scheduler_from_label(model_path, identity["scheduler"])
     try:
@@ -389,7 +389,7 @@ def cost_curve(model_path: str, identity: dict, groups, embeddings: list[dict], 
     points += [{"policy": "best_of_n", "n": point["n"], "steps": point["n"] * steps, "mean_score": point["oracle"]}
                for point in curve]
     if previews:
-        from actors.generator import preview_steps_spent
+        from actors.stages.generator import preview_steps_spent
 
         most = max(m for m, _ in previews)
         ranked = [np.argsort(-p, kind="stable")[:most] for p in predicted]  # the predictor's best first
@@ -549,9 +549,9 @@ def render_candidates(model_path: str, identity: dict, text_adapter, prompts: li
                       seeds: list[list[int]]) -> tuple[list[np.ndarray], float]:
     """Images of the given seeds of each prompt, in order, rendered as the generator stage does; and the mean
     seconds per image spent in the pipeline call (loading excluded)."""
-    from actors import diffusion, families
-    from actors.generator import device_and_dtype
-    from orchestrator.seeds import batch_noise
+    from actors.models import diffusion, families
+    from actors.stages.generator import device_and_dtype
+    from actors.models.seeds import batch_noise
 
     device, dtype = device_and_dtype()
     renderer = diffusion.load_adapter(model_path, "render", device=device, dtype=dtype,

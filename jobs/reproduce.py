@@ -30,10 +30,10 @@ def find_row(output: Output, prompt_id: str, seed: int) -> dict:
 def reproduce_image(row: dict):
     """The image of one manifest row, rendered alone (batch of one) through the same code path as the generator."""
 
-    from actors import diffusion, families
-    from actors.generator import device_and_dtype
-    from orchestrator.embedded import resolve_model
-    from orchestrator.seeds import batch_noise
+    from actors.models import diffusion, families
+    from actors.stages.generator import device_and_dtype
+    from actors.models.embedded import resolve_model
+    from actors.models.seeds import batch_noise
 
     model_path = resolve_model(row["model"])
     try:

@@ -1,7 +1,7 @@
 """The shapes-report job: validates the `shapes` rater on drawn scenes and measures `embedded:shapes` on held-out prompts.
 
 Run as `python -m jobs.shapes_report --out DIR`; writes DIR/report.json and DIR/contact.png and prints the tables
-that docs/shapes.md quotes. Renders go through seedsift's own path (actors.diffusion, orchestrator.seeds).
+that docs/shapes.md quotes. Renders go through seedsift's own path (actors.models.diffusion, actors.models.seeds).
 """
 
 from __future__ import annotations
@@ -154,17 +154,18 @@ def mismatched_prompts(prompts: list[str]) -> dict[str, str]:
 
 def measure_model(model: str, prompts: list[str], seeds_per_prompt: int, steps: int, guidance: float,
                   batch: int, run_seed: int) -> dict:
-    """Rated scores of `seeds_per_prompt` seeds per prompt, rendered through actors.diffusion with seedsift's seeds.
+    """Rated scores of `seeds_per_prompt` seeds per prompt, rendered through actors.models.diffusion with seedsift's
+    seeds.
 
     Each image is also rated against a mismatched prompt of the same template (`mismatched_scores`): if the model
     follows its prompt, an image satisfies its own prompt's facts far more often than another prompt's.
     """
     import torch
 
-    from actors import diffusion, families
+    from actors.models import diffusion, families
     from actors.shapes_rater import rate
-    from orchestrator.embedded import resolve_model
-    from orchestrator.seeds import batch_noise, candidate_seeds
+    from actors.models.embedded import resolve_model
+    from actors.models.seeds import batch_noise, candidate_seeds
 
     model_path = resolve_model(model)
     text = diffusion.load_adapter(model_path, "text")

@@ -60,7 +60,7 @@ def dataset_identity(table) -> dict:
 
 def embed_prompts(model_path: str, prompts: list[str], guidance: float, batch: int = 32) -> list[dict]:
     """Prompt embeddings from the pipeline's own text encoder, the same call the scorer makes."""
-    from actors import diffusion
+    from actors.models import diffusion
 
     adapter = diffusion.load_adapter(model_path, "text")
     embeddings = []
@@ -117,9 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         import torch
 
-        from actors import families
+        from actors.models import families
         from orchestrator.budget import fit_residual_model, record_spread_quantiles
-        from orchestrator.embedded import resolve_model
+        from actors.models.embedded import resolve_model
         from orchestrator.predictor import PredictorConfig
         from orchestrator.training import Examples, TrainingSettings, group_by_prompt, predict_groups, split_groups, train
 

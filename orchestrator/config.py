@@ -40,7 +40,8 @@ class GenerateConfig:
     predictor: str | None = None
     steps: int = 20
     guidance: float = 7.5
-    scheduler: str = "default"  # the solver: default (the pipeline's own) or a name in actors.diffusion.SCHEDULERS
+    # The solver: default (the pipeline's own) or a name in actors.models.solvers.SCHEDULERS.
+    scheduler: str = "default"
     width: int | None = None  # None: the pipeline's native size (resolved in the plan)
     height: int | None = None
     batch_size: int = 4
@@ -71,8 +72,8 @@ class GenerateConfig:
     budget_images: int | None = None  # or a total for the corpus, turned into renders per prompt by a counting pass
     preview: int | None = None  # preview policy: candidates (of N, the predictor's best) that run the first steps
     preview_steps: int | None = None  # preview policy: steps each of them runs before the best one continues
-    # One actor scores and renders (actors/local.py): None decides by the cluster (one node, no GPU, one generator
-    # and one scorer); the API and the tests may force either graph.
+    # One actor scores and renders (actors/stages/local.py): None decides by the cluster (one node, no GPU, one
+    # generator and one scorer); the API and the tests may force either graph.
     one_actor: bool | None = None
 
     def __post_init__(self) -> None:
@@ -89,7 +90,7 @@ class GenerateConfig:
             problems.append(f"--keep {self.keep} is more than --candidates {self.candidates}; keep at most N")
         if self.policy not in POLICIES:
             problems.append(f"--policy {self.policy!r} is unknown; use one of {', '.join(POLICIES)}")
-        from actors.solvers import SCHEDULERS
+        from actors.models.solvers import SCHEDULERS
 
         if self.scheduler not in SCHEDULERS:
             problems.append(f"--scheduler {self.scheduler!r} is unknown; use one of {', '.join(SCHEDULERS)}")
@@ -179,7 +180,7 @@ class GenerateConfig:
         """What the user chose that decides which images a run produces; the plan adds the resolved image size and
         the predictor's weights digest. Never a value derived from the corpus, so a corpus that grows between
         scheduled runs keeps its fingerprint."""
-        from orchestrator.seeds import SEED_VERSION
+        from actors.models.seeds import SEED_VERSION
 
         fields = {
             "model": self.model,
@@ -229,7 +230,7 @@ def looks_like_local_path(path: str) -> bool:
 
 def _model_problems(model: str) -> list[str]:
     if model.startswith("embedded:"):
-        from orchestrator.embedded import embedded_names
+        from actors.models.embedded import embedded_names
 
         name = model.split(":", 1)[1]
         if name not in embedded_names():

@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from actors.light import give_way_to_generators
+from actors.stages.light import give_way_to_generators
 from orchestrator.manifest import QUARANTINED, Manifest, shard_id, split_shard_id
 from orchestrator.reader import READ_CPUS
 

@@ -17,12 +17,12 @@ from dataclasses import dataclass
 
 import ray
 
-from actors import trace
-from actors.generator import GeneratorStage
-from actors.light import give_way_to_generators
-from actors.local import ScoreAndRenderStage
+from actors.stages import trace
+from actors.stages.generator import GeneratorStage
+from actors.stages.light import give_way_to_generators
+from actors.stages.local import ScoreAndRenderStage
 from actors.rater import RaterStage
-from actors.scorer import ScorerStage
+from actors.stages.scorer import ScorerStage
 from orchestrator.config import ConfigError, GenerateConfig
 from orchestrator.console import STATUS_EVERY_S
 from orchestrator.corpus import Columns, CorpusFile, check_corpus, is_collection, list_corpus, readable_on_the_driver
@@ -193,7 +193,7 @@ class Resources:
     light_cpus: float  # each read, duplicate filter, index, sink and compaction task or actor
     scale: float = 1.0  # below 1: every CPU request shrunk by this to fit the cluster
     cluster_cpus: float = 0.0
-    one_actor: bool = False  # the scorer inside the generator's actor (actors/local.py), scorer_cpus 0
+    one_actor: bool = False  # the scorer inside the generator's actor (actors/stages/local.py), scorer_cpus 0
 
     def describe(self) -> str:
         scorers = "scoring in the generator" if self.one_actor else f"scorers {self.scorer_cpus:.2g} CPU"
@@ -204,7 +204,7 @@ class Resources:
 def plan_resources(config: GenerateConfig, cluster: dict, buckets: int, model_rater: bool, nodes: int = 1) -> Resources:
     """Per-stage requests: a whole GPU per generator where the cluster has GPUs, else all cores but one; the light
     stages their configured shares. On one node without a GPU, with one generator and one scorer, the scorer works
-    inside the generator's actor (actors/local.py) and asks for nothing of its own. When the sum is more than the
+    inside the generator's actor (actors/stages/local.py) and asks for nothing of its own. When the sum is more than the
     cluster's CPUs (a 2-CPU `ray start --head`, which 0.2 deadlocked: the last read task could never be placed),
     every CPU request is scaled down to fit.
 
@@ -290,7 +290,7 @@ def build_dataset(plan: RunPlan, manifest: Manifest, state: OutputState, files: 
     images_per_row = max(1, rendering.preview)  # a preview row carries its prompt's M candidates
     rows_per_batch = max(1, config.batch_size // images_per_row)  # --batch-size counts images
     scorer_kwargs = dict(predictor_files=[predictor_ref], manifest=manifest, committed_shards=state.committed_shards)
-    if resources.one_actor:  # one machine, no GPU: scoring and rendering in one actor (actors/local.py)
+    if resources.one_actor:  # one machine, no GPU: scoring and rendering in one actor (actors/stages/local.py)
         ds = ds.map_batches(
             ScoreAndRenderStage,
             fn_constructor_args=(scoring, rendering),

@@ -143,9 +143,9 @@ class RunPlan:
 
 def build_plan(config: GenerateConfig) -> RunPlan:
     """Everything that can be derived, or found wrong, before compute: rater, model folder, size, predictor."""
-    from actors import families
+    from actors.models import families
     from actors.rater import validate_rater_spec
-    from orchestrator.embedded import resolve_model
+    from actors.models.embedded import resolve_model
 
     try:
         validate_rater_spec(config.rater)

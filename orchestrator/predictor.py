@@ -358,7 +358,7 @@ def predictor_from_files(files: dict[str, bytes], model_path: str | None = None,
     """Build the predictor from its files' bytes (safetensors only, never pickle), checked against the pipeline."""
     config = read_config(files, source)
     if model_path is not None:
-        from actors import families
+        from actors.models import families
 
         shape = families.latent_shape(model_path, height or config.pipeline["height"], width or config.pipeline["width"])
         check_compatible(config, shape, families.text_embedding_dim(model_path), families.family_of(model_path).name,

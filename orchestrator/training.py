@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from orchestrator.metrics import spearman
 from orchestrator.predictor import NoiseQualityPredictor, PredictorConfig, noise_statistics, split_of
-from orchestrator.seeds import batch_noise
+from actors.models.seeds import batch_noise
 
 logger = logging.getLogger("seedsift.train")
 

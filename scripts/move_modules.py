@@ -1,10 +1,10 @@
 """Move project modules and rewrite every reference to them (the house moves of docs/house-plan.md).
 
-    .venv/bin/python scripts/move_modules.py OLD=NEW [OLD=NEW ...]     e.g. actors.diffusion=actors.models.diffusion
+    .venv/bin/python scripts/move_modules.py OLD=NEW [OLD=NEW ...]   e.g. actors.diffusion=actors.models.diffusion
 
 For each pair: `git mv` the file (creating the new package's __init__.py), then, in every tracked .py, .md, .sh,
-.toml, .yaml and .cfg file: dotted names (`actors.diffusion`, also inside strings), file paths
-(`actors/diffusion.py`), and `from PACKAGE import a, b` lines, which are split by the package each name now lives
+.toml, .yaml and .cfg file: dotted names (`actors.models.diffusion`, also inside strings), file paths
+(`actors/models/diffusion.py`), and `from PACKAGE import a, b` lines, which are split by the package each name now lives
 in. One pass over each file with all pairs at once, so a new name is never rewritten again. Multi-line
 `from PACKAGE import (...)` of a moved module is reported, not rewritten. Nothing persisted names a module (see the
 plan), so no alias is left behind.
@@ -23,7 +23,8 @@ SUFFIXES = {".py", ".md", ".sh", ".toml", ".yaml", ".yml", ".cfg"}
 
 def tracked_files() -> list[Path]:
     names = subprocess.run(["git", "ls-files"], cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout
-    return [REPO_ROOT / name for name in names.splitlines() if Path(name).suffix in SUFFIXES]
+    return [REPO_ROOT / name for name in names.splitlines()
+            if Path(name).suffix in SUFFIXES and REPO_ROOT / name != Path(__file__).resolve()]
 
 
 def rewrite(text: str, moves: dict[str, str]) -> tuple[str, list[str]]:

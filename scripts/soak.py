@@ -56,7 +56,7 @@ SHARE = {"driver": 0.27, "moment": 0.08, "rerun": 0.05, "actor": 0.25, "node": 0
          "disk": 0.10}  # of --faults
 MOMENTS = ("duplicate filter starting", "scoring actor starting", "first shard compacted", "last shard compacted")
 SHARD_SIZE = 4
-# The run's actors: one machine without a GPU, so one actor scores and renders (actors/local.py), and its pixel
+# The run's actors: one machine without a GPU, so one actor scores and renders (actors/stages/local.py), and its pixel
 # rater works inside it (a model rater would add RaterStage). Generators apart from scorers: the node kind.
 ACTORS = ("ScoreAndRenderStage", "DuplicateFilter", "DuplicateIndex")
 PROMPTS, KEEP = 16, 2
@@ -208,7 +208,7 @@ class Soak:
     def __init__(self, args, work: Path):
         self.args, self.work = args, work
         self.rng = random.Random(args.seed)
-        from orchestrator.embedded import cache_root, resolve_model
+        from actors.models.embedded import cache_root, resolve_model
 
         resolve_model("embedded:tiny-sd")  # built once here, never half-built by a killed run
         self.cache = str(cache_root())

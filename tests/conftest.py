@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.embedded import build_tiny_pixart, build_tiny_sd, build_tiny_sdxl
+from actors.models.embedded import build_tiny_pixart, build_tiny_sd, build_tiny_sdxl
 
 
 @pytest.fixture(scope="session")

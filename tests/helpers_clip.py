@@ -11,7 +11,7 @@ import torch
 from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPTokenizer
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-from orchestrator.embedded import bytes_to_unicode
+from actors.models.embedded import bytes_to_unicode
 
 TINY_IMAGE_SIZE = 32
 BOS_TOKEN = "<|startoftext|>"

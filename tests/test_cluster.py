@@ -43,7 +43,7 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def model_cache(tmp_path_factory: pytest.TempPathFactory) -> str:
     """One model cache for the module's clusters (the session's if the ray_session fixture set one), built once."""
-    from orchestrator.embedded import resolve_model
+    from actors.models.embedded import resolve_model
 
     cache = os.environ.get("SEEDSIFT_CACHE") or str(tmp_path_factory.mktemp("seedsift-cache"))
     with pytest.MonkeyPatch.context() as patch:

@@ -14,9 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from actors import diffusion, families
-from orchestrator import embedded
-from orchestrator.seeds import batch_noise
+from actors.models import diffusion, families
+from actors.models import embedded
+from actors.models.seeds import batch_noise
 
 # Two threads match the measured recipes; more only adds contention on these 2-core machines.
 torch.set_num_threads(2)

@@ -14,11 +14,11 @@ import pytest
 import torch
 from PIL import Image
 
-from actors import families
+from actors.models import families
 from jobs import evaluate
-from orchestrator.embedded import resolve_model
+from actors.models.embedded import resolve_model
 from orchestrator.predictor import NoiseQualityPredictor, PredictorConfig, save_predictor, split_of
-from orchestrator.seeds import candidate_seeds, initial_noise
+from actors.models.seeds import candidate_seeds, initial_noise
 
 MODEL = "embedded:tiny-sd"
 PROMPTS = ["a red cube on a table", "a watercolor fox", "an astronaut riding a horse", "a bowl of ramen",

@@ -276,7 +276,7 @@ def test_driver_sigkill_then_rerun_matches_an_uninterrupted_run(ray_session, ref
     A local user's run (its own Ray) is rerun at once, beside its killed driver left an unreaped zombie that still
     names the output's lease (0.2 refused that rerun with exit 4 for up to --lease-seconds); the kill takes its Ray's
     daemons with the driver, and the test waits only until that Ray's workers are gone, so nothing still writes."""
-    from orchestrator.embedded import resolve_model
+    from actors.models.embedded import resolve_model
 
     resolve_model("embedded:tiny-sd")  # built into the session cache before the job uses it
     corpus = write_txt(tmp_path / "prompts.txt", PROMPTS)
@@ -382,7 +382,7 @@ def stage_actor_pids(stage: str) -> list[int]:
 @pytest.mark.parametrize("stage", ["ScoreAndRenderStage", "ScorerStage"])
 def test_killed_actor_is_restarted_and_every_row_lands_once(ray_session, tmp_path, stage):
     """One stage's actor SIGKILLed mid-run: Ray restarts it and every row lands once. The actor that renders
-    (here, on one machine, it also scores: actors/local.py) is killed once rows are committed; the scorer of the
+    (here, on one machine, it also scores: actors/stages/local.py) is killed once rows are committed; the scorer of the
     graph that keeps it apart (clusters, GPUs) as it loads. (Generators on a killed node: tests/test_cluster.py.)
     Pixel raters run inside the actor that renders, so no rater actor is left to kill."""
     corpus = write_txt(tmp_path / "prompts.txt", PROMPTS[:16])
@@ -505,7 +505,7 @@ def test_full_disk_fails_in_one_line_and_the_rerun_finishes_clean(ray_session, t
     the disk is larger, the same command finishes, sweeping the failed writers' temporaries: strict-clean. The
     failing run is the CLI in its own process, joined to the session's Ray as a cluster's job is; the rerun is the
     same command through jobs.cli.main in this process."""
-    from orchestrator.embedded import resolve_model
+    from actors.models.embedded import resolve_model
 
     resolve_model("embedded:tiny-sd")  # built into the session cache before the job uses it
     disk = tmp_path / "disk"

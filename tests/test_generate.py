@@ -17,7 +17,7 @@ from PIL import Image
 from jobs import reproduce
 from orchestrator import pipeline
 from orchestrator.config import ConfigError, GenerateConfig
-from orchestrator.seeds import candidate_seeds
+from actors.models.seeds import candidate_seeds
 from tests.conftest import FINISHED_PROMPTS, REPO_ROOT, finished_settings
 from tests.helpers_manifest import manifest_frame
 
@@ -184,7 +184,7 @@ def test_cli_lists_jobs():
 
 def test_a_block_of_only_quarantined_rows_keeps_string_columns(tiny_sd_path):
     """All-None columns would become Arrow's null type and break the merge with other blocks downstream."""
-    from actors.scorer import ScorerStage
+    from actors.stages.scorer import ScorerStage
     from orchestrator.plan import ScoringPlan
 
     plan = ScoringPlan(model=tiny_sd_path, run_seed=0, candidates=4, keep=2, policy="random", guidance=3.0,
@@ -205,11 +205,12 @@ def test_a_block_of_only_quarantined_rows_keeps_string_columns(tiny_sd_path):
 
 
 def test_one_actor_yields_in_generator_batches_what_the_two_stages_give(tiny_sd_path):
-    """actors/local.py: a scorer block of 3 prompts, 2 rows kept each, leaves the one actor as generator batches of
-    4 and 2 rows, equal column by column (images to the bit) to the scorer's rows rendered by a GeneratorStage."""
-    from actors.generator import GeneratorStage
-    from actors.local import ScoreAndRenderStage
-    from actors.scorer import ScorerStage
+    """actors/stages/local.py: a scorer block of 3 prompts, 2 rows kept each, leaves the one actor as generator
+    batches of 4 and 2 rows, equal column by column (images to the bit) to the scorer's rows rendered by a
+    GeneratorStage."""
+    from actors.stages.generator import GeneratorStage
+    from actors.stages.local import ScoreAndRenderStage
+    from actors.stages.scorer import ScorerStage
     from orchestrator.plan import RenderPlan, ScoringPlan
 
     scoring = ScoringPlan(model=tiny_sd_path, run_seed=0, candidates=4, keep=2, policy="random", guidance=3.0,

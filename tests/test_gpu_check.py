@@ -26,8 +26,8 @@ def gpu_check_module():
 
 def test_gpu_check_builds_sdxl_that_renders(tmp_path):
     """The SDXL builder (two text encoders, size conditioning) at its smoke size: a pipeline seedsift renders."""
-    from actors import diffusion, families
-    from orchestrator.seeds import batch_noise
+    from actors.models import diffusion, families
+    from actors.models.seeds import batch_noise
 
     gpu_check_module().build_pipeline("sdxl", str(tmp_path / "sdxl"), smoke=True)
     adapter = diffusion.load_adapter(str(tmp_path / "sdxl"), "full")

@@ -11,14 +11,14 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from actors import diffusion, families
+from actors.models import diffusion, families
 from jobs import evaluate, reproduce, train
 from jobs.collect import write_dataset
 from orchestrator import pipeline
 from orchestrator.config import ConfigError, GenerateConfig
-from orchestrator.embedded import resolve_model
+from actors.models.embedded import resolve_model
 from orchestrator.predictor import EMBEDDED_PREDICTORS, PredictorMismatch, load_predictor
-from orchestrator.seeds import batch_noise, candidate_seeds
+from actors.models.seeds import batch_noise, candidate_seeds
 from orchestrator.storage import Output
 from tests.helpers_manifest import manifest_frame
 

@@ -7,15 +7,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from actors import diffusion, families
-from actors.generator import GeneratorStage, denoise_with_previews
+from actors.models import diffusion, families
+from actors.stages.generator import GeneratorStage, denoise_with_previews
 from actors.rater import make_rater
 from jobs import reproduce
 from jobs.verify import verify_output
 from orchestrator import pipeline
 from orchestrator.config import ConfigError, GenerateConfig
 from orchestrator.plan import RenderPlan, build_plan
-from orchestrator.seeds import batch_noise, candidate_seeds
+from actors.models.seeds import batch_noise, candidate_seeds
 from tests.helpers_manifest import manifest_frame
 
 STEPS, PREVIEW_STEPS, GUIDANCE, SIZE = 4, 2, 3.0, 64

@@ -204,7 +204,7 @@ def test_a_run_asks_for_no_more_cpus_than_the_cluster_has(cpus, one_actor):
                          [(1, 0, 1, True), (2, 0, 1, False), (1, 1, 1, False), (1, 0, 2, False)])
 def test_one_actor_scores_and_renders_only_on_one_node_without_a_gpu(nodes, gpus, generators, one_actor):
     """A laptop or a single CPU head: one actor scores and renders (one process imports the libraries and loads the
-    model, actors/local.py). Clusters, GPUs and several generators keep the scorer apart."""
+    model, actors/stages/local.py). Clusters, GPUs and several generators keep the scorer apart."""
     from orchestrator.config import GenerateConfig
     from orchestrator.pipeline import plan_resources
 
@@ -256,12 +256,12 @@ def test_candidates_are_scored_in_memory_that_does_not_grow_with_n(ray_session, 
     end, with its memory, is in docs/reliability.md.)"""
     import numpy as np
 
-    from actors import scorer as scorer_module
-    from actors.scorer import SCORE_CHUNK, ScorerStage
-    from orchestrator.embedded import resolve_model
+    from actors.stages import scorer as scorer_module
+    from actors.stages.scorer import SCORE_CHUNK, ScorerStage
+    from actors.models.embedded import resolve_model
     from orchestrator.plan import ScoringPlan
     from orchestrator.predictor import EMBEDDED_PREDICTORS, read_predictor_files
-    from orchestrator.seeds import batch_noise, candidate_seeds
+    from actors.models.seeds import batch_noise, candidate_seeds
 
     location = str(EMBEDDED_PREDICTORS["tiny-sd"])
     plan = ScoringPlan(model=resolve_model("embedded:tiny-sd"), run_seed=0, candidates=6 * SCORE_CHUNK, keep=1,

@@ -2,7 +2,7 @@
 
 import torch
 
-from orchestrator.seeds import SEED_BITS, batch_noise, candidate_seed, candidate_seeds, initial_noise
+from actors.models.seeds import SEED_BITS, batch_noise, candidate_seed, candidate_seeds, initial_noise
 
 
 def test_candidate_seed_is_stable_across_processes_and_versions():

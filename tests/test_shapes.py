@@ -1,7 +1,7 @@
 """Tests for the shapes world: scenes and captions, the prompt parser, the `shapes` rater, and the shipped model.
 
 No Ray: the rater on drawn scenes, the parser on good and bad captions, and `embedded:shapes` through
-actors.diffusion (load, encode, render) at 20 steps on a few 64x64 images.
+actors.models.diffusion (load, encode, render) at 20 steps on a few 64x64 images.
 """
 
 from __future__ import annotations
@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from actors import diffusion, families, shapes_rater
+from actors.models import diffusion, families
+from actors import shapes_rater
 from actors.rater import make_rater
 from orchestrator import shapes
-from orchestrator.embedded import resolve_model
-from orchestrator.seeds import batch_noise, candidate_seeds
+from actors.models.embedded import resolve_model
+from actors.models.seeds import batch_noise, candidate_seeds
 
 torch.set_num_threads(2)
 

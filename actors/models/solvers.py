@@ -1,6 +1,6 @@
 """The solvers a run can choose with --scheduler: names, and the diffusers class and options each stands for.
 
-Read by the configuration (to validate a name before anything heavy is imported) and by actors/diffusion.py,
+Read by the configuration (to validate a name before anything heavy is imported) and by actors/models/diffusion.py,
 which builds them from a pipeline's own scheduler config.
 """
 

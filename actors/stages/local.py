@@ -19,8 +19,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from actors.generator import GeneratorStage
-from actors.scorer import ScorerStage
+from actors.stages.generator import GeneratorStage
+from actors.stages.scorer import ScorerStage
 from orchestrator.plan import RenderPlan, ScoringPlan
 
 

@@ -12,13 +12,14 @@ from collections import OrderedDict
 import numpy as np
 import ray
 
-from actors import families, trace
-from actors.light import give_way_to_generators
+from actors.models import families
+from actors.stages import trace
+from actors.stages.light import give_way_to_generators
 from orchestrator.budget import keep_budget
-from orchestrator.embedded import resolve_model
+from actors.models.embedded import resolve_model
 from orchestrator.manifest import SKIPPED, Manifest, row_key
 from orchestrator.plan import ScoringPlan
-from orchestrator.seeds import NO_SEED, batch_noise, candidate_seeds
+from actors.models.seeds import NO_SEED, batch_noise, candidate_seeds
 from orchestrator.selection import keep_first, keep_top_k
 
 PASSED_THROUGH = ("prompt_id", "source", "status", "shard", "shard_row", "shard_rows", "shard_base", "shard_frame",
@@ -36,7 +37,7 @@ class ScorerStage:
         trace.mark("scorer", "init")
         import torch  # here, in the actor: the driver imports this module to build the graph, and needs no torch
 
-        from actors import diffusion
+        from actors.models import diffusion
 
         torch.set_num_threads(max(1, num_threads))
         model_path = resolve_model(plan.model)
@@ -56,7 +57,7 @@ class ScorerStage:
                                                   source=plan.predictor_source)
         self.first_call = trace.FirstCall("scorer")
         trace.mark("scorer", "ready")
-        if light:  # an actor of its own (not one that also renders, actors/local.py)
+        if light:  # an actor of its own (not one that also renders, actors/stages/local.py)
             give_way_to_generators()  # once loaded: the first image waits for this load
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

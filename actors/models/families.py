@@ -2,7 +2,7 @@
 
 Family, latent shape, native image size, text-embedding width and solver labels are read from configs only: no
 weights, no torch and no model library, so the driver plans and checks a run in a fraction of a second before Ray
-starts (start-up time). `actors/diffusion.py` holds the adapter that renders each family.
+starts (start-up time). `actors/models/diffusion.py` holds the adapter that renders each family.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from actors.solvers import SCHEDULERS
+from actors.models.solvers import SCHEDULERS
 
 
 @dataclass(frozen=True)

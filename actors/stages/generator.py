@@ -13,16 +13,17 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from actors import families, trace
+from actors.models import families
+from actors.stages import trace
 from actors.rater import make_rater, rate_batch
-from orchestrator.embedded import resolve_model
+from actors.models.embedded import resolve_model
 from orchestrator.plan import RenderPlan
-from orchestrator.seeds import batch_noise
+from actors.models.seeds import batch_noise
 
 if TYPE_CHECKING:  # torch and the model libraries load in the actor, not in the driver that builds the graph
     import torch
 
-    from actors import diffusion
+    from actors.models import diffusion
 
 logger = logging.getLogger("seedsift.generator")
 PREVIEW_INPUTS = ("preview_seeds", "preview_predicted")  # scorer -> generator only; preview_candidates stays
@@ -66,7 +67,7 @@ class GeneratorStage:
         trace.mark("generator", "init")
         import torch
 
-        from actors import diffusion
+        from actors.models import diffusion
 
         torch.set_num_threads(max(1, num_threads))
         self.device, self.dtype = device_and_dtype()

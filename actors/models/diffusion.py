@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from actors.families import PIXART, RESUMABLE_SOLVERS, SD, SDXL, Family, family_of, family_of_class
-from actors.solvers import SCHEDULERS, STOCHASTIC_SCHEDULERS  # noqa: F401  (one owner of the names)
+from actors.models.families import PIXART, RESUMABLE_SOLVERS, SD, SDXL, Family, family_of, family_of_class
+from actors.models.solvers import SCHEDULERS, STOCHASTIC_SCHEDULERS  # noqa: F401  (one owner of the names)
 
 # T5 context length of each PixArt pipeline (its own default for `max_sequence_length`).
 PIXART_MAX_SEQUENCE_LENGTH = {"PixArtAlphaPipeline": 120, "PixArtSigmaPipeline": 300}
@@ -74,7 +74,7 @@ class Denoising:
 class PipelineAdapter:
     """A loaded diffusers pipeline of one family, rendered step by step.
 
-    Subclasses name their family (its components, see actors/families.py) and say how the denoiser is called; the
+    Subclasses name their family (its components, see actors/models/families.py) and say how the denoiser is called; the
     loop, the solver handling and the decoding are shared. Each family's call mirrors its diffusers pipeline's
     `__call__`, and tests check that a render equals a plain `pipe(prompt=...)` call.
     """
@@ -162,7 +162,7 @@ class PipelineAdapter:
         latents = latents.to(device=self.device, dtype=self.denoiser.dtype) * scheduler.init_noise_sigma
         generators = None
         if seeds is not None:
-            from orchestrator.seeds import step_noise_generators
+            from actors.models.seeds import step_noise_generators
 
             generators = step_noise_generators(seeds)
         return Denoising(latents, scheduler, scheduler.timesteps, 0, generators)
