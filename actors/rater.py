@@ -7,7 +7,7 @@ Rater specs (what a job config carries, and what manifests record as the rater's
     colorfulness                      default; no weights
     sharpness                         no weights
     shapes                            GenEval-like fact checker for shapes-grammar prompts and embedded:shapes
-                                      renders (actors/shapes_rater.py); no weights
+                                      renders (actors/testbed/rater.py); no weights
     clip:PATH_OR_ID[,processor=P]     CLIP score from a CLIPModel folder or hub id
     pickscore:PATH_OR_ID[,processor=P]
                                       PickScore (a CLIP model, scored the same way); its processor lives in a
@@ -35,7 +35,7 @@ prompt, and neither measures what people prefer:
 
 shapes does read the prompt: it finds flat objects by colour and shape and returns the share of the prompt's facts
 (object present, count, relation) that hold, plus a small cleanliness term; only for shapes-grammar prompts
-(orchestrator/shapes.py), validated on the procedural scenes (docs/shapes.md).
+(actors/testbed/world.py), validated on the procedural scenes (docs/shapes.md).
 
 CLIP and PickScore compute score = logit_scale.exp() * cosine(image_embedding, text_embedding), as PickScore's
 reference code does; PickScore is a CLIP model fine-tuned on human preferences, so it is the real preference metric.
@@ -53,7 +53,7 @@ import numpy as np
 
 from actors.stages import trace
 from actors.stages.light import give_way_to_generators
-from orchestrator.config import looks_like_local_path
+from actors.models.paths import looks_like_local_path
 
 DEFAULT_RATER_SPEC = "colorfulness"
 RATER_NAMES = ("colorfulness", "sharpness", "shapes", "clip", "pickscore", "hpsv2", "imagereward")
@@ -157,7 +157,7 @@ def make_rater(spec: str = DEFAULT_RATER_SPEC) -> Rater:
     if parsed.name == "sharpness":
         return SharpnessRater(name)
     if parsed.name == "shapes":
-        from actors.shapes_rater import ShapesRater
+        from actors.testbed.rater import ShapesRater
 
         return ShapesRater(name)
     if parsed.name in CHECKPOINT_SOURCES:

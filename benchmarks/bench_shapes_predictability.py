@@ -63,8 +63,8 @@ def spread_prompts(prompts: list[str], count: int) -> list[str]:
 def pair_agreement(prompts: list[str], scores: np.ndarray) -> dict[str, list[float]]:
     """Per-seed Spearman of every two prompts rendered from the same seeds, grouped by what the prompts share: an
     object kind (colour and shape), a colour only, nothing; and separately, the same template or not."""
-    from orchestrator.metrics import spearman
-    from orchestrator.shapes import parse_prompt
+    from actors.predictor.metrics import spearman
+    from actors.testbed.world import parse_prompt
 
     parsed = [parse_prompt(prompt) for prompt in prompts]
     kinds = [{kind for kind, _count in p.phrases} for p in parsed]
@@ -97,12 +97,12 @@ def main() -> None:
 
     from actors.models.families import default_image_size, latent_shape
     from actors.models.diffusion import load_adapter
-    from actors.shapes_rater import rate
+    from actors.testbed.rater import rate
     from actors.models.embedded import resolve_model
-    from orchestrator.metrics import per_prompt_spearman, top1_gain
+    from actors.predictor.metrics import per_prompt_spearman, top1_gain
     from orchestrator.predictor import load_predictor, resolve_predictor
     from actors.models.seeds import batch_noise, candidate_seeds
-    from orchestrator.shapes import held_out_prompts
+    from actors.testbed.world import held_out_prompts
 
     torch.manual_seed(0)
     model_path = resolve_model("embedded:shapes")

@@ -30,7 +30,7 @@ SOLVERS = ("ddim", "euler", "euler-a", "dpm++", "dpm++-karras", "unipc")
 def prompts_for(name: str, count: int) -> list[str]:
     """`parti`: the bundled PartiPrompts sample; `shapes-held-out`: the shapes testbed's held-out prompts."""
     if name == "shapes-held-out":
-        from orchestrator.shapes import held_out_prompts
+        from actors.testbed.world import held_out_prompts
 
         return list(held_out_prompts())[:count]
     if name != "parti":

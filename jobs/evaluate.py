@@ -420,7 +420,7 @@ def curve_sizes(count: int) -> list[int]:
 
 def measure(predicted: list[np.ndarray], actual: list[np.ndarray], k: int) -> dict:
     """Every headline figure of the report, from per-prompt predicted and rated scores (candidate_index order)."""
-    from orchestrator import metrics
+    from actors.predictor import metrics
 
     groups = list(zip(predicted, actual))
     count = len(actual[0])
@@ -459,7 +459,7 @@ def measure(predicted: list[np.ndarray], actual: list[np.ndarray], k: int) -> di
 
 
 def per_prompt_rows(groups, predicted: list[np.ndarray], k: int) -> list[dict]:
-    from orchestrator import metrics
+    from actors.predictor import metrics
 
     rows = []
     for pid, prompt, p, a in zip(groups.prompt_ids, groups.prompts, predicted, groups.scores):
@@ -505,7 +505,7 @@ def contact_sheet(model_path: str, identity: dict, text_adapter, groups, predict
     from PIL import Image, ImageDraw, ImageOps
 
     from orchestrator.fonts import text_font
-    from orchestrator.selection import keep_top_k
+    from actors.predictor.selection import keep_top_k
 
     picks = [keep_top_k(predicted[i], 1)[0] for i in chosen]
     pairs = [[int(groups.seeds[i][0]), int(groups.seeds[i][pick])] for i, pick in zip(chosen, picks)]

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from jobs.common import run_job
-from orchestrator import shapes
+from actors.testbed import world as shapes
 
 # What each probe tests, in the order the validation table lists them.
 PROBES = (
@@ -102,7 +102,7 @@ def validate_rater(scenes: int, seed: int, degraded: bool = False) -> dict:
 
     With `degraded`, the rater reads each scene after `degrade` (the same scenes and probes as without it).
     """
-    from actors.shapes_rater import detect_objects, rate
+    from actors.testbed.rater import detect_objects, rate
 
     rng = np.random.default_rng(seed)
     degrade_rng = np.random.default_rng([seed, 1])  # separate, so the scenes do not depend on `degraded`
@@ -163,7 +163,7 @@ def measure_model(model: str, prompts: list[str], seeds_per_prompt: int, steps: 
     import torch
 
     from actors.models import diffusion, families
-    from actors.shapes_rater import rate
+    from actors.testbed.rater import rate
     from actors.models.embedded import resolve_model
     from actors.models.seeds import batch_noise, candidate_seeds
 

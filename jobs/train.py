@@ -76,7 +76,7 @@ def embed_prompts(model_path: str, prompts: list[str], guidance: float, batch: i
 
 def summarise_split(predicted: list[np.ndarray], groups, score_mean: float, score_std: float) -> dict:
     """Held-out figures in the rater's units: per-prompt Spearman, top-1 gain, residual spread."""
-    from orchestrator.metrics import spearman, top1_gain
+    from actors.predictor.metrics import spearman, top1_gain
 
     in_units = [p * score_std + score_mean for p in predicted]
     correlations = [spearman(p, a) for p, a in zip(in_units, groups.scores)]
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         from actors.models import families
-        from orchestrator.budget import fit_residual_model, record_spread_quantiles
+        from actors.predictor.budget import fit_residual_model, record_spread_quantiles
         from actors.models.embedded import resolve_model
         from orchestrator.predictor import PredictorConfig
         from orchestrator.training import Examples, TrainingSettings, group_by_prompt, predict_groups, split_groups, train

@@ -1,7 +1,7 @@
 """The train-shapes job: trains the `embedded:shapes` pipeline on procedural shape scenes, on CPU, from a seed.
 
 Run as `python -m jobs.train_shapes --out DIR`; scripts/train_shapes_model.sh trains and installs the result in
-orchestrator/models/shapes. Writes a diffusers folder (safetensors) plus training.json with settings and figures.
+actors/testbed/weights/pipeline. Writes a diffusers folder (safetensors) plus training.json with settings and figures.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import json
 import sys
 
 from jobs.common import run_job
-from orchestrator.shapes_model import TrainSettings, train_shapes_model
+from actors.testbed.model import TrainSettings, train_shapes_model
 
 
 def _flag(name: str) -> str:

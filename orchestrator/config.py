@@ -12,6 +12,8 @@ import json
 import os
 from dataclasses import dataclass, field
 
+from actors.models.paths import looks_like_local_path
+
 POLICIES = ("random", "predictor", "budget", "preview")
 # Candidates per prompt, at most: scored in bounded chunks, so memory does not grow with N; time does (about a
 # minute a prompt at this N with the tiny pipeline's predictor on one core).
@@ -220,12 +222,6 @@ class GenerateConfig:
 def fingerprint_of(fields: dict) -> str:
     text = json.dumps(fields, sort_keys=True)
     return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
-
-
-def looks_like_local_path(path: str) -> bool:
-    """Hub ids are exactly owner/name; anything else (absolute, ./, ~, a bare name, deeper paths) is a folder."""
-    return (os.path.exists(os.path.expanduser(path)) or path.startswith(("/", ".", "~")) or "\\" in path
-            or path.count("/") != 1)
 
 
 def _model_problems(model: str) -> list[str]:

@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from actors.rows import DELIVERED, FAILED, OK, QUARANTINED, SKIPPED, STATUSES, row_key  # noqa: F401  (the rows' schema)
 from orchestrator import images as image_layout
 from orchestrator.storage import LOCK_SUFFIX, PROBE_PREFIX, Output
 from orchestrator.summary import shard_stats
@@ -44,13 +45,6 @@ OPEN_FOLDER = "manifest/open"
 FOOTER_KEY = b"seedsift.shard"
 FOOTER_TAIL = 256 * 1024  # bytes read from the end of a shard object: its footer with statistics fits
 
-# Statuses, defined once. Delivered rows are done; failed rows are retried by the next run.
-OK, QUARANTINED, FAILED = "ok", "quarantined", "failed"
-STATUSES = (OK, QUARANTINED, FAILED)
-DELIVERED = (OK, QUARANTINED)
-# Only between stages, never committed: a tally of a corpus row's rows that an earlier run already delivered,
-# so the driver can account for every corpus row of a shard without reading storage.
-SKIPPED = "skipped"
 
 MANIFEST_SCHEMA = pa.schema(
     [
@@ -96,15 +90,6 @@ MANIFEST_COLUMNS = tuple(MANIFEST_SCHEMA.names)
 
 
 # --- identity ------------------------------------------------------------------------------------------------
-
-
-def row_key(prompt_id: str, seed, source: str) -> tuple[str, str]:
-    """What occurs once in an output: (prompt_id, seed) for a rendered candidate; a row without a seed (a
-    quarantined corpus row) is named by its corpus position, so several quarantined copies of one id are each
-    delivered once."""
-    if seed is not None and int(seed) >= 0:
-        return (prompt_id, str(int(seed)))
-    return (prompt_id, f"source:{source}")
 
 
 def row_keys(table: pa.Table) -> list[tuple[str, str]]:

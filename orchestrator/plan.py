@@ -11,6 +11,7 @@ import dataclasses
 import logging
 from dataclasses import dataclass, field
 
+from actors.stages.settings import RenderPlan, ScoringPlan
 from orchestrator.config import ConfigError, GenerateConfig, fingerprint_of
 
 logger = logging.getLogger("seedsift")
@@ -25,40 +26,6 @@ class PredictorPlan:
     digest: str
     trained: object = field(repr=False)  # its PredictorConfig
     evaluation: dict | None = field(default=None, repr=False)  # its evaluation.json (held-out figures), if any
-
-
-@dataclass(frozen=True)
-class ScoringPlan:
-    """What a scorer actor needs, in one object instead of a dozen loose arguments."""
-
-    model: str
-    run_seed: int
-    candidates: int
-    keep: int  # rows kept per prompt (all N when collecting)
-    policy: str  # random, predictor, budget or all
-    guidance: float
-    height: int
-    width: int
-    prompts_per_call: int  # prompts embedded and scored per call: sized by the rows that leave the scorer
-    predictor_source: str = ""
-    budget_rule: dict | None = None
-    preview: int = 0  # preview policy: candidates sent on to the generator's preview cascade per prompt
-
-
-@dataclass(frozen=True)
-class RenderPlan:
-    """What a generator actor needs: how to render, and for the preview policy how to preview."""
-
-    model: str
-    steps: int
-    guidance: float
-    height: int
-    width: int
-    scheduler: str  # the --scheduler name
-    preview: int = 0  # candidates previewed per prompt (0: no preview, render the rows as they come)
-    preview_steps: int = 0
-    rater: str = ""  # the run's rater: rates the previews, and the renders when rates_images
-    rates_images: bool = False  # a pixel rater: the generator scores its own renders (no rater actor)
 
 
 @dataclass(frozen=True)
@@ -202,7 +169,7 @@ def _with_predictor(plan: RunPlan) -> RunPlan:
 def budget_rule(config: GenerateConfig, trained, per_prompt: float) -> dict:
     """The budget policy's threshold, calibrated on the predictor's recorded spreads so that the corpus-average
     renders per prompt meet the budget; prompts stream, so the rule cannot look at the whole corpus first."""
-    from orchestrator.budget import calibrate_threshold
+    from actors.predictor.budget import calibrate_threshold
 
     residual_std = float(trained.metrics.get("residual_std", 0.0))
     residual_ratio = float(trained.metrics.get("residual_ratio", 0.0))

@@ -17,15 +17,12 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 from torch import nn
 
+from actors.models.embedded import EMBEDDED_PREDICTORS
 from orchestrator.config import ConfigError
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 PREDICTOR_FILES = (CONFIG_FILE, WEIGHTS_FILE)
-EMBEDDED_PREDICTORS = {
-    "tiny-sd": Path(__file__).parent / "predictors" / "tiny-sd-colorfulness",
-    "shapes": Path(__file__).parent / "predictors" / "shapes",  # scripts/train_shapes_predictor.sh
-}
 
 
 class PredictorMismatch(ConfigError):

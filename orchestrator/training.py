@@ -15,7 +15,7 @@ import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
-from orchestrator.metrics import spearman
+from actors.predictor.metrics import spearman
 from orchestrator.predictor import NoiseQualityPredictor, PredictorConfig, noise_statistics, split_of
 from actors.models.seeds import batch_noise
 

@@ -47,7 +47,7 @@ def rewrite(text: str, moves: dict[str, str]) -> tuple[str, list[str]]:
             module = item.split(" as ")[0].strip()
             target = moves.get(f"{package}.{module}", f"{package}.{module}")
             new_package, _, new_name = target.rpartition(".")
-            alias = item[len(module):]
+            alias = item[len(module):] or ("" if new_name == module else f" as {module}")  # code keeps its name
             groups.setdefault(new_package, []).append(new_name + alias)
         return "\n".join(f"{indent}from {pkg} import {', '.join(items)}" for pkg, items in groups.items())
 

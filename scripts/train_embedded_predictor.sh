@@ -15,10 +15,10 @@ settings=(--model embedded:tiny-sd --steps 4 --guidance 7.5 --rater colorfulness
   --learning-rate 3e-4 --weight-decay 1e-2 --dropout 0.2
 .venv/bin/seedsift evaluate --dataset "$work/collect" --predictor "$work/predictor" --out "$work/evaluation" \
   --contact-prompts 4
-mkdir -p orchestrator/predictors/tiny-sd-colorfulness
-cp "$work/predictor/model.safetensors" "$work/predictor/config.json" orchestrator/predictors/tiny-sd-colorfulness/
-cp "$work/evaluation/evaluation.json" orchestrator/predictors/tiny-sd-colorfulness/evaluation.json
+mkdir -p actors/models/predictors/tiny-sd-colorfulness
+cp "$work/predictor/model.safetensors" "$work/predictor/config.json" actors/models/predictors/tiny-sd-colorfulness/
+cp "$work/evaluation/evaluation.json" actors/models/predictors/tiny-sd-colorfulness/evaluation.json
 # The report the README links, with its contact sheet (paths in it are relative to the repository root).
 mkdir -p docs/embedded-predictor
 cp "$work/evaluation/report.html" "$work/evaluation/contact_sheet.png" docs/embedded-predictor/
-echo "installed: orchestrator/predictors/tiny-sd-colorfulness and docs/embedded-predictor/"
+echo "installed: actors/models/predictors/tiny-sd-colorfulness and docs/embedded-predictor/"

@@ -16,9 +16,9 @@ settings=(--model embedded:shapes --rater shapes --guidance 5 --steps 20 --seed 
   --no-images "${settings[@]}"
 .venv/bin/seedsift evaluate --dataset "$work/held-out" --predictor "$work/predictor" --out "$work/evaluation" \
   --split all --contact-prompts 6
-mkdir -p orchestrator/predictors/shapes
-cp "$work/predictor/model.safetensors" "$work/predictor/config.json" orchestrator/predictors/shapes/
-cp "$work/evaluation/evaluation.json" orchestrator/predictors/shapes/evaluation.json
+mkdir -p actors/testbed/weights/predictor
+cp "$work/predictor/model.safetensors" "$work/predictor/config.json" actors/testbed/weights/predictor/
+cp "$work/evaluation/evaluation.json" actors/testbed/weights/predictor/evaluation.json
 mkdir -p docs/shapes-predictor
 cp "$work/evaluation/report.html" "$work/evaluation/contact_sheet.png" docs/shapes-predictor/
-echo "installed: orchestrator/predictors/shapes and docs/shapes-predictor/"
+echo "installed: actors/testbed/weights/predictor and docs/shapes-predictor/"

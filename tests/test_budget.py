@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from orchestrator.budget import (
+from actors.predictor.budget import (
     calibrate_threshold,
     calibration_predictions,
     fit_residual_model,
@@ -15,7 +15,7 @@ from orchestrator.budget import (
     renders_for_prompt,
     spend_summary,
 )
-from orchestrator.selection import keep_top_k
+from actors.predictor.selection import keep_top_k
 
 RATIO = math.sqrt(1 - 0.5**2) / 0.5  # the error a calibrated predictor with within-prompt correlation 0.5 leaves
 

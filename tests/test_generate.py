@@ -185,7 +185,7 @@ def test_cli_lists_jobs():
 def test_a_block_of_only_quarantined_rows_keeps_string_columns(tiny_sd_path):
     """All-None columns would become Arrow's null type and break the merge with other blocks downstream."""
     from actors.stages.scorer import ScorerStage
-    from orchestrator.plan import ScoringPlan
+    from actors.stages.settings import ScoringPlan
 
     plan = ScoringPlan(model=tiny_sd_path, run_seed=0, candidates=4, keep=2, policy="random", guidance=3.0,
                        height=64, width=64, prompts_per_call=2)
@@ -211,7 +211,7 @@ def test_one_actor_yields_in_generator_batches_what_the_two_stages_give(tiny_sd_
     from actors.stages.generator import GeneratorStage
     from actors.stages.local import ScoreAndRenderStage
     from actors.stages.scorer import ScorerStage
-    from orchestrator.plan import RenderPlan, ScoringPlan
+    from actors.stages.settings import RenderPlan, ScoringPlan
 
     scoring = ScoringPlan(model=tiny_sd_path, run_seed=0, candidates=4, keep=2, policy="random", guidance=3.0,
                           height=64, width=64, prompts_per_call=3)

@@ -16,15 +16,7 @@ JOB_LIBRARIES = {"jobs.common"}  # modules of jobs/ that serve the jobs and are 
 
 # (importer, imported) arrows that break the rule today, each to go with the move that docs/house-plan.md names.
 KNOWN_UPWARD = {
-    ("actors.stages.generator", "orchestrator.plan"),
-    ("actors.stages.local", "orchestrator.plan"),
-    ("actors.rater", "orchestrator.config"),
-    ("actors.stages.scorer", "orchestrator.budget"),
-    ("actors.stages.scorer", "orchestrator.manifest"),
-    ("actors.stages.scorer", "orchestrator.plan"),
     ("actors.stages.scorer", "orchestrator.predictor"),
-    ("actors.stages.scorer", "orchestrator.selection"),
-    ("actors.shapes_rater", "orchestrator.shapes"),
 }
 KNOWN_JOB_TO_JOB = {
     ("jobs.collect", "jobs.report"),
@@ -35,7 +27,7 @@ KNOWN_JOB_TO_JOB = {
     ("jobs.verify", "jobs.cli"),
 }
 KNOWN_CIRCLES = {
-    frozenset({"actors.rater", "actors.reward_models", "actors.shapes_rater"}),
+    frozenset({"actors.rater", "actors.reward_models", "actors.testbed.rater"}),
 }
 
 

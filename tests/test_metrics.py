@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from orchestrator.metrics import (
+from actors.predictor.metrics import (
     average_ranks,
     gain_curve,
     ndcg_at_k,

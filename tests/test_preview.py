@@ -14,7 +14,8 @@ from jobs import reproduce
 from jobs.verify import verify_output
 from orchestrator import pipeline
 from orchestrator.config import ConfigError, GenerateConfig
-from orchestrator.plan import RenderPlan, build_plan
+from actors.stages.settings import RenderPlan
+from orchestrator.plan import build_plan
 from actors.models.seeds import batch_noise, candidate_seeds
 from tests.helpers_manifest import manifest_frame
 

@@ -259,7 +259,7 @@ def test_candidates_are_scored_in_memory_that_does_not_grow_with_n(ray_session, 
     from actors.stages import scorer as scorer_module
     from actors.stages.scorer import SCORE_CHUNK, ScorerStage
     from actors.models.embedded import resolve_model
-    from orchestrator.plan import ScoringPlan
+    from actors.stages.settings import ScoringPlan
     from orchestrator.predictor import EMBEDDED_PREDICTORS, read_predictor_files
     from actors.models.seeds import batch_noise, candidate_seeds
 
@@ -392,7 +392,9 @@ def test_the_summary_claims_a_saving_only_at_equal_quality(ray_session, tmp_path
                             policy="predictor", candidates=16, keep=1, steps=2, guidance=5.0, generator_cpus=1)
     summary = pipeline.run(config)
     saving = summary["savings"]
-    evaluation = json.loads((REPO_ROOT / "orchestrator" / "predictors" / "shapes" / "evaluation.json").read_text())
+    from actors.models.embedded import EMBEDDED_PREDICTORS
+
+    evaluation = json.loads((EMBEDDED_PREDICTORS["shapes"] / "evaluation.json").read_text())
     renders = evaluation["renders_for_equal_quality"]
     assert saving["best_of_n_steps"] == 2 * 16 * 2 and saving["equal_quality_steps"] == round(2 * renders * 2)
     assert abs(saving["saved_at_equal_quality"] - (1 - 1 / renders)) < 1e-9  # 12 %, not 94 %

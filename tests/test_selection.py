@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from orchestrator.selection import keep_first, keep_top_k
+from actors.predictor.selection import keep_first, keep_top_k
 
 
 def test_keep_first_is_a_prefix():

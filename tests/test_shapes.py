@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from actors.models import diffusion, families
-from actors import shapes_rater
+from actors.testbed import rater as shapes_rater
 from actors.rater import make_rater
-from orchestrator import shapes
+from actors.testbed import world as shapes
 from actors.models.embedded import resolve_model
 from actors.models.seeds import batch_noise, candidate_seeds
 
@@ -265,7 +265,7 @@ def test_model_follows_prompts_far_better_than_a_mismatched_prompt(shapes_pipes)
 
 
 def test_trainer_is_reproducible_from_its_seed(tmp_path):
-    from orchestrator.shapes_model import TrainSettings, train_shapes_model
+    from actors.testbed.model import TrainSettings, train_shapes_model
 
     tiny = {"vae_steps": 3, "vae_batch": 4, "latent_scenes": 16, "denoiser_steps": 3, "denoiser_schedule_steps": 3,
             "batch": 4, "warmup_steps": 1, "log_every": 1}
@@ -283,7 +283,7 @@ def test_trainer_is_reproducible_from_its_seed(tmp_path):
 
 
 def test_training_settings_refuse_a_schedule_shorter_than_the_run():
-    from orchestrator.shapes_model import TrainSettings
+    from actors.testbed.model import TrainSettings
 
     with pytest.raises(ValueError, match="denoiser_schedule_steps 100 is below denoiser_steps 200"):
         TrainSettings(denoiser_steps=200, denoiser_schedule_steps=100)
@@ -295,7 +295,7 @@ def test_shipped_model_records_the_settings_that_reproduce_it(shapes_path):
 
     from diffusers import DiffusionPipeline
 
-    from orchestrator.shapes_model import TrainSettings, parameter_count
+    from actors.testbed.model import TrainSettings, parameter_count
 
     record = json.loads((Path(shapes_path) / "training.json").read_text())
     # The trainer's defaults are what scripts/train_shapes_model.sh runs: they must be the shipped model's settings.

@@ -1,5 +1,5 @@
 """Embedded default pipelines: tiny Stable Diffusion, SDXL and PixArt pipelines built offline with random weights,
-and the shapes pipeline the project trains itself (shipped in orchestrator/models/shapes).
+and the shapes pipeline the project trains itself (shipped in actors/testbed/weights/pipeline).
 
 Sits before every model-holding stage: `resolve_model` turns `embedded:NAME` into a local pipeline folder.
 """
@@ -291,8 +291,14 @@ def build_tiny_pixart(folder: str) -> None:
 
 
 # Pipelines trained by the project and shipped inside the package: resolve_model returns their folder as it is.
-# The trained testbed's weights, still beside the orchestrator until the testbed moves (docs/house-plan.md).
-SHIPPED_MODELS = {"shapes": Path(__file__).resolve().parents[2] / "orchestrator" / "models" / "shapes"}
+# Weights the project ships (safetensors plus JSON): the trained testbed's pipeline and predictor, and the tiny
+# pipeline's predictor (scripts/train_shapes_model.sh, train_shapes_predictor.sh, train_embedded_predictor.sh).
+TESTBED_WEIGHTS = Path(__file__).resolve().parents[1] / "testbed" / "weights"
+SHIPPED_MODELS = {"shapes": TESTBED_WEIGHTS / "pipeline"}
+EMBEDDED_PREDICTORS = {
+    "tiny-sd": Path(__file__).resolve().parent / "predictors" / "tiny-sd-colorfulness",
+    "shapes": TESTBED_WEIGHTS / "predictor",
+}
 
 
 # Settings a shipped model was tuned and measured at (docs/shapes.md): the jobs' defaults for flags not given.

@@ -17,7 +17,7 @@ from actors.models import families
 from actors.stages import trace
 from actors.rater import make_rater, rate_batch
 from actors.models.embedded import resolve_model
-from orchestrator.plan import RenderPlan
+from actors.stages.settings import RenderPlan
 from actors.models.seeds import batch_noise
 
 if TYPE_CHECKING:  # torch and the model libraries load in the actor, not in the driver that builds the graph

@@ -21,7 +21,7 @@ import numpy as np
 
 from actors.stages.generator import GeneratorStage
 from actors.stages.scorer import ScorerStage
-from orchestrator.plan import RenderPlan, ScoringPlan
+from actors.stages.settings import RenderPlan, ScoringPlan
 
 
 class ScoreAndRenderStage:

@@ -13,14 +13,14 @@ import numpy as np
 import ray
 
 from actors.models import families
+from actors.models.embedded import resolve_model
+from actors.models.seeds import NO_SEED, batch_noise, candidate_seeds
+from actors.predictor.budget import keep_budget
+from actors.predictor.selection import keep_first, keep_top_k
+from actors.rows import SKIPPED, DeliveredRows, row_key
 from actors.stages import trace
 from actors.stages.light import give_way_to_generators
-from orchestrator.budget import keep_budget
-from actors.models.embedded import resolve_model
-from orchestrator.manifest import SKIPPED, Manifest, row_key
-from orchestrator.plan import ScoringPlan
-from actors.models.seeds import NO_SEED, batch_noise, candidate_seeds
-from orchestrator.selection import keep_first, keep_top_k
+from actors.stages.settings import ScoringPlan
 
 PASSED_THROUGH = ("prompt_id", "source", "status", "shard", "shard_row", "shard_rows", "shard_base", "shard_frame",
                   "prompt_key", "text_key")
@@ -31,7 +31,7 @@ SHARDS_CACHED = 4  # delivered keys of this many shards are kept: a scorer works
 class ScorerStage:
     """Ray Data callable class: one instance per scorer actor, holding the text encoder (and the predictor)."""
 
-    def __init__(self, plan: ScoringPlan, *, predictor_files: list | None = None, manifest: Manifest | None = None,
+    def __init__(self, plan: ScoringPlan, *, predictor_files: list | None = None, manifest: DeliveredRows | None = None,
                  committed_shards: frozenset = frozenset(), num_threads: int = 1, light: bool = True):
         trace.mark("scorer", "process", trace.process_started())
         trace.mark("scorer", "init")

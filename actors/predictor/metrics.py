@@ -5,7 +5,7 @@ Used by the train job (held-out figures) and the evaluate job (the report). A "g
 
 Conventions shared by every function here:
 - The predictor's pick is the highest predicted score; ties go to the lower candidate index, as
-  `orchestrator.selection.keep_top_k` does, so the figures describe what a `--policy predictor` run renders.
+  `actors.predictor.selection.keep_top_k` does, so the figures describe what a `--policy predictor` run renders.
 - A figure that is undefined for a prompt (a constant side in a correlation, no spread in the rated scores) is
   NaN for that prompt; aggregates leave NaNs out and say how many prompts they used.
 """

@@ -47,7 +47,7 @@ import math
 
 import numpy as np
 
-from orchestrator.selection import keep_top_k
+from actors.predictor.selection import keep_top_k
 
 GRID_HALF_WIDTH = 8.0  # in units of sigma: Phi(-8) ~ 6e-16, so the integrals are exact to float precision
 GRID_POINTS = 121  # step sigma/7.5: the integrands are smooth, so the error (~1e-8 sigma) is erfc's, not the grid's

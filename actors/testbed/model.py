@@ -1,7 +1,7 @@
 """The `embedded:shapes` model: a small Stable-Diffusion-layout pipeline trained here on procedural shape scenes.
 
 Built by jobs/train_shapes.py (the VAE first, then the UNet and the text encoder together on its latents); the
-trained folder ships in orchestrator/models/shapes and actors.models.embedded resolves `embedded:shapes` to it.
+trained folder ships in actors/testbed/weights/pipeline and actors.models.embedded resolves `embedded:shapes` to it.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from orchestrator import shapes
+from actors.testbed import world as shapes
 
 logger = logging.getLogger("seedsift.shapes")
 

@@ -1,13 +1,13 @@
 """The `shapes` rater: a GenEval-like programmatic scorer for shape scenes (colour segmentation, shape by fill).
 
-Used by the rating stage (actors/rater.py, spec `shapes`); the vocabulary and the facts come from orchestrator.shapes.
+Used by the rating stage (actors/rater.py, spec `shapes`); the vocabulary and the facts come from actors.testbed.world.
 
 How an image is read: the background is the median colour of the image border; every pixel takes the nearest
 palette colour (or the background, or nothing when no palette colour is within COLOUR_TOLERANCE); each colour's
 mask is opened with a 3x3 square (so anti-aliased rims and specks vanish) and cut into 4-connected components of
 at least MIN_AREA pixels. A component's shape is the nearest prototype in (fill of its box, share of its area in
 the top half of its box): squares fill their box, circles fill pi/4 of it, upright triangles half of it with a
-quarter in the top half. Facts are then checked on these objects exactly as orchestrator.shapes checks them on a
+quarter in the top half. Facts are then checked on these objects exactly as actors.testbed.world checks them on a
 scene's ground truth (box centres, GenEval's position rule).
 
 score = (1 - CLEANLINESS_WEIGHT) * (share of facts satisfied) + CLEANLINESS_WEIGHT * cleanliness, in [0, 1], where
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from orchestrator.shapes import COLOURS, IMAGE_SIZE, Fact, Kind, fact_holds, parse_prompt
+from actors.testbed.world import COLOURS, IMAGE_SIZE, Fact, Kind, fact_holds, parse_prompt
 
 COLOUR_NAMES = tuple(COLOURS)
 PALETTE = np.array([COLOURS[name] for name in COLOUR_NAMES], dtype=np.float32)
@@ -179,7 +179,7 @@ def detect_objects(image: np.ndarray) -> list[DetectedObject]:
 
 
 def rate(image: np.ndarray, prompt: str) -> Rating:
-    """Check each fact of `prompt` on `image`; raises orchestrator.shapes.ShapesGrammarError outside the grammar."""
+    """Check each fact of `prompt` on `image`; raises actors.testbed.world.ShapesGrammarError outside the grammar."""
     parsed = parse_prompt(prompt)
     objects = detect_objects(image)
     satisfied = tuple(fact_holds(fact, objects) for fact in parsed.facts)
