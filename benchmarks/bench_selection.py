@@ -63,7 +63,7 @@ def main() -> None:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from orchestrator.predictor import NoiseQualityPredictor, PredictorConfig
+    from actors.predictor.model import NoiseQualityPredictor, PredictorConfig
     from actors.models.seeds import batch_noise, candidate_seeds
 
     start_machine = machine()

@@ -108,7 +108,8 @@ def evaluate(args: argparse.Namespace) -> dict:
     """The whole job: check inputs, predict, measure, render the contact sheet, write the report; returns the JSON."""
     from jobs.train import dataset_identity, read_dataset
     from actors.models.embedded import resolve_model
-    from orchestrator.predictor import predictor_from_files, read_config, read_predictor_files
+    from actors.predictor.model import predictor_from_files, read_config
+    from orchestrator.predictor import as_config_error, read_predictor_files
     from orchestrator.training import group_by_prompt
 
     started = time.time()
@@ -122,9 +123,10 @@ def evaluate(args: argparse.Namespace) -> dict:
 
     table = read_dataset(args.dataset)
     identity = dataset_identity(table)
-    # Predictor problems raise PredictorMismatch, a ConfigError that names args.predictor.
+    # Predictor problems raise a ConfigError that names args.predictor.
     predictor_files = read_predictor_files(args.predictor, "", storage_options)
-    config = read_config(predictor_files, args.predictor)
+    with as_config_error():
+        config = read_config(predictor_files, args.predictor)
     warnings = check_same_pipeline(identity, config, args.dataset, args.predictor)
     groups = group_by_prompt(table)
     split, split_reason = choose_split(args.split, config, table)
@@ -135,8 +137,9 @@ def evaluate(args: argparse.Namespace) -> dict:
                        len(groups.prompt_ids), total_prompts, split_reason)
     groups, incomplete = complete_prompts(groups)
     model_path = resolve_model(identity["model"])
-    predictor = predictor_from_files(predictor_files, model_path, identity["height"], identity["width"],
-                                     source=args.predictor)
+    with as_config_error():
+        predictor = predictor_from_files(predictor_files, model_path, identity["height"], identity["width"],
+                                         source=args.predictor)
 
     from actors.models import diffusion, families
 
@@ -247,7 +250,7 @@ def choose_split(split: str, config, table) -> tuple[str, str]:
 
 def select_prompts(groups, config, split: str, predictor: str):
     """The prompts to evaluate: the predictor's held-out test split, or all; plus the dataset's count per split."""
-    from orchestrator.predictor import split_of
+    from actors.predictor.model import split_of
 
     recorded = config.split or {}
     counts = None

@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         from actors.models import families
         from actors.predictor.budget import fit_residual_model, record_spread_quantiles
         from actors.models.embedded import resolve_model
-        from orchestrator.predictor import PredictorConfig
+        from actors.predictor.model import PredictorConfig
         from orchestrator.training import Examples, TrainingSettings, group_by_prompt, predict_groups, split_groups, train
 
         if not 0 < args.val < 1 or not 0 <= args.test < 1 or args.val + args.test >= 1:
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _save(out: str, config, model) -> None:
     """Save locally, or save to a temporary folder and upload the two files for an s3:// destination."""
-    from orchestrator.predictor import CONFIG_FILE, WEIGHTS_FILE, save_predictor
+    from actors.predictor.model import CONFIG_FILE, WEIGHTS_FILE, save_predictor
 
     if "://" not in out:
         save_predictor(out, config, model)

@@ -139,15 +139,16 @@ def build_plan(config: GenerateConfig) -> RunPlan:
 
 def _with_predictor(plan: RunPlan) -> RunPlan:
     """Read the predictor once and refuse one trained for another pipeline, before any compute."""
-    from orchestrator.predictor import (predictor_from_files, read_evaluation, read_predictor_files, resolve_predictor,
-                                        weights_digest)
+    from actors.predictor.model import predictor_from_files, weights_digest
+    from orchestrator.predictor import as_config_error, read_evaluation, read_predictor_files, resolve_predictor
 
     config = plan.config
-    # Problems raise PredictorMismatch, a ConfigError naming where the predictor was read from.
+    # Problems raise a ConfigError naming where the predictor was read from.
     location = resolve_predictor(config.predictor, config.model)
     files = read_predictor_files(location, config.model, config.storage_options)
     # Built once here, so a damaged or mismatched predictor stops the run before any actor starts.
-    trained = predictor_from_files(files, plan.model_path, plan.height, plan.width, source=location).config
+    with as_config_error():
+        trained = predictor_from_files(files, plan.model_path, plan.height, plan.width, source=location).config
     warnings = []
     used_settings = {"steps": config.steps, "guidance": config.guidance, "scheduler": plan.scheduler}
     for name, used in used_settings.items():

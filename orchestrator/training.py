@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from actors.predictor.metrics import spearman
-from orchestrator.predictor import NoiseQualityPredictor, PredictorConfig, noise_statistics, split_of
+from actors.predictor.model import NoiseQualityPredictor, PredictorConfig, noise_statistics, split_of
 from actors.models.seeds import batch_noise
 
 logger = logging.getLogger("seedsift.train")

@@ -17,7 +17,7 @@ from PIL import Image
 from actors.models import families
 from jobs import evaluate
 from actors.models.embedded import resolve_model
-from orchestrator.predictor import NoiseQualityPredictor, PredictorConfig, save_predictor, split_of
+from actors.predictor.model import NoiseQualityPredictor, PredictorConfig, save_predictor, split_of
 from actors.models.seeds import candidate_seeds, initial_noise
 
 MODEL = "embedded:tiny-sd"

@@ -17,7 +17,8 @@ from jobs.collect import write_dataset
 from orchestrator import pipeline
 from orchestrator.config import ConfigError, GenerateConfig
 from actors.models.embedded import resolve_model
-from orchestrator.predictor import EMBEDDED_PREDICTORS, PredictorMismatch, load_predictor
+from actors.predictor.model import PredictorMismatch
+from orchestrator.predictor import EMBEDDED_PREDICTORS, load_predictor
 from actors.models.seeds import batch_noise, candidate_seeds
 from orchestrator.storage import Output
 from tests.helpers_manifest import manifest_frame

@@ -307,7 +307,8 @@ def test_shipped_model_records_the_settings_that_reproduce_it(shapes_path):
 
 def test_shipped_predictor_fits_the_shapes_pipeline(shapes_path):
     """The default predictor of embedded:shapes: safetensors + JSON, trained for this pipeline and rater."""
-    from orchestrator.predictor import EMBEDDED_PREDICTORS, predictor_from_files, read_predictor_files
+    from actors.predictor.model import predictor_from_files
+    from orchestrator.predictor import EMBEDDED_PREDICTORS, read_predictor_files
 
     folder = EMBEDDED_PREDICTORS["shapes"]
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", "evaluation.json", "model.safetensors"]

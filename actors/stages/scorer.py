@@ -49,7 +49,7 @@ class ScorerStage:
         self.delivered: OrderedDict[str, set] = OrderedDict()
         self.predictor = None
         if plan.predictor_source:  # the predictor, budget and (unless it previews all N) preview policies
-            from orchestrator.predictor import predictor_from_files
+            from actors.predictor.model import predictor_from_files
 
             # A one-item list, so Ray hands over the reference and the bytes are fetched here, once per actor.
             files = ray.get(predictor_files[0])
