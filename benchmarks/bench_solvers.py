@@ -83,7 +83,7 @@ def main() -> None:
 
     from actors.models.families import default_image_size
     from actors.models.diffusion import load_adapter
-    from actors.rater import make_rater
+    from actors.raters.specs import make_rater
     from actors.models.embedded import resolve_model
     from actors.models.seeds import candidate_seeds
 

@@ -349,7 +349,7 @@ def preview_scores(model_path: str, identity: dict, prompts: list[str], embeddin
     predicted final image decoded and rated after each step count in `at_steps`. Returns [{step: scores}]."""
     from actors.models import diffusion, families
     from actors.stages.generator import denoise_with_previews, device_and_dtype
-    from actors.rater import make_rater
+    from actors.raters.specs import make_rater
     from actors.models.seeds import batch_noise
 
     scheduler = families.scheduler_from_label(model_path, identity["scheduler"])

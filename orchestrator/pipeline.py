@@ -21,7 +21,7 @@ from actors.stages import trace
 from actors.stages.generator import GeneratorStage
 from actors.stages.light import give_way_to_generators
 from actors.stages.local import ScoreAndRenderStage
-from actors.rater import RaterStage
+from actors.stages.rater import RaterStage
 from actors.stages.scorer import ScorerStage
 from orchestrator.config import ConfigError, GenerateConfig
 from orchestrator.console import STATUS_EVERY_S

@@ -89,7 +89,7 @@ class RunPlan:
     def rendering(self) -> RenderPlan:
         config = self.config
         preview = config.policy_name == "preview"
-        from actors.rater import is_pixel_rater
+        from actors.raters.specs import is_pixel_rater
 
         return RenderPlan(model=config.model, steps=config.steps, guidance=config.guidance, height=self.height,
                           width=self.width, scheduler=config.scheduler,
@@ -111,7 +111,7 @@ class RunPlan:
 def build_plan(config: GenerateConfig) -> RunPlan:
     """Everything that can be derived, or found wrong, before compute: rater, model folder, size, predictor."""
     from actors.models import families
-    from actors.rater import validate_rater_spec
+    from actors.raters.specs import validate_rater_spec
     from actors.models.embedded import resolve_model
 
     try:

@@ -9,7 +9,7 @@ from PIL import Image
 
 from actors.models import diffusion, families
 from actors.stages.generator import GeneratorStage, denoise_with_previews
-from actors.rater import make_rater
+from actors.raters.specs import make_rater
 from jobs import reproduce
 from jobs.verify import verify_output
 from orchestrator import pipeline

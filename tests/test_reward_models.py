@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from actors import reward_models
-from actors.rater import RaterStage, make_rater, validate_rater_spec
+from actors.raters import reward_models
+from actors.raters.specs import RaterStage, make_rater, validate_rater_spec
 from tests.helpers_clip import tiny_clip_tokenizer
 from tests.helpers_raters import DATA, rating_cases, tiny_bert_tokenizer
 

@@ -14,7 +14,7 @@ import torch
 
 from actors.models import diffusion, families
 from actors.testbed import rater as shapes_rater
-from actors.rater import make_rater
+from actors.raters.specs import make_rater
 from actors.testbed import world as shapes
 from actors.models.embedded import resolve_model
 from actors.models.seeds import batch_noise, candidate_seeds

@@ -15,7 +15,7 @@ import numpy as np
 
 from actors.models import families
 from actors.stages import trace
-from actors.rater import make_rater, rate_batch
+from actors.raters.specs import make_rater, rate_batch
 from actors.models.embedded import resolve_model
 from actors.stages.settings import RenderPlan
 from actors.models.seeds import batch_noise

@@ -1,6 +1,6 @@
 """The `shapes` rater: a GenEval-like programmatic scorer for shape scenes (colour segmentation, shape by fill).
 
-Used by the rating stage (actors/rater.py, spec `shapes`); the vocabulary and the facts come from actors.testbed.world.
+Made by actors/raters/specs.py for the spec `shapes`; the vocabulary and the facts come from actors.testbed.world.
 
 How an image is read: the background is the median colour of the image border; every pixel takes the nearest
 palette colour (or the background, or nothing when no palette colour is within COLOUR_TOLERANCE); each colour's
@@ -200,7 +200,7 @@ class ShapesRater:
         self.name = name
 
     def score(self, images: np.ndarray, prompts: list[str]) -> np.ndarray:
-        from actors.rater import check_image_batch
+        from actors.raters.images import check_image_batch
 
         check_image_batch(images, prompts)
         return np.array([rate(image, prompt).score for image, prompt in zip(images, prompts)], dtype=np.float32)

@@ -1,6 +1,7 @@
-"""Rating stage: scores each rendered image for its prompt (higher is better) with a rater chosen by a spec string.
+"""Raters: each scores a rendered image for its prompt (higher is better), chosen by a spec string.
 
-Sits after the generator and before the sink: reads `image`, `prompt`, `status` from the row and adds `score`.
+The rating stage (actors/stages/rater.py), or a generator for a pixel rater, reads `image`, `prompt`, `status`
+from the row and adds `score` (rate_batch).
 
 Rater specs (what a job config carries, and what manifests record as the rater's `name`):
 
@@ -22,7 +23,7 @@ Rater specs (what a job config carries, and what manifests record as the rater's
 The text after `NAME:` is the model path, then optional `key=value` options separated by commas, so a model path
 cannot contain a comma. Paths are local folders or Hugging Face hub ids (owner/name); nothing is downloaded at run
 time, so a hub id only loads if it is already in the local Hugging Face cache. HPSv2 and ImageReward checkpoints
-are local files; `config=` names a JSON architecture for variants of them (see actors/reward_models.py).
+are local files; `config=` names a JSON architecture for variants of them (see actors/raters/reward_models.py).
 
 colorfulness and sharpness are stand-ins so the pipeline runs end to end without a model; neither looks at the
 prompt, and neither measures what people prefer:
@@ -39,7 +40,7 @@ shapes does read the prompt: it finds flat objects by colour and shape and retur
 
 CLIP and PickScore compute score = logit_scale.exp() * cosine(image_embedding, text_embedding), as PickScore's
 reference code does; PickScore is a CLIP model fine-tuned on human preferences, so it is the real preference metric.
-HPSv2 and ImageReward are rebuilt from their checkpoints without their packages (actors/reward_models.py).
+HPSv2 and ImageReward are rebuilt from their checkpoints without their packages (actors/raters/reward_models.py).
 """
 
 from __future__ import annotations
@@ -51,9 +52,8 @@ from typing import Protocol
 
 import numpy as np
 
-from actors.stages import trace
-from actors.stages.light import give_way_to_generators
 from actors.models.paths import looks_like_local_path
+from actors.raters.images import check_image_batch
 
 DEFAULT_RATER_SPEC = "colorfulness"
 RATER_NAMES = ("colorfulness", "sharpness", "shapes", "clip", "pickscore", "hpsv2", "imagereward")
@@ -161,7 +161,7 @@ def make_rater(spec: str = DEFAULT_RATER_SPEC) -> Rater:
 
         return ShapesRater(name)
     if parsed.name in CHECKPOINT_SOURCES:
-        from actors.reward_models import HPSv2Rater, ImageRewardRater
+        from actors.raters.reward_models import HPSv2Rater, ImageRewardRater
 
         rater_class = HPSv2Rater if parsed.name == "hpsv2" else ImageRewardRater
         return rater_class(name, parsed.path, tokenizer=parsed.options.get("tokenizer"),
@@ -179,7 +179,7 @@ def check_local_file(path: str, spec: str, what: str) -> None:
 
 def check_checkpoint_file(path: str, spec: str, name: str) -> None:
     """A checkpoint rater's weights: an existing local file with a known suffix."""
-    from actors.reward_models import CHECKPOINT_SUFFIXES
+    from actors.raters.reward_models import CHECKPOINT_SUFFIXES
 
     check_local_file(path, spec, what="checkpoint")
     if not path.endswith(CHECKPOINT_SUFFIXES):
@@ -205,17 +205,6 @@ def check_model_location(path: str, spec: str, what: str, needs_config: bool) ->
             f"rater spec {spec!r}: {what} folder {path!r} has no config.json; "
             f"point at a folder written by CLIPModel.save_pretrained"
         )
-
-
-def check_image_batch(images: np.ndarray, prompts: list[str]) -> None:
-    """Raise if `images` is not a (B, H, W, 3) uint8 array with one prompt per image."""
-    if not isinstance(images, np.ndarray) or images.ndim != 4 or images.shape[-1] != 3:
-        shape = getattr(images, "shape", type(images).__name__)
-        raise ValueError(f"images: expected a (B, H, W, 3) array, got {shape}; stack RGB images along axis 0")
-    if images.dtype != np.uint8:
-        raise ValueError(f"images: expected dtype uint8 (0..255), got {images.dtype}; convert before rating")
-    if len(prompts) != len(images):
-        raise ValueError(f"prompts: {len(prompts)} prompts for {len(images)} images; pass one prompt per image")
 
 
 def colorfulness(image: np.ndarray) -> float:
@@ -313,29 +302,6 @@ class ClipScoreRater:
             cosine = (outputs.image_embeds * outputs.text_embeds).sum(dim=-1)
             scores = self.model.logit_scale.exp() * cosine
         return scores.float().cpu().numpy().astype(np.float32)
-
-
-class RaterStage:
-    """Ray Data callable class for model raters (CLIP, PickScore, HPSv2, ImageReward): one rater per actor, which
-    may hold a GPU fraction; adds a float32 `score` column to each batch (rate_batch). Pixel raters need no actor:
-    the generator rates its own renders with them (RenderPlan.rates_images)."""
-
-    def __init__(self, rater_spec: str, num_threads: int = 1) -> None:
-        trace.mark("rater", "process", trace.process_started())
-        trace.mark("rater", "init")
-        if not is_pixel_rater(rater_spec):
-            import torch  # model raters only: a pixel rater never loads torch (start-up time)
-
-            # Ray sets OMP_NUM_THREADS=1 in workers; the caller decides how many cores this actor may use.
-            torch.set_num_threads(num_threads)
-        self.rater = make_rater(rater_spec)
-        self.first_call = trace.FirstCall("rater")
-        trace.mark("rater", "ready")
-        give_way_to_generators()  # once loaded: the first image waits for this load
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        with self.first_call:
-            return rate_batch(self.rater, batch)
 
 
 def rate_batch(rater: Rater, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

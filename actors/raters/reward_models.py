@@ -1,6 +1,6 @@
 """HPSv2 and ImageReward raters, rebuilt from their published checkpoints on transformers' CLIP and BLIP classes.
 
-Used by the rating stage (`actors/rater.py`) for the `hpsv2:` and `imagereward:` specs. Neither package is
+Used by the rating stage (`actors/raters/specs.py`) for the `hpsv2:` and `imagereward:` specs. Neither package is
 imported: both download weights and tokenizers at run time, hpsv2 pulls a CUDA torchvision, and image-reward 1.5
 does not import under transformers 5. What they compute is reproduced here from the same checkpoint files:
 
@@ -88,7 +88,7 @@ def read_model_config(path: str | None, default: dict, required: dict, what: str
                 for key in keys if key not in config[section]]
     if missing:
         raise ValueError(f"{what} config {path!r}: missing {', '.join(missing)}; see the released config in "
-                         "actors/reward_models.py for the layout")
+                         "actors/raters/reward_models.py for the layout")
     return config
 
 
@@ -331,7 +331,7 @@ class HPSv2Rater:
         self.context_length = int(architecture["text_cfg"]["context_length"])
 
     def score(self, images: np.ndarray, prompts: list[str]) -> np.ndarray:
-        from actors.rater import check_image_batch
+        from actors.raters.images import check_image_batch
 
         check_image_batch(images, prompts)
         input_ids = open_clip_token_ids(self.tokenizer, prompts, self.context_length)
@@ -464,7 +464,7 @@ class ImageRewardRater:
         self.image_size = int(architecture["vision"]["image_size"])
 
     def score(self, images: np.ndarray, prompts: list[str]) -> np.ndarray:
-        from actors.rater import check_image_batch
+        from actors.raters.images import check_image_batch
 
         check_image_batch(images, prompts)
         tokens = self.tokenizer(list(prompts), padding="max_length", truncation=True,
