@@ -154,7 +154,7 @@ class ImageWatcher:
     comparison are timed the same way, from outside, where a user would look for the images."""
 
     def __init__(self, folder: str, suffix: str = ".png", period: float = 0.02):
-        from orchestrator.storage import TEMPORARY_MARK  # the parent's only: the plain child does not pay for it
+        from orchestrator.output.storage import TEMPORARY_MARK  # the parent's only: the plain child does not pay for it
 
         self.temporary_mark = TEMPORARY_MARK
         self.folder, self.suffix, self.period = folder, suffix, period

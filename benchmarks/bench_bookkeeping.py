@@ -57,13 +57,13 @@ def fabricate(corpus_path: Path, out: str, rows: int, storage_options: dict) -> 
     """A finished run's output holding the corpus's first `rows` rows, written by the project's own code."""
     import pyarrow as pa
 
-    from orchestrator.corpus import list_corpus
-    from orchestrator.manifest import MANIFEST_SCHEMA, Manifest, ShardFrame
-    from orchestrator.pipeline import check_run_file
-    from orchestrator.plan import build_plan
-    from orchestrator.reader import ReadSettings, read_text_shards
+    from orchestrator.corpus.listing import list_corpus
+    from orchestrator.output.manifest import MANIFEST_SCHEMA, Manifest, ShardFrame
+    from orchestrator.flow.pipeline import check_run_file
+    from orchestrator.run.plan import build_plan
+    from orchestrator.corpus.reader import ReadSettings, read_text_shards
     from actors.models.seeds import candidate_seeds
-    from orchestrator.storage import Output
+    from orchestrator.output.storage import Output
 
     started = time.time()
     config = job_config(corpus_path, out, storage_options)
@@ -97,7 +97,7 @@ def fabricate(corpus_path: Path, out: str, rows: int, storage_options: dict) -> 
 
 
 def job_config(corpus_path: Path, out: str, storage_options: dict):
-    from orchestrator.config import GenerateConfig
+    from orchestrator.run.config import GenerateConfig
 
     return GenerateConfig(prompts=str(corpus_path), out=out, candidates=1, keep=1, steps=1, guidance=1.0,
                           batch_size=4, generator_cpus=1, shard_size=SHARD_SIZE, save_images=False,
@@ -136,7 +136,7 @@ class WorkerPeaks:
 
 def committed_now(out: str, storage_options: dict, before: set) -> bool:
     """Whether a manifest object that was not there before exists (the run's first commit)."""
-    from orchestrator.storage import Output
+    from orchestrator.output.storage import Output
 
     try:
         return bool(set(Output(out, storage_options).list_keys("manifest", ".parquet")) - before)
@@ -146,7 +146,7 @@ def committed_now(out: str, storage_options: dict, before: set) -> bool:
 
 def run_job(corpus_path: Path, out: str, storage_options: dict, env: dict, stop_at_first_commit: bool) -> dict:
     """One `python -m jobs.generate` in a fresh process with a private Ray; times its first commit."""
-    from orchestrator.storage import Output
+    from orchestrator.output.storage import Output
     from tests.helpers_ray import kill_run, stop_private_ray
 
     before = set(Output(out, storage_options).list_keys("manifest", ".parquet"))
@@ -202,7 +202,7 @@ def legacy_read(work: Path, rows: int) -> dict:
 import io, time, json, sys, os
 import pyarrow.parquet as pq, pyarrow.compute as pc, pyarrow as pa
 sys.path.insert(0, {str(REPO_ROOT)!r})
-from orchestrator.manifest import row_key
+from orchestrator.output.manifest import row_key
 started = time.time()
 folder = {str(folder / 'manifest')!r}
 keys = sorted(os.listdir(folder))
@@ -229,8 +229,8 @@ def _remove(out: str, options: dict) -> None:
 
 
 def measure(rows: int, storage: str, work: Path, legacy_max: int, endpoint: str | None, repeats: int) -> dict:
-    from orchestrator.manifest import Manifest
-    from orchestrator.storage import Output
+    from orchestrator.output.manifest import Manifest
+    from orchestrator.output.storage import Output
 
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)}
     env.update(SEEDSIFT_CACHE=str(work / "cache"), PYTHONUNBUFFERED="1", RAY_AUTH_MODE="disabled")

@@ -48,7 +48,7 @@ def build_pipeline(folder: str) -> None:
 
 
 def prompts_and_seeds(count: int) -> tuple[list[str], list[int]]:
-    from orchestrator.corpus import prompt_id_for
+    from orchestrator.corpus.listing import prompt_id_for
     from actors.models.seeds import candidate_seeds
 
     prompts = [f"a watercolor painting of a lighthouse number {i} on a rocky coast at dawn" for i in range(count)]

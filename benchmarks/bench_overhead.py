@@ -54,7 +54,7 @@ def child_plain(args) -> None:
     torch.set_num_threads(args.threads)
     from diffusers import DiffusionPipeline
 
-    from orchestrator.corpus import prompt_id_for
+    from orchestrator.corpus.listing import prompt_id_for
     from actors.models.embedded import resolve_model
     from actors.models.seeds import batch_noise, candidate_seeds
     from actors.models import families

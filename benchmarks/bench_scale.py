@@ -1,6 +1,6 @@
 """Figure 4, scale: driver memory and rows/s from 10 thousand to 1 million prompts, and generator placement/scaling.
 
-Part A builds the first stages exactly as orchestrator.pipeline.build_dataset does (read_corpus -> drop_duplicates
+Part A builds the first stages exactly as orchestrator.flow.pipeline.build_dataset does (read_corpus -> drop_duplicates
 -> ScorerStage with the random policy, which still runs the text encoder), drops the embedding columns (the
 generator does that in the real flow, so the driver never sees them) and consumes with iter_batches counting rows,
 while a thread samples the driver's VmRSS. One fresh driver process per run. Part B runs the whole pipeline on a
@@ -41,12 +41,12 @@ def child_stream(args) -> None:
     """One driver: read -> dedup [-> scorer] -> drop embeddings, consumed by iter_batches; RSS sampled."""
     import ray
 
-    from orchestrator.corpus import list_corpus
-    from orchestrator.dedup import Owners, drop_duplicates, start_index
-    from orchestrator.manifest import Manifest
-    from orchestrator.pipeline import connect_ray
-    from orchestrator.reader import ReadSettings, file_key, read_corpus
-    from orchestrator.storage import Output
+    from orchestrator.corpus.listing import list_corpus
+    from orchestrator.corpus.dedup import Owners, drop_duplicates, start_index
+    from orchestrator.output.manifest import Manifest
+    from orchestrator.flow.pipeline import connect_ray
+    from orchestrator.corpus.reader import ReadSettings, file_key, read_corpus
+    from orchestrator.output.storage import Output
 
     with RssSampler() as rss:
         started = time.perf_counter()
@@ -61,8 +61,8 @@ def child_stream(args) -> None:
             ds = drop_duplicates(ds, indexes, manifest, owners)
             if args.mode == "score":
                 from actors.stages.scorer import ScorerStage
-                from orchestrator.config import GenerateConfig
-                from orchestrator.plan import build_plan
+                from orchestrator.run.config import GenerateConfig
+                from orchestrator.run.plan import build_plan
 
                 config = GenerateConfig(prompts=args.prompts, out=out, scorers=args.scorers[0])
                 ds = ds.map_batches(
@@ -103,8 +103,8 @@ def child_cluster(args) -> None:
 
     sys.path.insert(0, str(REPO_ROOT / "tests"))
     from cluster_placement import free_port
-    from orchestrator import pipeline
-    from orchestrator.config import GenerateConfig
+    from orchestrator.flow import pipeline
+    from orchestrator.run.config import GenerateConfig
 
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 2, "num_gpus": 0, "include_dashboard": True, "dashboard_port": free_port(),

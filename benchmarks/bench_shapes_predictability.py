@@ -100,7 +100,7 @@ def main() -> None:
     from actors.testbed.rater import rate
     from actors.models.embedded import resolve_model
     from actors.predictor.metrics import per_prompt_spearman, top1_gain
-    from orchestrator.predictor import load_predictor, resolve_predictor
+    from orchestrator.run.predictor_files import load_predictor, resolve_predictor
     from actors.models.seeds import batch_noise, candidate_seeds
     from actors.testbed.world import held_out_prompts
 

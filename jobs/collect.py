@@ -12,9 +12,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from jobs.common import add_run_arguments, check_prompts, config_from_args, finished, run_job
-from orchestrator.console import Console
-from orchestrator.manifest import MANIFEST_SCHEMA, Manifest
-from orchestrator.storage import Output
+from orchestrator.flow.console import Console
+from orchestrator.output.manifest import MANIFEST_SCHEMA, Manifest
+from orchestrator.output.storage import Output
 
 DATASET_FILE = "dataset.parquet"
 DATASET_COLUMNS = ["prompt_id", "prompt", "seed", "candidate_index", "score", "model", "scheduler", "steps",
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         config = config_from_args(args, all_candidates=True, keep=args.candidates, save_images=not args.no_images)
         check_prompts(config)  # a corpus that cannot be read stops here, before torch and Ray are imported
         from jobs.report import write_report
-        from orchestrator import pipeline
+        from orchestrator.flow import pipeline
 
         summary = pipeline.run(config, console)
         output = Output(config.out, config.storage_options)

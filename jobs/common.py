@@ -12,7 +12,7 @@ import re
 import sys
 from collections.abc import Callable
 
-from orchestrator.config import DEFAULT_MODEL, ConfigError, GenerateConfig
+from orchestrator.run.config import DEFAULT_MODEL, ConfigError, GenerateConfig
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -94,7 +94,7 @@ def config_from_args(args: argparse.Namespace, **overrides) -> GenerateConfig:
 
 def check_prompts(config: GenerateConfig) -> None:
     """The corpus's files and their prompt columns, checked in a second (pipeline.prepare checks them again)."""
-    from orchestrator.corpus import Columns, check_corpus, list_corpus
+    from orchestrator.corpus.listing import Columns, check_corpus, list_corpus
 
     check_corpus(list_corpus(config.prompts, config.storage_options, config.out), Columns(config.prompt_column, config.id_column),
                  config.storage_options)
@@ -103,7 +103,7 @@ def check_prompts(config: GenerateConfig) -> None:
 def finished(summary: dict, console) -> int:
     """A finished run's exit status: 0, or EXIT_INPUT with one line per damaged corpus file (its rows before the
     damage were delivered; the file stays reported as a failed row until it is replaced)."""
-    from orchestrator.reader import DAMAGED_FILE
+    from orchestrator.corpus.reader import DAMAGED_FILE
 
     damaged = [reason for reason in summary.get("failure_reasons") or {} if DAMAGED_FILE in reason]
     for reason in damaged:
@@ -157,9 +157,9 @@ def run_job(body: Callable[[], int], output: str | None = None) -> int:
 
     Inside a quiet Console the line goes to the console (the terminal), not to the log the rest of stderr goes to.
     """
-    from orchestrator.console import Console
-    from orchestrator.corpus import CorpusError
-    from orchestrator.lease import LeaseLost, OutputBusy
+    from orchestrator.corpus.listing import CorpusError
+    from orchestrator.flow.console import Console
+    from orchestrator.output.lease import LeaseLost, OutputBusy
 
     if not logging.getLogger().handlers:
         # seedsift's own progress at INFO; the libraries' INFO (botocore's credential chain, ...) is noise here.

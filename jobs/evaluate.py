@@ -19,8 +19,8 @@ import time
 import numpy as np
 
 from jobs.common import run_job
-from orchestrator.config import ConfigError
-from orchestrator.storage import Output
+from orchestrator.output.storage import Output
+from orchestrator.run.config import ConfigError
 
 logger = logging.getLogger("seedsift.evaluate")
 
@@ -106,11 +106,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def evaluate(args: argparse.Namespace) -> dict:
     """The whole job: check inputs, predict, measure, render the contact sheet, write the report; returns the JSON."""
-    from jobs.train import dataset_identity, read_dataset
     from actors.models.embedded import resolve_model
     from actors.predictor.model import predictor_from_files, read_config
-    from orchestrator.predictor import as_config_error, read_predictor_files
-    from orchestrator.training import group_by_prompt
+    from actors.predictor.training import group_by_prompt
+    from jobs.train import dataset_identity, read_dataset
+    from orchestrator.run.predictor_files import as_config_error, read_predictor_files
 
     started = time.time()
     storage_options = _storage_options(args.storage_options)
@@ -348,9 +348,9 @@ def preview_scores(model_path: str, identity: dict, prompts: list[str], embeddin
     """Each prompt's candidates (seeds[i]) previewed as the preview policy does: one denoising per candidate, its
     predicted final image decoded and rated after each step count in `at_steps`. Returns [{step: scores}]."""
     from actors.models import diffusion, families
-    from actors.stages.generator import denoise_with_previews, device_and_dtype
-    from actors.raters.specs import make_rater
     from actors.models.seeds import batch_noise
+    from actors.raters.specs import make_rater
+    from actors.stages.generator import denoise_with_previews, device_and_dtype
 
     scheduler = families.scheduler_from_label(model_path, identity["scheduler"])
     try:
@@ -507,8 +507,8 @@ def contact_sheet(model_path: str, identity: dict, text_adapter, groups, predict
     policy renders, beside the predictor's top-1, each labelled with its rated score from the dataset."""
     from PIL import Image, ImageDraw, ImageOps
 
-    from orchestrator.fonts import text_font
     from actors.predictor.selection import keep_top_k
+    from jobs.pages.fonts import text_font
 
     picks = [keep_top_k(predicted[i], 1)[0] for i in chosen]
     pairs = [[int(groups.seeds[i][0]), int(groups.seeds[i][pick])] for i, pick in zip(chosen, picks)]
@@ -553,8 +553,8 @@ def render_candidates(model_path: str, identity: dict, text_adapter, prompts: li
     """Images of the given seeds of each prompt, in order, rendered as the generator stage does; and the mean
     seconds per image spent in the pipeline call (loading excluded)."""
     from actors.models import diffusion, families
-    from actors.stages.generator import device_and_dtype
     from actors.models.seeds import batch_noise
+    from actors.stages.generator import device_and_dtype
 
     device, dtype = device_and_dtype()
     renderer = diffusion.load_adapter(model_path, "render", device=device, dtype=dtype,

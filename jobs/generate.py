@@ -9,8 +9,8 @@ import argparse
 import sys
 
 from jobs.common import add_run_arguments, check_prompts, config_from_args, finished, run_job
-from orchestrator.console import Console
-from orchestrator.storage import Output
+from orchestrator.flow.console import Console
+from orchestrator.output.storage import Output
 
 
 def parser() -> argparse.ArgumentParser:
@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
         config = config_from_args(args)
         check_prompts(config)  # a corpus that cannot be read stops here, before torch and Ray are imported
         from jobs.report import write_report
-        from orchestrator import pipeline
+        from orchestrator.flow import pipeline
 
         summary = pipeline.run(config, console)
         console.finish(summary, write_report(Output(config.out, config.storage_options)))

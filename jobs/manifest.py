@@ -15,8 +15,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from jobs.common import run_job
-from orchestrator.manifest import MANIFEST_SCHEMA, Manifest
-from orchestrator.storage import Output
+from orchestrator.output.manifest import MANIFEST_SCHEMA, Manifest
+from orchestrator.output.storage import Output
 
 EXPORT_SCHEMA = MANIFEST_SCHEMA.append(pa.field("image_uri", pa.string()))
 

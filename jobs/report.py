@@ -25,9 +25,9 @@ import random
 import numpy as np
 
 from jobs.common import run_job
-from orchestrator.manifest import Manifest, split_shard_id
-from orchestrator.storage import Output
-from orchestrator.summary import merge_stats, quantile, shard_stats
+from orchestrator.output.manifest import Manifest, split_shard_id
+from orchestrator.output.storage import Output
+from orchestrator.output.summary import merge_stats, quantile, shard_stats
 
 REPORT_FILE = "report.html"
 PAGES = "report"

@@ -12,9 +12,9 @@ import sys
 import fsspec
 
 from jobs.common import run_job
-from orchestrator.config import ConfigError
-from orchestrator.manifest import Manifest
-from orchestrator.storage import Output
+from orchestrator.output.manifest import Manifest
+from orchestrator.output.storage import Output
+from orchestrator.run.config import ConfigError
 
 
 def find_row(output: Output, prompt_id: str, seed: int) -> dict:
@@ -31,9 +31,9 @@ def reproduce_image(row: dict):
     """The image of one manifest row, rendered alone (batch of one) through the same code path as the generator."""
 
     from actors.models import diffusion, families
-    from actors.stages.generator import device_and_dtype
     from actors.models.embedded import resolve_model
     from actors.models.seeds import batch_noise
+    from actors.stages.generator import device_and_dtype
 
     model_path = resolve_model(row["model"])
     try:
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def body() -> int:
-        from orchestrator.images import encode_image
+        from orchestrator.output.images import encode_image
 
         output = Output(args.manifest, json.loads(args.storage_options))
         row = find_row(output, args.prompt_id, args.seed)

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from jobs.common import run_job
 from actors.testbed import world as shapes
+from jobs.common import run_job
 
 # What each probe tests, in the order the validation table lists them.
 PROBES = (
@@ -163,9 +163,9 @@ def measure_model(model: str, prompts: list[str], seeds_per_prompt: int, steps: 
     import torch
 
     from actors.models import diffusion, families
-    from actors.testbed.rater import rate
     from actors.models.embedded import resolve_model
     from actors.models.seeds import batch_noise, candidate_seeds
+    from actors.testbed.rater import rate
 
     model_path = resolve_model(model)
     text = diffusion.load_adapter(model_path, "text")

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from jobs.common import run_job
-from orchestrator.config import ConfigError
-from orchestrator.storage import Output
+from orchestrator.output.storage import Output
+from orchestrator.run.config import ConfigError
 
 logger = logging.getLogger("seedsift.train")
 SPLIT_SALT = "seedsift-split-v1"
@@ -118,10 +118,11 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         from actors.models import families
-        from actors.predictor.budget import fit_residual_model, record_spread_quantiles
         from actors.models.embedded import resolve_model
+        from actors.predictor.budget import fit_residual_model, record_spread_quantiles
         from actors.predictor.model import PredictorConfig
-        from orchestrator.training import Examples, TrainingSettings, group_by_prompt, predict_groups, split_groups, train
+        from actors.predictor.training import (Examples, TrainingSettings, group_by_prompt, predict_groups,
+                                               split_groups, train)
 
         if not 0 < args.val < 1 or not 0 <= args.test < 1 or args.val + args.test >= 1:
             raise ConfigError("--val and --test are fractions of the prompts and must leave some for training")

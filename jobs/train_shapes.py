@@ -11,8 +11,8 @@ import dataclasses
 import json
 import sys
 
-from jobs.common import run_job
 from actors.testbed.model import TrainSettings, train_shapes_model
+from jobs.common import run_job
 
 
 def _flag(name: str) -> str:

@@ -20,19 +20,10 @@ from collections import Counter
 import numpy as np
 import pyarrow as pa
 
-from orchestrator.manifest import (
-    DELIVERED,
-    FAILED,
-    OPEN_FOLDER,
-    RUN_FILE,
-    DamagedManifest,
-    Manifest,
-    complete_key,
-    legacy_to_current,
-    row_keys,
-)
-from orchestrator.config import ConfigError
-from orchestrator.storage import TEMPORARY_MARK, Output
+from orchestrator.output.manifest import (DELIVERED, FAILED, OPEN_FOLDER, RUN_FILE, DamagedManifest, Manifest,
+                                          complete_key, legacy_to_current, row_keys)
+from orchestrator.output.storage import TEMPORARY_MARK, Output
+from orchestrator.run.config import ConfigError
 
 LISTED = 20  # examples per problem kept in the report
 COLUMNS = ["prompt_id", "seed", "source", "status", "image_key", "image_member", "image_offset", "image_size"]
@@ -205,7 +196,7 @@ def repair_output(output: Output, lease_seconds: float = 120.0) -> dict:
     """Move every damaged manifest object (and an unreadable run.json) aside under damaged/<UTC time>/, holding
     the output's lease so no run writes meanwhile. A damaged shard object or part no longer counts, so the next
     run redoes its rows and rewrites their images; a run.json moved aside is written again by that run."""
-    from orchestrator.lease import Lease
+    from orchestrator.output.lease import Lease
 
     lease = Lease(output, lease_seconds, busy_advice="Run `seedsift verify --repair` again when it has finished")
     lease.acquire()
@@ -248,7 +239,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from orchestrator.lease import OutputBusy
+    from orchestrator.output.lease import OutputBusy
 
     args = parser().parse_args(argv)
     try:

@@ -194,7 +194,7 @@ CHECKED = ("delivered_rows", "duplicates", "missing_images", "orphan_images", "t
 
 def final_check(out: str, storage_options: dict | None, reference: set) -> dict:
     from jobs.verify import verify_output
-    from orchestrator.storage import Output
+    from orchestrator.output.storage import Output
     from tests.helpers_manifest import manifest_frame
 
     report = verify_output(out, storage_options)
@@ -225,7 +225,7 @@ class Soak:
 
     # --- the reference -------------------------------------------------------------------------------------------
     def reference(self) -> dict:
-        from orchestrator.storage import Output
+        from orchestrator.output.storage import Output
         from tests.helpers_manifest import manifest_frame
 
         out = self.out("reference")

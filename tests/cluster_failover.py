@@ -50,10 +50,10 @@ def main(out: str) -> dict:
     import ray
     from ray.cluster_utils import Cluster
 
-    from orchestrator import pipeline
-    from orchestrator.config import GenerateConfig
-    from orchestrator.manifest import Manifest
-    from orchestrator.storage import Output
+    from orchestrator.flow import pipeline
+    from orchestrator.output.manifest import Manifest
+    from orchestrator.output.storage import Output
+    from orchestrator.run.config import GenerateConfig
 
     # Explicit ports: the defaults (dashboard 8265, agent 52365) may be held by another Ray on this machine.
     cluster = Cluster(initialize_head=True, head_node_args={

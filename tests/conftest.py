@@ -82,7 +82,7 @@ def ray_session(tmp_path_factory, s3_endpoint):
     than that are tested explicitly. The model cache is shared too."""
     import ray
 
-    from orchestrator.pipeline import local_ray_options
+    from orchestrator.flow.pipeline import local_ray_options
 
     os.environ["SEEDSIFT_CACHE"] = str(tmp_path_factory.mktemp("seedsift-cache"))
     ray.init(address="local", **local_ray_options())
@@ -95,7 +95,7 @@ FINISHED_ROWS = 2 * len(FINISHED_PROMPTS)  # keep 2 of 4
 
 
 def finished_settings(corpus: str, out: str):
-    from orchestrator.config import GenerateConfig
+    from orchestrator.run.config import GenerateConfig
 
     return GenerateConfig(prompts=corpus, out=out, candidates=4, keep=2, steps=1, guidance=3.0, batch_size=4,
                           generator_cpus=1, shard_size=4)
@@ -105,7 +105,7 @@ def finished_settings(corpus: str, out: str):
 def finished(ray_session, tmp_path_factory) -> dict:
     """One finished run of two complete shards (16 rows), pristine: a test that damages or grows it copies it."""
     from jobs import verify
-    from orchestrator import pipeline
+    from orchestrator.flow import pipeline
 
     folder = tmp_path_factory.mktemp("finished")
     corpus = folder / "prompts.txt"

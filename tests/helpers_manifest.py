@@ -5,8 +5,8 @@ from __future__ import annotations
 import pandas as pd
 import pyarrow as pa
 
-from orchestrator.manifest import Manifest
-from orchestrator.storage import Output
+from orchestrator.output.manifest import Manifest
+from orchestrator.output.storage import Output
 
 
 def manifest_frame(out: Output | str) -> pd.DataFrame:

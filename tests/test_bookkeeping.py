@@ -22,15 +22,14 @@ import pytest
 from PIL import Image
 
 from jobs.verify import verify_output
-from orchestrator.corpus import list_corpus
-from orchestrator.images import encode_image, pack_images, sample_key
-from orchestrator.lease import LEASE_FILE, Lease, LeaseLost, OutputBusy
-from orchestrator.ledger import ShardLedger
-from orchestrator.manifest import (Manifest, ShardFrame, complete_key, manifest_table, part_key, row_key,
-                                   row_keys)
-from orchestrator.reader import ReadSettings, read_text_shards
-from orchestrator.storage import Output
-from orchestrator.summary import merge_stats, quantile, shard_stats
+from orchestrator.corpus.listing import list_corpus
+from orchestrator.corpus.reader import ReadSettings, read_text_shards
+from orchestrator.output.images import encode_image, pack_images, sample_key
+from orchestrator.output.lease import LEASE_FILE, Lease, LeaseLost, OutputBusy
+from orchestrator.output.ledger import ShardLedger
+from orchestrator.output.manifest import Manifest, ShardFrame, complete_key, manifest_table, part_key, row_key, row_keys
+from orchestrator.output.storage import Output
+from orchestrator.output.summary import merge_stats, quantile, shard_stats
 from tests.conftest import REPO_ROOT
 from tests.helpers_ray import session_ray_env
 
@@ -219,7 +218,7 @@ PROMPTS = [f"a {colour} {thing}" for colour in ("red", "blue", "green") for thin
 
 
 def small(prompts: str, out: str, **overrides):
-    from orchestrator.config import GenerateConfig
+    from orchestrator.run.config import GenerateConfig
 
     values = dict(prompts=prompts, out=out, candidates=3, keep=1, steps=2, batch_size=4, guidance=3.0,
                   generator_cpus=1, shard_size=4)
@@ -231,7 +230,7 @@ def small(prompts: str, out: str, **overrides):
 def sharded_run(ray_session, tmp_path_factory):
     """One run in WebDataset tars: 9 prompts, a blank line and a duplicate in shards of 4 corpus rows, 2 seeds each,
     tars of 3 images."""
-    from orchestrator import pipeline
+    from orchestrator.flow import pipeline
 
     folder = tmp_path_factory.mktemp("sharded")
     corpus = folder / "p.txt"
@@ -321,8 +320,8 @@ def test_webdataset_shards_round_trip_through_verify_reproduce_and_export(sharde
 
 def test_an_output_of_seedsift_0_1_is_refused_and_stays_readable(ray_session, tmp_path):
     from jobs import manifest as manifest_job
-    from orchestrator import pipeline
-    from orchestrator.config import ConfigError
+    from orchestrator.flow import pipeline
+    from orchestrator.run.config import ConfigError
 
     out = tmp_path / "old"
     (out / "manifest").mkdir(parents=True)
@@ -346,8 +345,8 @@ def test_an_output_of_seedsift_0_1_is_refused_and_stays_readable(ray_session, tm
 COMPACT_CHILD = """
 import sys, time
 sys.path.insert(0, {repo!r})
-from orchestrator.manifest import Manifest
-from orchestrator.storage import Output
+from orchestrator.output.manifest import Manifest
+from orchestrator.output.storage import Output
 manifest = Manifest(Output({out!r}))
 print("start", flush=True)
 started = time.time()
@@ -526,7 +525,7 @@ def test_outdated_corpus_lines_are_named_and_moved_ones_are_not():
     neither is an unchanged one the reader delivered nothing new for."""
     import pyarrow as pa
 
-    from orchestrator.manifest import outdated_sources
+    from orchestrator.output.manifest import outdated_sources
 
     def rows(*entries):
         names = ("shard_row", "prompt_id", "prompt", "status", "source")

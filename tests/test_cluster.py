@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.verify import verify_output
-from orchestrator.storage import Output
+from orchestrator.output.storage import Output
 from tests.helpers_ray import run_cluster_script, stop_private_ray
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

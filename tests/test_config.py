@@ -1,10 +1,10 @@
 """Configuration is validated before any compute, with messages that name the fix."""
 
-import pytest
-
 import dataclasses
 
-from orchestrator.config import ConfigError, GenerateConfig, fingerprint_of
+import pytest
+
+from orchestrator.run.config import ConfigError, GenerateConfig, fingerprint_of
 
 
 def config(**overrides):

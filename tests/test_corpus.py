@@ -6,7 +6,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from orchestrator.corpus import corpus_format, parse_lines, parse_table, prompt_id_for, read_corpus_local, rows_to_blocks
+from orchestrator.corpus.listing import (corpus_format, parse_lines, parse_table, prompt_id_for, read_corpus_local,
+                                         rows_to_blocks)
 
 
 def lines(text: bytes) -> list[bytes]:

@@ -14,8 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from actors.models import diffusion, families
-from actors.models import embedded
+from actors.models import diffusion, embedded, families
 from actors.models.seeds import batch_noise
 
 # Two threads match the measured recipes; more only adds contention on these 2-core machines.

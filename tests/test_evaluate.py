@@ -15,10 +15,10 @@ import torch
 from PIL import Image
 
 from actors.models import families
-from jobs import evaluate
 from actors.models.embedded import resolve_model
-from actors.predictor.model import NoiseQualityPredictor, PredictorConfig, save_predictor, split_of
 from actors.models.seeds import candidate_seeds, initial_noise
+from actors.predictor.model import NoiseQualityPredictor, PredictorConfig, save_predictor, split_of
+from jobs import evaluate
 
 MODEL = "embedded:tiny-sd"
 PROMPTS = ["a red cube on a table", "a watercolor fox", "an astronaut riding a horse", "a bowl of ramen",
@@ -250,7 +250,7 @@ def test_split_follows_whether_the_dataset_is_the_training_set(tiny, dataset, tm
 def test_contact_sheet_font_draws_cjk_and_accents():
     from PIL import Image, ImageDraw
 
-    from orchestrator.fonts import font_path, text_font
+    from jobs.pages.fonts import font_path, text_font
 
     if font_path() is None or "cjk" not in font_path().lower():
         pytest.skip("no CJK font installed here (Debian: fonts-noto-cjk)")

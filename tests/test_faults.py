@@ -20,13 +20,13 @@ import pandas as pd
 import pytest
 
 from jobs.verify import verify_output
-from tests.helpers_ray import kill_run, private_ray_env, session_ray_env
-from orchestrator import pipeline
-from orchestrator.config import GenerateConfig
-from orchestrator.dedup import DuplicateFilter
-from orchestrator.storage import Output
+from orchestrator.corpus.dedup import DuplicateFilter
+from orchestrator.flow import pipeline
+from orchestrator.output.storage import Output
+from orchestrator.run.config import GenerateConfig
 from tests.conftest import REPO_ROOT, free_port
 from tests.helpers_manifest import manifest_frame
+from tests.helpers_ray import kill_run, private_ray_env, session_ray_env
 
 PROMPTS = [f"a {colour} {thing} at dawn" for colour in ("red", "blue", "green", "yellow")
            for thing in ("cube", "fox", "lighthouse", "bowl of ramen")]  # 16 distinct prompts
@@ -181,8 +181,8 @@ def wait_for_job_end(driver_pid: int, timeout: float = 60) -> None:
 
 def corpus_block(rows: list[tuple], shard: str = "c.jsonl/000000"):
     """Rows as the reader emits them: one shard's block with its bookkeeping columns."""
-    from orchestrator.manifest import ShardFrame
-    from orchestrator.reader import _shard_table
+    from orchestrator.corpus.reader import _shard_table
+    from orchestrator.output.manifest import ShardFrame
 
     records = [{"prompt_id": p, "prompt": text, "source": src, "status": status, "error": None if status == "ok" else "x"}
                for p, text, src, status in rows]
@@ -192,8 +192,8 @@ def corpus_block(rows: list[tuple], shard: str = "c.jsonl/000000"):
 
 
 def test_duplicate_filter_keeps_the_first_and_honours_committed_rows(ray_session, tmp_path):
-    from orchestrator.dedup import Owners, start_index
-    from orchestrator.manifest import Manifest, ShardFrame, manifest_table
+    from orchestrator.corpus.dedup import Owners, start_index
+    from orchestrator.output.manifest import Manifest, ShardFrame, manifest_table
 
     batch = corpus_block([("a", "a red cube", "c.jsonl:1", "ok"), ("b", "a blue cube", "c.jsonl:2", "ok"),
                           ("a", "something else", "c.jsonl:3", "ok"), ("c", "A  red cube ", "c.jsonl:4", "ok"),

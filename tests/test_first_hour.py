@@ -130,7 +130,7 @@ def test_an_unexpected_failure_is_one_line_with_status_1_and_its_traceback_in_th
     """Whatever else breaks inside a run (a bug, Ray itself) ends in one console line with status 1, saying that the
     same command resumes and where the traceback is; the traceback goes to that log, not to the console."""
     from jobs import generate
-    from orchestrator import pipeline
+    from orchestrator.flow import pipeline
 
     def broken(config, console):
         raise RuntimeError("a bug deep inside\nwith a second line")
@@ -245,9 +245,9 @@ def test_the_report_renders_in_a_real_browser(ray_session, tmp_path):
     if chromium is None:
         pytest.skip("Chromium is not installed (apt-get install chromium)")
     from jobs.report import write_report
-    from orchestrator import pipeline
-    from orchestrator.config import GenerateConfig
-    from orchestrator.storage import Output
+    from orchestrator.flow import pipeline
+    from orchestrator.output.storage import Output
+    from orchestrator.run.config import GenerateConfig
 
     corpus = tmp_path / "p.txt"
     corpus.write_text("\n".join(["a watercolor fox", "a red cube", "   ", "une crêpe au café", "東京の夜景"]) + "\n")
@@ -277,8 +277,8 @@ def test_a_chosen_solver_is_recorded_and_reproduced(ray_session, tmp_path, reque
     """A stochastic solver on SD, a multistep one on PixArt; the PixArt run also rates with a CLIP model (a model
     rater, loaded in its own actor), and every row records the rater spec that scored it."""
     from jobs import reproduce
-    from orchestrator import pipeline
-    from orchestrator.config import ConfigError, GenerateConfig
+    from orchestrator.flow import pipeline
+    from orchestrator.run.config import ConfigError, GenerateConfig
     from tests.helpers_clip import build_tiny_clip
 
     if rater == "clip":

@@ -14,10 +14,10 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from jobs import reproduce
-from orchestrator import pipeline
-from orchestrator.config import ConfigError, GenerateConfig
 from actors.models.seeds import candidate_seeds
+from jobs import reproduce
+from orchestrator.flow import pipeline
+from orchestrator.run.config import ConfigError, GenerateConfig
 from tests.conftest import FINISHED_PROMPTS, REPO_ROOT, finished_settings
 from tests.helpers_manifest import manifest_frame
 
@@ -83,7 +83,7 @@ def test_rerun_skips_committed_work_and_grown_corpus_renders_only_new(finished, 
     """A rerun over a grown corpus whose second line was also edited renders the new prompt and the edited line's
     new text only, and says that the edited line's earlier rows stay (0.2 kept them silently). (A rerun over an
     unchanged corpus, which renders nothing and starts no Ray, is test_a_rerun_with_nothing_new....)"""
-    from orchestrator.console import summary_lines
+    from orchestrator.flow.console import summary_lines
 
     grown = copy_of(finished, tmp_path)
     before = manifest(grown["out"])

@@ -15,8 +15,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from orchestrator.corpus import MAX_PROMPT_CHARS, list_corpus
-from orchestrator.reader import ReadSettings, read_text_shards
+from orchestrator.corpus.listing import MAX_PROMPT_CHARS, list_corpus
+from orchestrator.corpus.reader import ReadSettings, read_text_shards
 
 NAMED_CASES = {  # what 0.1 and a careful adversary tried; each line must become exactly one row
     "lone surrogate prompt": '{"id": "s1", "prompt": "\\ud800"}',
@@ -128,8 +128,8 @@ def test_a_run_over_the_named_cases_completes_with_every_line_accounted_for(ray_
     whose second file repeats an id of the first with another text: ids are scoped per file, so that row is no
     duplicate (0.2 quarantined it)."""
     from jobs.verify import verify_output
-    from orchestrator import pipeline
-    from orchestrator.config import GenerateConfig
+    from orchestrator.flow import pipeline
+    from orchestrator.run.config import GenerateConfig
 
     folder = tmp_path / "corpus"
     folder.mkdir()

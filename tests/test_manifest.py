@@ -2,8 +2,8 @@
 
 import pytest
 
-from orchestrator.images import file_image_key, safe_key
-from orchestrator.manifest import MANIFEST_COLUMNS, manifest_table, part_key
+from orchestrator.output.images import file_image_key, safe_key
+from orchestrator.output.manifest import MANIFEST_COLUMNS, manifest_table, part_key
 
 REQUIRED = ["prompt_id", "prompt", "seed", "candidate_index", "predicted_score", "score", "image_key", "model",
             "scheduler", "steps", "guidance", "width", "height", "status", "error"]

@@ -12,15 +12,15 @@ import pytest
 from PIL import Image
 
 from actors.models import diffusion, families
+from actors.models.embedded import resolve_model
+from actors.models.seeds import batch_noise, candidate_seeds
+from actors.predictor.model import PredictorMismatch
 from jobs import evaluate, reproduce, train
 from jobs.collect import write_dataset
-from orchestrator import pipeline
-from orchestrator.config import ConfigError, GenerateConfig
-from actors.models.embedded import resolve_model
-from actors.predictor.model import PredictorMismatch
-from orchestrator.predictor import EMBEDDED_PREDICTORS, load_predictor
-from actors.models.seeds import batch_noise, candidate_seeds
-from orchestrator.storage import Output
+from orchestrator.flow import pipeline
+from orchestrator.output.storage import Output
+from orchestrator.run.config import ConfigError, GenerateConfig
+from orchestrator.run.predictor_files import EMBEDDED_PREDICTORS, load_predictor
 from tests.helpers_manifest import manifest_frame
 
 PROMPTS = [f"{thing} in the style of {style}" for thing in ("a fox", "a red car", "a lighthouse", "a bowl of soup")

@@ -8,15 +8,15 @@ import pytest
 from PIL import Image
 
 from actors.models import diffusion, families
-from actors.stages.generator import GeneratorStage, denoise_with_previews
+from actors.models.seeds import batch_noise, candidate_seeds
 from actors.raters.specs import make_rater
+from actors.stages.generator import GeneratorStage, denoise_with_previews
+from actors.stages.settings import RenderPlan
 from jobs import reproduce
 from jobs.verify import verify_output
-from orchestrator import pipeline
-from orchestrator.config import ConfigError, GenerateConfig
-from actors.stages.settings import RenderPlan
-from orchestrator.plan import build_plan
-from actors.models.seeds import batch_noise, candidate_seeds
+from orchestrator.flow import pipeline
+from orchestrator.run.config import ConfigError, GenerateConfig
+from orchestrator.run.plan import build_plan
 from tests.helpers_manifest import manifest_frame
 
 STEPS, PREVIEW_STEPS, GUIDANCE, SIZE = 4, 2, 3.0, 64

@@ -301,7 +301,7 @@ def test_a_model_raters_stage_sets_torch_threads(tiny_clip_folder):
 
 def test_a_pixel_raters_stage_never_imports_torch():
     """Its actor starts in about a second: what a run's start-up waits for."""
-    code = ("import sys; from actors.raters.specs import RaterStage; import numpy as np; "
+    code = ("import sys; from actors.stages.rater import RaterStage; import numpy as np; "
             "stage = RaterStage('shapes', num_threads=2); assert 'torch' not in sys.modules, 'torch'")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr[-2000:]

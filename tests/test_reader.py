@@ -6,8 +6,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from orchestrator.corpus import list_corpus, read_corpus_local
-from orchestrator.reader import ReadSettings, read_corpus, split_limit
+from orchestrator.corpus.listing import list_corpus, read_corpus_local
+from orchestrator.corpus.reader import ReadSettings, read_corpus, split_limit
 
 
 def ray_dataset(path: str, limit: int | None = None, sample: float | None = None, shard_size: int = 1000):

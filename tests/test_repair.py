@@ -13,10 +13,9 @@ from pathlib import Path
 import pytest
 
 from jobs import cli, verify
-from orchestrator import pipeline
-from orchestrator.manifest import Manifest
-from orchestrator.storage import Output
-
+from orchestrator.flow import pipeline
+from orchestrator.output.manifest import Manifest
+from orchestrator.output.storage import Output
 from tests.conftest import FINISHED_ROWS as ROWS
 from tests.conftest import finished_settings as settings
 

@@ -13,7 +13,8 @@ import torch
 from safetensors.torch import save_file
 
 from actors.raters import reward_models
-from actors.raters.specs import RaterStage, make_rater, validate_rater_spec
+from actors.raters.specs import make_rater, validate_rater_spec
+from actors.stages.rater import RaterStage
 from tests.helpers_clip import tiny_clip_tokenizer
 from tests.helpers_raters import DATA, rating_cases, tiny_bert_tokenizer
 

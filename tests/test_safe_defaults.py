@@ -16,8 +16,8 @@ import time
 import psutil
 import pytest
 
-from orchestrator.lease import LEASE_FILE, Lease
-from orchestrator.storage import Output
+from orchestrator.output.lease import LEASE_FILE, Lease
+from orchestrator.output.storage import Output
 from tests.conftest import REPO_ROOT
 
 
@@ -84,8 +84,8 @@ def test_another_run_starting_at_the_same_moment_is_not_taken_for_a_users_files(
     """Two runs started together into a new output: the first has taken the lease and is probing the store, its
     run.json not written yet. The second must see seedsift's own names there (and then wait for or be refused the
     lease), not a folder of someone else's files: the race test on S3 found this."""
-    from orchestrator.manifest import Manifest
-    from orchestrator.storage import LOCK_SUFFIX, PROBE_PREFIX
+    from orchestrator.output.manifest import Manifest
+    from orchestrator.output.storage import LOCK_SUFFIX, PROBE_PREFIX
 
     out = tmp_path / "out"
     out.mkdir()
@@ -135,7 +135,7 @@ def test_verify_repair_while_a_run_holds_the_output_says_what_to_do(finished, tm
 
 def test_an_output_inside_its_corpus_folder_is_never_read_as_corpus(ray_session, tmp_path):
     """0.2 read its own manifest back as corpus on every rerun: more sources, more quarantined rows each time."""
-    from orchestrator import pipeline
+    from orchestrator.flow import pipeline
     from tests.conftest import finished_settings
 
     corpus = tmp_path / "corpus"
@@ -156,10 +156,10 @@ def test_ids_are_scoped_per_file_in_new_outputs_and_as_written_in_older_ones(tmp
     """A folder corpus: a new output records `ids: per file` and qualifies ids by file (the run itself is in
     tests/test_malformed_rows.py); one begun by 0.2 (no such record) keeps its ids as written, so its committed rows
     still match what the corpus reads as; a single-file corpus keeps bare ids."""
-    from orchestrator.config import GenerateConfig
-    from orchestrator.manifest import RUN_FILE, Manifest
-    from orchestrator.pipeline import check_run_file
-    from orchestrator.plan import build_plan
+    from orchestrator.flow.pipeline import check_run_file
+    from orchestrator.output.manifest import RUN_FILE, Manifest
+    from orchestrator.run.config import GenerateConfig
+    from orchestrator.run.plan import build_plan
 
     folder = tmp_path / "corpus"
     folder.mkdir()
@@ -187,8 +187,8 @@ def test_a_run_asks_for_no_more_cpus_than_the_cluster_has(cpus, one_actor):
     """A fresh 2-CPU `ray start --head` deadlocked 0.2 (generator 1 + scorer 0.5 + rater 0.25 + index 0.25 held both
     CPUs, and the read task could never be placed): the requests, tasks included, now fit whatever the cluster has;
     threads stay as configured. (The real 1- and 2-CPU heads: tests/test_cluster.py.)"""
-    from orchestrator.config import GenerateConfig
-    from orchestrator.pipeline import TASK_SLOTS, plan_resources
+    from orchestrator.flow.pipeline import TASK_SLOTS, plan_resources
+    from orchestrator.run.config import GenerateConfig
 
     config = GenerateConfig(prompts="p.txt", out="o", one_actor=one_actor)
     resources = plan_resources(config, {"CPU": float(cpus)}, buckets=1, model_rater=True)
@@ -205,8 +205,8 @@ def test_a_run_asks_for_no_more_cpus_than_the_cluster_has(cpus, one_actor):
 def test_one_actor_scores_and_renders_only_on_one_node_without_a_gpu(nodes, gpus, generators, one_actor):
     """A laptop or a single CPU head: one actor scores and renders (one process imports the libraries and loads the
     model, actors/stages/local.py). Clusters, GPUs and several generators keep the scorer apart."""
-    from orchestrator.config import GenerateConfig
-    from orchestrator.pipeline import plan_resources
+    from orchestrator.flow.pipeline import plan_resources
+    from orchestrator.run.config import GenerateConfig
 
     config = GenerateConfig(prompts="p.txt", out="o", generators=generators)
     resources = plan_resources(config, {"CPU": 16.0, "GPU": float(gpus)}, buckets=1, model_rater=False, nodes=nodes)
@@ -217,9 +217,9 @@ def test_one_actor_scores_and_renders_only_on_one_node_without_a_gpu(nodes, gpus
 def test_a_stage_that_cannot_be_placed_is_named_with_what_the_cluster_has(ray_session):
     import ray
 
-    from orchestrator.config import GenerateConfig
-    from orchestrator.ledger import ShardLedger
-    from orchestrator.pipeline import StallWatch, plan_resources
+    from orchestrator.flow.pipeline import StallWatch, plan_resources
+    from orchestrator.output.ledger import ShardLedger
+    from orchestrator.run.config import GenerateConfig
 
     @ray.remote(num_cpus=1000)
     class TooBigStage:
@@ -256,12 +256,12 @@ def test_candidates_are_scored_in_memory_that_does_not_grow_with_n(ray_session, 
     end, with its memory, is in docs/reliability.md.)"""
     import numpy as np
 
+    from actors.models.embedded import resolve_model
+    from actors.models.seeds import batch_noise, candidate_seeds
     from actors.stages import scorer as scorer_module
     from actors.stages.scorer import SCORE_CHUNK, ScorerStage
-    from actors.models.embedded import resolve_model
     from actors.stages.settings import ScoringPlan
-    from orchestrator.predictor import EMBEDDED_PREDICTORS, read_predictor_files
-    from actors.models.seeds import batch_noise, candidate_seeds
+    from orchestrator.run.predictor_files import EMBEDDED_PREDICTORS, read_predictor_files
 
     location = str(EMBEDDED_PREDICTORS["tiny-sd"])
     plan = ScoringPlan(model=resolve_model("embedded:tiny-sd"), run_seed=0, candidates=6 * SCORE_CHUNK, keep=1,
@@ -351,8 +351,8 @@ def test_storage_failures_say_which_of_full_unreachable_or_refused(tmp_path, mon
     """A store full at start exits 3 as documented (0.2: 2); each message gives one cause and its one fix."""
     import errno
 
-    from orchestrator.config import ConfigError
-    from orchestrator.storage import StorageError
+    from orchestrator.output.storage import StorageError
+    from orchestrator.run.config import ConfigError
 
     output = Output(str(tmp_path / "out"))
     for raised, kind, words in ((OSError(errno.ENOSPC, "No space left on device"), StorageError, "is full"),
@@ -382,9 +382,9 @@ def test_the_summary_claims_a_saving_only_at_equal_quality(ray_session, tmp_path
     """0.2's demo ended '2,000 spent; best-of-16 would have spent 32,000 (94% saved)' while best-of-16's images
     scored 0.92 against the delivered 0.59. The saving is now the quality-matched one from the predictor's
     evaluation.json, and best-of-N is named for what it is."""
-    from orchestrator import pipeline
-    from orchestrator.config import GenerateConfig
-    from orchestrator.console import steps_line
+    from orchestrator.flow import pipeline
+    from orchestrator.flow.console import steps_line
+    from orchestrator.run.config import GenerateConfig
 
     corpus = tmp_path / "p.txt"
     corpus.write_text("two blue triangles\na yellow triangle to the right of a green circle\n")

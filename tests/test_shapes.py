@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from actors.models import diffusion, families
-from actors.testbed import rater as shapes_rater
-from actors.raters.specs import make_rater
-from actors.testbed import world as shapes
 from actors.models.embedded import resolve_model
 from actors.models.seeds import batch_noise, candidate_seeds
+from actors.raters.specs import make_rater
+from actors.testbed import rater as shapes_rater
+from actors.testbed import world as shapes
 
 torch.set_num_threads(2)
 
@@ -308,7 +308,7 @@ def test_shipped_model_records_the_settings_that_reproduce_it(shapes_path):
 def test_shipped_predictor_fits_the_shapes_pipeline(shapes_path):
     """The default predictor of embedded:shapes: safetensors + JSON, trained for this pipeline and rater."""
     from actors.predictor.model import predictor_from_files
-    from orchestrator.predictor import EMBEDDED_PREDICTORS, read_predictor_files
+    from orchestrator.run.predictor_files import EMBEDDED_PREDICTORS, read_predictor_files
 
     folder = EMBEDDED_PREDICTORS["shapes"]
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", "evaluation.json", "model.safetensors"]

@@ -13,7 +13,6 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-
 EMBEDDED_PREFIX = "embedded:"
 # Bump when a builder changes so caches built by older code are never reused.
 EMBEDDED_VERSION = "v1"
@@ -138,7 +137,6 @@ def _tiny_vae():
 def build_tiny_sd(folder: str) -> None:
     """Save a tiny random-weight StableDiffusionPipeline (about 1.4 M UNet parameters) into `folder`."""
     import torch
-
     from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel
 
@@ -190,7 +188,6 @@ def _tiny_clip_text_config(tokenizer, projection_dim: int | None = None):
 def build_tiny_sdxl(folder: str) -> None:
     """Save a tiny random-weight StableDiffusionXLPipeline (two CLIP encoders, size conditioning) into `folder`."""
     import torch
-
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
@@ -234,7 +231,6 @@ def build_tiny_sdxl(folder: str) -> None:
 def build_tiny_pixart(folder: str) -> None:
     """Save a tiny random-weight PixArtAlphaPipeline (diffusers' test transformer, tiny T5) into `folder`."""
     import torch
-
     from diffusers import DPMSolverMultistepScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
     from transformers import T5Config, T5EncoderModel
 

@@ -17,7 +17,6 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 from torch import nn
 
-
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 PREDICTOR_FILES = (CONFIG_FILE, WEIGHTS_FILE)
@@ -26,7 +25,8 @@ EVALUATION_FILE = "evaluation.json"  # written beside a predictor by `seedsift e
 
 class PredictorMismatch(ValueError):
     """A predictor that cannot be used: malformed, or trained for another pipeline (or size). The driver reads a run's
-    predictor before any compute (orchestrator/predictor.py) and reports this as a configuration error, in one line.
+    predictor before any compute (orchestrator/run/predictor_files.py) and reports this as a configuration error,
+    in one line.
     """
 
 

@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from actors.models import families
-from actors.stages import trace
-from actors.raters.specs import make_rater, rate_batch
 from actors.models.embedded import resolve_model
-from actors.stages.settings import RenderPlan
 from actors.models.seeds import batch_noise
+from actors.raters.specs import make_rater, rate_batch
+from actors.stages import trace
+from actors.stages.settings import RenderPlan
 
 if TYPE_CHECKING:  # torch and the model libraries load in the actor, not in the driver that builds the graph
     import torch

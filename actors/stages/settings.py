@@ -1,4 +1,4 @@
-"""What each stage is handed: its own settings, built once by the run's plan (orchestrator/plan.py, RunPlan)
+"""What each stage is handed: its own settings, built once by the run's plan (orchestrator/run/plan.py, RunPlan)
 and shipped to its actors. Plain frozen values, so a stage depends on nothing of the driver."""
 
 from __future__ import annotations

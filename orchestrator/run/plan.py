@@ -12,7 +12,7 @@ import logging
 from dataclasses import dataclass, field
 
 from actors.stages.settings import RenderPlan, ScoringPlan
-from orchestrator.config import ConfigError, GenerateConfig, fingerprint_of
+from orchestrator.run.config import ConfigError, GenerateConfig, fingerprint_of
 
 logger = logging.getLogger("seedsift")
 
@@ -111,8 +111,8 @@ class RunPlan:
 def build_plan(config: GenerateConfig) -> RunPlan:
     """Everything that can be derived, or found wrong, before compute: rater, model folder, size, predictor."""
     from actors.models import families
-    from actors.raters.specs import validate_rater_spec
     from actors.models.embedded import resolve_model
+    from actors.raters.specs import validate_rater_spec
 
     try:
         validate_rater_spec(config.rater)
@@ -140,7 +140,8 @@ def build_plan(config: GenerateConfig) -> RunPlan:
 def _with_predictor(plan: RunPlan) -> RunPlan:
     """Read the predictor once and refuse one trained for another pipeline, before any compute."""
     from actors.predictor.model import predictor_from_files, weights_digest
-    from orchestrator.predictor import as_config_error, read_evaluation, read_predictor_files, resolve_predictor
+    from orchestrator.run.predictor_files import (as_config_error, read_evaluation, read_predictor_files,
+                                                  resolve_predictor)
 
     config = plan.config
     # Problems raise a ConfigError naming where the predictor was read from.

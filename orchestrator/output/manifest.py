@@ -32,9 +32,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from actors.rows import DELIVERED, FAILED, OK, QUARANTINED, SKIPPED, STATUSES, row_key  # noqa: F401  (the rows' schema)
-from orchestrator import images as image_layout
-from orchestrator.storage import LOCK_SUFFIX, PROBE_PREFIX, Output
-from orchestrator.summary import shard_stats
+from orchestrator.output import images as image_layout
+from orchestrator.output.storage import LOCK_SUFFIX, PROBE_PREFIX, Output
+from orchestrator.output.summary import shard_stats
 
 logger = logging.getLogger("seedsift")
 
@@ -59,7 +59,7 @@ MANIFEST_SCHEMA = pa.schema(
         ("prompt_predicted_mean", pa.float64()),  # over all N candidates: how good this prompt's seeds look
         ("prompt_predicted_std", pa.float64()),  # their spread: how much choosing a seed can gain
         ("score", pa.float64()),
-        ("image_key", pa.string()),  # relative to the output root; see orchestrator/images.py
+        ("image_key", pa.string()),  # relative to the output root; see orchestrator/output/images.py
         ("image_member", pa.string()),  # inside a tar (--image-output shards), else null
         ("image_offset", pa.int64()),
         ("image_size", pa.int64()),
@@ -229,7 +229,7 @@ class Manifest:
     def require_run(self) -> None:
         """ConfigError unless a seedsift run wrote here: what every job that reads an output checks first."""
         if not self.holds_a_run():
-            from orchestrator.config import ConfigError
+            from orchestrator.run.config import ConfigError
 
             raise ConfigError(f"{self.output.uri} holds no seedsift run; is it the --out of a generate or collect "
                               "run?")
@@ -237,7 +237,7 @@ class Manifest:
     def check_may_write(self) -> None:
         """ConfigError unless the output is new, empty or seedsift's own: a run never replaces a file it did not
         write. A killed run's lease, taken before its run.json was written, counts as seedsift's."""
-        from orchestrator.lease import LEASE_FILE
+        from orchestrator.output.lease import LEASE_FILE
 
         # Another run starting into the same output at the same moment may have taken the lease (and its lock) and
         # be probing the store, its run.json not written yet: those names are seedsift's, never a user's. The
@@ -246,7 +246,7 @@ class Manifest:
         own = {LEASE_FILE, LEASE_FILE + LOCK_SUFFIX}
         foreign = [name for name in self.output.top_level() if name not in own and not name.startswith(PROBE_PREFIX)]
         if foreign and not self.holds_a_run():
-            from orchestrator.config import ConfigError
+            from orchestrator.run.config import ConfigError
 
             shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
             raise ConfigError(f"--out {self.output.uri} holds files seedsift did not write ({shown}); seedsift writes "

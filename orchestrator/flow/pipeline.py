@@ -23,19 +23,20 @@ from actors.stages.light import give_way_to_generators
 from actors.stages.local import ScoreAndRenderStage
 from actors.stages.rater import RaterStage
 from actors.stages.scorer import ScorerStage
-from orchestrator.config import ConfigError, GenerateConfig
-from orchestrator.console import STATUS_EVERY_S
-from orchestrator.corpus import Columns, CorpusFile, check_corpus, is_collection, list_corpus, readable_on_the_driver
-from orchestrator.dedup import IndexActors, Owners, bucket_count, drop_duplicates, start_index
-from orchestrator.lease import Lease
-from orchestrator.ledger import ShardLedger
-from orchestrator.manifest import (DELIVERED, LAYOUT_VERSION, RUN_FILE, DamagedManifest, Manifest, ShardRecord,
-                                   split_shard_id)
-from orchestrator.plan import RunPlan, build_plan
-from orchestrator.reader import READ_CPUS, ReadSettings, corpus_needs_work, file_key, read_corpus, split_limit
-from orchestrator.sink import write_unit
-from orchestrator.storage import Output, storage_error_in
-from orchestrator.summary import merge_stats, prompt_difficulty, shard_stats
+from orchestrator.corpus.dedup import IndexActors, Owners, bucket_count, drop_duplicates, start_index
+from orchestrator.corpus.listing import (Columns, CorpusFile, check_corpus, is_collection, list_corpus,
+                                         readable_on_the_driver)
+from orchestrator.corpus.reader import READ_CPUS, ReadSettings, corpus_needs_work, file_key, read_corpus, split_limit
+from orchestrator.flow.console import STATUS_EVERY_S
+from orchestrator.output.lease import Lease
+from orchestrator.output.ledger import ShardLedger
+from orchestrator.output.manifest import (DELIVERED, LAYOUT_VERSION, RUN_FILE, DamagedManifest, Manifest, ShardRecord,
+                                          split_shard_id)
+from orchestrator.output.sink import write_unit
+from orchestrator.output.storage import Output, storage_error_in
+from orchestrator.output.summary import merge_stats, prompt_difficulty, shard_stats
+from orchestrator.run.config import ConfigError, GenerateConfig
+from orchestrator.run.plan import RunPlan, build_plan
 
 logger = logging.getLogger("seedsift")
 SUMMARY_FILE = "summary.json"
@@ -389,7 +390,7 @@ class Compactions:
 def run(config: GenerateConfig, console=None) -> dict:
     """Run a generate (or collect) job to the end and return its summary, also written to OUT/summary.json.
 
-    `console` (orchestrator.console.Console) shows progress in images; library calls pass none.
+    `console` (orchestrator.flow.console.Console) shows progress in images; library calls pass none.
     """
     started = time.time()
     trace.mark("driver", "process", trace.process_started())
@@ -437,7 +438,7 @@ def nothing_to_render(plan: RunPlan, files: list[CorpusFile], state: OutputState
 def expected_images(plan: RunPlan, files: list[CorpusFile], state: OutputState) -> tuple[int | None, int, bool]:
     """(images the output will hold, images it holds, whether the total is exact): from a cheap count of the
     corpus (parquet metadata, a line count) and the complete shards' statistics."""
-    from orchestrator.corpus import count_rows
+    from orchestrator.corpus.listing import count_rows
 
     config = plan.config
     rows, exact = count_rows(files, config.storage_options)

@@ -337,7 +337,7 @@ class Output:
             if _is_unreachable(exc):  # the store is down, not the command wrong: the same command will work later
                 raise StorageError(f"output {self.uri} cannot be reached ({cause}); rerun the same command once "
                                    "the store is back") from exc
-            from orchestrator.config import ConfigError
+            from orchestrator.run.config import ConfigError
 
             raise ConfigError(f"output {self.uri} is not writable ({cause}); check the path or bucket, the "
                               "credentials (AWS_* variables or --storage-options) and AWS_ENDPOINT_URL") from exc

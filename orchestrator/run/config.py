@@ -1,7 +1,7 @@
 """The job configuration: what the user asked for, validated once when it is built and frozen from then on.
 
 Built by the job entry points from the command line. Values derived from it (image size, predictor bytes and
-digest, budget rule, fingerprint) live in `orchestrator.plan.RunPlan`, never written back here.
+digest, budget rule, fingerprint) live in `orchestrator.run.plan.RunPlan`, never written back here.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ class ConfigError(ValueError):
 class GenerateConfig:
     prompts: str
     out: str
-    prompt_column: str | None = None  # None: detected by name (see orchestrator/corpus.py)
+    prompt_column: str | None = None  # None: detected by name (see orchestrator/corpus/listing.py)
     id_column: str | None = None
     model: str = DEFAULT_MODEL
     candidates: int = 4

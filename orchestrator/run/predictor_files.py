@@ -12,8 +12,8 @@ import os
 from actors.models.embedded import EMBEDDED_PREDICTORS
 from actors.predictor.model import (CONFIG_FILE, EVALUATION_FILE, PREDICTOR_FILES, WEIGHTS_FILE, Predictor,
                                     PredictorMismatch, predictor_from_files)
-from orchestrator.config import ConfigError
-from orchestrator.storage import Output
+from orchestrator.output.storage import Output
+from orchestrator.run.config import ConfigError
 
 
 @contextlib.contextmanager

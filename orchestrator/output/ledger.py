@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from orchestrator.manifest import DELIVERED, SKIPPED, ShardFrame
+from orchestrator.output.manifest import DELIVERED, SKIPPED, ShardFrame
 
 
 @dataclass

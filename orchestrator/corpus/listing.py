@@ -2,7 +2,7 @@
 folder or a glob. Each row becomes {prompt_id, prompt, source, status, error}.
 
 First stage of the flow. Parsing is line by line, so a bad line becomes a quarantined row with its reason
-instead of failing the read, and the driver never holds the corpus. The reader (orchestrator/reader.py) cuts
+instead of failing the read, and the driver never holds the corpus. The reader (orchestrator/corpus/reader.py) cuts
 these rows into shards.
 """
 

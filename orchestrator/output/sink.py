@@ -11,11 +11,11 @@ from collections import defaultdict
 
 import numpy as np
 
-from actors.stages import trace
-from orchestrator import images as image_layout
-from orchestrator.manifest import (MANIFEST_COLUMNS, OK, SKIPPED, Manifest, ShardFrame, manifest_table, part_key,
-                                   row_key)
 from actors.models.seeds import NO_SEED
+from actors.stages import trace
+from orchestrator.output import images as image_layout
+from orchestrator.output.manifest import (MANIFEST_COLUMNS, OK, SKIPPED, Manifest, ShardFrame, manifest_table, part_key,
+                                          row_key)
 
 # What the driver receives for every row that reached the sink.
 ACCOUNT_COLUMNS = ("shard", "shard_row", "shard_rows", "shard_base", "shard_frame", "planned", "tally", "status",

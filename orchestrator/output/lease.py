@@ -28,7 +28,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 
-from orchestrator.storage import Output, PreconditionFailed
+from orchestrator.output.storage import Output, PreconditionFailed
 
 logger = logging.getLogger("seedsift")
 LEASE_FILE = "lease.json"

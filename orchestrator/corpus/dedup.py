@@ -36,8 +36,8 @@ import pyarrow.compute as pc
 import ray
 
 from actors.stages.light import give_way_to_generators
-from orchestrator.manifest import QUARANTINED, Manifest, shard_id, split_shard_id
-from orchestrator.reader import READ_CPUS
+from orchestrator.corpus.reader import READ_CPUS
+from orchestrator.output.manifest import QUARANTINED, Manifest, shard_id, split_shard_id
 
 KEYS_PER_BUCKET = 8_000_000  # about 130 MB of keys and owners per index actor
 MERGE_EVERY = 262_144  # keys inserted since the last merge into the sorted arrays

@@ -15,9 +15,9 @@ import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
+from actors.models.seeds import batch_noise
 from actors.predictor.metrics import spearman
 from actors.predictor.model import NoiseQualityPredictor, PredictorConfig, noise_statistics, split_of
-from actors.models.seeds import batch_noise
 
 logger = logging.getLogger("seedsift.train")
 

@@ -21,11 +21,11 @@ import ray
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-from orchestrator.corpus import (CORPUS_SCHEMA, DETECT, Columns, CorpusFile, delimited_header, id_digest, in_sample,
-                                 corpus_record, open_corpus_file, parquet_columns, parse_lines, parse_table,
-                                 text_digest)
-from orchestrator.images import safe_key
-from orchestrator.manifest import ShardFrame, shard_id
+from orchestrator.corpus.listing import (CORPUS_SCHEMA, DETECT, Columns, CorpusFile, corpus_record, delimited_header,
+                                         id_digest, in_sample, open_corpus_file, parquet_columns, parse_lines,
+                                         parse_table, text_digest)
+from orchestrator.output.images import safe_key
+from orchestrator.output.manifest import ShardFrame, shard_id
 
 logger = logging.getLogger("seedsift")
 READ_CPUS = 0.25  # reading is I/O bound; a whole core would starve the model stages on small machines
