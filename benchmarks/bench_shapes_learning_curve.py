@@ -57,7 +57,7 @@ def main() -> None:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from jobs.train import dataset_digest, read_dataset
+    from orchestrator.output.dataset import dataset_digest, read_dataset
 
     table = read_dataset(args.train)
     held_out = read_dataset(args.held_out)

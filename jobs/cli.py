@@ -6,10 +6,10 @@ Only dispatches; every job's flags and behaviour live in its own module.
 from __future__ import annotations
 
 import importlib
-import logging
-import os
 import sys
 from typing import NoReturn
+
+from jobs.common import exit_without_teardown
 
 JOBS = {
     "generate": "render k selected seeds per prompt for a corpus",
@@ -25,23 +25,6 @@ JOBS = {
 # Jobs that start no Ray and write nothing after their result is printed: they may leave the process without the
 # interpreter's teardown (see exit_without_teardown).
 READ_ONLY = ("verify", "manifest", "report")
-
-
-def exit_without_teardown(status: int) -> NoReturn:
-    """End a finished read-only job with `os._exit`, after flushing what it printed and logged.
-
-    Arrow's C++ thread pools (Parquet reads, its S3 client) can still hold a joinable thread while the interpreter
-    tears modules down; the process then aborts with "terminate called without an active exception" and status
-    134 although the job's work and output are complete (apache/arrow#34314; seen once in 19 `verify` runs on one
-    output). A job that has printed its result has nothing left to finalise, so it skips the teardown.
-    """
-    logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
-    os._exit(status)
 
 
 def entry() -> NoReturn:

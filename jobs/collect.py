@@ -13,10 +13,10 @@ import pyarrow.compute as pc
 
 from jobs.common import add_run_arguments, check_prompts, config_from_args, finished, run_job
 from orchestrator.flow.console import Console
+from orchestrator.output.dataset import DATASET_FILE
 from orchestrator.output.manifest import MANIFEST_SCHEMA, Manifest
 from orchestrator.output.storage import Output
 
-DATASET_FILE = "dataset.parquet"
 DATASET_COLUMNS = ["prompt_id", "prompt", "seed", "candidate_index", "score", "model", "scheduler", "steps",
                    "guidance", "width", "height", "rater", "run_id"]
 
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         config = config_from_args(args, all_candidates=True, keep=args.candidates, save_images=not args.no_images)
         check_prompts(config)  # a corpus that cannot be read stops here, before torch and Ray are imported
-        from jobs.report import write_report
+        from jobs.pages.report import write_report
         from orchestrator.flow import pipeline
 
         summary = pipeline.run(config, console)

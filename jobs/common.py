@@ -8,9 +8,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
 import sys
 from collections.abc import Callable
+from typing import NoReturn
 
 from orchestrator.run.config import DEFAULT_MODEL, ConfigError, GenerateConfig
 
@@ -190,3 +192,20 @@ def run_job(body: Callable[[], int], output: str | None = None) -> int:
         print(f"seedsift: the job failed ({failure_summary(exc)}); {kept}rerun the same command to resume "
               f"(the traceback is in {log or 'the output above'})", file=stream)
         return EXIT_FAILED
+
+
+def exit_without_teardown(status: int) -> NoReturn:
+    """End a finished read-only job with `os._exit`, after flushing what it printed and logged.
+
+    Arrow's C++ thread pools (Parquet reads, its S3 client) can still hold a joinable thread while the interpreter
+    tears modules down; the process then aborts with "terminate called without an active exception" and status
+    134 although the job's work and output are complete (apache/arrow#34314; seen once in 19 `verify` runs on one
+    output). A job that has printed its result has nothing left to finalise, so it skips the teardown.
+    """
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(status)

@@ -109,7 +109,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     from actors.models.embedded import resolve_model
     from actors.predictor.model import predictor_from_files, read_config
     from actors.predictor.training import group_by_prompt
-    from jobs.train import dataset_identity, read_dataset
+    from orchestrator.output.dataset import dataset_identity, read_dataset
     from orchestrator.run.predictor_files import as_config_error, read_predictor_files
 
     started = time.time()
@@ -236,7 +236,7 @@ def check_same_pipeline(identity: dict, config, dataset: str, predictor: str) ->
 
 def choose_split(split: str, config, table) -> tuple[str, str]:
     """`auto`: the held-out split on the predictor's own training set, every prompt on any other; with why."""
-    from jobs.train import dataset_digest
+    from orchestrator.output.dataset import dataset_digest
 
     if split != "auto":
         return split, f"--split {split}"

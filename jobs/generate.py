@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         config = config_from_args(args)
         check_prompts(config)  # a corpus that cannot be read stops here, before torch and Ray are imported
-        from jobs.report import write_report
+        from jobs.pages.report import write_report
         from orchestrator.flow import pipeline
 
         summary = pipeline.run(config, console)

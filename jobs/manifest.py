@@ -54,6 +54,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from jobs.cli import exit_without_teardown
+    from jobs.common import exit_without_teardown
 
     exit_without_teardown(main())

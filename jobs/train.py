@@ -17,45 +17,12 @@ from pathlib import Path
 import numpy as np
 
 from jobs.common import run_job
+from orchestrator.output.dataset import dataset_digest, dataset_identity, read_dataset
 from orchestrator.output.storage import Output
 from orchestrator.run.config import ConfigError
 
 logger = logging.getLogger("seedsift.train")
 SPLIT_SALT = "seedsift-split-v1"
-
-
-def read_dataset(uri: str):
-    """dataset.parquet of a collect output (the folder or the file itself), local or s3://."""
-    if uri.endswith(".parquet"):
-        folder, name = uri.rsplit("/", 1)
-    else:
-        folder, name = uri, "dataset.parquet"
-    output = Output(folder)
-    if not output.exists(name):
-        raise ConfigError(f"--dataset {uri}: no {name} there; run `seedsift collect` first")
-    return output.read_table(name)
-
-
-def dataset_digest(table) -> str:
-    """What identifies a collected set: a hash of its (prompt_id, seed, score) rows, whatever file holds them."""
-    import hashlib
-
-    digest = hashlib.blake2b(digest_size=12)
-    for prompt_id, seed, score in sorted(zip(*(table[c].to_pylist() for c in ("prompt_id", "seed", "score")))):
-        digest.update(f"{prompt_id}\x1f{seed}\x1f{score!r}\x1e".encode("utf-8"))
-    return digest.hexdigest()
-
-
-def dataset_identity(table) -> dict:
-    """The one pipeline setting a dataset was collected with; a mixed dataset is refused."""
-    identity = {}
-    for column in ("model", "scheduler", "steps", "guidance", "width", "height", "rater"):
-        values = set(table[column].to_pylist())
-        if len(values) != 1:
-            raise ConfigError(f"the dataset mixes {column} values {sorted(map(str, values))}; "
-                              "train one predictor per pipeline setting")
-        identity[column] = values.pop()
-    return identity
 
 
 def embed_prompts(model_path: str, prompts: list[str], guidance: float, batch: int = 32) -> list[dict]:
@@ -121,8 +88,14 @@ def main(argv: list[str] | None = None) -> int:
         from actors.models.embedded import resolve_model
         from actors.predictor.budget import fit_residual_model, record_spread_quantiles
         from actors.predictor.model import PredictorConfig
-        from actors.predictor.training import (Examples, TrainingSettings, group_by_prompt, predict_groups,
-                                               split_groups, train)
+        from actors.predictor.training import (
+            Examples,
+            TrainingSettings,
+            group_by_prompt,
+            predict_groups,
+            split_groups,
+            train,
+        )
 
         if not 0 < args.val < 1 or not 0 <= args.test < 1 or args.val + args.test >= 1:
             raise ConfigError("--val and --test are fractions of the prompts and must leave some for training")

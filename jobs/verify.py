@@ -20,8 +20,17 @@ from collections import Counter
 import numpy as np
 import pyarrow as pa
 
-from orchestrator.output.manifest import (DELIVERED, FAILED, OPEN_FOLDER, RUN_FILE, DamagedManifest, Manifest,
-                                          complete_key, legacy_to_current, row_keys)
+from orchestrator.output.manifest import (
+    DELIVERED,
+    FAILED,
+    OPEN_FOLDER,
+    RUN_FILE,
+    DamagedManifest,
+    Manifest,
+    complete_key,
+    legacy_to_current,
+    row_keys,
+)
 from orchestrator.output.storage import TEMPORARY_MARK, Output
 from orchestrator.run.config import ConfigError
 
@@ -268,6 +277,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from jobs.cli import exit_without_teardown
+    from jobs.common import exit_without_teardown
 
     exit_without_teardown(main())

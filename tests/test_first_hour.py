@@ -244,7 +244,7 @@ def test_the_report_renders_in_a_real_browser(ray_session, tmp_path):
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         pytest.skip("Chromium is not installed (apt-get install chromium)")
-    from jobs.report import write_report
+    from jobs.pages.report import write_report
     from orchestrator.flow import pipeline
     from orchestrator.output.storage import Output
     from orchestrator.run.config import GenerateConfig
