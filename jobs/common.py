@@ -70,16 +70,29 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     add("--wait", action="store_true", help="if another run holds the output, wait for it instead of refusing")
     add("--lease-seconds", type=float, default=120.0,
         help="a run's lease on the output expires this long after its last heartbeat (default %(default)s)")
-    add("--storage-options", default="{}", help="JSON fsspec storage options (default: the AWS credential chain)")
+    add_storage_options(parser)
     add("--verbose", action="store_true", help="show Ray's and the model libraries' logs instead of a progress bar")
     add("--json", action="store_true", help="print the full summary as JSON instead of the short one")
 
 
-def config_from_args(args: argparse.Namespace, **overrides) -> GenerateConfig:
+def storage_options(text: str) -> dict:
+    """--storage-options, the one parser every job uses: a JSON object of fsspec options, else argparse's exit 2."""
     try:
-        storage_options = json.loads(args.storage_options)
+        value = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ConfigError(f"--storage-options is not valid JSON ({exc.msg}); pass an object like '{{\"anon\": false}}'")
+        raise argparse.ArgumentTypeError(f"not valid JSON ({exc.msg}); pass an object like '{{\"anon\": false}}'")
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object of fsspec options, got {type(value).__name__}; "
+                                         "pass an object like '{\"anon\": false}'")
+    return value
+
+
+def add_storage_options(parser) -> None:
+    parser.add_argument("--storage-options", type=storage_options, default="{}",
+                        help="JSON fsspec storage options (default: the AWS credential chain)")
+
+
+def config_from_args(args: argparse.Namespace, **overrides) -> GenerateConfig:
     values = {name: getattr(args, name) for name in GenerateConfig.__dataclass_fields__ if hasattr(args, name)}
     # Flags left out take the model's own defaults (a shipped model's tuned settings), else the configuration's.
     from actors.models.embedded import model_defaults
@@ -89,7 +102,6 @@ def config_from_args(args: argparse.Namespace, **overrides) -> GenerateConfig:
             values[name] = value
     values = {name: value for name, value in values.items()
               if value is not None or GenerateConfig.__dataclass_fields__[name].default is None}
-    values["storage_options"] = storage_options
     values.update(overrides)
     return GenerateConfig(**values)
 

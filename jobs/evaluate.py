@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from jobs.common import run_job
+from jobs.common import add_storage_options, run_job
 from orchestrator.output.storage import Output
 from orchestrator.run.config import ConfigError
 
@@ -65,7 +65,7 @@ def parser() -> argparse.ArgumentParser:
         help="preview settings for the cost curve, MxT (the predictor's best M candidates, T steps each), comma "
              f"separated; 'none' skips the curve's preview points; auto (default): those of {DEFAULT_PREVIEWS} "
              "that fit the dataset's N and steps")
-    add("--storage-options", default="{}", help="JSON fsspec storage options (default: the AWS credential chain)")
+    add_storage_options(result)
     return result
 
 
@@ -113,7 +113,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     from orchestrator.run.predictor_files import as_config_error, read_predictor_files
 
     started = time.time()
-    storage_options = _storage_options(args.storage_options)
+    storage_options = args.storage_options
     if args.k < 1:
         raise ConfigError(f"--k must be at least 1 (got {args.k})")
     if args.contact_prompts < 0:
@@ -188,13 +188,6 @@ def evaluate(args: argparse.Namespace) -> dict:
     output.write_bytes(HTML_FILE, report_html(evaluation, groups.scores, predicted).encode("utf-8"))
     output.write_json(REPORT_FILE, evaluation)  # last: its presence means the report is complete
     return evaluation
-
-
-def _storage_options(text: str) -> dict:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"--storage-options is not valid JSON ({exc.msg}); pass an object like '{{\"anon\": false}}'")
 
 
 def _same_setting(key: str, recorded, collected) -> bool:

@@ -14,7 +14,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from jobs.common import run_job
+from jobs.common import add_storage_options, run_job
 from orchestrator.output.manifest import MANIFEST_SCHEMA, Manifest
 from orchestrator.output.storage import Output
 
@@ -41,11 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="seedsift manifest", description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="the run's output folder or s3:// prefix")
     parser.add_argument("--to", required=True, help="Parquet file to write (local path or URI)")
-    parser.add_argument("--storage-options", default="{}", help="JSON fsspec storage options")
+    add_storage_options(parser)
     args = parser.parse_args(argv)
 
     def body() -> int:
-        options = json.loads(args.storage_options)
+        options = args.storage_options
         rows = export(Output(args.out, options), args.to, options)
         print(json.dumps({"rows": rows, "written": args.to}))
         return 0

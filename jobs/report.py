@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import json
 
-from jobs.common import run_job
+from jobs.common import add_storage_options, run_job
 from jobs.pages.report import write_report
 from orchestrator.output.storage import Output
 
@@ -13,11 +12,11 @@ from orchestrator.output.storage import Output
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="seedsift report", description=__doc__.splitlines()[0])
     parser.add_argument("out", help="the run's output folder or s3:// prefix")
-    parser.add_argument("--storage-options", default="{}", help="JSON fsspec storage options")
+    add_storage_options(parser)
     args = parser.parse_args(argv)
 
     def body() -> int:
-        print(write_report(Output(args.out, json.loads(args.storage_options))))
+        print(write_report(Output(args.out, args.storage_options)))
         return 0
 
     return run_job(body)

@@ -11,7 +11,7 @@ import sys
 
 import fsspec
 
-from jobs.common import run_job
+from jobs.common import add_storage_options, run_job
 from orchestrator.output.manifest import Manifest
 from orchestrator.output.storage import Output
 from orchestrator.run.config import ConfigError
@@ -58,13 +58,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-id", required=True)
     parser.add_argument("--seed", type=int, required=True)
     parser.add_argument("--out", required=True, help="image file to write (local path or URI)")
-    parser.add_argument("--storage-options", default="{}", help="JSON fsspec storage options")
+    add_storage_options(parser)
     args = parser.parse_args(argv)
 
     def body() -> int:
         from orchestrator.output.images import encode_image
 
-        output = Output(args.manifest, json.loads(args.storage_options))
+        output = Output(args.manifest, args.storage_options)
         row = find_row(output, args.prompt_id, args.seed)
         pixels = reproduce_image(row)
         image_format = args.out.rsplit(".", 1)[-1].lower() if "." in args.out else "png"

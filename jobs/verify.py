@@ -20,6 +20,7 @@ from collections import Counter
 import numpy as np
 import pyarrow as pa
 
+from jobs.common import add_storage_options
 from orchestrator.output.manifest import (
     DELIVERED,
     FAILED,
@@ -243,7 +244,7 @@ def parser() -> argparse.ArgumentParser:
     result.add_argument("--repair", action="store_true",
                         help="move damaged manifest objects and an unreadable run.json aside (under damaged/); the "
                              "next run with the same command redoes their rows")
-    result.add_argument("--storage-options", default="{}", help="JSON fsspec storage options")
+    add_storage_options(result)
     return result
 
 
@@ -252,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser().parse_args(argv)
     try:
-        output = Output(args.out, json.loads(args.storage_options))
+        output = Output(args.out, args.storage_options)
         Manifest(output).require_run()  # a typo, a corpus folder, a missing bucket: never "clean", nothing created
         if args.repair:
             repaired = repair_output(output)

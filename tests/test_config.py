@@ -61,3 +61,29 @@ def test_secrets_never_in_public_dict_or_repr():
     secret = config(storage_options={"key": "AKIAEXAMPLE", "secret": "hunter2"})
     assert "hunter2" not in repr(secret)
     assert "hunter2" not in str(secret.public_dict())
+
+
+@pytest.mark.parametrize("job", ["generate", "collect", "evaluate", "manifest", "report", "reproduce", "verify"])
+@pytest.mark.parametrize(("text", "reason"), [("{bad", "not valid JSON"), ("[1]", "expected a JSON object")])
+def test_every_job_parses_storage_options_one_way_and_exits_2(job, text, reason, capsys):
+    """One --storage-options parser for all jobs (jobs/common.storage_options): bad JSON, or JSON that is no object,
+    is an input error (exit 2, one line naming the flag) before anything starts, never a traceback."""
+    import importlib
+
+    with pytest.raises(SystemExit) as ended:
+        importlib.import_module(f"jobs.{job}").main(["--storage-options", text])
+    assert ended.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "argument --storage-options" in last and reason in last, last
+
+
+def test_storage_options_reach_the_job_as_a_dict():
+    import argparse
+
+    from jobs.common import add_run_arguments, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_run_arguments(parser)
+    args = parser.parse_args(["--prompts", "p.txt", "--out", "/tmp/out", "--storage-options", '{"anon": true}'])
+    assert config_from_args(args).storage_options == {"anon": True}
+    assert config_from_args(parser.parse_args(["--prompts", "p.txt", "--out", "/tmp/o"])).storage_options == {}
