@@ -27,7 +27,6 @@ logger = logging.getLogger("seedsift.evaluate")
 REPORT_FILE = "evaluation.json"
 HTML_FILE = "report.html"
 CONTACT_SHEET_FILE = "contact_sheet.png"
-EMBED_BATCH = 32  # prompts per text-encoder call
 EXTRA_NDCG_K = 3  # NDCG is reported at --k and at this depth
 # Pipeline settings a predictor records and a dataset must share: its images come from exactly that pipeline.
 CHECKED_SETTINGS = ("model", "width", "height")
@@ -145,7 +144,7 @@ def evaluate(args: argparse.Namespace) -> dict:
 
     latent_shape = families.latent_shape(model_path, identity["height"], identity["width"])
     text_adapter = diffusion.load_adapter(model_path, "text")  # CPU float32, exactly as the scorer stage embeds
-    embeddings = embed_prompts(text_adapter, groups.prompts, identity["guidance"])
+    embeddings = text_adapter.embed_each(groups.prompts, identity["guidance"])
     predict(predictor, groups.seeds[:1], embeddings[:1], latent_shape)  # warm-up: first calls pay one-off costs
     scoring_started = time.time()
     predicted = predict(predictor, groups.seeds, embeddings, latent_shape)
@@ -283,17 +282,6 @@ def complete_prompts(groups):
     if dropped:
         logger.warning("%d prompts miss some of their %d candidates (failed renders) and are left out", dropped, count)
     return groups.subset(keep), dropped
-
-
-def embed_prompts(adapter, prompts: list[str], guidance: float) -> list[dict[str, np.ndarray]]:
-    """Per-prompt embeddings (every key the adapter's encode returns but `truncated`), in batches of EMBED_BATCH prompts."""
-    embeddings = []
-    for start in range(0, len(prompts), EMBED_BATCH):
-        encoded = adapter.encode(prompts[start:start + EMBED_BATCH], guidance)
-        encoded.pop("truncated")
-        count = len(encoded["prompt_embeds"])
-        embeddings += [{key: values[i] for key, values in encoded.items()} for i in range(count)]
-    return embeddings
 
 
 def predict(predictor, seeds: list[np.ndarray], embeddings: list[dict], latent_shape: tuple) -> list[np.ndarray]:

@@ -25,22 +25,6 @@ logger = logging.getLogger("seedsift.train")
 SPLIT_SALT = "seedsift-split-v1"
 
 
-def embed_prompts(model_path: str, prompts: list[str], guidance: float, batch: int = 32) -> list[dict]:
-    """Prompt embeddings from the pipeline's own text encoder, the same call the scorer makes."""
-    from actors.models import diffusion
-
-    adapter = diffusion.load_adapter(model_path, "text")
-    embeddings = []
-    for start in range(0, len(prompts), batch):
-        encoded = adapter.encode(prompts[start:start + batch], guidance)
-        for i in range(len(encoded["prompt_embeds"])):
-            row = {"prompt_embeds": encoded["prompt_embeds"][i]}
-            if "prompt_attention_mask" in encoded:
-                row["prompt_attention_mask"] = encoded["prompt_attention_mask"][i]
-            embeddings.append(row)
-    return embeddings
-
-
 def summarise_split(predicted: list[np.ndarray], groups, score_mean: float, score_std: float) -> dict:
     """Held-out figures in the rater's units: per-prompt Spearman, top-1 gain, residual spread."""
     from actors.predictor.metrics import spearman, top1_gain
@@ -84,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         import torch
 
-        from actors.models import families
+        from actors.models import diffusion, families
         from actors.models.embedded import resolve_model
         from actors.predictor.budget import fit_residual_model, record_spread_quantiles
         from actors.predictor.model import PredictorConfig
@@ -111,7 +95,11 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"the dataset has {len(groups.prompt_ids)} prompts: too few to split; collect more")
         train_scores = np.concatenate(parts["train"].scores)
         score_mean, score_std = float(train_scores.mean()), float(train_scores.std() or 1.0)
-        embeddings = dict(zip(groups.prompt_ids, embed_prompts(model_path, groups.prompts, identity["guidance"])))
+        # The predictor reads the prompt's tokens and their mask: only those are kept in memory.
+        text = diffusion.load_adapter(model_path, "text")
+        embedded = text.embed_each(groups.prompts, identity["guidance"],
+                                   keys=("prompt_embeds", "prompt_attention_mask"))
+        embeddings = dict(zip(groups.prompt_ids, embedded))
         examples = {name: Examples(part, embeddings, latent_shape, score_mean, score_std)
                     for name, part in parts.items() if part.prompt_ids}
         device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device

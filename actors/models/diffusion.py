@@ -115,6 +115,19 @@ class PipelineAdapter:
         out["truncated"] = np.array([count > self.max_text_tokens() for count in token_counts], dtype=bool)
         return out
 
+    def embed_each(self, prompts: list[str], guidance_scale: float, keys: tuple[str, ...] | None = None,
+                   batch: int = 32) -> list[dict[str, np.ndarray]]:
+        """One embedding dict per prompt, from `encode` in batches of `batch` prompts: the keys named (all but
+        `truncated` when None). What train and evaluate hand the predictor, embedded as the scorer embeds."""
+        embeddings = []
+        for start in range(0, len(prompts), batch):
+            encoded = self.encode(prompts[start:start + batch], guidance_scale)
+            encoded.pop("truncated")
+            chosen = {key: values for key, values in encoded.items() if keys is None or key in keys}
+            count = len(encoded["prompt_embeds"])
+            embeddings += [{key: values[i] for key, values in chosen.items()} for i in range(count)]
+        return embeddings
+
     def _encode(self, prompts: list[str], guided: bool) -> dict[str, np.ndarray]:
         # negative_prompt=None makes the pipeline use "" for every row, as a plain `prompt=` call does.
         embeds, negative = self.pipe.encode_prompt(prompts, self.pipe._execution_device, 1, guided, negative_prompt=None)
