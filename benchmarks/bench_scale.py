@@ -66,7 +66,7 @@ def child_stream(args) -> None:
 
                 config = GenerateConfig(prompts=args.prompts, out=out, scorers=args.scorers[0])
                 ds = ds.map_batches(
-                    ScorerStage, fn_constructor_args=(build_plan(config).scoring(),),
+                    ScorerStage, fn_constructor_args=(build_plan(config).scoring,),
                     fn_constructor_kwargs=dict(num_threads=max(1, int(config.scorer_cpus))),
                     batch_format="numpy", batch_size=config.scorer_batch_size,
                     compute=ray.data.ActorPoolStrategy(size=config.scorers), num_cpus=config.scorer_cpus)

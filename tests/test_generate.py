@@ -14,6 +14,7 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
+from actors.models.families import latent_shape
 from actors.models.seeds import candidate_seeds
 from jobs import reproduce
 from orchestrator.flow import pipeline
@@ -188,7 +189,7 @@ def test_a_block_of_only_quarantined_rows_keeps_string_columns(tiny_sd_path):
     from actors.stages.settings import ScoringPlan
 
     plan = ScoringPlan(model=tiny_sd_path, run_seed=0, candidates=4, keep=2, policy="random", guidance=3.0,
-                       height=64, width=64, prompts_per_call=2)
+                       height=64, width=64, latent_shape=latent_shape(tiny_sd_path, 64, 64), prompts_per_call=2)
     scorer = ScorerStage(plan)
     # A block of quarantined rows (no prompt), then a block of good rows (no error).
     for prompts, errors in (([None, ""], ["invalid UTF-8", "prompt is empty"]), (["a cat", "a dog"], [None, None])):
@@ -213,10 +214,11 @@ def test_one_actor_yields_in_generator_batches_what_the_two_stages_give(tiny_sd_
     from actors.stages.scorer import ScorerStage
     from actors.stages.settings import RenderPlan, ScoringPlan
 
+    shape = latent_shape(tiny_sd_path, 64, 64)
     scoring = ScoringPlan(model=tiny_sd_path, run_seed=0, candidates=4, keep=2, policy="random", guidance=3.0,
-                          height=64, width=64, prompts_per_call=3)
-    rendering = RenderPlan(model=tiny_sd_path, steps=2, guidance=3.0, height=64, width=64, scheduler="default",
-                           rater="colorfulness", rates_images=True)
+                          height=64, width=64, latent_shape=shape, prompts_per_call=3)
+    rendering = RenderPlan(model=tiny_sd_path, steps=2, guidance=3.0, height=64, width=64, latent_shape=shape,
+                           scheduler="default", rater="colorfulness", rates_images=True)
     prompts = ["a red cube", "a blue ball", "a green cone"]
     batch = {"prompt_id": np.array(["p1", "p2", "p3"], dtype=object), "prompt": np.array(prompts, dtype=object),
              "source": np.array(["a:1", "a:2", "a:3"], dtype=object), "status": np.array(["ok"] * 3, dtype=object),

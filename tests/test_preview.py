@@ -48,7 +48,8 @@ def scorer_rows(text, prompts: list[str], previewed: int) -> dict[str, np.ndarra
 def test_the_kept_preview_continues_to_the_same_image_as_a_normal_render(tiny_sd_path, text):
     previewed = 3
     plan = RenderPlan(model=tiny_sd_path, steps=STEPS, guidance=GUIDANCE, height=SIZE, width=SIZE,
-                      scheduler="default", preview=previewed, preview_steps=PREVIEW_STEPS, rater="colorfulness")
+                      latent_shape=families.latent_shape(tiny_sd_path, SIZE, SIZE), scheduler="default",
+                      preview=previewed, preview_steps=PREVIEW_STEPS, rater="colorfulness")
     batch = scorer_rows(text, PROMPTS, previewed)
     out = GeneratorStage(plan)(batch)
     assert list(out["status"]) == ["ok"] * len(PROMPTS)

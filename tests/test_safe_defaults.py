@@ -257,6 +257,7 @@ def test_candidates_are_scored_in_memory_that_does_not_grow_with_n(ray_session, 
     import numpy as np
 
     from actors.models.embedded import resolve_model
+    from actors.models.families import latent_shape
     from actors.models.seeds import batch_noise, candidate_seeds
     from actors.stages import scorer as scorer_module
     from actors.stages.scorer import SCORE_CHUNK, ScorerStage
@@ -265,7 +266,8 @@ def test_candidates_are_scored_in_memory_that_does_not_grow_with_n(ray_session, 
 
     location = str(EMBEDDED_PREDICTORS["tiny-sd"])
     plan = ScoringPlan(model=resolve_model("embedded:tiny-sd"), run_seed=0, candidates=6 * SCORE_CHUNK, keep=1,
-                       policy="predictor", guidance=7.5, height=64, width=64, prompts_per_call=1,
+                       policy="predictor", guidance=7.5, height=64, width=64,
+                       latent_shape=latent_shape(resolve_model("embedded:tiny-sd"), 64, 64), prompts_per_call=1,
                        predictor_source=location)
     files = ray_session.put(read_predictor_files(location, "embedded:tiny-sd", {}))
     scorer = ScorerStage(plan, predictor_files=[files])

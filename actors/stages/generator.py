@@ -75,7 +75,7 @@ class GeneratorStage:
         self.plan = plan
         self.adapter = diffusion.load_adapter(model_path, "render", device=self.device, dtype=self.dtype,
                                               scheduler=plan.scheduler)
-        self.latent_shape = families.latent_shape(model_path, plan.height, plan.width)
+        self.latent_shape = tuple(plan.latent_shape)
         self.rater = None
         if plan.preview or plan.rates_images:  # the run's own rater, here on this actor
             self.rater = make_rater(plan.rater)

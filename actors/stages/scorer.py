@@ -12,7 +12,6 @@ from collections import OrderedDict
 import numpy as np
 import ray
 
-from actors.models import families
 from actors.models.embedded import resolve_model
 from actors.models.seeds import NO_SEED, batch_noise, candidate_seeds
 from actors.predictor.budget import keep_budget
@@ -43,7 +42,7 @@ class ScorerStage:
         model_path = resolve_model(plan.model)
         self.plan = plan
         self.adapter = diffusion.load_adapter(model_path, "text")
-        self.latent_shape = families.latent_shape(model_path, plan.height, plan.width)
+        self.latent_shape = tuple(plan.latent_shape)
         # Only shards that held committed rows when the run started can have rows to skip.
         self.manifest, self.committed_shards = manifest, committed_shards
         self.delivered: OrderedDict[str, set] = OrderedDict()

@@ -18,6 +18,7 @@ class ScoringPlan:
     guidance: float
     height: int
     width: int
+    latent_shape: tuple  # of one candidate's noise, from the model and the size (derived once, by the plan)
     prompts_per_call: int  # prompts embedded and scored per call: sized by the rows that leave the scorer
     predictor_source: str = ""
     budget_rule: dict | None = None
@@ -33,6 +34,7 @@ class RenderPlan:
     guidance: float
     height: int
     width: int
+    latent_shape: tuple  # of one seed's noise, from the model and the size (derived once, by the plan)
     scheduler: str  # the --scheduler name
     preview: int = 0  # candidates previewed per prompt (0: no preview, render the rows as they come)
     preview_steps: int = 0

@@ -286,7 +286,7 @@ def build_dataset(plan: RunPlan, manifest: Manifest, state: OutputState, files: 
     # Reading and duplicate detection work in shard-sized blocks (cheap per row); the scorer gets blocks of one call
     # each, because a map task emits its output only when its input block is done: a 10,000-row block would hold
     # back the first render until 10,000 prompts were embedded.
-    scoring, rendering = plan.scoring(), plan.rendering()
+    scoring, rendering = plan.scoring, plan.rendering
     ds = rebatch(ds, scoring.prompts_per_call, resources.light_cpus)
     images_per_row = max(1, rendering.preview)  # a preview row carries its prompt's M candidates
     rows_per_batch = max(1, config.batch_size // images_per_row)  # --batch-size counts images
@@ -459,7 +459,7 @@ def _stream(plan: RunPlan, files: list[CorpusFile], manifest: Manifest, state: O
     config = plan.config
     say = say or logger.warning
     resources = plan_resources(config, ray.cluster_resources(), index_buckets(plan, state),
-                               model_rater=not plan.rendering().rates_images,
+                               model_rater=not plan.rendering.rates_images,
                                nodes=sum(1 for node in ray.nodes() if node["Alive"]))
     if resources.scale < 1:
         say(f"seedsift: the cluster has {resources.cluster_cpus:g} CPUs, fewer than this run's stages ask for: their "

@@ -8,6 +8,7 @@ configuration, so run.json, manifests and the summary all see one fingerprint.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from dataclasses import dataclass, field
 
@@ -71,12 +72,15 @@ class RunPlan:
             "run_id": self.fingerprint,
         }
 
+    @functools.cached_property
     def scoring(self) -> ScoringPlan:
+        """What every scorer is handed: built once per plan."""
         config = self.config
         rows_per_block = min(config.scorer_batch_size, config.batch_size * config.generators)
         return ScoringPlan(
             model=config.model, run_seed=config.seed, candidates=config.candidates, keep=config.rows_per_prompt,
             policy=config.policy_name, guidance=config.guidance, height=self.height, width=self.width,
+            latent_shape=tuple(self.latent_shape),
             # A generator task renders a whole scorer block before any row moves on: blocks of about one round of
             # generator batches commit rows early and spread a small corpus over several generators. Counting rows,
             # not prompts, also bounds a block's memory (an SDXL row carries about 1.3 MB of embeddings).
@@ -86,13 +90,15 @@ class RunPlan:
             preview=config.preview_count if config.policy_name == "preview" else 0,
         )
 
+    @functools.cached_property
     def rendering(self) -> RenderPlan:
+        """What every generator is handed: built once per plan."""
         config = self.config
         preview = config.policy_name == "preview"
         from actors.raters.specs import is_pixel_rater
 
         return RenderPlan(model=config.model, steps=config.steps, guidance=config.guidance, height=self.height,
-                          width=self.width, scheduler=config.scheduler,
+                          width=self.width, latent_shape=tuple(self.latent_shape), scheduler=config.scheduler,
                           preview=config.preview_count if preview else 0,
                           preview_steps=config.preview_step_count if preview else 0, rater=config.rater,
                           rates_images=is_pixel_rater(config.rater))
