@@ -44,6 +44,7 @@ denoising steps converts to renders per prompt by dividing by the prompt count (
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -78,6 +79,19 @@ def renders_for_prompt(
     sigma = _sigma(np.std(predicted), residual_std, residual_ratio)
     gains = marginal_gains(top[None, :], np.array([sigma]))[0]
     return low + _count_at_least(gains[low - 1 :], threshold)
+
+
+@dataclass(frozen=True)
+class BudgetRule:
+    """The budget policy's rule for one run, calibrated once by the driver and handed to every scorer: keep the
+    candidates whose predicted score may beat the best by the threshold, given the predictor's residual error."""
+
+    threshold: float
+    residual_std: float
+    residual_ratio: float
+
+    def keep(self, predicted: np.ndarray, max_renders: int, min_renders: int = 1) -> np.ndarray:
+        return keep_budget(predicted, self.threshold, max_renders, min_renders, self.residual_std, self.residual_ratio)
 
 
 def keep_budget(

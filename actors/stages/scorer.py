@@ -14,7 +14,6 @@ import ray
 
 from actors.models.embedded import resolve_model
 from actors.models.seeds import NO_SEED, batch_noise, candidate_seeds
-from actors.predictor.budget import keep_budget
 from actors.predictor.selection import keep_first, keep_top_k
 from actors.rows import SKIPPED, DeliveredRows, row_key
 from actors.stages import trace
@@ -143,9 +142,7 @@ class ScorerStage:
         if scores is None:
             return keep_first(self.plan.candidates, wanted)
         if self.plan.policy == "budget":
-            rule = self.plan.budget_rule
-            return keep_budget(scores, rule["threshold"], self.plan.keep, 1, rule["residual_std"],
-                               rule["residual_ratio"])
+            return self.plan.budget_rule.keep(scores, self.plan.keep)
         return keep_top_k(scores, wanted)
 
     def _predict(self, seeds: list[int], embeds: dict[str, np.ndarray], row: int) -> np.ndarray | None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from actors.predictor.budget import BudgetRule
+
 
 @dataclass(frozen=True)
 class ScoringPlan:
@@ -21,7 +23,7 @@ class ScoringPlan:
     latent_shape: tuple  # of one candidate's noise, from the model and the size (derived once, by the plan)
     prompts_per_call: int  # prompts embedded and scored per call: sized by the rows that leave the scorer
     predictor_source: str = ""
-    budget_rule: dict | None = None
+    budget_rule: BudgetRule | None = None
     preview: int = 0  # preview policy: candidates sent on to the generator's preview cascade per prompt
 
 

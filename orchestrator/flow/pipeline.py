@@ -622,7 +622,7 @@ def summarise(manifest: Manifest, plan: RunPlan, state: OutputState, new_records
         "budget": None if config.policy != "budget" else {
             "renders_per_prompt_target": plan.budget_per_prompt,
             "renders_per_prompt_spent": round(images / prompts, 4) if prompts else 0.0,
-            "threshold": plan.budget_rule["threshold"] if plan.budget_rule else None,
+            "threshold": plan.budget_rule.threshold if plan.budget_rule else None,
         },
         "shards": {"complete": len(records) - len(set(open_shards) & set(records)), "open": len(open_shards),
                    "shard_size": config.shard_size},

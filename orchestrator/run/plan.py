@@ -12,6 +12,7 @@ import functools
 import logging
 from dataclasses import dataclass, field
 
+from actors.predictor.budget import BudgetRule
 from actors.stages.settings import RenderPlan, ScoringPlan
 from orchestrator.run.config import ConfigError, GenerateConfig, fingerprint_of
 
@@ -39,7 +40,7 @@ class RunPlan:
     scheduler: str  # the pipeline's scheduler class, recorded in every manifest row
     predictor: PredictorPlan | None = None
     budget_per_prompt: float | None = None  # --budget, or --budget-images spread over the corpus
-    budget_rule: dict | None = None
+    budget_rule: BudgetRule | None = None
     warnings: tuple = ()  # setting mismatches worth a line in the log and a place in the summary
     # Whether the corpus's ids are qualified by their file (NAME#ID): a folder or glob corpus, into an output laid
     # out so (every output begun since 0.3); set by pipeline.check_run_file once the output's layout is known.
@@ -174,7 +175,7 @@ def _with_predictor(plan: RunPlan) -> RunPlan:
     return plan
 
 
-def budget_rule(config: GenerateConfig, trained, per_prompt: float) -> dict:
+def budget_rule(config: GenerateConfig, trained, per_prompt: float) -> BudgetRule:
     """The budget policy's threshold, calibrated on the predictor's recorded spreads so that the corpus-average
     renders per prompt meet the budget; prompts stream, so the rule cannot look at the whole corpus first."""
     from actors.predictor.budget import calibrate_threshold
@@ -186,4 +187,4 @@ def budget_rule(config: GenerateConfig, trained, per_prompt: float) -> dict:
                           "retrain it with the current `seedsift train`")
     threshold = calibrate_threshold(trained.spread_quantiles, per_prompt, config.candidates, config.keep, 1,
                                     residual_std, residual_ratio)
-    return {"threshold": threshold, "residual_std": residual_std, "residual_ratio": residual_ratio}
+    return BudgetRule(threshold, residual_std, residual_ratio)
