@@ -85,6 +85,19 @@ class OutputState:
                 + sum(n for shard, n in again.items() if shard not in self.records))
 
 
+@dataclass(frozen=True)
+class RunState:
+    """One run in flight on the driver, handed on as one object: its plan, its corpus files, the output (manifest
+    and lease) and what that output held when the run started."""
+
+    plan: RunPlan
+    files: list[CorpusFile]
+    manifest: Manifest
+    state: OutputState
+    lease: Lease
+    started: float  # time.time() at the run's start: its wall time in the summary
+
+
 def prepare(config: GenerateConfig) -> tuple[RunPlan, list[CorpusFile], Manifest]:
     """Everything that can fail before Ray starts: plan (model, size, predictor), corpus files, output."""
     # The corpus first: a wrong column is the commonest first-hour mistake, and this takes a second.
@@ -404,20 +417,20 @@ def run(config: GenerateConfig, console=None) -> dict:
         lease.start_heartbeat()
         state = OutputState.read(manifest)
         trace.mark("driver", "checked")
+        current = RunState(plan, files, manifest, state, lease, started)
         if nothing_to_render(plan, files, state):  # a rerun with nothing new, an empty corpus: no Ray, no model
             if console is not None:
                 console.say("seedsift: nothing to render: every row of the corpus is committed already (or it has "
                             "none)")
-            return finish(manifest, plan, state, {}, ShardLedger(), started, None)
+            return finish(current, {}, ShardLedger(), None)
         connect_ray(config.address, log_to_driver=console is None or console.verbose)
         trace.mark("driver", "ray up")
         if console is not None:
             console.ray_started()
         if config.policy == "budget" and plan.budget_per_prompt is None:
-            plan = plan.with_budget(count_usable_prompts(plan, files))
-        progress = None if console is None else console.progress(*expected_images(plan, files, state))
-        return _stream(plan, files, manifest, state, lease, started, progress,
-                       say=console.say if console is not None else None)
+            current = dataclasses.replace(current, plan=plan.with_budget(count_usable_prompts(plan, files)))
+        progress = None if console is None else console.progress(*expected_images(current.plan, files, state))
+        return _stream(current, progress, say=console.say if console is not None else None)
     except DamagedManifest as exc:
         raise ConfigError(f"{exc}; `seedsift verify --out {config.out}` names every damaged object, and with "
                           "--repair moves them aside so that this command redoes their rows") from exc
@@ -454,8 +467,8 @@ def expected_images(plan: RunPlan, files: list[CorpusFile], state: OutputState) 
     return max(total, done), done, exact and per_prompt is None
 
 
-def _stream(plan: RunPlan, files: list[CorpusFile], manifest: Manifest, state: OutputState, lease: Lease,
-            started: float, progress=None, say=None) -> dict:
+def _stream(run: RunState, progress=None, say=None) -> dict:
+    plan, manifest, state = run.plan, run.manifest, run.state
     config = plan.config
     say = say or logger.warning
     resources = plan_resources(config, ray.cluster_resources(), index_buckets(plan, state),
@@ -467,14 +480,14 @@ def _stream(plan: RunPlan, files: list[CorpusFile], manifest: Manifest, state: O
     compactions = Compactions(manifest, config, resources.light_cpus)
     for shard in sorted(set(state.records) & set(state.open_parts)):
         compactions.submit(shard)  # parts left beside a complete shard by a kill during its compaction
-    ds, indexes = start_stream(plan, files, manifest, state, resources)  # the driver holds the index actors
+    ds, indexes = start_stream(plan, run.files, manifest, state, resources)  # the driver holds the index actors
     trace.mark("driver", "stream built")
     ledger = ShardLedger()
     first_commit = None
     watch = StallWatch(ledger, resources, say)
     try:
         for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
-            lease.check()
+            run.lease.check()
             before = dict(ledger.totals)
             for shard, frame in ledger.add(batch):
                 compactions.submit(shard, frame)
@@ -499,7 +512,7 @@ def _stream(plan: RunPlan, files: list[CorpusFile], manifest: Manifest, state: O
         raise
     finally:
         watch.stop()  # whatever ends the stream: no stall line after it
-    return finish(manifest, plan, state, compactions.records, ledger, started, first_commit)
+    return finish(run, compactions.records, ledger, first_commit)
 
 
 class StallWatch:
@@ -572,20 +585,21 @@ def pending_actors(job: str) -> list[str]:
     return [f"{n} x {name}" if n > 1 else name for name, n in sorted(names.items())]
 
 
-def finish(manifest: Manifest, plan: RunPlan, state: OutputState, new_records: dict[str, ShardRecord],
-           ledger: ShardLedger, started: float, first_commit: float | None) -> dict:
+def finish(run: RunState, new_records: dict[str, ShardRecord], ledger: ShardLedger,
+           first_commit: float | None) -> dict:
     """The run's summary, folded from shard statistics, written to OUT/summary.json."""
     summary_started = time.time()
-    summary = summarise(manifest, plan, state, new_records, ledger, started, first_commit)
+    summary = summarise(run, new_records, ledger, first_commit)
     summary["this_run"]["summary_s"] = round(time.time() - summary_started, 3)
-    manifest.output.write_json(SUMMARY_FILE, summary)
+    run.manifest.output.write_json(SUMMARY_FILE, summary)
     trace.mark("driver", "summary written")
     return summary
 
 
-def summarise(manifest: Manifest, plan: RunPlan, state: OutputState, new_records: dict[str, ShardRecord],
-              ledger: ShardLedger, started: float, first_commit: float | None) -> dict:
+def summarise(run: RunState, new_records: dict[str, ShardRecord], ledger: ShardLedger,
+              first_commit: float | None) -> dict:
     """Totals over every committed row of the output, folded from shard statistics, plus what this run did."""
+    plan, manifest, state, started = run.plan, run.manifest, run.state, run.started
     config = plan.config
     records = {**state.records, **new_records}
     open_shards = sorted(set(manifest.open_parts()) - set(new_records))
