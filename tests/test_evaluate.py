@@ -19,6 +19,8 @@ from actors.models.embedded import resolve_model
 from actors.models.seeds import candidate_seeds, initial_noise
 from actors.predictor.model import NoiseQualityPredictor, PredictorConfig, save_predictor, split_of
 from jobs import evaluate
+from jobs.pages import evaluation as evaluation_pages
+from orchestrator.evaluation import figures
 
 MODEL = "embedded:tiny-sd"
 PROMPTS = ["a red cube on a table", "a watercolor fox", "an astronaut riding a horse", "a bowl of ramen",
@@ -124,7 +126,7 @@ def test_rigged_predictor_is_perfect_and_the_report_is_complete(tiny, dataset, t
     swap = report["prompt_swap"]
     assert swap["gain_kept"] == pytest.approx(1.0) and swap["same_top1_share"] == 1.0
     assert swap["spearman_per_prompt_mean"] == pytest.approx(1.0)
-    partner = evaluate.swap_partner(6)
+    partner = figures.swap_partner(6)
     assert sorted(partner) == list(range(6)) and all(i != j for i, j in enumerate(partner))
 
     contact = report["contact_sheet"]
@@ -132,7 +134,7 @@ def test_rigged_predictor_is_perfect_and_the_report_is_complete(tiny, dataset, t
     for row in contact["rows"]:
         assert row["pick_score"] >= row["candidate0_score"]
     with Image.open(out / "contact_sheet.png") as sheet:
-        assert sheet.size == evaluate.contact_sheet_size(2)
+        assert sheet.size == evaluation_pages.contact_sheet_size(2)
 
     # One step: nothing to preview, so the cost curve has random, the predictor and best-of-n only.
     cost = report["cost_curve"]
