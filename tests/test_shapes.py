@@ -211,7 +211,7 @@ def test_shipped_model_is_a_small_safetensors_sd_pipeline(shapes_path):
     from diffusers import DiffusionPipeline, StableDiffusionPipeline
 
     folder = Path(shapes_path)
-    assert folder == REPO_ROOT / "orchestrator" / "models" / "shapes"
+    assert folder == REPO_ROOT / "actors" / "testbed" / "weights" / "pipeline"
     files = [p for p in folder.rglob("*") if p.is_file()]
     assert not [p for p in files if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl")]
     assert sum(p.stat().st_size for p in files) < 8 * 2**20

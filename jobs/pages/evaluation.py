@@ -8,9 +8,12 @@ import math
 
 import numpy as np
 
+from jobs.pages.html import number as shown
+from jobs.pages.html import page as document
 from orchestrator.evaluation.figures import render_candidates
 
 CONTACT_SHEET_FILE = "contact_sheet.png"
+STYLE = "body{max-width:60em}th{font-weight:600}svg{display:block;margin:1em 0}.note{color:#555}"
 SCATTER_MAX_POINTS = 4000  # the scatter plot draws a fixed random subset beyond this, to keep the page small
 # Contact sheet layout, in pixels: one row per prompt, candidate 0 (random policy) left, the predictor's pick right.
 TILE = 256
@@ -84,7 +87,7 @@ def report_html(evaluation: dict, actual: list[np.ndarray], predicted: list[np.n
     """A self-contained page: the figures, a predicted-vs-rated scatter, the gain curve and the contact sheet."""
 
     def number(value, digits: int = 3) -> str:
-        return "n/a" if value is None else (f"{value:.{digits}f}" if isinstance(value, float) else str(value))
+        return shown(value, digits, fixed=True, missing="n/a")
 
     e = evaluation
     count = e["candidates"]
@@ -124,15 +127,7 @@ def report_html(evaluation: dict, actual: list[np.ndarray], predicted: list[np.n
                    "(not chosen by result): left, candidate 0, what the random policy renders; right, the "
                    f"predictor's pick of {count}. Scores are the dataset's ratings.</p>"
                    f'<img src="{CONTACT_SHEET_FILE}" alt="contact sheet">')
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>seedsift evaluation</title>
-<style>
-body {{ font-family: system-ui, sans-serif; margin: 2em; max-width: 60em; color: #222; }}
-table {{ border-collapse: collapse; }}
-th, td {{ text-align: left; padding: 0.25em 0.8em; border-bottom: 1px solid #ddd; }}
-th {{ font-weight: 600; }} svg {{ display: block; margin: 1em 0; }} .note {{ color: #555; }}
-</style></head><body>
-<h1>seedsift evaluation</h1>
+    return document("seedsift evaluation", f"""<h1>seedsift evaluation</h1>
 <p class="note">Predictor {html.escape(str(e['predictor']))} on {html.escape(str(e['dataset']))}.</p>
 <table>
 {table}
@@ -151,9 +146,7 @@ steps); best of n renders n seeds in full; the preview policy runs the predictor
 rates their predicted final images and continues only the best: M&times;T + (steps &minus; T).</p>
 {cost_svg(e['cost_curve'])}
 {cost_table(e['cost_curve'])}
-{contact}
-</body></html>
-"""
+{contact}""", STYLE)
 
 
 def cost_table(cost: dict) -> str:

@@ -22,6 +22,8 @@ import random
 
 import numpy as np
 
+from jobs.pages.html import number
+from jobs.pages.html import page as document
 from orchestrator.output.manifest import Manifest, split_shard_id
 from orchestrator.output.storage import Output
 from orchestrator.output.summary import merge_stats, quantile, shard_stats
@@ -38,13 +40,9 @@ COLUMNS = ["prompt_id", "prompt", "source", "seed", "candidate_index", "rank", "
            "image_offset", "image_size", "shard", "shard_row"]
 
 STYLE = """
-body{font-family:"Noto Sans","Noto Sans CJK JP",sans-serif;margin:20px;color:#222}
-h1{font-size:20px}h2{font-size:16px;margin-top:28px}table{border-collapse:collapse;font-size:13px}
-td,th{border-bottom:1px solid #ddd;padding:3px 8px;text-align:left;vertical-align:top}
 .grid{display:flex;flex-wrap:wrap;gap:10px}.card{width:200px;font-size:12px;border:1px solid #ddd;padding:4px}
 .card img{width:192px;height:192px;object-fit:contain;background:#eee;display:block}
-.prompt{height:3em;overflow:hidden}.muted{color:#777}.controls{margin:8px 0}
-.bad{color:#a00}svg text{font-size:11px}
+.prompt{height:3em;overflow:hidden}.controls{margin:8px 0}.bad{color:#a00}
 """
 
 SCRIPT = """
@@ -115,12 +113,6 @@ def _image_link(output: Output, manifest: Manifest, row: dict, thumbnail: bool) 
     return key
 
 
-def _number(value, digits: int = 3) -> str:
-    if value is None or (isinstance(value, float) and value != value):
-        return "-"
-    return f"{value:.{digits}g}" if isinstance(value, float) else str(value)
-
-
 def _card(row: dict, link: str | None, prefix: str = "") -> str:
     text = html.escape(row.get("prompt") or "")
     if link:
@@ -134,9 +126,9 @@ def _card(row: dict, link: str | None, prefix: str = "") -> str:
     attributes = " ".join(f'data-{k}="{"" if v is None else v}"' for k, v in data.items())
     return (f'<div class="card" data-prompt="{text}" {attributes}>{image}<div class="prompt" title="{text}">{text}'
             f'</div><div>seed {row.get("seed")} · cand {row.get("candidate_index")} · rank {row.get("rank")} of '
-            f'{row.get("planned")}</div><div>rated {_number(row.get("score"))} · predicted '
-            f'{_number(row.get("predicted_score"))}</div><div class="muted">prompt mean '
-            f'{_number(row.get("prompt_predicted_mean"))} ± {_number(row.get("prompt_predicted_std"))}</div></div>')
+            f'{row.get("planned")}</div><div>rated {number(row.get("score"))} · predicted '
+            f'{number(row.get("predicted_score"))}</div><div class="muted">prompt mean '
+            f'{number(row.get("prompt_predicted_mean"))} ± {number(row.get("prompt_predicted_std"))}</div></div>')
 
 
 def _histogram(sketch: dict | None, title: str, bins: int = 24) -> str:
@@ -181,16 +173,14 @@ def _front_page(output, run: dict, summary: dict, stats: dict, shown: list, imag
     index = "".join(f"<li><a href='{html.escape(links[0])}'>{html.escape(shard)}</a> ({len(links)} page"
                     f"{'s' if len(links) > 1 else ''})</li>" for shard, links in sorted(pages.items()))
     listed = problems[:LISTED_PROBLEMS]
-    return f"""<!doctype html><html><head><meta charset="utf-8"><title>seedsift report</title>
-<style>{STYLE}</style></head><body>
-<h1>seedsift run report</h1>
+    return document("seedsift report", f"""<h1>seedsift run report</h1>
 <p>{html.escape(_shown_location(output))}<br><span class="muted">{html.escape(settings)}</span></p>
 <p><b>{stats['images']:,}</b> images for <b>{stats['prompts']:,}</b> prompts; {by_status.get('failed', 0):,} failed rows
 ({stats['failures']:,} not yet retried), {by_status.get('quarantined', 0):,} quarantined. {html.escape(cost)}</p>
 <h2>Distributions (all rows)</h2>
 {_histogram(stats.get('score'), 'rated score')} {_histogram(difficulty.get('spread'), 'predicted spread per prompt')}
 {_histogram(difficulty.get('mean'), 'predicted mean per prompt (difficulty)')}
-<p class="muted">median rated score {_number(quantile(stats.get('score'), 0.5))}</p>
+<p class="muted">median rated score {number(quantile(stats.get('score'), 0.5))}</p>
 <h2>Images</h2>
 <p class="muted">{len(shown):,} of {stats['images']:,} images: every image of {len(chosen)} of {shard_count:,}
 shards chosen at random{', then a uniform sample of ' + str(GRID_MAX) if len(shown) >= GRID_MAX else ''}. Every row
@@ -204,8 +194,7 @@ filter <input id="q" placeholder="words in the prompt"></div>
 <table><tr><th>rows</th><th>reason (all rows)</th></tr>{reasons}</table>
 <p class="muted">{len(listed):,} of them from the sampled shards listed here; each shard page lists all of its own.</p>
 {_problem_rows(listed)}
-<h2>Shard pages</h2><ul>{index}</ul>
-<script>{SCRIPT}</script></body></html>"""
+<h2>Shard pages</h2><ul>{index}</ul>""", STYLE, SCRIPT)
 
 
 def _write_shard_pages(output: Output, manifest: Manifest, records: dict, open_tables: dict) -> dict[str, list]:
@@ -231,13 +220,12 @@ def _write_shard_pages(output: Output, manifest: Manifest, records: dict, open_t
             bad = [r for r in chunk if r["status"] != "ok"]
             nav = " ".join(f'<a href="{index:06d}-{version}-{p:04d}.html">{p + 1}</a>' if p != page else f"<b>{p + 1}</b>"
                            for p in range(count))
-            body = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(shard)}</title>"
-                    f"<style>{STYLE}</style></head><body><p><a href='../../{REPORT_FILE}'>report</a> · shard "
-                    f"{html.escape(shard)} · rows {page * PAGE_ROWS + 1}-{page * PAGE_ROWS + len(chunk)} of "
-                    f"{len(rows)} · page {nav}</p><div class='grid'>"
-                    + "".join(_card(r, _image_link(output, manifest, r, thumbnail=False), prefix="../../")
-                              for r in ok)
-                    + "</div>" + (_problem_rows(bad) if bad else "") + "</body></html>")
+            body = document(shard, f"<p><a href='../../{REPORT_FILE}'>report</a> · shard "
+                            f"{html.escape(shard)} · rows {page * PAGE_ROWS + 1}-{page * PAGE_ROWS + len(chunk)} of "
+                            f"{len(rows)} · page {nav}</p><div class='grid'>"
+                            + "".join(_card(r, _image_link(output, manifest, r, thumbnail=False), prefix="../../")
+                                      for r in ok)
+                            + "</div>" + (_problem_rows(bad) if bad else ""), STYLE)
             output.write_bytes(key, body.encode("utf-8"))
             keys.append(key)
         stale = [k for k in existing if k.startswith(f"{PAGES}/{file_key}/{index:06d}-") and k not in keys]
