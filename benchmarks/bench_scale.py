@@ -1,6 +1,6 @@
 """Figure 4, scale: driver memory and rows/s from 10 thousand to 1 million prompts, and generator placement/scaling.
 
-Part A builds the first stages exactly as orchestrator.flow.pipeline.build_dataset does (read_corpus -> drop_duplicates
+Part A builds the first stages exactly as orchestrator.flow.graph.build_dataset does (read_corpus -> drop_duplicates
 -> ScorerStage with the random policy, which still runs the text encoder), drops the embedding columns (the
 generator does that in the real flow, so the driver never sees them) and consumes with iter_batches counting rows,
 while a thread samples the driver's VmRSS. One fresh driver process per run. Part B runs the whole pipeline on a
@@ -44,7 +44,7 @@ def child_stream(args) -> None:
     from orchestrator.corpus.listing import list_corpus
     from orchestrator.corpus.dedup import Owners, drop_duplicates, start_index
     from orchestrator.output.manifest import Manifest
-    from orchestrator.flow.pipeline import connect_ray
+    from orchestrator.flow.resources import connect_ray
     from orchestrator.corpus.reader import ReadSettings, file_key, read_corpus
     from orchestrator.output.storage import Output
 

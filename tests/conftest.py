@@ -82,7 +82,7 @@ def ray_session(tmp_path_factory, s3_endpoint):
     than that are tested explicitly. The model cache is shared too."""
     import ray
 
-    from orchestrator.flow.pipeline import local_ray_options
+    from orchestrator.flow.resources import local_ray_options
 
     os.environ["SEEDSIFT_CACHE"] = str(tmp_path_factory.mktemp("seedsift-cache"))
     ray.init(address="local", **local_ray_options())

@@ -187,7 +187,7 @@ def test_a_run_asks_for_no_more_cpus_than_the_cluster_has(cpus, one_actor):
     """A fresh 2-CPU `ray start --head` deadlocked 0.2 (generator 1 + scorer 0.5 + rater 0.25 + index 0.25 held both
     CPUs, and the read task could never be placed): the requests, tasks included, now fit whatever the cluster has;
     threads stay as configured. (The real 1- and 2-CPU heads: tests/test_cluster.py.)"""
-    from orchestrator.flow.pipeline import TASK_SLOTS, plan_resources
+    from orchestrator.flow.resources import TASK_SLOTS, plan_resources
     from orchestrator.run.config import GenerateConfig
 
     config = GenerateConfig(prompts="p.txt", out="o", one_actor=one_actor)
@@ -205,7 +205,7 @@ def test_a_run_asks_for_no_more_cpus_than_the_cluster_has(cpus, one_actor):
 def test_one_actor_scores_and_renders_only_on_one_node_without_a_gpu(nodes, gpus, generators, one_actor):
     """A laptop or a single CPU head: one actor scores and renders (one process imports the libraries and loads the
     model, actors/stages/local.py). Clusters, GPUs and several generators keep the scorer apart."""
-    from orchestrator.flow.pipeline import plan_resources
+    from orchestrator.flow.resources import plan_resources
     from orchestrator.run.config import GenerateConfig
 
     config = GenerateConfig(prompts="p.txt", out="o", generators=generators)
@@ -217,7 +217,8 @@ def test_one_actor_scores_and_renders_only_on_one_node_without_a_gpu(nodes, gpus
 def test_a_stage_that_cannot_be_placed_is_named_with_what_the_cluster_has(ray_session):
     import ray
 
-    from orchestrator.flow.pipeline import StallWatch, plan_resources
+    from orchestrator.flow.resources import plan_resources
+    from orchestrator.flow.stall import StallWatch
     from orchestrator.output.ledger import ShardLedger
     from orchestrator.run.config import GenerateConfig
 

@@ -10,29 +10,21 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import threading
 import time
-from dataclasses import dataclass
 
 import ray
 
 from actors.stages import trace
-from actors.stages.generator import GeneratorStage
-from actors.stages.light import give_way_to_generators
-from actors.stages.local import ScoreAndRenderStage
-from actors.stages.rater import RaterStage
-from actors.stages.scorer import ScorerStage
-from orchestrator.corpus.dedup import IndexActors, Owners, bucket_count, drop_duplicates, start_index
 from orchestrator.corpus.listing import (Columns, CorpusFile, check_corpus, is_collection, list_corpus,
                                          readable_on_the_driver)
-from orchestrator.corpus.reader import READ_CPUS, ReadSettings, corpus_needs_work, file_key, read_corpus, split_limit
-from orchestrator.flow.console import STATUS_EVERY_S
+from orchestrator.corpus.reader import corpus_needs_work, read_corpus
+from orchestrator.flow.graph import Compactions, file_limits, index_buckets, read_settings, start_stream
+from orchestrator.flow.resources import connect_ray, plan_resources
+from orchestrator.flow.stall import StallWatch
+from orchestrator.flow.state import OutputState, RunState
 from orchestrator.output.lease import Lease
 from orchestrator.output.ledger import ShardLedger
-from orchestrator.output.manifest import (DELIVERED, LAYOUT_VERSION, RUN_FILE, DamagedManifest, Manifest, ShardRecord,
-                                          split_shard_id)
-from orchestrator.output.sink import write_unit
+from orchestrator.output.manifest import LAYOUT_VERSION, RUN_FILE, DamagedManifest, Manifest, ShardRecord
 from orchestrator.output.storage import Output, storage_error_in
 from orchestrator.output.summary import merge_stats, prompt_difficulty, shard_stats
 from orchestrator.run.config import ConfigError, GenerateConfig
@@ -41,61 +33,6 @@ from orchestrator.run.plan import RunPlan, build_plan
 logger = logging.getLogger("seedsift")
 SUMMARY_FILE = "summary.json"
 ID_SCOPE = "per file"  # run.json's layout["ids"] for outputs begun by this version (see check_run_file)
-
-
-@dataclass
-class OutputState:
-    """What the output held when the run started: complete shards (their records) and open parts."""
-
-    records: dict[str, ShardRecord]
-    open_parts: dict[str, list[str]]
-
-    @classmethod
-    def read(cls, manifest: Manifest) -> OutputState:
-        return cls(records=manifest.complete_records(), open_parts=manifest.open_parts())
-
-    @property
-    def committed_shards(self) -> frozenset:
-        return frozenset(self.records) | frozenset(self.open_parts)
-
-    def owners(self, files: list[CorpusFile]) -> Owners:
-        """The file numbering every duplicate-index actor of the run shares: the corpus's files, then any other
-        file the output holds rows of (a file since removed from the corpus)."""
-        return Owners([file_key(f.name) for f in files] + sorted({split_shard_id(s)[0] for s in self.committed_shards}))
-
-    def complete_frames(self) -> dict[str, dict]:
-        """{file key: {shard index: frame}} of complete shards, for the reader to skip."""
-        frames: dict[str, dict] = {}
-        for shard, record in self.records.items():
-            key, index = split_shard_id(shard)
-            frames.setdefault(key, {})[index] = record.frame
-        return frames
-
-    def delivered_rows(self) -> int:
-        return sum(self.delivered_in(shard) for shard in self.records)
-
-    def delivered_in(self, shard: str) -> int:
-        return sum(self.records[shard].stats.get("by_status", {}).get(s, 0) for s in DELIVERED)
-
-    def skipped(self, ledger: ShardLedger) -> int:
-        """Rows committed before this run that it did not render again: those of complete shards, and those it
-        read again and found delivered (open parts, changed shards; a complete shard read again is counted once)."""
-        again = ledger.skipped_by_shard
-        return (sum(max(self.delivered_in(shard), again.get(shard, 0)) for shard in self.records)
-                + sum(n for shard, n in again.items() if shard not in self.records))
-
-
-@dataclass(frozen=True)
-class RunState:
-    """One run in flight on the driver, handed on as one object: its plan, its corpus files, the output (manifest
-    and lease) and what that output held when the run started."""
-
-    plan: RunPlan
-    files: list[CorpusFile]
-    manifest: Manifest
-    state: OutputState
-    lease: Lease
-    started: float  # time.time() at the run's start: its wall time in the summary
 
 
 def prepare(config: GenerateConfig) -> tuple[RunPlan, list[CorpusFile], Manifest]:
@@ -161,107 +98,6 @@ def check_run_file(manifest: Manifest, plan: RunPlan) -> RunPlan:
     return dataclasses.replace(plan, ids_per_file=collection and scope == ID_SCOPE)
 
 
-def connect_ray(address: str | None, log_to_driver: bool = True) -> None:
-    """Join the named cluster (or RAY_ADDRESS, set under `ray job submit`), else start a local Ray instance.
-
-    `log_to_driver=False` keeps the workers' output (library warnings, load bars) in Ray's log files.
-    """
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=log_to_driver)
-    else:
-        ray.init(address="local", log_to_driver=log_to_driver, **local_ray_options())
-        # The driver (and the Ray Data threads it starts from here on) mostly waits: the local generator goes first.
-        give_way_to_generators()
-
-
-def local_ray_options() -> dict:
-    """How a run on one machine starts its own Ray (the test suite's session Ray is started the same way)."""
-    # Ray starts workers at nice 15; locally the generator is the job, not background work.
-    os.environ.setdefault("RAY_worker_niceness", "0")
-    # Light stages (reading, scoring, rating, writing) mostly wait; two spare logical CPUs let them run beside
-    # generators that own every physical core. No dashboard: it costs about a second of start-up and 0.2 GB, and
-    # the console shows the run; `ray start --head` and --address give one.
-    return {"num_cpus": (os.cpu_count() or 1) + 2, "include_dashboard": False}
-
-
-# A model-holding stage whose actor dies more often than this (out of memory, a crash in its library) ends the run
-# with one line and exit 1, its lease released, instead of Ray restarting it for ever; a rerun resumes.
-STAGE_RESTARTS = 3
-# Light tasks the cluster must be able to run beside the run's actors: a read or sink task, and a compaction.
-TASK_SLOTS = 2
-
-
-@dataclass(frozen=True)
-class Resources:
-    """What each stage asks Ray for, fitted to the cluster the run joined. These are Ray's logical CPUs: they decide
-    where actors and tasks are placed, not how many threads they use."""
-
-    generator_gpus: float
-    generator_cpus: float
-    generator_threads: int  # torch threads of a generator, from its unscaled CPUs
-    scorer_cpus: float
-    rater_cpus: float  # a model rater's actor (a pixel rater works inside the generator)
-    light_cpus: float  # each read, duplicate filter, index, sink and compaction task or actor
-    scale: float = 1.0  # below 1: every CPU request shrunk by this to fit the cluster
-    cluster_cpus: float = 0.0
-    one_actor: bool = False  # the scorer inside the generator's actor (actors/stages/local.py), scorer_cpus 0
-
-    def describe(self) -> str:
-        scorers = "scoring in the generator" if self.one_actor else f"scorers {self.scorer_cpus:.2g} CPU"
-        return (f"generators {self.generator_cpus:.2g} CPU + {self.generator_gpus:g} GPU each, {scorers}, "
-                f"rater {self.rater_cpus:.2g} CPU, reading and writing {self.light_cpus:.2g} CPU a task")
-
-
-def plan_resources(config: GenerateConfig, cluster: dict, buckets: int, model_rater: bool, nodes: int = 1) -> Resources:
-    """Per-stage requests: a whole GPU per generator where the cluster has GPUs, else all cores but one; the light
-    stages their configured shares. On one node without a GPU, with one generator and one scorer, the scorer works
-    inside the generator's actor (actors/stages/local.py) and asks for nothing of its own. When the sum is more than the
-    cluster's CPUs (a 2-CPU `ray start --head`, which 0.2 deadlocked: the last read task could never be placed),
-    every CPU request is scaled down to fit.
-
-    A CPU generator's CPUs are also its torch threads. The core left over is the light stages': on 2 cores one
-    thread renders the tiny pipeline faster (0.19-0.21 s an image) than two (0.20-0.25 s), whose threads stall
-    whenever scoring, rating or writing takes a core from one of them (benchmarks/README.md, figure 1).
-    """
-    gpus = config.generator_gpus
-    if gpus is None:
-        gpus = 1.0 if cluster.get("GPU", 0) > 0 else 0.0
-        if gpus == 0 and (config.address or os.environ.get("RAY_ADDRESS")):
-            # An autoscaling cluster whose GPU workers start at zero shows no GPU yet.
-            logger.warning("the cluster has no GPU now, so generators run on CPU; on an autoscaling cluster "
-                           "whose GPU workers start at 0, pass --generator-gpus 1 so that GPU nodes are launched")
-    cpus = config.generator_cpus
-    if cpus is None:
-        # A local Ray declares the cores plus two (local_ray_options): the cores less one, shared by the generators.
-        cpus = 2.0 if gpus > 0 else max(1.0, (cluster.get("CPU", 1) - 3) // config.generators)
-    rater = config.rater_cpus if model_rater else 0.0
-    one_actor = config.one_actor
-    if one_actor is None:
-        one_actor = gpus == 0 and nodes == 1 and config.generators == 1 and config.scorers == 1
-    scorer_cpus = 0.0 if one_actor else config.scorer_cpus
-    demand = (config.generators * cpus + config.scorers * scorer_cpus + rater
-              + (1 + buckets + TASK_SLOTS) * READ_CPUS)
-    total = float(cluster.get("CPU", 0))
-    # No CPU at all is an autoscaling head whose workers are still to come: ask as configured, and say what waits.
-    scale = total / demand if 0 < total < demand else 1.0
-    return Resources(generator_gpus=gpus, generator_cpus=cpus * scale, generator_threads=max(1, int(cpus)),
-                     scorer_cpus=scorer_cpus * scale, rater_cpus=config.rater_cpus * scale,
-                     light_cpus=READ_CPUS * scale, scale=scale, cluster_cpus=total, one_actor=one_actor)
-
-
-def read_settings(plan: RunPlan) -> ReadSettings:
-    config = plan.config
-    return ReadSettings(shard_size=config.shard_size, sample=config.sample, storage_options=config.storage_options,
-                        columns=Columns(config.prompt_column, config.id_column), ids_per_file=plan.ids_per_file)
-
-
-def file_limits(config: GenerateConfig, files: list[CorpusFile]) -> dict[str, int] | None:
-    return split_limit(files, config.limit, config.storage_options, Columns(config.prompt_column, config.id_column))
-
-
 def count_usable_prompts(plan: RunPlan, files: list[CorpusFile]) -> int:
     """--budget-images: a counting pass over the corpus (reading only)."""
     config = plan.config
@@ -270,134 +106,6 @@ def count_usable_prompts(plan: RunPlan, files: list[CorpusFile]) -> int:
                              ).iter_batches(batch_format="pyarrow", batch_size=None):
         prompts += batch["status"].to_pylist().count("ok")
     return prompts
-
-
-def rebatch(ds, rows: int, num_cpus: float):
-    """`ds.repartition(target_num_rows_per_block=rows)`, its tasks asking for `num_cpus` like every light stage.
-
-    Ray Data's repartition takes no resource arguments, and its tasks' default, one whole CPU, cannot be placed
-    beside a run's actors on a small cluster: on a fresh 2-CPU `ray start --head` the run waited for ever for that
-    CPU (tests/test_cluster.py runs it on real 1- and 2-CPU heads). The logical operator keeps its remote arguments
-    in a dict, set here; Ray is pinned below 2.64 in pyproject.toml, and the assertion names a Ray that changed it."""
-    out = ds.repartition(target_num_rows_per_block=rows)
-    operator = out._logical_plan.dag
-    assert type(operator).__name__ == "StreamingRepartition" and isinstance(operator.ray_remote_args, dict), operator
-    operator.ray_remote_args["num_cpus"] = num_cpus
-    return out
-
-
-def build_dataset(plan: RunPlan, manifest: Manifest, state: OutputState, files: list[CorpusFile], indexes: IndexActors,
-                  owners: Owners, resources: Resources):
-    """The lazy Ray dataset of a run: one accounting row per row that reached the sink."""
-    config = plan.config
-    # Scorer actors on any node get the predictor from the object store, not from a path only the driver sees.
-    predictor_ref = ray.put(plan.predictor.files) if plan.predictor else None
-    ds = read_corpus(files, read_settings(plan), state.complete_frames(), file_limits(config, files),
-                     num_cpus=resources.light_cpus)
-    # Later copies of a prompt id or text become quarantined rows.
-    ds = drop_duplicates(ds, indexes, manifest, owners, resources.light_cpus)
-    # Reading and duplicate detection work in shard-sized blocks (cheap per row); the scorer gets blocks of one call
-    # each, because a map task emits its output only when its input block is done: a 10,000-row block would hold
-    # back the first render until 10,000 prompts were embedded.
-    scoring, rendering = plan.scoring, plan.rendering
-    ds = rebatch(ds, scoring.prompts_per_call, resources.light_cpus)
-    images_per_row = max(1, rendering.preview)  # a preview row carries its prompt's M candidates
-    rows_per_batch = max(1, config.batch_size // images_per_row)  # --batch-size counts images
-    scorer_kwargs = dict(predictor_files=[predictor_ref], manifest=manifest, committed_shards=state.committed_shards)
-    if resources.one_actor:  # one machine, no GPU: scoring and rendering in one actor (actors/stages/local.py)
-        ds = ds.map_batches(
-            ScoreAndRenderStage,
-            fn_constructor_args=(scoring, rendering),
-            fn_constructor_kwargs=dict(rows_per_batch=rows_per_batch, num_threads=resources.generator_threads,
-                                       **scorer_kwargs),
-            batch_format="numpy", batch_size=scoring.prompts_per_call, compute=ray.data.ActorPoolStrategy(size=1),
-            num_cpus=resources.generator_cpus, max_restarts=STAGE_RESTARTS,
-        )
-    else:
-        ds = ds.map_batches(
-            ScorerStage,
-            fn_constructor_args=(scoring,),
-            fn_constructor_kwargs=dict(num_threads=max(1, int(config.scorer_cpus)), **scorer_kwargs),
-            batch_format="numpy", batch_size=scoring.prompts_per_call,
-            compute=ray.data.ActorPoolStrategy(size=config.scorers),
-            num_cpus=resources.scorer_cpus, max_restarts=STAGE_RESTARTS,
-        )
-        ds = ds.map_batches(
-            GeneratorStage,
-            fn_constructor_args=(rendering,),
-            fn_constructor_kwargs=dict(num_threads=resources.generator_threads),
-            batch_format="numpy", batch_size=rows_per_batch,
-            compute=ray.data.ActorPoolStrategy(size=config.generators),
-            num_cpus=resources.generator_cpus, num_gpus=resources.generator_gpus, max_restarts=STAGE_RESTARTS,
-        )
-    if not rendering.rates_images:  # a model rater: its own actor, which may hold a GPU fraction
-        ds = ds.map_batches(
-            RaterStage,
-            fn_constructor_args=(config.rater,),
-            fn_constructor_kwargs=dict(num_threads=max(1, int(config.rater_cpus))),
-            batch_format="numpy", batch_size=rows_per_batch, compute=ray.data.ActorPoolStrategy(size=1),
-            num_cpus=resources.rater_cpus, num_gpus=config.rater_gpus, max_restarts=STAGE_RESTARTS,
-        )
-    return ds.map_batches(
-        write_unit,
-        fn_kwargs=dict(manifest=manifest, run_fields=plan.run_fields, image_format=config.image_format,
-                       image_output=config.image_output, save_images=config.save_images),
-        # One unit per generator batch: its images land as soon as they are rendered and rated, and a kill loses at
-        # most one batch per generator. (A preview row costs its M previews too: as much denoising as without.)
-        batch_format="numpy", batch_size=rows_per_batch,
-        num_cpus=resources.light_cpus,
-    )
-
-
-def index_buckets(plan: RunPlan, state: OutputState) -> int:
-    committed = state.delivered_rows() + sum(len(p) for p in state.open_parts.values()) * plan.config.batch_size
-    return plan.config.dedup_buckets or bucket_count(2 * committed)
-
-
-def start_stream(plan: RunPlan, files: list[CorpusFile], manifest: Manifest, state: OutputState,
-                 resources: Resources):
-    """The duplicate index, loading from the output, and the run's dataset; returns (dataset, index actors)."""
-    owners = state.owners(files)
-    indexes = start_index(manifest, owners, sorted(state.records), state.open_parts, index_buckets(plan, state),
-                          resources.light_cpus)
-    return build_dataset(plan, manifest, state, files, indexes, owners, resources), indexes
-
-
-@ray.remote(max_retries=3)
-def _compact(manifest: Manifest, shard: str, frame, image_format: str, shard_images: int) -> ShardRecord | None:
-    return manifest.compact(shard, frame, image_format, shard_images)
-
-
-class Compactions:
-    """Shard compactions running as Ray tasks beside the stream; at most one at a time per shard."""
-
-    def __init__(self, manifest: Manifest, config: GenerateConfig, num_cpus: float = READ_CPUS):
-        self.manifest, self.config, self.num_cpus = manifest, config, num_cpus
-        self.running: dict = {}  # ObjectRef -> shard
-        self.queued: dict[str, object] = {}  # shard -> frame, waiting for its running compaction
-        self.records: dict[str, ShardRecord] = {}
-
-    def submit(self, shard: str, frame=None) -> None:
-        if shard in self.running.values():
-            self.queued[shard] = frame
-            return
-        ref = _compact.options(num_cpus=self.num_cpus).remote(self.manifest, shard, frame, self.config.image_format,
-                                                             self.config.shard_images)
-        self.running[ref] = shard
-
-    def collect(self, wait: bool = False) -> None:
-        while self.running:
-            ready, _ = ray.wait(list(self.running), num_returns=len(self.running) if wait else 1,
-                                timeout=None if wait else 0)
-            if not ready:
-                return
-            for ref in ready:
-                shard = self.running.pop(ref)
-                record = ray.get(ref)
-                if record is not None:
-                    self.records[shard] = record
-                if shard in self.queued:
-                    self.submit(shard, self.queued.pop(shard))
 
 
 def run(config: GenerateConfig, console=None) -> dict:
@@ -515,76 +223,6 @@ def _stream(run: RunState, progress=None, say=None) -> dict:
     return finish(run, compactions.records, ledger, first_commit)
 
 
-class StallWatch:
-    """One console line every STATUS_EVERY_S while nothing is committed and some of the run's actors wait to be
-    placed: what waits, and what the cluster has free. A run that cannot be placed says so instead of hanging in
-    silence (in the terminal, and in `ray job logs` under `ray job submit`)."""
-
-    def __init__(self, ledger: ShardLedger, resources: Resources, say, every: float = STATUS_EVERY_S):
-        self.ledger, self.resources, self.say, self.every = ledger, resources, say, every
-        self.job = ray.get_runtime_context().get_job_id()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="seedsift-stall-watch", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    def _run(self) -> None:
-        last = -1
-        while not self._stop.wait(self.every):
-            rows = self.ledger.totals["rows"]
-            if rows == last:
-                line = self.describe()
-                if line:
-                    self.say(line)
-            last = rows
-
-    def describe(self) -> str | None:
-        waiting, demands = pending_actors(self.job), pending_demands()
-        if not waiting and not demands:
-            return None
-        free, total = ray.available_resources(), ray.cluster_resources()
-        have = ", ".join(f"{name} {free.get(name, 0):g} of {total.get(name, 0):g} free" for name in ("CPU", "GPU")
-                         if total.get(name) or name == "CPU")
-        what = ", ".join(waiting) if waiting else "tasks"
-        asks = f" (pending: {'; '.join(demands)})" if demands else ""
-        return (f"seedsift: nothing committed for {self.every:.0f} s: waiting for the cluster to place "
-                f"{what}{asks}; it has {have}; this run asks for {self.resources.describe()}")
-
-
-def pending_demands() -> list[str]:
-    """Resource requests of tasks and actors the cluster cannot place now, as the autoscaler sees them (`ray
-    status`'s "Pending Demands"; read from the GCS, no dashboard needed): "2 x CPU 1", for instance."""
-    try:
-        from ray._private import worker
-        from ray.autoscaler.v2.sdk import get_cluster_status
-
-        status = get_cluster_status(worker._global_node.gcs_address)
-        demands = status.resource_demands.ray_task_actor_demand
-    except Exception:  # noqa: BLE001 - the watch only informs; a failed look is no reason to stop a run
-        return []
-    found = []
-    for demand in demands:
-        for request in demand.bundles_by_count:
-            bundle = " + ".join(f"{name} {amount:g}" for name, amount in sorted(request.bundle.items()))
-            found.append(f"{request.count} x {bundle}")
-    return found
-
-
-def pending_actors(job: str) -> list[str]:
-    """This job's actors still waiting to be created (a stage that cannot be placed), by class, counted."""
-    from collections import Counter
-
-    try:
-        table = ray._private.state.actors()  # the GCS actor table: needs no dashboard (a local run has none)
-    except Exception:  # noqa: BLE001 - the watch only informs; a failed look is no reason to stop a run
-        return []
-    names = Counter(info.get("ActorClassName") or "actor" for info in table.values()
-                    if info.get("JobID") == job and info.get("State") in ("PENDING_CREATION", "DEPENDENCIES_UNREADY"))
-    return [f"{n} x {name}" if n > 1 else name for name, n in sorted(names.items())]
-
-
 def finish(run: RunState, new_records: dict[str, ShardRecord], ledger: ShardLedger,
            first_commit: float | None) -> dict:
     """The run's summary, folded from shard statistics, written to OUT/summary.json."""
@@ -650,7 +288,6 @@ def summarise(run: RunState, new_records: dict[str, ShardRecord], ledger: ShardL
             "images_per_s": round(ledger.totals["images"] / wall, 3) if wall > 0 else 0.0,
         },
     }
-
 
 
 def savings(plan: RunPlan, prompts: int, steps_spent: int) -> dict:
