@@ -33,7 +33,6 @@ def reproduce_image(row: dict):
     from actors.models import diffusion, families
     from actors.models.embedded import resolve_model
     from actors.models.seeds import batch_noise
-    from actors.stages.generator import device_and_dtype
 
     model_path = resolve_model(row["model"])
     try:
@@ -45,8 +44,7 @@ def reproduce_image(row: dict):
     embeds = text_adapter.encode([row["prompt"]], row["guidance"])
     embeds.pop("truncated", None)
     del text_adapter
-    device, dtype = device_and_dtype()
-    render_adapter = diffusion.load_adapter(model_path, "render", device=device, dtype=dtype, scheduler=scheduler)
+    render_adapter = diffusion.load_renderer(model_path, scheduler)
     latents = batch_noise([row["seed"]], families.latent_shape(model_path, row["height"], row["width"]))
     return render_adapter.render(embeds, latents, steps=row["steps"], guidance_scale=row["guidance"],
                                  height=row["height"], width=row["width"], seeds=[row["seed"]])[0]

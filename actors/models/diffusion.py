@@ -362,6 +362,22 @@ def use_scheduler(pipe, scheduler: str) -> None:
     pipe.scheduler = getattr(diffusers, class_name).from_config(pipe.scheduler.config, **options)
 
 
+def device_and_dtype(dtype_name: str = "auto") -> tuple[str, torch.dtype]:
+    """cuda with fp16 (or the named dtype) when a GPU is visible to this actor, else cpu with float32."""
+    if torch.cuda.is_available():
+        names = {"auto": torch.float16, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+        return "cuda", names[dtype_name]
+    return "cpu", torch.float32
+
+
+def load_renderer(model_path: str, scheduler: str = "default") -> PipelineAdapter:
+    """The render part of a pipeline on this process's device (cuda fp16 when a GPU is visible, else CPU float32),
+    with the named solver: what the generator stage, reproduce and evaluate render with, so an image rebuilt anywhere
+    is rendered as the run rendered it."""
+    device, dtype = device_and_dtype()
+    return load_adapter(model_path, "render", device=device, dtype=dtype, scheduler=scheduler)
+
+
 def load_adapter(model_path: str, part: str, device: str = "cpu", dtype: torch.dtype = torch.float32,
                  scheduler: str = "default") -> PipelineAdapter:
     """Load the whole pipeline ("full"), only tokenizer + text encoder ("text"), or all but those ("render"),

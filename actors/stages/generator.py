@@ -21,22 +21,10 @@ from actors.stages import trace
 from actors.stages.settings import RenderPlan
 
 if TYPE_CHECKING:  # torch and the model libraries load in the actor, not in the driver that builds the graph
-    import torch
-
     from actors.models import diffusion
 
 logger = logging.getLogger("seedsift.generator")
 PREVIEW_INPUTS = ("preview_seeds", "preview_predicted")  # scorer -> generator only; preview_candidates stays
-
-
-def device_and_dtype(dtype_name: str = "auto") -> tuple[str, torch.dtype]:
-    """cuda with fp16 (or the named dtype) when a GPU is visible to this actor, else cpu with float32."""
-    import torch
-
-    if torch.cuda.is_available():
-        names = {"auto": torch.float16, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-        return "cuda", names[dtype_name]
-    return "cpu", torch.float32
 
 
 def preview_steps_spent(previewed: int, preview_steps: int, steps: int) -> int:
@@ -70,11 +58,9 @@ class GeneratorStage:
         from actors.models import diffusion
 
         torch.set_num_threads(max(1, num_threads))
-        self.device, self.dtype = device_and_dtype()
         model_path = resolve_model(plan.model)
         self.plan = plan
-        self.adapter = diffusion.load_adapter(model_path, "render", device=self.device, dtype=self.dtype,
-                                              scheduler=plan.scheduler)
+        self.adapter = diffusion.load_renderer(model_path, plan.scheduler)
         self.latent_shape = tuple(plan.latent_shape)
         self.rater = None
         if plan.preview or plan.rates_images:  # the run's own rater, here on this actor

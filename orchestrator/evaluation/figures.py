@@ -62,15 +62,14 @@ def preview_scores(model_path: str, identity: dict, prompts: list[str], embeddin
     from actors.models import diffusion, families
     from actors.models.seeds import batch_noise
     from actors.raters.specs import make_rater
-    from actors.stages.generator import denoise_with_previews, device_and_dtype
+    from actors.stages.generator import denoise_with_previews
 
     scheduler = families.scheduler_from_label(model_path, identity["scheduler"])
     try:
         families.check_resumable_solver(model_path, scheduler)
     except ValueError as exc:
         raise ConfigError(f"--previews: the dataset's solver: {exc}; or pass --previews none") from exc
-    device, dtype = device_and_dtype()
-    renderer = diffusion.load_adapter(model_path, "render", device=device, dtype=dtype, scheduler=scheduler)
+    renderer = diffusion.load_renderer(model_path, scheduler)
     rater = make_rater(identity["rater"])
     steps, guidance = int(identity["steps"]), float(identity["guidance"])
     height, width = int(identity["height"]), int(identity["width"])
@@ -211,11 +210,8 @@ def render_candidates(model_path: str, identity: dict, text_adapter, prompts: li
     seconds per image spent in the pipeline call (loading excluded)."""
     from actors.models import diffusion, families
     from actors.models.seeds import batch_noise
-    from actors.stages.generator import device_and_dtype
 
-    device, dtype = device_and_dtype()
-    renderer = diffusion.load_adapter(model_path, "render", device=device, dtype=dtype,
-                                      scheduler=families.scheduler_from_label(model_path, identity["scheduler"]))
+    renderer = diffusion.load_renderer(model_path, families.scheduler_from_label(model_path, identity["scheduler"]))
     shape = families.latent_shape(model_path, identity["height"], identity["width"])
     embeds = text_adapter.encode(prompts, identity["guidance"])
     embeds.pop("truncated")
