@@ -38,6 +38,18 @@ def session_ray_env(**extra: str) -> dict:
     return env
 
 
+def private_ray_processes(ray_tmp: str) -> list[psutil.Process]:
+    """Processes started with one private Ray's RAY_TMPDIR (its daemons and workers), this process aside."""
+    found, me = [], os.getpid()
+    for proc in psutil.process_iter():
+        try:
+            if proc.pid != me and proc.environ().get("RAY_TMPDIR") == ray_tmp:
+                found.append(proc)
+        except psutil.Error:
+            pass
+    return found
+
+
 def stop_private_ray(ray_tmp: str, roots: list[int] = ()) -> None:
     """Stop only the processes of one private Ray: descendants of `roots` and anything started with its RAY_TMPDIR.
 
@@ -51,13 +63,7 @@ def stop_private_ray(ray_tmp: str, roots: list[int] = ()) -> None:
             victims.update({child.pid: child for child in root.children(recursive=True)})
         except psutil.Error:
             pass
-    me = os.getpid()
-    for proc in psutil.process_iter():
-        try:
-            if proc.pid != me and proc.environ().get("RAY_TMPDIR") == ray_tmp:
-                victims[proc.pid] = proc
-        except psutil.Error:
-            pass
+    victims.update({proc.pid: proc for proc in private_ray_processes(ray_tmp)})
     procs = list(victims.values())
     for proc in procs:
         try:

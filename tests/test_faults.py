@@ -26,7 +26,7 @@ from orchestrator.output.storage import Output
 from orchestrator.run.config import GenerateConfig
 from tests.conftest import REPO_ROOT, free_port
 from tests.helpers_manifest import manifest_frame
-from tests.helpers_ray import kill_run, private_ray_env, session_ray_env
+from tests.helpers_ray import kill_run, private_ray_env, private_ray_processes, session_ray_env
 
 PROMPTS = [f"a {colour} {thing} at dawn" for colour in ("red", "blue", "green", "yellow")
            for thing in ("cube", "fox", "lighthouse", "bowl of ramen")]  # 16 distinct prompts
@@ -293,7 +293,8 @@ def test_driver_sigkill_then_rerun_matches_an_uninterrupted_run(ray_session, ref
                 os.killpg(process.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-            wait_for(lambda: zombie(process.pid) and not private_ray_processes(env["RAY_TMPDIR"], process.pid),
+            wait_for(lambda: zombie(process.pid) and all(zombie(proc.pid) for proc in
+                                                         private_ray_processes(env["RAY_TMPDIR"])),
                      60, "the killed driver a zombie and its Ray's workers gone")
         else:
             kill_group(process)  # the driver only: the session's Ray ends the job's actors and tasks
@@ -338,21 +339,6 @@ def zombie(pid: int) -> bool:
         return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
-
-
-def private_ray_processes(ray_tmp: str, driver: int) -> list[int]:
-    """Live processes of a private Ray (started with its RAY_TMPDIR), the zombie driver aside."""
-    import psutil
-
-    alive = []
-    for proc in psutil.process_iter():
-        try:
-            if proc.pid not in (driver, os.getpid()) and proc.status() != psutil.STATUS_ZOMBIE \
-                    and proc.environ().get("RAY_TMPDIR") == ray_tmp:
-                alive.append(proc.pid)
-        except psutil.Error:
-            pass
-    return alive
 
 
 # --- actor kills ------------------------------------------------------------------------------------------------
