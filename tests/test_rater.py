@@ -15,15 +15,9 @@ import pytest
 import torch
 from tokenizers.pre_tokenizers import ByteLevel
 
-from actors.raters.specs import (
-    DEFAULT_RATER_SPEC,
-    RATER_NAMES,
-    ClipScoreRater,
-    colorfulness,
-    make_rater,
-    parse_rater_spec,
-    validate_rater_spec,
-)
+from actors.raters.clip import ClipScoreRater
+from actors.raters.pixel import colorfulness
+from actors.raters.specs import DEFAULT_RATER_SPEC, RATER_NAMES, make_rater, parse_rater_spec, validate_rater_spec
 from actors.stages.rater import RaterStage
 from tests.conftest import REPO_ROOT
 from tests.helpers_clip import build_tiny_clip, byte_symbols, tiny_clip_tokenizer

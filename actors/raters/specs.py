@@ -53,7 +53,6 @@ from typing import Protocol
 import numpy as np
 
 from actors.models.paths import looks_like_local_path
-from actors.raters.images import check_image_batch
 
 DEFAULT_RATER_SPEC = "colorfulness"
 RATER_NAMES = ("colorfulness", "sharpness", "shapes", "clip", "pickscore", "hpsv2", "imagereward")
@@ -152,10 +151,10 @@ def make_rater(spec: str = DEFAULT_RATER_SPEC) -> Rater:
     validate_rater_spec(spec)
     parsed = parse_rater_spec(spec)
     name = spec.strip()
-    if parsed.name == "colorfulness":
-        return ColorfulnessRater(name)
-    if parsed.name == "sharpness":
-        return SharpnessRater(name)
+    if parsed.name in ("colorfulness", "sharpness"):
+        from actors.raters.pixel import ColorfulnessRater, SharpnessRater
+
+        return (ColorfulnessRater if parsed.name == "colorfulness" else SharpnessRater)(name)
     if parsed.name == "shapes":
         from actors.testbed.rater import ShapesRater
 
@@ -166,6 +165,8 @@ def make_rater(spec: str = DEFAULT_RATER_SPEC) -> Rater:
         rater_class = HPSv2Rater if parsed.name == "hpsv2" else ImageRewardRater
         return rater_class(name, parsed.path, tokenizer=parsed.options.get("tokenizer"),
                            config=parsed.options.get("config"))
+    from actors.raters.clip import ClipScoreRater  # lazy, as the others: torch and transformers load with a rater
+
     return ClipScoreRater(name, parsed.path, processor_path=parsed.options.get("processor"))
 
 
@@ -205,103 +206,6 @@ def check_model_location(path: str, spec: str, what: str, needs_config: bool) ->
             f"rater spec {spec!r}: {what} folder {path!r} has no config.json; "
             f"point at a folder written by CLIPModel.save_pretrained"
         )
-
-
-def colorfulness(image: np.ndarray) -> float:
-    """Hasler & Suesstrunk (2003) colourfulness of one (H, W, 3) RGB image on 0..255 values; 0 for any grey image."""
-    rgb = image.astype(np.float64)
-    red, green, blue = rgb[..., 0], rgb[..., 1], rgb[..., 2]
-    rg = red - green
-    yb = 0.5 * (red + green) - blue
-    spread = np.sqrt(rg.std() ** 2 + yb.std() ** 2)
-    offset = np.sqrt(rg.mean() ** 2 + yb.mean() ** 2)
-    return float(spread + 0.3 * offset)
-
-
-def laplacian_variance(image: np.ndarray) -> float:
-    """Variance of the 4-neighbour Laplacian of the BT.601 luma of one (H, W, 3) image (needs H, W >= 3)."""
-    rgb = image.astype(np.float64)
-    luma = 0.299 * rgb[..., 0] + 0.587 * rgb[..., 1] + 0.114 * rgb[..., 2]
-    # Valid region only: padding would invent an edge at the image border.
-    centre = luma[1:-1, 1:-1]
-    laplacian = luma[:-2, 1:-1] + luma[2:, 1:-1] + luma[1:-1, :-2] + luma[1:-1, 2:] - 4.0 * centre
-    return float(laplacian.var())
-
-
-class ColorfulnessRater:
-    """Hasler & Suesstrunk colourfulness per image; ignores the prompt (a stand-in, see the module docstring)."""
-
-    def __init__(self, name: str = "colorfulness") -> None:
-        self.name = name
-
-    def score(self, images: np.ndarray, prompts: list[str]) -> np.ndarray:
-        check_image_batch(images, prompts)
-        # One image at a time keeps the float64 copy small for large batches.
-        return np.array([colorfulness(image) for image in images], dtype=np.float32)
-
-
-class SharpnessRater:
-    """Laplacian-variance sharpness per image; ignores the prompt (a stand-in, see the module docstring)."""
-
-    def __init__(self, name: str = "sharpness") -> None:
-        self.name = name
-
-    def score(self, images: np.ndarray, prompts: list[str]) -> np.ndarray:
-        check_image_batch(images, prompts)
-        if images.shape[1] < 3 or images.shape[2] < 3:
-            raise ValueError(f"images: sharpness needs at least 3x3 pixels, got {images.shape[1:3]}")
-        return np.array([laplacian_variance(image) for image in images], dtype=np.float32)
-
-
-class ClipScoreRater:
-    """CLIP score (logit_scale.exp() * cosine of image and text embeddings) from a CLIPModel; also PickScore."""
-
-    def __init__(self, name: str, model_path: str, processor_path: str | None = None) -> None:
-        import torch
-        from transformers import CLIPModel, CLIPProcessor
-
-        self.name = name
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        # fp16 halves memory and time on a GPU; CPUs run fp16 slowly or not at all, so keep fp32 there.
-        self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
-        model_location = os.path.expanduser(model_path)
-        processor_location = os.path.expanduser(processor_path) if processor_path else model_location
-        try:
-            self.processor = CLIPProcessor.from_pretrained(processor_location, local_files_only=True)
-        except (OSError, ValueError) as err:
-            raise ValueError(
-                f"rater spec {name!r}: could not load a CLIP processor from {processor_location!r} ({err}); "
-                f"give processor=PATH pointing at a folder with the tokenizer and image processor files"
-            ) from err
-        try:
-            model = CLIPModel.from_pretrained(model_location, dtype=self.dtype, local_files_only=True)
-        except (OSError, ValueError) as err:
-            raise ValueError(
-                f"rater spec {name!r}: could not load a CLIPModel from {model_location!r} ({err}); "
-                f"point at a local folder written by save_pretrained or a hub id already in the local cache"
-            ) from err
-        self.model = model.to(self.device).eval()
-        self.max_text_tokens = int(self.model.config.text_config.max_position_embeddings)
-
-    def score(self, images: np.ndarray, prompts: list[str]) -> np.ndarray:
-        import torch
-
-        check_image_batch(images, prompts)
-        # Long prompts are cut at CLIP's context length rather than failing the batch.
-        text_inputs = self.processor.tokenizer(
-            list(prompts), padding=True, truncation=True, max_length=self.max_text_tokens, return_tensors="pt"
-        )
-        image_inputs = self.processor.image_processor(images=list(images), return_tensors="pt")
-        with torch.inference_mode():
-            outputs = self.model(
-                input_ids=text_inputs["input_ids"].to(self.device),
-                attention_mask=text_inputs["attention_mask"].to(self.device),
-                pixel_values=image_inputs["pixel_values"].to(self.device, self.dtype),
-            )
-            # The model returns unit-norm embeddings, so the row-wise dot product is the cosine.
-            cosine = (outputs.image_embeds * outputs.text_embeds).sum(dim=-1)
-            scores = self.model.logit_scale.exp() * cosine
-        return scores.float().cpu().numpy().astype(np.float32)
 
 
 def rate_batch(rater: Rater, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
