@@ -59,7 +59,6 @@ def fabricate(corpus_path: Path, out: str, rows: int, storage_options: dict) -> 
 
     from orchestrator.corpus.listing import list_corpus
     from orchestrator.output.manifest import MANIFEST_SCHEMA, Manifest, ShardFrame
-    from orchestrator.flow.pipeline import check_run_file
     from orchestrator.run.plan import build_plan
     from orchestrator.corpus.reader import ReadSettings, read_text_shards
     from actors.models.seeds import candidate_seeds
@@ -69,7 +68,7 @@ def fabricate(corpus_path: Path, out: str, rows: int, storage_options: dict) -> 
     config = job_config(corpus_path, out, storage_options)
     plan = build_plan(config)
     manifest = Manifest(Output(out, storage_options))
-    check_run_file(manifest, plan)
+    manifest.begin_run(plan.run_file, collection=False)  # one corpus file
     run_fields = plan.run_fields
     (corpus_file,) = list_corpus(str(corpus_path))
     settings = ReadSettings(shard_size=SHARD_SIZE, limit=rows)

@@ -91,10 +91,11 @@ def test_another_run_starting_at_the_same_moment_is_not_taken_for_a_users_files(
     out.mkdir()
     for name in (LEASE_FILE, LEASE_FILE + LOCK_SUFFIX, f"{PROBE_PREFIX}0123abcd"):
         (out / name).write_bytes(b"{}")
-    Manifest(Output(str(out))).check_may_write()  # no error
+    output = Output(str(out))
+    Manifest(output).check_may_write(output.top_level())  # no error
     (out / "notes.txt").write_text("mine")
     with pytest.raises(Exception, match="holds files seedsift did not write .notes.txt."):
-        Manifest(Output(str(out))).check_may_write()
+        Manifest(output).check_may_write(output.top_level())
 
 
 @pytest.mark.parametrize("flags", [[], ["--strict"], ["--repair"]])
@@ -156,7 +157,7 @@ def test_ids_are_scoped_per_file_in_new_outputs_and_as_written_in_older_ones(tmp
     """A folder corpus: a new output records `ids: per file` and qualifies ids by file (the run itself is in
     tests/test_malformed_rows.py); one begun by 0.2 (no such record) keeps its ids as written, so its committed rows
     still match what the corpus reads as; a single-file corpus keeps bare ids."""
-    from orchestrator.flow.pipeline import check_run_file
+    from orchestrator.corpus.listing import is_collection
     from orchestrator.output.manifest import RUN_FILE, Manifest
     from orchestrator.run.config import GenerateConfig
     from orchestrator.run.plan import build_plan
@@ -167,7 +168,7 @@ def test_ids_are_scoped_per_file_in_new_outputs_and_as_written_in_older_ones(tmp
 
     def scope(prompts: str, out: str) -> bool:
         config = GenerateConfig(prompts=prompts, out=out, candidates=2, keep=1, steps=2)
-        return check_run_file(Manifest(Output(out)), build_plan(config)).ids_per_file
+        return Manifest(Output(out)).begin_run(build_plan(config).run_file, is_collection(prompts))
 
     assert scope(str(folder), str(tmp_path / "new")) is True
     assert json.loads((tmp_path / "new" / RUN_FILE).read_text())["layout"]["ids"] == "per file"

@@ -21,9 +21,10 @@ import ray
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-from orchestrator.corpus.listing import (CORPUS_SCHEMA, DETECT, Columns, CorpusFile, corpus_record, delimited_header,
-                                         id_digest, in_sample, open_corpus_file, parquet_columns, parse_lines,
-                                         parse_table, text_digest)
+from orchestrator.corpus.listing import (CORPUS_SCHEMA, DETECT, Columns, CorpusFile, check_corpus, corpus_record,
+                                         delimited_header, id_digest, in_sample, is_collection, list_corpus,
+                                         open_corpus_file, parquet_columns, parse_lines, parse_table,
+                                         readable_on_the_driver, text_digest)
 from orchestrator.output.images import safe_key
 from orchestrator.output.manifest import ShardFrame, shard_id
 
@@ -325,22 +326,6 @@ def read_corpus(files: list[CorpusFile], settings: ReadSettings, complete: dict 
     return ray.data.read_datasource(source, override_num_blocks=max(1, len(files)), num_cpus=num_cpus)
 
 
-def corpus_needs_work(files: list[CorpusFile], settings: ReadSettings, complete: dict,
-                      limits: dict[str, int] | None = None) -> bool:
-    """Whether any corpus row still needs reading: False when every row lies in a complete shard and no file grew
-    or changed since (the same digest checks the read tasks make, stopping at the first shard with work)."""
-    for corpus_file in files:
-        limit = None if limits is None else limits.get(corpus_file.name)
-        if limit is not None and limit <= 0:
-            continue
-        read = read_parquet_shards if corpus_file.fmt == "parquet" else read_text_shards
-        shards = read(corpus_file, complete.get(file_key(corpus_file.name), {}),
-                      dataclasses.replace(settings, limit=limit))
-        if next(shards, None) is not None:
-            return True
-    return False
-
-
 def split_limit(files: list[CorpusFile], limit: int | None, storage_options: dict | None = None,
                 columns: Columns = DETECT) -> dict[str, int] | None:
     """--limit N over a corpus of several files: the first N rows in file order, as a count per file.
@@ -358,3 +343,52 @@ def split_limit(files: list[CorpusFile], limit: int | None, storage_options: dic
             read = read_parquet_shards if corpus_file.fmt == "parquet" else read_text_shards
             remaining -= sum(table.num_rows for table in read(corpus_file, {}, settings))
     return limits
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """A corpus as the driver knows it before Ray starts: its files, checked, and what the later steps ask of them
+    (asked once here, so the run does not go back to the listing for each)."""
+
+    files: list[CorpusFile]
+    collection: bool  # --prompts names a folder or a glob: a new output qualifies ids by their file
+    readable_on_driver: bool  # small enough for the driver to read up front (the nothing-to-render check)
+    limits: dict[str, int] | None  # --limit split over the files, in file order; None without --limit
+
+
+def open_corpus(uri: str, columns: Columns = DETECT, storage_options: dict | None = None, output: str | None = None,
+                limit: int | None = None) -> Corpus:
+    """List and check a corpus (see list_corpus and check_corpus: a wrong column fails here, in a second)."""
+    files = list_corpus(uri, storage_options, output)
+    check_corpus(files, columns, storage_options)
+    return Corpus(files=files, collection=is_collection(uri, storage_options),
+                  readable_on_driver=readable_on_the_driver(files, storage_options),
+                  limits=split_limit(files, limit, storage_options, columns))
+
+
+def corpus_needs_work(corpus: Corpus, settings: ReadSettings, complete: dict) -> bool:
+    """Whether any corpus row still needs reading, asked before Ray starts: False when every row lies in a complete
+    shard and no file grew or changed since (the same digest checks the read tasks make, stopping at the first shard
+    with work). A corpus too large to read on the driver says True (its read tasks find out), so this check never
+    costs a large corpus a second read."""
+    if not corpus.readable_on_driver:
+        return True
+    for corpus_file in corpus.files:
+        limit = None if corpus.limits is None else corpus.limits.get(corpus_file.name)
+        if limit is not None and limit <= 0:
+            continue
+        read = read_parquet_shards if corpus_file.fmt == "parquet" else read_text_shards
+        shards = read(corpus_file, complete.get(file_key(corpus_file.name), {}),
+                      dataclasses.replace(settings, limit=limit))
+        if next(shards, None) is not None:
+            return True
+    return False
+
+
+def count_usable_prompts(corpus: Corpus, settings: ReadSettings) -> int:
+    """--budget-images: a counting pass over the corpus on Ray Data (reading only)."""
+    prompts = 0
+    for batch in read_corpus(corpus.files, settings, limits=corpus.limits).iter_batches(batch_format="pyarrow",
+                                                                                        batch_size=None):
+        prompts += batch["status"].to_pylist().count("ok")
+    return prompts

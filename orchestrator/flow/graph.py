@@ -12,8 +12,7 @@ from actors.stages.local import ScoreAndRenderStage
 from actors.stages.rater import RaterStage
 from actors.stages.scorer import ScorerStage
 from orchestrator.corpus.dedup import IndexActors, Owners, bucket_count, drop_duplicates, start_index
-from orchestrator.corpus.listing import Columns, CorpusFile
-from orchestrator.corpus.reader import READ_CPUS, ReadSettings, read_corpus, split_limit
+from orchestrator.corpus.reader import READ_CPUS, Corpus, read_corpus
 from orchestrator.flow.resources import STAGE_RESTARTS, Resources
 from orchestrator.flow.state import OutputState
 from orchestrator.output.manifest import Manifest, ShardRecord
@@ -22,16 +21,6 @@ from orchestrator.run.config import GenerateConfig
 from orchestrator.run.plan import RunPlan
 
 logger = logging.getLogger("seedsift")
-
-
-def read_settings(plan: RunPlan) -> ReadSettings:
-    config = plan.config
-    return ReadSettings(shard_size=config.shard_size, sample=config.sample, storage_options=config.storage_options,
-                        columns=Columns(config.prompt_column, config.id_column), ids_per_file=plan.ids_per_file)
-
-
-def file_limits(config: GenerateConfig, files: list[CorpusFile]) -> dict[str, int] | None:
-    return split_limit(files, config.limit, config.storage_options, Columns(config.prompt_column, config.id_column))
 
 
 def rebatch(ds, rows: int, num_cpus: float):
@@ -48,14 +37,13 @@ def rebatch(ds, rows: int, num_cpus: float):
     return out
 
 
-def build_dataset(plan: RunPlan, manifest: Manifest, state: OutputState, files: list[CorpusFile], indexes: IndexActors,
+def build_dataset(plan: RunPlan, manifest: Manifest, state: OutputState, corpus: Corpus, indexes: IndexActors,
                   owners: Owners, resources: Resources):
     """The lazy Ray dataset of a run: one accounting row per row that reached the sink."""
     config = plan.config
     # Scorer actors on any node get the predictor from the object store, not from a path only the driver sees.
     predictor_ref = ray.put(plan.predictor.files) if plan.predictor else None
-    ds = read_corpus(files, read_settings(plan), state.complete_frames(), file_limits(config, files),
-                     num_cpus=resources.light_cpus)
+    ds = read_corpus(corpus.files, plan.reading, state.complete_frames(), corpus.limits, num_cpus=resources.light_cpus)
     # Later copies of a prompt id or text become quarantined rows.
     ds = drop_duplicates(ds, indexes, manifest, owners, resources.light_cpus)
     # Reading and duplicate detection work in shard-sized blocks (cheap per row); the scorer gets blocks of one call
@@ -116,13 +104,12 @@ def index_buckets(plan: RunPlan, state: OutputState) -> int:
     return plan.config.dedup_buckets or bucket_count(2 * committed)
 
 
-def start_stream(plan: RunPlan, files: list[CorpusFile], manifest: Manifest, state: OutputState,
-                 resources: Resources):
+def start_stream(plan: RunPlan, corpus: Corpus, manifest: Manifest, state: OutputState, resources: Resources):
     """The duplicate index, loading from the output, and the run's dataset; returns (dataset, index actors)."""
-    owners = state.owners(files)
+    owners = state.owners(corpus.files)
     indexes = start_index(manifest, owners, sorted(state.records), state.open_parts, index_buckets(plan, state),
                           resources.light_cpus)
-    return build_dataset(plan, manifest, state, files, indexes, owners, resources), indexes
+    return build_dataset(plan, manifest, state, corpus, indexes, owners, resources), indexes
 
 
 

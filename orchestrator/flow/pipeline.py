@@ -15,16 +15,15 @@ import time
 import ray
 
 from actors.stages import trace
-from orchestrator.corpus.listing import (Columns, CorpusFile, check_corpus, is_collection, list_corpus,
-                                         readable_on_the_driver)
-from orchestrator.corpus.reader import corpus_needs_work, read_corpus
-from orchestrator.flow.graph import Compactions, file_limits, index_buckets, read_settings, start_stream
+from orchestrator.corpus.listing import Columns, count_rows
+from orchestrator.corpus.reader import Corpus, corpus_needs_work, count_usable_prompts, open_corpus
+from orchestrator.flow.graph import Compactions, index_buckets, start_stream
 from orchestrator.flow.resources import connect_ray, plan_resources
 from orchestrator.flow.stall import StallWatch
 from orchestrator.flow.state import OutputState, RunState
 from orchestrator.output.lease import Lease
 from orchestrator.output.ledger import ShardLedger
-from orchestrator.output.manifest import LAYOUT_VERSION, RUN_FILE, DamagedManifest, Manifest, ShardRecord
+from orchestrator.output.manifest import DamagedManifest, Manifest, ShardRecord
 from orchestrator.output.storage import Output, storage_error_in
 from orchestrator.output.summary import merge_stats, prompt_difficulty, shard_stats
 from orchestrator.run.config import ConfigError, GenerateConfig
@@ -32,80 +31,20 @@ from orchestrator.run.plan import RunPlan, build_plan
 
 logger = logging.getLogger("seedsift")
 SUMMARY_FILE = "summary.json"
-ID_SCOPE = "per file"  # run.json's layout["ids"] for outputs begun by this version (see check_run_file)
 
 
-def prepare(config: GenerateConfig) -> tuple[RunPlan, list[CorpusFile], Manifest]:
+def prepare(config: GenerateConfig) -> tuple[RunPlan, Corpus, Manifest]:
     """Everything that can fail before Ray starts: plan (model, size, predictor), corpus files, output."""
     # The corpus first: a wrong column is the commonest first-hour mistake, and this takes a second.
-    files = list_corpus(config.prompts, config.storage_options, config.out)
-    check_corpus(files, Columns(config.prompt_column, config.id_column), config.storage_options)
+    corpus = open_corpus(config.prompts, Columns(config.prompt_column, config.id_column), config.storage_options,
+                         output=config.out, limit=config.limit)
     plan = build_plan(config)
     output = Output(config.out, config.storage_options)
+    names = output.top_level()
     manifest = Manifest(output)
-    manifest.check_may_write()  # before the probe below: a folder of someone else's files gets no write at all
+    manifest.check_may_write(names)  # before the probe below: a folder of someone else's files gets no write at all
     output.check_writable()
-    return plan, files, manifest
-
-
-def check_run_file(manifest: Manifest, plan: RunPlan) -> RunPlan:
-    """Refuse to mix two run configurations or two layouts in one output; write run.json for a new output.
-
-    Returns the plan with the output's id scope: an output begun by this version qualifies the ids of a folder or
-    glob corpus by their file (layout `ids: per file`); one begun by seedsift 0.2 keeps ids unique across the corpus,
-    as it was written (its committed rows must keep matching what the corpus reads as)."""
-    output = manifest.output
-    previous = manifest.read_run()
-    layout = {"version": LAYOUT_VERSION, **plan.config.layout_fields(), "ids": ID_SCOPE}
-    collection = is_collection(plan.config.prompts, plan.config.storage_options)
-    if previous is None:
-        if manifest.legacy_parts():
-            raise ConfigError(f"{output.uri} holds manifest parts but no {RUN_FILE}; it is not a seedsift output "
-                              "this version can continue. Write to a new --out")
-        output.write_json(RUN_FILE, {
-            "fingerprint": plan.fingerprint,
-            "fingerprint_fields": plan.fingerprint_fields,
-            "layout": layout,
-            "config": plan.config.public_dict(),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        })
-        return dataclasses.replace(plan, ids_per_file=collection)
-    recorded = previous.get("layout")
-    if recorded is None or manifest.legacy_parts():
-        raise ConfigError(
-            f"{output.uri} was written by seedsift 0.1, which committed one manifest part per 16 rows; this version "
-            "keeps a sharded manifest and cannot continue it. Write to a new --out (the old output stays readable: "
-            "seedsift verify, reproduce and manifest read it)")
-    if recorded.get("version") != LAYOUT_VERSION:
-        raise ConfigError(f"{output.uri} has manifest layout {recorded.get('version')}; this seedsift writes "
-                          f"layout {LAYOUT_VERSION}. Use the seedsift that wrote it, or a new --out")
-    scope = recorded.get("ids", "per corpus")  # 0.2's outputs record none: ids unique across the corpus
-    changed = {k: (recorded.get(k), v) for k, v in layout.items() if k != "ids" and recorded.get(k) != v}
-    if changed:
-        raise ConfigError(f"{output.uri} is laid out with " + ", ".join(f"{k}={a!r}" for k, (a, _) in changed.items())
-                          + "; this run asks for " + ", ".join(f"{k}={b!r}" for k, (_, b) in changed.items())
-                          + ". An output keeps its layout: rerun with the earlier values, or write to a new --out")
-    if previous.get("fingerprint") != plan.fingerprint:
-        old, new = previous.get("fingerprint_fields", {}), plan.fingerprint_fields
-        changed = ", ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in new if old.get(k) != new[k])
-        raise ConfigError(
-            f"{output.uri} holds a run with another configuration ({changed}); resuming would mix images "
-            "from two configurations. Write to a new --out, or rerun with the earlier settings."
-        )
-    if collection and scope != ID_SCOPE:
-        logger.warning("%s was begun by seedsift 0.2: the ids of its corpus stay unique across all its files (a "
-                       "repeated id is a duplicate); a new --out scopes them per file", output.uri)
-    return dataclasses.replace(plan, ids_per_file=collection and scope == ID_SCOPE)
-
-
-def count_usable_prompts(plan: RunPlan, files: list[CorpusFile]) -> int:
-    """--budget-images: a counting pass over the corpus (reading only)."""
-    config = plan.config
-    prompts = 0
-    for batch in read_corpus(files, read_settings(plan), limits=file_limits(config, files)
-                             ).iter_batches(batch_format="pyarrow", batch_size=None):
-        prompts += batch["status"].to_pylist().count("ok")
-    return prompts
+    return plan, corpus, manifest
 
 
 def run(config: GenerateConfig, console=None) -> dict:
@@ -116,17 +55,19 @@ def run(config: GenerateConfig, console=None) -> dict:
     started = time.time()
     trace.mark("driver", "process", trace.process_started())
     trace.mark("driver", "imports done")
-    plan, files, manifest = prepare(config)
+    plan, corpus, manifest = prepare(config)
     lease = Lease(manifest.output, config.lease_seconds)
     lease.acquire(wait=config.wait)  # before Ray: a second run into a held output stops here, in seconds
     try:
-        plan = check_run_file(manifest, plan)
+        plan = dataclasses.replace(plan, ids_per_file=manifest.begin_run(plan.run_file, corpus.collection))
         manifest.output.sweep_temporaries()  # left by writers of a killed run; we hold the lease, nobody else writes
         lease.start_heartbeat()
         state = OutputState.read(manifest)
         trace.mark("driver", "checked")
-        current = RunState(plan, files, manifest, state, lease, started)
-        if nothing_to_render(plan, files, state):  # a rerun with nothing new, an empty corpus: no Ray, no model
+        current = RunState(plan, corpus, manifest, state, lease, started)
+        # A rerun with nothing new, an empty corpus: no Ray, no model. Open parts are rows to retry or a shard in
+        # progress: work.
+        if not state.open_parts and not corpus_needs_work(corpus, plan.reading, state.complete_frames()):
             if console is not None:
                 console.say("seedsift: nothing to render: every row of the corpus is committed already (or it has "
                             "none)")
@@ -136,8 +77,8 @@ def run(config: GenerateConfig, console=None) -> dict:
         if console is not None:
             console.ray_started()
         if config.policy == "budget" and plan.budget_per_prompt is None:
-            current = dataclasses.replace(current, plan=plan.with_budget(count_usable_prompts(plan, files)))
-        progress = None if console is None else console.progress(*expected_images(current.plan, files, state))
+            current = dataclasses.replace(current, plan=plan.with_budget(count_usable_prompts(corpus, plan.reading)))
+        progress = None if console is None else console.progress(*expected_images(current.plan, corpus, state))
         return _stream(current, progress, say=console.say if console is not None else None)
     except DamagedManifest as exc:
         raise ConfigError(f"{exc}; `seedsift verify --out {config.out}` names every damaged object, and with "
@@ -146,23 +87,11 @@ def run(config: GenerateConfig, console=None) -> dict:
         lease.release()
 
 
-def nothing_to_render(plan: RunPlan, files: list[CorpusFile], state: OutputState) -> bool:
-    """True when no corpus row needs work, known before Ray starts: no open parts (failed rows to retry, a shard in
-    progress) and every shard complete and unchanged. A corpus too large to read on the driver says False (its read
-    tasks find out), so this check never costs a large corpus a second read."""
-    config = plan.config
-    if state.open_parts or not readable_on_the_driver(files, config.storage_options):
-        return False
-    return not corpus_needs_work(files, read_settings(plan), state.complete_frames(), file_limits(config, files))
-
-
-def expected_images(plan: RunPlan, files: list[CorpusFile], state: OutputState) -> tuple[int | None, int, bool]:
+def expected_images(plan: RunPlan, corpus: Corpus, state: OutputState) -> tuple[int | None, int, bool]:
     """(images the output will hold, images it holds, whether the total is exact): from a cheap count of the
     corpus (parquet metadata, a line count) and the complete shards' statistics."""
-    from orchestrator.corpus.listing import count_rows
-
     config = plan.config
-    rows, exact = count_rows(files, config.storage_options)
+    rows, exact = count_rows(corpus.files, config.storage_options)
     done = sum(record.stats.get("images", 0) for record in state.records.values())
     if rows is None:
         return None, done, False
@@ -188,7 +117,7 @@ def _stream(run: RunState, progress=None, say=None) -> dict:
     compactions = Compactions(manifest, config, resources.light_cpus)
     for shard in sorted(set(state.records) & set(state.open_parts)):
         compactions.submit(shard)  # parts left beside a complete shard by a kill during its compaction
-    ds, indexes = start_stream(plan, run.files, manifest, state, resources)  # the driver holds the index actors
+    ds, indexes = start_stream(plan, run.corpus, manifest, state, resources)  # the driver holds the index actors
     trace.mark("driver", "stream built")
     ledger = ShardLedger()
     first_commit = None

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from orchestrator.corpus.dedup import Owners
 from orchestrator.corpus.listing import CorpusFile
-from orchestrator.corpus.reader import file_key
+from orchestrator.corpus.reader import Corpus, file_key
 from orchestrator.output.lease import Lease
 from orchestrator.output.ledger import ShardLedger
 from orchestrator.output.manifest import DELIVERED, Manifest, ShardRecord, split_shard_id
@@ -59,11 +59,11 @@ class OutputState:
 
 @dataclass(frozen=True)
 class RunState:
-    """One run in flight on the driver, handed on as one object: its plan, its corpus files, the output (manifest
+    """One run in flight on the driver, handed on as one object: its plan, its corpus, the output (manifest
     and lease) and what that output held when the run started."""
 
     plan: RunPlan
-    files: list[CorpusFile]
+    corpus: Corpus
     manifest: Manifest
     state: OutputState
     lease: Lease

@@ -102,17 +102,19 @@ class Lease:
 
     def _try_acquire(self) -> None:
         data = self._encode(self.holder)
-        try:
-            self.output.create_exclusive(LEASE_FILE, data)
-            self._version = self.output.read_versioned(LEASE_FILE)[1]
-            _HELD_HERE.add(self.holder.run)
-            return
-        except PreconditionFailed:
-            pass
-        try:
-            current, version = self.output.read_versioned(LEASE_FILE)
-        except FileNotFoundError:  # released and deleted by hand between the two calls: try again
-            return self._try_acquire()
+        while True:
+            try:
+                self.output.create_exclusive(LEASE_FILE, data)
+                self._version = self.output.read_versioned(LEASE_FILE)[1]
+                _HELD_HERE.add(self.holder.run)
+                return
+            except PreconditionFailed:
+                pass
+            try:
+                current, version = self.output.read_versioned(LEASE_FILE)
+                break
+            except FileNotFoundError:  # released and deleted by hand between the two calls: try again
+                continue
         holder = _decode(current)
         age = self._age()
         if holder is not None and not holder.released and age < holder.seconds and not _gone(holder):

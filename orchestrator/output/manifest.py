@@ -24,6 +24,7 @@ import io
 import json
 import logging
 import struct
+import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
@@ -33,13 +34,16 @@ import pyarrow.parquet as pq
 
 from actors.rows import DELIVERED, FAILED, OK, QUARANTINED, SKIPPED, STATUSES, row_key  # noqa: F401  (the rows' schema)
 from orchestrator.output import images as image_layout
+from orchestrator.output.lease import LEASE_FILE
 from orchestrator.output.storage import LOCK_SUFFIX, PROBE_PREFIX, Output
 from orchestrator.output.summary import shard_stats
+from orchestrator.run.config import ConfigError
 
 logger = logging.getLogger("seedsift")
 
 LAYOUT_VERSION = 2
 RUN_FILE = "run.json"
+ID_SCOPE = "per file"  # run.json's layout["ids"] for outputs begun by this version (see Manifest.begin_run)
 SHARDS_FOLDER = "manifest/shards"
 OPEN_FOLDER = "manifest/open"
 FOOTER_KEY = b"seedsift.shard"
@@ -234,23 +238,65 @@ class Manifest:
             raise ConfigError(f"{self.output.uri} holds no seedsift run; is it the --out of a generate or collect "
                               "run?")
 
-    def check_may_write(self) -> None:
+    def check_may_write(self, names: list[str]) -> None:
         """ConfigError unless the output is new, empty or seedsift's own: a run never replaces a file it did not
-        write. A killed run's lease, taken before its run.json was written, counts as seedsift's."""
-        from orchestrator.output.lease import LEASE_FILE
-
+        write. `names`: the output's top-level listing (Output.top_level), taken by the caller before this call.
+        A killed run's lease, taken before its run.json was written, counts as seedsift's."""
         # Another run starting into the same output at the same moment may have taken the lease (and its lock) and
         # be probing the store, its run.json not written yet: those names are seedsift's, never a user's. The
         # listing comes first and the run check after it, so a run.json that appears in between is read, not
         # mistaken for a user's file.
         own = {LEASE_FILE, LEASE_FILE + LOCK_SUFFIX}
-        foreign = [name for name in self.output.top_level() if name not in own and not name.startswith(PROBE_PREFIX)]
+        foreign = [name for name in names if name not in own and not name.startswith(PROBE_PREFIX)]
         if foreign and not self.holds_a_run():
-            from orchestrator.run.config import ConfigError
-
             shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
             raise ConfigError(f"--out {self.output.uri} holds files seedsift did not write ({shown}); seedsift writes "
                               "only into an empty folder, a new one, or its own output: choose another --out")
+
+    def begin_run(self, run: dict, collection: bool) -> bool:
+        """Refuse to mix two run configurations or two layouts in one output; write run.json for a new output.
+        Called by the run holding the output's lease; `run` is what run.json records of it (RunPlan.run_file).
+
+        Returns whether the corpus's ids are qualified by their file: an output begun by this version does so for a
+        folder or glob corpus (`collection`; layout `ids: per file`); one begun by seedsift 0.2 keeps ids unique
+        across the corpus, as it was written (its committed rows must keep matching what the corpus reads as)."""
+        output = self.output
+        previous = self.read_run()
+        layout = {"version": LAYOUT_VERSION, **run["layout"], "ids": ID_SCOPE}
+        if previous is None:
+            if self.legacy_parts():
+                raise ConfigError(f"{output.uri} holds manifest parts but no {RUN_FILE}; it is not a seedsift output "
+                                  "this version can continue. Write to a new --out")
+            output.write_json(RUN_FILE, {**run, "layout": layout,
+                                         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+            return collection
+        recorded = previous.get("layout")
+        if recorded is None or self.legacy_parts():
+            raise ConfigError(
+                f"{output.uri} was written by seedsift 0.1, which committed one manifest part per 16 rows; this "
+                "version keeps a sharded manifest and cannot continue it. Write to a new --out (the old output stays "
+                "readable: seedsift verify, reproduce and manifest read it)")
+        if recorded.get("version") != LAYOUT_VERSION:
+            raise ConfigError(f"{output.uri} has manifest layout {recorded.get('version')}; this seedsift writes "
+                              f"layout {LAYOUT_VERSION}. Use the seedsift that wrote it, or a new --out")
+        scope = recorded.get("ids", "per corpus")  # 0.2's outputs record none: ids unique across the corpus
+        changed = {k: (recorded.get(k), v) for k, v in layout.items() if k != "ids" and recorded.get(k) != v}
+        if changed:
+            raise ConfigError(f"{output.uri} is laid out with "
+                              + ", ".join(f"{k}={a!r}" for k, (a, _) in changed.items())
+                              + "; this run asks for " + ", ".join(f"{k}={b!r}" for k, (_, b) in changed.items())
+                              + ". An output keeps its layout: rerun with the earlier values, or write to a new --out")
+        if previous.get("fingerprint") != run["fingerprint"]:
+            old, new = previous.get("fingerprint_fields", {}), run["fingerprint_fields"]
+            changed = ", ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in new if old.get(k) != new[k])
+            raise ConfigError(
+                f"{output.uri} holds a run with another configuration ({changed}); resuming would mix images "
+                "from two configurations. Write to a new --out, or rerun with the earlier settings."
+            )
+        if collection and scope != ID_SCOPE:
+            logger.warning("%s was begun by seedsift 0.2: the ids of its corpus stay unique across all its files (a "
+                           "repeated id is a duplicate); a new --out scopes them per file", output.uri)
+        return collection and scope == ID_SCOPE
 
     def legacy_parts(self) -> list[str]:
         """Parts of a version-1 output (seedsift 0.1 wrote `manifest/part-<hash>.parquet`, one per 16 rows)."""

@@ -134,6 +134,7 @@ class GenerateConfig:
         elif self.budget is not None or self.budget_images is not None:
             problems.append("--budget and --budget-images go with --policy budget")
         problems += _model_problems(self.model)
+        problems += _rater_problems(self.rater)
         if problems:
             raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
 
@@ -222,6 +223,17 @@ class GenerateConfig:
 def fingerprint_of(fields: dict) -> str:
     text = json.dumps(fields, sort_keys=True)
     return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
+
+
+def _rater_problems(spec: str) -> list[str]:
+    """The rater spec parses and names files that exist (no model is loaded)."""
+    from actors.raters.specs import validate_rater_spec  # lazy: start-up time of every job that builds a config
+
+    try:
+        validate_rater_spec(spec)
+    except ValueError as exc:
+        return [f"--rater {spec}: {exc}"]
+    return []
 
 
 def _model_problems(model: str) -> list[str]:

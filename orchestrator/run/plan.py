@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 from actors.predictor.budget import BudgetRule
 from actors.stages.settings import RenderPlan, ScoringPlan
+from orchestrator.corpus.listing import Columns
+from orchestrator.corpus.reader import ReadSettings
 from orchestrator.run.config import ConfigError, GenerateConfig, fingerprint_of
 
 logger = logging.getLogger("seedsift")
@@ -43,7 +45,7 @@ class RunPlan:
     budget_rule: BudgetRule | None = None
     warnings: tuple = ()  # setting mismatches worth a line in the log and a place in the summary
     # Whether the corpus's ids are qualified by their file (NAME#ID): a folder or glob corpus, into an output laid
-    # out so (every output begun since 0.3); set by pipeline.check_run_file once the output's layout is known.
+    # out so (every output begun since 0.3); set from Manifest.begin_run once the output's layout is known.
     ids_per_file: bool = False
 
     @property
@@ -56,6 +58,12 @@ class RunPlan:
     @property
     def fingerprint(self) -> str:
         return fingerprint_of(self.fingerprint_fields)
+
+    @property
+    def run_file(self) -> dict:
+        """What run.json records of this run (Manifest.begin_run adds the layout's version and id scope, and when)."""
+        return {"fingerprint": self.fingerprint, "fingerprint_fields": self.fingerprint_fields,
+                "layout": self.config.layout_fields(), "config": self.config.public_dict()}
 
     @property
     def run_fields(self) -> dict:
@@ -72,6 +80,13 @@ class RunPlan:
             "rater": config.rater,
             "run_id": self.fingerprint,
         }
+
+    @functools.cached_property
+    def reading(self) -> ReadSettings:
+        """What every corpus read task is handed (the driver's own reads too): built once per plan."""
+        config = self.config
+        return ReadSettings(shard_size=config.shard_size, sample=config.sample, storage_options=config.storage_options,
+                            columns=Columns(config.prompt_column, config.id_column), ids_per_file=self.ids_per_file)
 
     @functools.cached_property
     def scoring(self) -> ScoringPlan:
@@ -116,15 +131,11 @@ class RunPlan:
 
 
 def build_plan(config: GenerateConfig) -> RunPlan:
-    """Everything that can be derived, or found wrong, before compute: rater, model folder, size, predictor."""
+    """Everything that can be derived, or found wrong, before compute: model folder, size, predictor (the rater spec
+    is checked with the rest of the configuration, in GenerateConfig.validate)."""
     from actors.models import families
     from actors.models.embedded import resolve_model
-    from actors.raters.specs import validate_rater_spec
 
-    try:
-        validate_rater_spec(config.rater)
-    except ValueError as exc:
-        raise ConfigError(f"--rater {config.rater}: {exc}") from exc
     model_path = resolve_model(config.model)
     default_width, default_height = families.default_image_size(model_path)
     width, height = config.width or default_width, config.height or default_height
