@@ -27,16 +27,33 @@ def find_row(output: Output, prompt_id: str, seed: int) -> dict:
     return row
 
 
-def reproduce_image(row: dict):
-    """The image of one manifest row, rendered alone (batch of one) through the same code path as the generator."""
+def solver_schedule_for(row: dict, run: dict | None) -> dict | None:
+    """The schedule file content a `schedule:<digest>` row was rendered with, from its output's run.json; None for
+    a row of a named solver."""
+    if not str(row["scheduler"]).startswith("schedule:"):
+        return None
+    from actors.models.unified_solver import ScheduleFile
+
+    recorded = (run or {}).get("solver_schedule")
+    if recorded is None or ScheduleFile.from_dict(recorded).label != row["scheduler"]:
+        raise ConfigError(f"the row was rendered with solver schedule {row['scheduler']}, which the output's run.json "
+                          "does not hold")
+    return recorded
+
+
+def reproduce_image(row: dict, solver_schedule: dict | None = None):
+    """The image of one manifest row, rendered alone (batch of one) through the same code path as the generator;
+    `solver_schedule`: for a row rendered with a searched schedule (solver_schedule_for)."""
 
     from actors.models import diffusion, families
     from actors.models.embedded import resolve_model
     from actors.models.seeds import batch_noise
 
     model_path = resolve_model(row["model"])
+    scheduler = "default"
     try:
-        scheduler = families.scheduler_from_label(model_path, row["scheduler"])
+        if solver_schedule is None:
+            scheduler = families.scheduler_from_label(model_path, row["scheduler"])
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
     # As in a run: the scorer embeds on CPU in float32, the generator renders on its device from those embeddings.
@@ -44,7 +61,7 @@ def reproduce_image(row: dict):
     embeds = text_adapter.encode([row["prompt"]], row["guidance"])
     embeds.pop("truncated", None)
     del text_adapter
-    render_adapter = diffusion.load_renderer(model_path, scheduler)
+    render_adapter = diffusion.load_renderer(model_path, scheduler, solver_schedule)
     latents = batch_noise([row["seed"]], families.latent_shape(model_path, row["height"], row["width"]))
     return render_adapter.render(embeds, latents, steps=row["steps"], guidance_scale=row["guidance"],
                                  height=row["height"], width=row["width"], seeds=[row["seed"]])[0]
@@ -64,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
 
         output = Output(args.manifest, args.storage_options)
         row = find_row(output, args.prompt_id, args.seed)
-        pixels = reproduce_image(row)
+        pixels = reproduce_image(row, solver_schedule_for(row, Manifest(output).read_run()))
         image_format = args.out.rsplit(".", 1)[-1].lower() if "." in args.out else "png"
         with fsspec.open(args.out, "wb", **output.storage_options) as f:
             f.write(encode_image(pixels, "jpeg" if image_format == "jpg" else image_format))

@@ -352,10 +352,17 @@ def pipeline_family(path_or_pipe: Any) -> str:
     return adapter_class(path_or_pipe).family.name
 
 
-def use_scheduler(pipe, scheduler: str) -> None:
-    """Swap the pipeline's solver for a named one, built from the pipeline's own scheduler config."""
+def use_scheduler(pipe, scheduler: str, solver_schedule: dict | None = None) -> None:
+    """Swap the pipeline's solver for a named one, built from the pipeline's own scheduler config; with
+    `solver_schedule` (a schedule file's content) for the unified solver running that schedule."""
     import diffusers
 
+    if solver_schedule is not None:
+        from actors.models.unified_solver import ScheduleFile, UnifiedSolverScheduler
+
+        schedule = ScheduleFile.from_dict(solver_schedule).schedule
+        pipe.scheduler = UnifiedSolverScheduler.for_pipeline(pipe.scheduler.config, schedule)
+        return
     if scheduler == "default":
         return
     class_name, options = SCHEDULERS[scheduler]
@@ -370,16 +377,17 @@ def device_and_dtype(dtype_name: str = "auto") -> tuple[str, torch.dtype]:
     return "cpu", torch.float32
 
 
-def load_renderer(model_path: str, scheduler: str = "default") -> PipelineAdapter:
+def load_renderer(model_path: str, scheduler: str = "default", solver_schedule: dict | None = None) -> PipelineAdapter:
     """The render part of a pipeline on this process's device (cuda fp16 when a GPU is visible, else CPU float32),
     with the named solver: what the generator stage, reproduce and evaluate render with, so an image rebuilt anywhere
     is rendered as the run rendered it."""
     device, dtype = device_and_dtype()
-    return load_adapter(model_path, "render", device=device, dtype=dtype, scheduler=scheduler)
+    return load_adapter(model_path, "render", device=device, dtype=dtype, scheduler=scheduler,
+                        solver_schedule=solver_schedule)
 
 
 def load_adapter(model_path: str, part: str, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                 scheduler: str = "default") -> PipelineAdapter:
+                 scheduler: str = "default", solver_schedule: dict | None = None) -> PipelineAdapter:
     """Load the whole pipeline ("full"), only tokenizer + text encoder ("text"), or all but those ("render"),
     with the named solver (see SCHEDULERS), in its family's adapter."""
     from diffusers import DiffusionPipeline
@@ -398,7 +406,7 @@ def load_adapter(model_path: str, part: str, device: str = "cpu", dtype: torch.d
     elif part == "render":
         skipped = dict.fromkeys(adapter.family.text_encoder_names + adapter.family.tokenizer_names)
     pipe = DiffusionPipeline.from_pretrained(model_path, dtype=dtype, **skipped)
-    use_scheduler(pipe, scheduler)
+    use_scheduler(pipe, scheduler, solver_schedule)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return adapter(pipe)

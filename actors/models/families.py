@@ -157,6 +157,9 @@ def scheduler_from_label(model_path: str, label: str) -> str:
     """The --scheduler name that rebuilds a recorded label (a name, or the pipeline's own class for "default")."""
     if label in SCHEDULERS:
         return label
+    if label.startswith("schedule:"):
+        raise ValueError(f"the rows were rendered with a searched solver schedule ({label}); it is read from the "
+                         "run's run.json (see solver_schedule_for)")
     own = model_identity(model_path)["scheduler"]
     if label == own:
         return "default"

@@ -13,5 +13,14 @@ SCHEDULERS = {
     "dpm++-karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True}),
     "unipc": ("UniPCMultistepScheduler", {}),
 }
+# `--scheduler schedule:PATH`: a searched solver schedule (schedule.json, actors/models/unified_solver.py), run by
+# the unified solver; manifest rows record it as `schedule:<digest>` and run.json holds it.
+SCHEDULE_PREFIX = "schedule:"
+
+
+def is_schedule_file(scheduler: str) -> bool:
+    return scheduler.startswith(SCHEDULE_PREFIX) and len(scheduler) > len(SCHEDULE_PREFIX)
+
+
 # Solvers that add fresh noise at every step: their renders need a generator per image to be reproducible.
 STOCHASTIC_SCHEDULERS = ("euler-a",)

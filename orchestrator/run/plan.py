@@ -47,12 +47,16 @@ class RunPlan:
     # Whether the corpus's ids are qualified by their file (NAME#ID): a folder or glob corpus, into an output laid
     # out so (every output begun since 0.3); set from Manifest.begin_run once the output's layout is known.
     ids_per_file: bool = False
+    # --scheduler schedule:PATH: the schedule file's content (read once by the driver, handed to the generators)
+    solver_schedule: dict | None = field(default=None, repr=False)
 
     @property
     def fingerprint_fields(self) -> dict:
         fields = self.config.fingerprint_fields()
         fields.update(width=self.width, height=self.height,
                       predictor=self.predictor.digest if self.predictor and self.config.uses_predictor else None)
+        if self.solver_schedule is not None:
+            fields.update(scheduler=self.scheduler)  # the schedule's digest, wherever its file lies
         return fields
 
     @property
@@ -62,8 +66,11 @@ class RunPlan:
     @property
     def run_file(self) -> dict:
         """What run.json records of this run (Manifest.begin_run adds the layout's version and id scope, and when)."""
-        return {"fingerprint": self.fingerprint, "fingerprint_fields": self.fingerprint_fields,
-                "layout": self.config.layout_fields(), "config": self.config.public_dict()}
+        record = {"fingerprint": self.fingerprint, "fingerprint_fields": self.fingerprint_fields,
+                  "layout": self.config.layout_fields(), "config": self.config.public_dict()}
+        if self.solver_schedule is not None:  # what reproduce renders a `schedule:<digest>` row with
+            record["solver_schedule"] = self.solver_schedule
+        return record
 
     @property
     def run_fields(self) -> dict:
@@ -115,6 +122,7 @@ class RunPlan:
 
         return RenderPlan(model=config.model, steps=config.steps, guidance=config.guidance, height=self.height,
                           width=self.width, latent_shape=tuple(self.latent_shape), scheduler=config.scheduler,
+                          solver_schedule=self.solver_schedule,
                           preview=config.preview_count if preview else 0,
                           preview_steps=config.preview_step_count if preview else 0, rater=config.rater,
                           rates_images=is_pixel_rater(config.rater))
@@ -135,6 +143,8 @@ def build_plan(config: GenerateConfig) -> RunPlan:
     is checked with the rest of the configuration, in GenerateConfig.validate)."""
     from actors.models import families
     from actors.models.embedded import resolve_model
+    from actors.models.solvers import SCHEDULE_PREFIX, is_schedule_file
+    from orchestrator.run.solver_files import read_schedule_file
 
     model_path = resolve_model(config.model)
     default_width, default_height = families.default_image_size(model_path)
@@ -143,8 +153,20 @@ def build_plan(config: GenerateConfig) -> RunPlan:
         latent_shape = families.latent_shape(model_path, height, width)
     except ValueError as exc:
         raise ConfigError(f"--width/--height: {exc}") from exc
-    plan = RunPlan(config=config, model_path=model_path, width=width, height=height, latent_shape=latent_shape,
-                   scheduler=families.scheduler_label(model_path, config.scheduler))
+    if is_schedule_file(config.scheduler):
+        schedule = read_schedule_file(config.scheduler[len(SCHEDULE_PREFIX):], config.storage_options)
+        try:
+            schedule.check_fits(model_path, config.steps)
+        except ValueError as exc:
+            raise ConfigError(f"--scheduler {config.scheduler}: {exc}") from exc
+        if config.policy_name == "preview":
+            raise ConfigError("--policy preview pauses a denoising and continues the best preview, which a searched "
+                              "schedule's multistep history does not allow; use --scheduler ddim, euler or euler-a")
+        plan = RunPlan(config=config, model_path=model_path, width=width, height=height, latent_shape=latent_shape,
+                       scheduler=schedule.label, solver_schedule=schedule.to_dict())
+    else:
+        plan = RunPlan(config=config, model_path=model_path, width=width, height=height, latent_shape=latent_shape,
+                       scheduler=families.scheduler_label(model_path, config.scheduler))
     if config.policy_name == "preview":
         try:
             families.check_resumable_solver(model_path, config.scheduler)
