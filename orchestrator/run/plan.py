@@ -143,8 +143,7 @@ def build_plan(config: GenerateConfig) -> RunPlan:
     is checked with the rest of the configuration, in GenerateConfig.validate)."""
     from actors.models import families
     from actors.models.embedded import resolve_model
-    from actors.models.solvers import SCHEDULE_PREFIX, is_schedule_file
-    from orchestrator.run.solver_files import read_schedule_file
+    from actors.models.solvers import is_schedule_file
 
     model_path = resolve_model(config.model)
     default_width, default_height = families.default_image_size(model_path)
@@ -153,20 +152,11 @@ def build_plan(config: GenerateConfig) -> RunPlan:
         latent_shape = families.latent_shape(model_path, height, width)
     except ValueError as exc:
         raise ConfigError(f"--width/--height: {exc}") from exc
-    if is_schedule_file(config.scheduler):
-        schedule = read_schedule_file(config.scheduler[len(SCHEDULE_PREFIX):], config.storage_options)
-        try:
-            schedule.check_fits(model_path, config.steps)
-        except ValueError as exc:
-            raise ConfigError(f"--scheduler {config.scheduler}: {exc}") from exc
-        if config.policy_name == "preview":
-            raise ConfigError("--policy preview pauses a denoising and continues the best preview, which a searched "
-                              "schedule's multistep history does not allow; use --scheduler ddim, euler or euler-a")
-        plan = RunPlan(config=config, model_path=model_path, width=width, height=height, latent_shape=latent_shape,
-                       scheduler=schedule.label, solver_schedule=schedule.to_dict())
-    else:
-        plan = RunPlan(config=config, model_path=model_path, width=width, height=height, latent_shape=latent_shape,
-                       scheduler=families.scheduler_label(model_path, config.scheduler))
+    searched = is_schedule_file(config.scheduler)
+    plan = RunPlan(config=config, model_path=model_path, width=width, height=height, latent_shape=latent_shape,
+                   scheduler=config.scheduler if searched else families.scheduler_label(model_path, config.scheduler))
+    if searched:
+        plan = _with_schedule(plan)
     if config.policy_name == "preview":
         try:
             families.check_resumable_solver(model_path, config.scheduler)
@@ -175,6 +165,23 @@ def build_plan(config: GenerateConfig) -> RunPlan:
     if config.uses_predictor:
         plan = _with_predictor(plan)
     return plan
+
+
+def _with_schedule(plan: RunPlan) -> RunPlan:
+    """--scheduler schedule:PATH: read the schedule once and refuse one searched for another model or step count."""
+    from actors.models.solvers import SCHEDULE_PREFIX
+    from orchestrator.run.solver_files import read_schedule_file
+
+    config = plan.config
+    schedule = read_schedule_file(config.scheduler[len(SCHEDULE_PREFIX):], config.storage_options)
+    try:
+        schedule.check_fits(plan.model_path, config.steps)
+    except ValueError as exc:
+        raise ConfigError(f"--scheduler {config.scheduler}: {exc}") from exc
+    if config.policy_name == "preview":
+        raise ConfigError("--policy preview pauses a denoising and continues the best preview, which a searched "
+                          "schedule's multistep history does not allow; use --scheduler ddim, euler or euler-a")
+    return dataclasses.replace(plan, scheduler=schedule.label, solver_schedule=schedule.to_dict())
 
 
 def _with_predictor(plan: RunPlan) -> RunPlan:
