@@ -92,7 +92,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     from actors.models.embedded import resolve_model
     from actors.predictor.model import predictor_from_files, read_config
     from actors.predictor.training import group_by_prompt
-    from orchestrator.output.dataset import dataset_identity, read_dataset
+    from orchestrator.output.dataset import dataset_identity, dataset_solver_schedule, read_dataset
     from orchestrator.run.predictor_files import as_config_error, read_predictor_files
 
     started = time.time()
@@ -106,6 +106,7 @@ def evaluate(args: argparse.Namespace) -> dict:
 
     table = read_dataset(args.dataset)
     identity = dataset_identity(table)
+    identity["solver_schedule"] = dataset_solver_schedule(args.dataset, identity)  # renders as the rows were made
     # Predictor problems raise a ConfigError that names args.predictor.
     predictor_files = read_predictor_files(args.predictor, "", storage_options)
     with as_config_error():
@@ -139,6 +140,8 @@ def evaluate(args: argparse.Namespace) -> dict:
     figures["prompt_swap"] = prompt_swap_control(predictor, groups, embeddings, latent_shape, predicted, figures,
                                                  args.k)
     previews = parse_previews(args.previews, len(groups.seeds[0]), int(identity["steps"]))
+    if identity["solver_schedule"] is not None and args.previews.strip().lower() == "auto":
+        previews = []  # a searched schedule cannot pause a denoising: no preview fits it
     figures["cost_curve"] = cost_curve(model_path, identity, groups, embeddings, predicted, previews)
     contact = None
     if args.contact_prompts:

@@ -193,6 +193,20 @@ def test_a_schedule_file_renders_is_recorded_in_rows_and_run_json_and_reproduces
                            "--out", str(target)]) == 0
     original = np.asarray(Image.open(row.image_uri), dtype=np.int16)
     assert np.abs(original - np.asarray(Image.open(target), dtype=np.int16)).max() <= 1
+    # evaluate renders a dataset's candidates with the schedule its collect output's run.json holds.
+    from orchestrator.evaluation.figures import render_candidates
+    from orchestrator.output.dataset import dataset_solver_schedule
+
+    identity = {key: row[key] for key in ("model", "scheduler", "steps", "guidance", "width", "height")}
+    identity["solver_schedule"] = dataset_solver_schedule(str(out), identity)
+    assert identity["solver_schedule"] == schedule.to_dict()
+    from actors.models import diffusion
+    from actors.models.embedded import resolve_model
+
+    model_path = resolve_model(row.model)
+    images, _ = render_candidates(model_path, identity, diffusion.load_adapter(model_path, "text"), [row.prompt],
+                                  [[int(row.seed)]])
+    assert np.abs(original - images[0].astype(np.int16)).max() <= 1
     # The same schedule at another path is the same run; an edited schedule is another configuration.
     (tmp_path / "moved.json").write_text((tmp_path / "schedule.json").read_text())
     assert pipeline.run(dataclasses.replace(config, scheduler=f"schedule:{tmp_path / 'moved.json'}"))["images"] == 2

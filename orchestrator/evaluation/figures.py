@@ -64,6 +64,10 @@ def preview_scores(model_path: str, identity: dict, prompts: list[str], embeddin
     from actors.raters.specs import make_rater
     from actors.stages.generator import denoise_with_previews
 
+    if identity.get("solver_schedule") is not None:
+        raise ConfigError(f"--previews: the dataset was rendered with a searched solver schedule "
+                          f"({identity['scheduler']}), which cannot pause a denoising and continue the best preview; "
+                          "pass --previews none")
     scheduler = families.scheduler_from_label(model_path, identity["scheduler"])
     try:
         families.check_resumable_solver(model_path, scheduler)
@@ -211,7 +215,9 @@ def render_candidates(model_path: str, identity: dict, text_adapter, prompts: li
     from actors.models import diffusion, families
     from actors.models.seeds import batch_noise
 
-    renderer = diffusion.load_renderer(model_path, families.scheduler_from_label(model_path, identity["scheduler"]))
+    schedule = identity.get("solver_schedule")  # a searched schedule's rows: rendered with it (run.json holds it)
+    scheduler = "default" if schedule is not None else families.scheduler_from_label(model_path, identity["scheduler"])
+    renderer = diffusion.load_renderer(model_path, scheduler, schedule)
     shape = families.latent_shape(model_path, identity["height"], identity["width"])
     embeds = text_adapter.encode(prompts, identity["guidance"])
     embeds.pop("truncated")

@@ -33,6 +33,22 @@ def dataset_digest(table) -> str:
     return digest.hexdigest()
 
 
+def dataset_solver_schedule(uri: str, identity: dict) -> dict | None:
+    """The searched solver schedule a dataset's rows were rendered with (their scheduler `schedule:<digest>`), from
+    its collect output's run.json; None for rows of a named solver."""
+    from actors.models.unified_solver import ScheduleFile
+
+    if not str(identity["scheduler"]).startswith("schedule:"):
+        return None
+    folder = uri.rsplit("/", 1)[0] if uri.endswith(".parquet") else uri
+    output = Output(folder)
+    recorded = (output.read_json("run.json") if output.exists("run.json") else {}).get("solver_schedule")
+    if recorded is None or ScheduleFile.from_dict(recorded).label != identity["scheduler"]:
+        raise ConfigError(f"--dataset {uri}: its rows were rendered with solver schedule {identity['scheduler']}, "
+                          "which the collect output's run.json beside it does not hold")
+    return recorded
+
+
 def dataset_identity(table) -> dict:
     """The one pipeline setting a dataset was collected with; a mixed dataset is refused."""
     identity = {}
