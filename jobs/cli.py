@@ -20,6 +20,7 @@ JOBS = {
     "verify": "check an output's exactly-once invariants (duplicates, missing images, orphans)",
     "manifest": "write every committed row of an output, exactly once, to one Parquet file",
     "report": "rebuild OUT/report.html: the images with prompts and scores, quarantined and failed rows",
+    "search-solver": "search a solver schedule with K model calls for a model (S3), for --scheduler schedule:PATH",
 }
 
 # Jobs that start no Ray and write nothing after their result is printed: they may leave the process without the
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
         print(usage, file=sys.stderr)
         return 2
-    return importlib.import_module(f"jobs.{argv[0]}").main(argv[1:])
+    return importlib.import_module(f"jobs.{argv[0].replace('-', '_')}").main(argv[1:])  # search-solver
 
 
 if __name__ == "__main__":

@@ -142,6 +142,17 @@ def unipc_schedule(timesteps: list[float], solver_order: int = 2) -> SolverSched
     return SolverSchedule(tuple(steps))
 
 
+def solver_timesteps(scheduler_config, steps: int) -> list[int]:
+    """The timesteps diffusers' DPMSolverMultistepScheduler (and UniPC, which spaces them alike) calls the model at
+    for `steps` calls with this pipeline's scheduler config: the presets' grid and the search's starting point."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    reference = DPMSolverMultistepScheduler.from_config(dict(scheduler_config), algorithm_type="dpmsolver++",
+                                                        use_karras_sigmas=False)
+    reference.set_timesteps(steps)
+    return [int(t) for t in reference.timesteps.tolist()]
+
+
 def training_betas(config) -> torch.Tensor:
     """The training noise schedule's betas, as diffusers' multistep schedulers build them from a config."""
     from diffusers.schedulers.scheduling_ddpm import betas_for_alpha_bar
