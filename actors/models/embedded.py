@@ -296,6 +296,23 @@ EMBEDDED_PREDICTORS = {
     "shapes": TESTBED_WEIGHTS / "predictor",
 }
 
+# Solver schedules searched for a shipped model (seedsift search-solver, docs/shapes.md): `--scheduler searched`.
+SHIPPED_SCHEDULES = {"shapes": {steps: TESTBED_WEIGHTS / "schedules" / f"shapes-{steps}.json" for steps in (4, 6, 8)}}
+
+
+def shipped_schedule(model: str, steps: int) -> Path:
+    """The schedule.json shipped for an embedded model and a step count; ValueError naming what ships."""
+    name = model[len(EMBEDDED_PREFIX):] if model.startswith(EMBEDDED_PREFIX) else None
+    shipped = SHIPPED_SCHEDULES.get(name)
+    if not shipped:
+        models = ", ".join(EMBEDDED_PREFIX + n for n in SHIPPED_SCHEDULES)
+        raise ValueError(f"searched schedules ship for {models} only; search one for {model} with "
+                         "`seedsift search-solver` and pass --scheduler schedule:PATH")
+    if steps not in shipped:
+        raise ValueError(f"searched schedules ship for {model} at --steps {', '.join(map(str, shipped))}; "
+                         f"{steps} steps need a search of their own (seedsift search-solver)")
+    return shipped[steps]
+
 
 # Settings a shipped model was tuned and measured at (docs/shapes.md): the jobs' defaults for flags not given.
 SHIPPED_DEFAULTS = {"shapes": {"guidance": 5.0, "rater": "shapes"}}

@@ -16,6 +16,7 @@ SCHEDULERS = {
 # `--scheduler schedule:PATH`: a searched solver schedule (schedule.json, actors/models/unified_solver.py), run by
 # the unified solver; manifest rows record it as `schedule:<digest>` and run.json holds it.
 SCHEDULE_PREFIX = "schedule:"
+SEARCHED = "searched"  # the schedule shipped for an embedded model at this --steps (actors/models/embedded.py)
 
 
 def is_schedule_file(scheduler: str) -> bool:

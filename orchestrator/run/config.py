@@ -92,11 +92,11 @@ class GenerateConfig:
             problems.append(f"--keep {self.keep} is more than --candidates {self.candidates}; keep at most N")
         if self.policy not in POLICIES:
             problems.append(f"--policy {self.policy!r} is unknown; use one of {', '.join(POLICIES)}")
-        from actors.models.solvers import SCHEDULERS, is_schedule_file
+        from actors.models.solvers import SCHEDULERS, SEARCHED, is_schedule_file
 
-        if self.scheduler not in SCHEDULERS and not is_schedule_file(self.scheduler):
-            problems.append(f"--scheduler {self.scheduler!r} is unknown; use one of {', '.join(SCHEDULERS)}, or "
-                            "schedule:PATH for a searched schedule.json")
+        if self.scheduler not in SCHEDULERS and self.scheduler != SEARCHED and not is_schedule_file(self.scheduler):
+            problems.append(f"--scheduler {self.scheduler!r} is unknown; use one of {', '.join(SCHEDULERS)}, "
+                            f"{SEARCHED} (a shipped searched schedule), or schedule:PATH for a searched schedule.json")
         if self.steps < 1:
             problems.append(f"--steps must be at least 1 (got {self.steps})")
         if self.guidance < 0:

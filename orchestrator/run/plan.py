@@ -143,7 +143,7 @@ def build_plan(config: GenerateConfig) -> RunPlan:
     is checked with the rest of the configuration, in GenerateConfig.validate)."""
     from actors.models import families
     from actors.models.embedded import resolve_model
-    from actors.models.solvers import is_schedule_file
+    from actors.models.solvers import SEARCHED, is_schedule_file
 
     model_path = resolve_model(config.model)
     default_width, default_height = families.default_image_size(model_path)
@@ -152,7 +152,7 @@ def build_plan(config: GenerateConfig) -> RunPlan:
         latent_shape = families.latent_shape(model_path, height, width)
     except ValueError as exc:
         raise ConfigError(f"--width/--height: {exc}") from exc
-    searched = is_schedule_file(config.scheduler)
+    searched = is_schedule_file(config.scheduler) or config.scheduler == SEARCHED
     plan = RunPlan(config=config, model_path=model_path, width=width, height=height, latent_shape=latent_shape,
                    scheduler=config.scheduler if searched else families.scheduler_label(model_path, config.scheduler))
     if searched:
@@ -168,12 +168,21 @@ def build_plan(config: GenerateConfig) -> RunPlan:
 
 
 def _with_schedule(plan: RunPlan) -> RunPlan:
-    """--scheduler schedule:PATH: read the schedule once and refuse one searched for another model or step count."""
-    from actors.models.solvers import SCHEDULE_PREFIX
+    """--scheduler schedule:PATH (or searched, the one shipped for this embedded model and step count): read the
+    schedule once and refuse one searched for another model or step count."""
+    from actors.models.embedded import shipped_schedule
+    from actors.models.solvers import SCHEDULE_PREFIX, SEARCHED
     from orchestrator.run.solver_files import read_schedule_file
 
     config = plan.config
-    schedule = read_schedule_file(config.scheduler[len(SCHEDULE_PREFIX):], config.storage_options)
+    if config.scheduler == SEARCHED:
+        try:
+            path = str(shipped_schedule(config.model, config.steps))
+        except ValueError as exc:
+            raise ConfigError(f"--scheduler {SEARCHED}: {exc}") from exc
+    else:
+        path = config.scheduler[len(SCHEDULE_PREFIX):]
+    schedule = read_schedule_file(path, config.storage_options)
     try:
         schedule.check_fits(plan.model_path, config.steps)
     except ValueError as exc:
