@@ -1,0 +1,73 @@
+"""Block-sparse attention that skips work (issue 22, Re-ttention's kernel): each block of queries attends to its
+kept blocks of keys only, and the dense score matrix is never formed.
+
+On CPU the kept key blocks of every query block are gathered into one batched `scaled_dot_product_attention` call
+(the cost is the kept share of the dense cost); rows that keep different numbers of blocks are padded with masked
+blocks. Under the same mask it equals dense attention to float precision (tests/test_sparse_attention.py); a mask
+that keeps everything takes the stock dense path, exactly. On a GPU, `flex_attention` with a block mask is the
+natural kernel: not wired yet (no GPU on the development machines).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def band_block_mask(blocks: int, density: float, heads: int = 1) -> torch.Tensor:
+    """(heads, blocks, blocks) bool: each query block keeps the `round(density * blocks)` key blocks nearest to it
+    (at least one, its own), a band along the token order. The same for every head."""
+    if not 0 < density <= 1:
+        raise ValueError(f"density must be in (0, 1] (got {density})")
+    kept = max(1, min(blocks, round(density * blocks)))
+    rows = torch.arange(blocks)
+    start = (rows - (kept - 1) // 2).clamp(0, blocks - kept)
+    mask = torch.zeros(blocks, blocks, dtype=torch.bool)
+    for offset in range(kept):
+        mask[rows, start + offset] = True
+    return mask.expand(heads, blocks, blocks).clone()
+
+
+def token_mask(block_mask: torch.Tensor, block: int, tokens: int) -> torch.Tensor:
+    """The (heads, tokens, tokens) bool mask a block mask stands for: what dense attention would be given."""
+    expanded = block_mask.repeat_interleave(block, dim=-2).repeat_interleave(block, dim=-1)
+    return expanded[..., :tokens, :tokens]
+
+
+def block_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask: torch.Tensor,
+                           block: int, scale: float | None = None) -> torch.Tensor:
+    """Attention of query (B, H, N, D) over key and value (B, H, N, D) where query block i sees key block j only
+    if block_mask[h, i, j] (block_mask (H or 1, Nb, Nb), Nb = ceil(N / block)). Returns (B, H, N, D)."""
+    batch, heads, tokens, dim = query.shape
+    blocks = math.ceil(tokens / block)
+    if block_mask.shape[-2:] != (blocks, blocks):
+        raise ValueError(f"block mask {tuple(block_mask.shape)} for {tokens} tokens in blocks of {block}: expected "
+                         f"(heads, {blocks}, {blocks})")
+    if not block_mask.any(dim=-1).all():
+        raise ValueError("every query block must keep at least one key block")
+    if bool(block_mask.all()):
+        return F.scaled_dot_product_attention(query, key, value, scale=scale)
+    padded = blocks * block
+    if padded != tokens:  # pad to whole blocks; padded keys are masked out below, padded queries cropped
+        pad = (0, 0, 0, padded - tokens)
+        query, key, value = F.pad(query, pad), F.pad(key, pad), F.pad(value, pad)
+    mask = block_mask.expand(heads, blocks, blocks)
+    kept = int(mask.sum(dim=-1).max())
+    # For each (head, query block), the indices of its kept key blocks, padded with block 0 (masked below).
+    order = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True)[..., :kept]  # kept blocks first, in order
+    valid = torch.gather(mask, -1, order)  # (H, Nb, kept)
+    keys = key.reshape(batch, heads, blocks, block, dim)
+    values = value.reshape(batch, heads, blocks, block, dim)
+    index = order.reshape(1, heads, blocks * kept, 1, 1).expand(batch, heads, blocks * kept, block, dim)
+    gathered_k = torch.gather(keys, 2, index).reshape(batch, heads, blocks, kept * block, dim)
+    gathered_v = torch.gather(values, 2, index).reshape(batch, heads, blocks, kept * block, dim)
+    allowed = valid.repeat_interleave(block, dim=-1)  # (H, Nb, kept * block)
+    if padded != tokens:
+        positions = (order.unsqueeze(-1) * block + torch.arange(block)).view(heads, blocks, kept * block)
+        allowed = allowed & (positions < tokens)
+    attn_mask = None if bool(allowed.all()) else allowed.view(1, heads, blocks, 1, kept * block)
+    out = F.scaled_dot_product_attention(query.reshape(batch, heads, blocks, block, dim), gathered_k, gathered_v,
+                                         attn_mask=attn_mask, scale=scale)
+    return out.reshape(batch, heads, padded, dim)[:, :, :tokens]

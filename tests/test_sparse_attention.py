@@ -1,0 +1,54 @@
+"""The block-sparse attention kernel (actors/models/sparse_attention.py): equal to dense attention under the same
+mask, exactly the stock path at full density, and the band masks' density."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from actors.models.sparse_attention import band_block_mask, block_sparse_attention, token_mask
+
+
+def qkv(batch=2, heads=3, tokens=100, dim=8, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, heads, tokens, dim, generator=generator) for _ in range(3)]
+
+
+@pytest.mark.parametrize("tokens, block", [(100, 16), (128, 16), (64, 8)])
+@pytest.mark.parametrize("kind", ["band-0.2", "band-0.5", "random"])
+def test_block_sparse_attention_equals_dense_attention_under_the_same_mask(tokens, block, kind):
+    query, key, value = qkv(tokens=tokens)
+    blocks = -(-tokens // block)
+    if kind == "random":  # a different pattern per head, rows keeping different numbers of blocks
+        generator = torch.Generator().manual_seed(1)
+        mask = torch.rand(3, blocks, blocks, generator=generator) < 0.3
+        mask[:, torch.arange(blocks), torch.arange(blocks)] = True
+    else:
+        mask = band_block_mask(blocks, float(kind.split("-")[1]), heads=3)
+    found = block_sparse_attention(query, key, value, mask, block)
+    expected = F.scaled_dot_product_attention(query, key, value, attn_mask=token_mask(mask, block, tokens))
+    assert found.shape == expected.shape
+    assert float((found - expected).abs().max()) <= 1e-5
+    assert float((found - F.scaled_dot_product_attention(query, key, value)).abs().max()) > 1e-3  # it is sparse
+
+
+def test_a_mask_that_keeps_everything_is_the_stock_dense_path_exactly():
+    query, key, value = qkv(tokens=96)
+    full = torch.ones(1, 6, 6, dtype=torch.bool)
+    assert torch.equal(block_sparse_attention(query, key, value, full, 16),
+                       F.scaled_dot_product_attention(query, key, value))
+
+
+def test_band_masks_keep_the_asked_share_of_blocks_around_the_diagonal():
+    mask = band_block_mask(64, 0.031)
+    assert mask.shape == (1, 64, 64) and int(mask[0].sum(dim=-1).min()) == int(mask[0].sum(dim=-1).max()) == 2
+    assert bool(mask[0].diagonal().all())
+    assert int(band_block_mask(64, 0.125)[0].sum(dim=-1).max()) == 8
+    with pytest.raises(ValueError, match="density must be in"):
+        band_block_mask(64, 0)
+    query, key, value = qkv(tokens=64)
+    empty_row = band_block_mask(4, 0.5)
+    empty_row[0, 1] = False
+    with pytest.raises(ValueError, match="at least one key block"):
+        block_sparse_attention(query, key, value, empty_row, 16)
