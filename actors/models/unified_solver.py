@@ -14,6 +14,9 @@ sample to the next step's noise level (after the last step: noise level zero, th
   from the step ratios). At order 1 both are the exact exponential-integrator step.
 - `corrector`: UniC applied to this step's result once the next call's output is known, before the next step
   moves on (UniPC's corrector, order = this step's order). It needs no extra model call, so the last step has none.
+- `analytic` (step 0 only): S³'s analytic first step. The run starts from pure noise x_T at the last training
+  timestep; with it the sampler first moves x_T to step 0's timestep taking the noise prediction to be x_T itself
+  (x_T is almost all noise), with no model call, so all K calls are spent lower down.
 
 With `dpm_solver_pp_schedule` and `unipc_schedule` the sampler reproduces diffusers' DPMSolverMultistepScheduler
 (dpmsolver++, 2M or 3M) and UniPCMultistepScheduler (bh2) step for step (tests/test_unified_solver.py, to 1e-5 on
@@ -48,6 +51,9 @@ class StepDecision:
     order: int = 1
     derivative: str = "dpm"
     corrector: bool = False
+    # Step 0 only: first move the starting noise (at the last training timestep) to this step's timestep with the
+    # analytic first step, the noise prediction taken as the noise itself (x_T is almost all noise); no model call.
+    analytic: bool = False
 
 
 @dataclass(frozen=True)
@@ -82,6 +88,9 @@ class SolverSchedule:
             if not 1 <= step.order <= min(MAX_ORDER, i + 1):
                 found.append(f"{where}: order {step.order} needs {step.order - 1} earlier model calls "
                              f"(orders 1-{MAX_ORDER}, at most i + 1)")
+            if step.analytic and (i > 0 or step.timestep >= num_train_timesteps - 1):
+                found.append(f"{where}: the analytic first step comes before the first call, from timestep "
+                             f"{num_train_timesteps - 1} down to a lower one")
         last = self.steps[-1]
         if last.prediction != "data":
             found.append(f"step {len(self.steps) - 1}: the last step goes to noise level zero and must use the data "
@@ -94,7 +103,8 @@ class SolverSchedule:
         return found
 
     def to_dict(self) -> dict:
-        return {"steps": [asdict(step) for step in self.steps]}
+        # `analytic` only where set: schedules written before it existed keep their content and digest.
+        return {"steps": [{k: v for k, v in asdict(step).items() if k != "analytic" or v} for step in self.steps]}
 
     @classmethod
     def from_dict(cls, value: dict) -> SolverSchedule:
@@ -108,7 +118,8 @@ class SolverSchedule:
                                  f"{', '.join(sorted(fields - {'timestep'}))}; got {step!r}")
             steps.append(StepDecision(timestep=float(step["timestep"]), prediction=str(step.get("prediction", "data")),
                                       order=int(step.get("order", 1)), derivative=str(step.get("derivative", "dpm")),
-                                      corrector=bool(step.get("corrector", False))))
+                                      corrector=bool(step.get("corrector", False)),
+                                      analytic=bool(step.get("analytic", False))))
         return cls(tuple(steps))
 
     @property
@@ -244,7 +255,19 @@ class UnifiedSolverScheduler(SchedulerMixin, ConfigMixin):
         return self._step_index
 
     def scale_model_input(self, sample: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """The model's input: the sample itself, but before the first call of a schedule with the analytic first
+        step, the starting noise moved to that call's timestep (step() makes the same move on its sample)."""
+        if self._step_index == 0 and self.schedule.steps[0].analytic:
+            return self._analytic_first_step(sample)
         return sample
+
+    def _analytic_first_step(self, sample: torch.Tensor) -> torch.Tensor:
+        """x_T (at the last training timestep) to step 0's noise level, with eps = x_T: a DDIM step, no call."""
+        start = torch.tensor(float(self.train_sigmas[-1]), dtype=torch.float32)
+        alpha_s, sigma_s = self._alpha_sigma(start)
+        alpha_t, sigma_t = self._alpha_sigma(self.sigmas[0])
+        x0 = (sample - sigma_s * sample) / alpha_s
+        return (alpha_t * x0 + sigma_t * sample).to(sample.dtype)
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True,
              **unused) -> SchedulerOutput | tuple:
@@ -257,6 +280,8 @@ class UnifiedSolverScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"step {i} of the schedule is at timestep {float(self.timesteps[i])}, called at "
                              f"{float(timestep)}")
         decision = self.schedule.steps[i]
+        if i == 0 and decision.analytic:
+            sample = self._analytic_first_step(sample)
         x0, eps = self._convert(model_output, sample, i)
         if i > 0 and self.schedule.steps[i - 1].corrector:
             sample = self._uni_c(self.schedule.steps[i - 1], i, x0 if self._is_data(i - 1) else eps, sample)

@@ -83,17 +83,19 @@ class SearchSettings:
 # ---- the search space -----------------------------------------------------------------------------------------
 
 
-def repaired(steps: list[StepDecision]) -> SolverSchedule:
+def repaired(steps: list[StepDecision], top: float = 999.0) -> SolverSchedule:
     """A schedule that can run from any mutated decisions: orders within what came before, the last step a data
-    step of order 1 without a corrector, timesteps strictly decreasing by at least 1."""
+    step of order 1 without a corrector, timesteps strictly decreasing by at least 1, the analytic first step only
+    on step 0 below the top timestep."""
     fixed = []
     for i, step in enumerate(steps):
         timestep = float(step.timestep) if i == 0 else min(float(step.timestep), fixed[-1].timestep - 1.0)
         last = i == len(steps) - 1
-        fixed.append(StepDecision(timestep=round(max(timestep, 1.0 + (len(steps) - 1 - i)), 1),
-                                  prediction="data" if last else step.prediction,
+        timestep = round(max(timestep, 1.0 + (len(steps) - 1 - i)), 1)
+        fixed.append(StepDecision(timestep=timestep, prediction="data" if last else step.prediction,
                                   order=1 if last else max(1, min(step.order, i + 1, 3)),
-                                  derivative=step.derivative, corrector=False if last else step.corrector))
+                                  derivative=step.derivative, corrector=False if last else step.corrector,
+                                  analytic=step.analytic and i == 0 and timestep < top))
     return SolverSchedule(tuple(fixed))
 
 
@@ -104,7 +106,7 @@ def mutant(parent: SolverSchedule, rng: np.random.Generator, top: float) -> Solv
     for _ in range(int(rng.integers(1, 4))):
         i = int(rng.integers(0, count))
         step = steps[i]
-        kind = rng.choice(["timestep", "timestep", "prediction", "order", "derivative", "corrector"])
+        kind = rng.choice(["timestep", "timestep", "prediction", "order", "derivative", "corrector", "analytic"])
         if kind == "timestep":
             upper = top if i == 0 else steps[i - 1].timestep - 1.0
             lower = 1.0 if i == count - 1 else steps[i + 1].timestep + 1.0
@@ -117,10 +119,16 @@ def mutant(parent: SolverSchedule, rng: np.random.Generator, top: float) -> Solv
             step = dataclasses.replace(step, order=int(rng.integers(1, 4)))
         elif kind == "derivative":
             step = dataclasses.replace(step, derivative="unip" if step.derivative == "dpm" else "dpm")
+        elif kind == "analytic":
+            step = steps[0]
+            i = 0
+            step = dataclasses.replace(step, analytic=not step.analytic,
+                                       timestep=min(step.timestep, top - 0.25 * (top - steps[1].timestep))
+                                       if not step.analytic and count > 1 else step.timestep)
         else:
             step = dataclasses.replace(step, corrector=not step.corrector)
         steps[i] = step
-    return repaired(steps)
+    return repaired(steps, top)
 
 
 def features(schedule: SolverSchedule, top: float) -> np.ndarray:
@@ -128,7 +136,7 @@ def features(schedule: SolverSchedule, top: float) -> np.ndarray:
     values = []
     for step in schedule.steps:
         values += [step.timestep / top, step.prediction == "data", step.order / 3, step.derivative == "unip",
-                   step.corrector]
+                   step.corrector, step.analytic]
     return np.asarray(values, dtype=np.float64)
 
 
