@@ -117,6 +117,33 @@ def test_a_searched_kind_of_schedule_runs_with_fractional_timesteps_mixed_decisi
         unified.step(x, 0, x)
 
 
+def test_the_analytic_first_step_moves_the_starting_noise_as_ddim_would_with_the_noise_as_its_prediction(
+        tiny_sd_path):
+    config = diffusers.DDIMScheduler.from_pretrained(tiny_sd_path, subfolder="scheduler").config
+    schedule = SolverSchedule((StepDecision(800, analytic=True, derivative="unip", corrector=True),
+                               StepDecision(500, order=2, derivative="unip", corrector=True), StepDecision(200)))
+    unified = UnifiedSolverScheduler.for_pipeline(config, schedule)
+    unified.set_timesteps(3)
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(9))
+    cumulative = diffusers.DDIMScheduler.from_config(config).alphas_cumprod
+    start, at = cumulative[999], cumulative[800]
+    expected = at.sqrt() * (x - (1 - start).sqrt() * x) / start.sqrt() + (1 - at).sqrt() * x
+    assert float((unified.scale_model_input(x, 800) - expected).abs().max()) <= 1e-5
+    # The loop's model sees the moved sample and step() moves its own sample alike: the same as a schedule without
+    # the analytic step started from the moved sample.
+    moved = unified.scale_model_input(x, 800)
+    plain = UnifiedSolverScheduler.for_pipeline(config, SolverSchedule(
+        (StepDecision(800, derivative="unip", corrector=True),) + schedule.steps[1:]))
+    plain.set_timesteps(3)
+    a, b = x, moved
+    for t in unified.timesteps:
+        a = unified.step(synthetic_model(unified.scale_model_input(a, t), t), t, a).prev_sample
+        b = plain.step(synthetic_model(plain.scale_model_input(b, t), t), t, b).prev_sample
+    assert float((a - b).abs().max()) <= 1e-6
+    with pytest.raises(ValueError, match="analytic first step comes before the first call"):
+        UnifiedSolverScheduler.for_pipeline(config, SolverSchedule((StepDecision(999, analytic=True),)))
+
+
 def test_schedules_are_json_data_with_a_digest_that_changes_with_any_decision():
     schedule = unipc_schedule([999, 749, 499, 249])
     text = json.dumps(schedule.to_dict())
@@ -241,3 +268,24 @@ def test_a_schedule_for_another_model_step_count_or_policy_or_a_damaged_one_is_r
         plan(f"schedule:{tmp_path / 'missing.json'}")
     with pytest.raises(ConfigError, match="schedule:PATH for a searched schedule.json"):
         plan("schedule:")
+
+
+def test_searched_picks_the_schedule_shipped_for_the_model_and_step_count_and_refuses_any_other():
+    from actors.models.embedded import SHIPPED_SCHEDULES
+    from orchestrator.run.config import ConfigError, GenerateConfig
+    from orchestrator.run.plan import build_plan
+
+    def plan(**values):
+        return build_plan(GenerateConfig(**{"prompts": "unused.txt", "out": "unused", "candidates": 4, "keep": 2,
+                                            "scheduler": "searched", **values}))
+
+    for steps, path in SHIPPED_SCHEDULES["shapes"].items():
+        shipped = ScheduleFile.from_dict(json.loads(path.read_text()))
+        found = plan(model="embedded:shapes", steps=steps)  # fits the shipped model: identity, calls, validity
+        assert found.scheduler == shipped.label and found.solver_schedule == shipped.to_dict()
+        assert found.fingerprint_fields["scheduler"] == shipped.label
+        assert shipped.figures["holdout"]["searched"]["rmse"] > 0  # it carries its search's held-out figures
+    with pytest.raises(ConfigError, match="ship for embedded:shapes at --steps 4, 6, 8; 5 steps"):
+        plan(model="embedded:shapes", steps=5)
+    with pytest.raises(ConfigError, match="ship for embedded:shapes only"):
+        plan(model="embedded:tiny-sd", steps=4)
