@@ -84,9 +84,9 @@ def main() -> int:
     evaluator = SolverEvaluator(args.model, pairs, seeds, args.guidance, height, width, args.rater, batch_size=16,
                                 num_threads=2)
     top = float(evaluator.own_config["num_train_timesteps"] - 1)
-    evaluator.set_reference(evaluator.reference_latents(args.reference_steps))
-    reference_score = mean_se(evaluator.evaluate(dpm_solver_pp_schedule(
-        solver_timesteps(evaluator.own_config, args.reference_steps), 2).to_dict())["score"])
+    reference = evaluator.reference_latents(args.reference_steps)
+    evaluator.set_reference(reference)
+    reference_score = mean_se(evaluator.rate(reference))
 
     training = read_lines(REPO / "examples" / "shapes-train.txt", args.warp_prompts, skip=200)
     tuner = SolverEvaluator(args.model, training, list(range(len(training))), args.guidance, height, width, "",

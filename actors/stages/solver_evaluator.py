@@ -75,12 +75,17 @@ class SolverEvaluator:
         final = self._final_latents(parsed)
         axes = tuple(range(1, final.ndim))
         rmse = np.sqrt(((final - self.reference) ** 2).mean(axis=axes))
-        scores: list[float] = []
-        if self.rater is not None:
-            import torch
+        return {"digest": parsed.digest, "rmse": [float(x) for x in rmse], "score": self.rate(final)}
 
-            for start in range(0, len(final), self.batch_size):
-                chunk = torch.from_numpy(final[start:start + self.batch_size]).to(self.render.device)
-                images = self.render.decode(chunk)
-                scores += [float(s) for s in self.rater.score(images, self.prompts[start:start + self.batch_size])]
-        return {"digest": parsed.digest, "rmse": [float(x) for x in rmse], "score": scores}
+    def rate(self, latents: np.ndarray) -> list[float]:
+        """The rater's score of each pair's image decoded from `latents` ([] without a rater)."""
+        if self.rater is None:
+            return []
+        import torch
+
+        scores: list[float] = []
+        for start in range(0, len(latents), self.batch_size):
+            chunk = np.ascontiguousarray(latents[start:start + self.batch_size])
+            images = self.render.decode(torch.from_numpy(chunk).to(self.render.device))
+            scores += [float(s) for s in self.rater.score(images, self.prompts[start:start + self.batch_size])]
+        return scores
