@@ -41,7 +41,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         help="predictor folder, local or s3:// (--policy predictor/budget); the driver reads it and sends it to the scorers")
     add("--steps", type=int, default=20, help="denoising steps")
     add("--scheduler", default="default",
-        help="solver: default (the pipeline's own), ddim, euler, euler-a, dpm++, dpm++-karras, unipc")
+        help="solver: default (the pipeline's own), ddim, euler, euler-a, dpm++, dpm++-karras, unipc; "
+             "schedule:PATH (a searched schedule.json, see seedsift search-solver), or searched (the one shipped "
+             "for embedded:shapes at --steps 4, 6 or 8)")
     add("--guidance", type=float, default=None,
         help="classifier-free guidance scale (default 7.5; 5 for embedded:shapes, the scale it was tuned at)")
     add("--width", type=int, default=None, help="image width (default: the pipeline's native size)")
