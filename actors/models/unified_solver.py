@@ -332,13 +332,28 @@ class UnifiedSolverScheduler(SchedulerMixin, ConfigMixin):
         x0, eps = self._outputs[index]
         return x0 if data else eps
 
-    def _dpm(self, decision: StepDecision, i: int, sample: torch.Tensor) -> torch.Tensor:
-        """DPM-Solver(++) multistep update of order 1-3 from step i to the next noise level."""
-        data = decision.prediction == "data"
+    def _move(self, i: int) -> tuple[torch.Tensor, ...]:
+        """(alpha_t, sigma_t, alpha_s0, sigma_s0, lambda_s0, h) of the move from noise level i to level i + 1."""
         alpha_t, sigma_t = self._alpha_sigma(self.sigmas[i + 1])
         alpha_s0, sigma_s0 = self._alpha_sigma(self.sigmas[i])
         lambda_t, lambda_s0 = torch.log(alpha_t) - torch.log(sigma_t), torch.log(alpha_s0) - torch.log(sigma_s0)
-        h = lambda_t - lambda_s0
+        return alpha_t, sigma_t, alpha_s0, sigma_s0, lambda_s0, lambda_t - lambda_s0
+
+    def _differences(self, i: int, order: int, data: bool, lambda_s0: torch.Tensor, h: torch.Tensor):
+        """UniPC's step ratios r_k and scaled differences (m_{i-k} - m_i) / r_k of the `order - 1` outputs before
+        call i."""
+        m0 = self._output(i, data)
+        ratios, D1s = [], []
+        for k in range(1, order):
+            rk = (self._lambda(i - k) - lambda_s0) / h
+            ratios.append(rk)
+            D1s.append((self._output(i - k, data) - m0) / rk)
+        return ratios, D1s
+
+    def _dpm(self, decision: StepDecision, i: int, sample: torch.Tensor) -> torch.Tensor:
+        """DPM-Solver(++) multistep update of order 1-3 from step i to the next noise level."""
+        data = decision.prediction == "data"
+        alpha_t, sigma_t, alpha_s0, sigma_s0, lambda_s0, h = self._move(i)
         m0 = self._output(i, data)
         if decision.order == 1:
             if data:
@@ -390,17 +405,9 @@ class UnifiedSolverScheduler(SchedulerMixin, ConfigMixin):
         """UniPC's predictor (bh2) of order 1-3 from step i to the next noise level."""
         data = decision.prediction == "data"
         order = decision.order
-        sigma_t, sigma_s0 = self.sigmas[i + 1], self.sigmas[i]
-        alpha_t, sigma_t = self._alpha_sigma(sigma_t)
-        alpha_s0, sigma_s0 = self._alpha_sigma(sigma_s0)
-        lambda_t, lambda_s0 = torch.log(alpha_t) - torch.log(sigma_t), torch.log(alpha_s0) - torch.log(sigma_s0)
-        h = lambda_t - lambda_s0
+        alpha_t, sigma_t, alpha_s0, sigma_s0, lambda_s0, h = self._move(i)
         m0 = self._output(i, data)
-        ratios, D1s = [], []
-        for k in range(1, order):
-            rk = (self._lambda(i - k) - lambda_s0) / h
-            ratios.append(rk)
-            D1s.append((self._output(i - k, data) - m0) / rk)
+        ratios, D1s = self._differences(i, order, data, lambda_s0, h)
         h_phi_1, B_h, R, b = self._bh_coefficients(order, h, data, ratios)
         pred_res = 0
         if D1s:
@@ -421,16 +428,9 @@ class UnifiedSolverScheduler(SchedulerMixin, ConfigMixin):
         data = decision.prediction == "data"
         order = decision.order
         x = self._last_sample
-        alpha_t, sigma_t = self._alpha_sigma(self.sigmas[i])
-        alpha_s0, sigma_s0 = self._alpha_sigma(self.sigmas[i - 1])
-        lambda_t, lambda_s0 = torch.log(alpha_t) - torch.log(sigma_t), torch.log(alpha_s0) - torch.log(sigma_s0)
-        h = lambda_t - lambda_s0
+        alpha_t, sigma_t, alpha_s0, sigma_s0, lambda_s0, h = self._move(i - 1)  # the move step i - 1 made
         m0 = self._output(i - 1, data)
-        ratios, D1s = [], []
-        for k in range(1, order):
-            rk = (self._lambda(i - 1 - k) - lambda_s0) / h
-            ratios.append(rk)
-            D1s.append((self._output(i - 1 - k, data) - m0) / rk)
+        ratios, D1s = self._differences(i - 1, order, data, lambda_s0, h)
         h_phi_1, B_h, R, b = self._bh_coefficients(order, h, data, ratios)
         if order == 1:
             rhos_c = torch.ones(1, dtype=x.dtype, device=x.device) * 0.5
