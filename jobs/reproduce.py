@@ -30,15 +30,12 @@ def find_row(output: Output, prompt_id: str, seed: int) -> dict:
 def solver_schedule_for(row: dict, run: dict | None) -> dict | None:
     """The schedule file content a `schedule:<digest>` row was rendered with, from its output's run.json; None for
     a row of a named solver."""
-    if not str(row["scheduler"]).startswith("schedule:"):
-        return None
     from actors.models.unified_solver import ScheduleFile
 
-    recorded = (run or {}).get("solver_schedule")
-    if recorded is None or ScheduleFile.from_dict(recorded).label != row["scheduler"]:
-        raise ConfigError(f"the row was rendered with solver schedule {row['scheduler']}, which the output's run.json "
-                          "does not hold")
-    return recorded
+    try:
+        return ScheduleFile.recorded_for(row["scheduler"], run)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
 
 
 def reproduce_image(row: dict, solver_schedule: dict | None = None):

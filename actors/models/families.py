@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from actors.models.solvers import SCHEDULERS
+from actors.models.solvers import SCHEDULE_PREFIX, SCHEDULERS
 
 
 @dataclass(frozen=True)
@@ -157,7 +157,7 @@ def scheduler_from_label(model_path: str, label: str) -> str:
     """The --scheduler name that rebuilds a recorded label (a name, or the pipeline's own class for "default")."""
     if label in SCHEDULERS:
         return label
-    if label.startswith("schedule:"):
+    if label.startswith(SCHEDULE_PREFIX):
         raise ValueError(f"the rows were rendered with a searched solver schedule ({label}); it is read from the "
                          "run's run.json (see solver_schedule_for)")
     own = model_identity(model_path)["scheduler"]

@@ -496,7 +496,9 @@ class ScheduleFile:
     @property
     def label(self) -> str:
         """What manifest rows record as the scheduler."""
-        return f"schedule:{self.digest}"
+        from actors.models.solvers import SCHEDULE_PREFIX
+
+        return f"{SCHEDULE_PREFIX}{self.digest}"
 
     def to_dict(self) -> dict:
         return {"format": SCHEDULE_FORMAT, "version": SCHEDULE_VERSION, "model": self.model, "calls": self.calls,
@@ -523,6 +525,20 @@ class ScheduleFile:
             raise ValueError(f"{source}: its digest {value.get('digest')!r} does not match its content "
                              f"({found.digest}); it was edited by hand or damaged")
         return found
+
+    @staticmethod
+    def recorded_for(label: str, run: dict | None) -> dict | None:
+        """The schedule file content rows labelled `label` were rendered with, from their output's run.json (`run`);
+        None for a named solver's label. ValueError when run.json does not hold that schedule."""
+        from actors.models.solvers import SCHEDULE_PREFIX
+
+        if not str(label).startswith(SCHEDULE_PREFIX):
+            return None
+        recorded = (run or {}).get("solver_schedule")
+        if recorded is None or ScheduleFile.from_dict(recorded).label != label:
+            raise ValueError(f"the rows were rendered with solver schedule {label}, which the output's run.json does "
+                             "not hold")
+        return recorded
 
     def check_fits(self, model_path: str, steps: int) -> None:
         """ValueError unless this schedule was searched for this model and this number of steps (model calls)."""

@@ -5,6 +5,7 @@ Written by the collect job; read by train and evaluate, which must agree on what
 
 from __future__ import annotations
 
+from orchestrator.output.manifest import Manifest
 from orchestrator.output.storage import Output
 from orchestrator.run.config import ConfigError
 
@@ -36,17 +37,16 @@ def dataset_digest(table) -> str:
 def dataset_solver_schedule(uri: str, identity: dict) -> dict | None:
     """The searched solver schedule a dataset's rows were rendered with (their scheduler `schedule:<digest>`), from
     its collect output's run.json; None for rows of a named solver."""
+    from actors.models.solvers import SCHEDULE_PREFIX
     from actors.models.unified_solver import ScheduleFile
 
-    if not str(identity["scheduler"]).startswith("schedule:"):
+    if not str(identity["scheduler"]).startswith(SCHEDULE_PREFIX):
         return None
     folder = uri.rsplit("/", 1)[0] if uri.endswith(".parquet") else uri
-    output = Output(folder)
-    recorded = (output.read_json("run.json") if output.exists("run.json") else {}).get("solver_schedule")
-    if recorded is None or ScheduleFile.from_dict(recorded).label != identity["scheduler"]:
-        raise ConfigError(f"--dataset {uri}: its rows were rendered with solver schedule {identity['scheduler']}, "
-                          "which the collect output's run.json beside it does not hold")
-    return recorded
+    try:
+        return ScheduleFile.recorded_for(identity["scheduler"], Manifest(Output(folder)).read_run())
+    except ValueError as exc:
+        raise ConfigError(f"--dataset {uri}: {exc}") from exc
 
 
 def dataset_identity(table) -> dict:
