@@ -200,13 +200,11 @@ class SolverSearch:
         self.say = say or logger.warning
         self.progress = progress
         self.records: dict[str, Record] = {}
-        self.base_timesteps = solver_timesteps(self._scheduler_config(), settings.steps)
-        self.top = float(self._scheduler_config()["num_train_timesteps"] - 1)
-
-    def _scheduler_config(self) -> dict:
         from actors.models.unified_solver import UnifiedSolverScheduler
 
-        return dict(UnifiedSolverScheduler.load_config(self.model_path, subfolder="scheduler"))
+        scheduler_config = dict(UnifiedSolverScheduler.load_config(self.model_path, subfolder="scheduler"))
+        self.base_timesteps = solver_timesteps(scheduler_config, settings.steps)
+        self.top = float(scheduler_config["num_train_timesteps"] - 1)
 
     # state ---------------------------------------------------------------------------------------------------
 
