@@ -75,16 +75,23 @@ def test_mutants_stay_runnable_and_a_repaired_schedule_keeps_its_calls():
     base = SolverSchedule(tuple(StepDecision(t, order=min(2, i + 1), derivative="unip", corrector=i < 4)
                                 for i, t in enumerate([999, 799, 599, 399, 199])))
     rng = np.random.default_rng(0)
-    seen = set()
+    seen, final_corrector = set(), 0
     for _ in range(300):
-        child = mutant(base, rng, 999.0)
-        assert child.calls == 5 and child.problems() == [], child
-        seen.add(child.digest)
-    assert len(seen) > 100  # the search space is explored, not one neighbour
-    broken = repaired([StepDecision(500, "noise", 3, "dpm", True), StepDecision(600, "noise", 3, "unip", True)])
+        child = base
+        for _ in range(3):  # lines of descent, so the final corrector is turned on and off again
+            child = mutant(child, rng, 999.0)
+            assert child.calls == 5 and child.problems() == [], child
+            seen.add(child.digest)
+            final_corrector += child.final_corrector
+    assert len(seen) > 300  # the search space is explored, not one neighbour
+    assert 20 < final_corrector < 600  # the last step's corrector (4 steps + its call) is explored, not the rule
+    broken = repaired([StepDecision(500, "noise", 3, "dpm", True), StepDecision(600, "noise", 3, "unip", False)])
     assert broken.problems() == [] and broken.steps[1].timestep < broken.steps[0].timestep
     assert broken.steps[0].order == 1 and broken.steps[-1] == StepDecision(broken.steps[1].timestep, "data", 1,
                                                                            "unip", False)
+    # With the final corrector the last step ends above zero: it keeps its prediction and a possible order.
+    ending = repaired([StepDecision(500, "noise", 3, "dpm", True), StepDecision(600, "noise", 3, "unip", True)])
+    assert ending.problems() == [] and ending.steps[-1] == StepDecision(499.0, "noise", 2, "unip", True)
 
 
 def test_search_settings_that_cannot_work_are_refused_before_any_model_loads(tmp_path, capsys):

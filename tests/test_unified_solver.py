@@ -14,7 +14,8 @@ import torch
 from actors.models import diffusion, families
 from actors.models.seeds import batch_noise
 from actors.models.unified_solver import (ScheduleFile, SolverSchedule, StepDecision, UnifiedSolverScheduler,
-                                          dpm_solver_pp_schedule, solver_model_identity, unipc_schedule)
+                                          dpm_solver_pp_schedule, solver_model_identity, solver_timesteps,
+                                          unipc_schedule)
 
 torch.set_num_threads(2)
 SIZE = 32
@@ -117,6 +118,45 @@ def test_a_searched_kind_of_schedule_runs_with_fractional_timesteps_mixed_decisi
         unified.step(x, 0, x)
 
 
+def test_the_last_steps_corrector_costs_one_call_at_timestep_0_and_brings_a_gaussians_exact_flow_closer(
+        tiny_sd_path):
+    """Data from N(0, s^2): the noise prediction and the probability-flow ODE's solution are exact, so each
+    ending's error is measured. The final corrector's extra call at timestep 0 corrects the last move (which then
+    ends at timestep 0's noise level, not zero) and lands nearer the exact solution than the same steps without."""
+    config = diffusers.DDIMScheduler.from_pretrained(tiny_sd_path, subfolder="scheduler").config
+    s = 0.5
+
+    def alpha(sigma: float) -> float:
+        return 1 / (1 + sigma * sigma) ** 0.5
+
+    def error(schedule: SolverSchedule) -> tuple[float, list[float]]:
+        unified = UnifiedSolverScheduler.for_pipeline(config, schedule)
+        unified.set_timesteps(schedule.calls)
+        start = torch.randn(64, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+        x = start
+        for t in unified.timesteps:
+            sigma = float(np.interp(float(t), np.arange(len(unified.train_sigmas)), unified.train_sigmas))
+            x = unified.step(sigma * x / (alpha(sigma) * (s * s + sigma * sigma)), t, x).prev_sample
+        first, end = float(unified.train_sigmas[-1]), float(unified.sigmas[-1])
+        exact = start * alpha(end) / alpha(first) * ((s * s + end**2) / (s * s + first**2)) ** 0.5
+        with pytest.raises(ValueError, match="was asked for"):
+            unified.step(x, 0, x)
+        return float((x - exact).pow(2).mean().sqrt()), unified.timesteps.tolist()
+
+    plain = unipc_schedule(solver_timesteps(config, 4), 2)
+    corrected = SolverSchedule(plain.steps[:-1] + (StepDecision(plain.steps[-1].timestep, "data", 1, "unip",
+                                                                corrector=True),))
+    assert plain.calls == 4 and corrected.calls == 5 and corrected.final_corrector
+    plain_error, plain_timesteps = error(plain)
+    corrected_error, corrected_timesteps = error(corrected)
+    assert corrected_timesteps == plain_timesteps + [0]
+    assert corrected_error < 0.97 * plain_error, (corrected_error, plain_error)
+    # Ending at a nonzero noise level, the last step may then take any prediction and order.
+    free = SolverSchedule(plain.steps[:-1] + (StepDecision(plain.steps[-1].timestep, "noise", 2, "dpm",
+                                                           corrector=True),))
+    assert free.problems() == [] and error(free)[0] < plain_error
+
+
 def test_the_analytic_first_step_moves_the_starting_noise_as_ddim_would_with_the_noise_as_its_prediction(
         tiny_sd_path):
     config = diffusers.DDIMScheduler.from_pretrained(tiny_sd_path, subfolder="scheduler").config
@@ -160,7 +200,7 @@ def test_schedules_are_json_data_with_a_digest_that_changes_with_any_decision():
     ([StepDecision(999, order=2), StepDecision(500)], "order 2 needs 1 earlier model calls"),
     ([StepDecision(999), StepDecision(999)], "does not come after"),
     ([StepDecision(999), StepDecision(500, prediction="noise")], "must use the data prediction"),
-    ([StepDecision(999), StepDecision(500, corrector=True)], "no next model call for a corrector"),
+    ([StepDecision(999), StepDecision(0, corrector=True)], "must start above it"),
     ([StepDecision(999), StepDecision(500, order=2)], "takes order 1"),
     ([StepDecision(1200)], "outside 0..999"),
     ([StepDecision(999, derivative="taylor")], "derivative 'taylor'"),
@@ -194,24 +234,27 @@ def write_schedule(path, model: str, timesteps: list[int], solver=unipc_schedule
     return found
 
 
-def test_a_schedule_file_renders_is_recorded_in_rows_and_run_json_and_reproduces(ray_session, tmp_path):
+def test_a_schedule_file_collects_is_recorded_in_rows_and_run_json_reproduces_and_evaluate_renders_it(
+        ray_session, tmp_path):
+    """The collect job with --scheduler schedule:PATH (generate's flow plus the training set), then what reproduce
+    and evaluate make of its output: the same images from the rows and from the training set."""
     from PIL import Image
 
-    from jobs import reproduce
+    from jobs import collect, reproduce
+    from jobs.common import config_from_args
     from orchestrator.flow import pipeline
-    from orchestrator.run.config import ConfigError, GenerateConfig
+    from orchestrator.run.config import ConfigError
     from tests.helpers_manifest import manifest_frame
 
     schedule = write_schedule(tmp_path / "schedule.json", "embedded:tiny-sd", [999, 749, 499])
     corpus = tmp_path / "prompts.txt"
     corpus.write_text("a red circle\ntwo blue squares\n")
     out = tmp_path / "out"
-    config = GenerateConfig(prompts=str(corpus), out=str(out), candidates=2, keep=1, steps=3, batch_size=2,
-                            generator_cpus=1, scheduler=f"schedule:{tmp_path / 'schedule.json'}")
-    summary = pipeline.run(config)
-    assert summary["images"] == 2
+    flags = ["--prompts", str(corpus), "--out", str(out), "--candidates", "2", "--steps", "3", "--batch-size", "2",
+             "--generator-cpus", "1", "--scheduler", f"schedule:{tmp_path / 'schedule.json'}"]
+    assert collect.main([*flags, "--json"]) == 0
     rows = manifest_frame(str(out))
-    assert set(rows.scheduler) == {schedule.label}
+    assert len(rows) == 4 and set(rows.scheduler) == {schedule.label}
     run = json.loads((out / "run.json").read_text())
     assert run["solver_schedule"] == schedule.to_dict() and run["fingerprint_fields"]["scheduler"] == schedule.label
     row = rows.iloc[0]
@@ -220,23 +263,28 @@ def test_a_schedule_file_renders_is_recorded_in_rows_and_run_json_and_reproduces
                            "--out", str(target)]) == 0
     original = np.asarray(Image.open(row.image_uri), dtype=np.int16)
     assert np.abs(original - np.asarray(Image.open(target), dtype=np.int16)).max() <= 1
-    # evaluate renders a dataset's candidates with the schedule its collect output's run.json holds.
+    # evaluate renders a training set's candidates with the schedule its collect output's run.json holds.
+    import pandas as pd
+
+    from actors.models import diffusion
+    from actors.models.embedded import resolve_model
     from orchestrator.evaluation.figures import render_candidates
     from orchestrator.output.dataset import dataset_solver_schedule
 
-    identity = {key: row[key] for key in ("model", "scheduler", "steps", "guidance", "width", "height")}
+    dataset = pd.read_parquet(out / "dataset.parquet")
+    first = dataset[(dataset.prompt_id == row.prompt_id) & (dataset.seed == row.seed)].iloc[0]
+    assert len(dataset) == 4 and first.scheduler == schedule.label
+    identity = {key: first[key] for key in ("model", "scheduler", "steps", "guidance", "width", "height")}
     identity["solver_schedule"] = dataset_solver_schedule(str(out), identity)
     assert identity["solver_schedule"] == schedule.to_dict()
-    from actors.models import diffusion
-    from actors.models.embedded import resolve_model
-
-    model_path = resolve_model(row.model)
-    images, _ = render_candidates(model_path, identity, diffusion.load_adapter(model_path, "text"), [row.prompt],
-                                  [[int(row.seed)]])
+    model_path = resolve_model(first.model)
+    images, _ = render_candidates(model_path, identity, diffusion.load_adapter(model_path, "text"), [first.prompt],
+                                  [[int(first.seed)]])
     assert np.abs(original - images[0].astype(np.int16)).max() <= 1
     # The same schedule at another path is the same run; an edited schedule is another configuration.
+    config = config_from_args(collect.parser().parse_args(flags), all_candidates=True, keep=2, save_images=True)
     (tmp_path / "moved.json").write_text((tmp_path / "schedule.json").read_text())
-    assert pipeline.run(dataclasses.replace(config, scheduler=f"schedule:{tmp_path / 'moved.json'}"))["images"] == 2
+    assert pipeline.run(dataclasses.replace(config, scheduler=f"schedule:{tmp_path / 'moved.json'}"))["images"] == 4
     write_schedule(tmp_path / "edited.json", "embedded:tiny-sd", [999, 700, 400])
     with pytest.raises(ConfigError, match="another configuration"):
         pipeline.run(dataclasses.replace(config, scheduler=f"schedule:{tmp_path / 'edited.json'}"))

@@ -1,8 +1,9 @@
 """A unified multistep solver (the S³ / USF idea): a schedule of per-step decisions, run through diffusers'
 scheduler interface, so every adapter's denoise loop runs it unchanged.
 
-A schedule with K steps makes exactly K model calls. Step i calls the model at its `timestep`, then moves the
-sample to the next step's noise level (after the last step: noise level zero, the image) with:
+A schedule with K steps makes exactly K model calls (K + 1 with the last step's corrector, below). Step i calls
+the model at its `timestep`, then moves the sample to the next step's noise level (after the last step: noise
+level zero, the image) with:
 
 - `prediction`: what the update extrapolates, the data prediction x0 ("data", DPM-Solver++ and UniPC's default)
   or the noise prediction eps ("noise", DPM-Solver). The last step goes to noise level zero: it must use "data" at
@@ -13,7 +14,12 @@ sample to the next step's noise level (after the last step: noise level zero, th
   (the midpoint form at order 2, 3M at order 3); "unip", UniPC's predictor (B(h) = e^h - 1, coefficients solved
   from the step ratios). At order 1 both are the exact exponential-integrator step.
 - `corrector`: UniC applied to this step's result once the next call's output is known, before the next step
-  moves on (UniPC's corrector, order = this step's order). It needs no extra model call, so the last step has none.
+  moves on (UniPC's corrector, order = this step's order). It needs no extra model call, except on the last step:
+  there it costs one more call (a schedule of K - 1 steps then makes K calls). The last step then moves to the
+  noise level of timestep 0 (the lowest the model was trained at, sigma about 0.01 for SD's schedule) instead of
+  zero, the model is called there once more, and the image is the corrected sample: diffusers' "sigma_min" ending
+  with UniC after it, as the USF paper's final corrector does. Moving to a nonzero level, the last step may then
+  take any prediction and order.
 - `analytic` (step 0 only): S³'s analytic first step. The run starts from pure noise x_T at the last training
   timestep; with it the sampler first moves x_T to step 0's timestep taking the noise prediction to be x_T itself
   (x_T is almost all noise), with no model call, so all K calls are spent lower down.
@@ -63,12 +69,18 @@ class SolverSchedule:
     steps: tuple[StepDecision, ...]
 
     @property
+    def final_corrector(self) -> bool:
+        """Whether the last step is corrected by one extra model call at timestep 0 (see the module docstring)."""
+        return bool(self.steps) and self.steps[-1].corrector
+
+    @property
     def calls(self) -> int:
-        return len(self.steps)
+        return len(self.steps) + self.final_corrector
 
     @property
     def timesteps(self) -> list[float]:
-        return [step.timestep for step in self.steps]
+        """Where the model is called, one per call: the steps' timesteps, then 0 for the final corrector's call."""
+        return [step.timestep for step in self.steps] + ([0.0] if self.final_corrector else [])
 
     def problems(self, num_train_timesteps: int = 1000) -> list[str]:
         """Why this schedule cannot run, one line each; [] when it can."""
@@ -92,14 +104,17 @@ class SolverSchedule:
                 found.append(f"{where}: the analytic first step comes before the first call, from timestep "
                              f"{num_train_timesteps - 1} down to a lower one")
         last = self.steps[-1]
+        if last.corrector:
+            if last.timestep <= 0:
+                found.append(f"step {len(self.steps) - 1}: a last step with a corrector moves to timestep 0's noise "
+                             f"level, so it must start above it (timestep {last.timestep})")
+            return found
         if last.prediction != "data":
             found.append(f"step {len(self.steps) - 1}: the last step goes to noise level zero and must use the data "
                          "prediction")
         if last.order != 1:
             found.append(f"step {len(self.steps) - 1}: the last step goes to noise level zero, where a step of order "
                          f"{last.order} divides by an infinite log-SNR step; it takes order 1 (the data prediction)")
-        if last.corrector:
-            found.append(f"step {len(self.steps) - 1}: the last step has no next model call for a corrector")
         return found
 
     def to_dict(self) -> dict:
@@ -239,7 +254,10 @@ class UnifiedSolverScheduler(SchedulerMixin, ConfigMixin):
                              f"{num_inference_steps} steps")
         timesteps = np.array(self.schedule.timesteps, dtype=np.float64)
         sigmas = np.interp(timesteps, np.arange(0, len(self.train_sigmas)), self.train_sigmas)
-        self.sigmas = torch.from_numpy(np.concatenate([sigmas, [0.0]]).astype(np.float32))
+        # The noise level after the last step: zero (the image), or with the final corrector timestep 0's, which
+        # is already the last entry (the corrector's call).
+        ending = [] if self.schedule.final_corrector else [0.0]
+        self.sigmas = torch.from_numpy(np.concatenate([sigmas, ending]).astype(np.float32))
         integral = bool(np.all(timesteps == np.round(timesteps)))
         self.timesteps = torch.from_numpy(timesteps.astype(np.int64) if integral else timesteps.astype(np.float32))
         self.timesteps = self.timesteps.to(device)
@@ -279,12 +297,15 @@ class UnifiedSolverScheduler(SchedulerMixin, ConfigMixin):
         if float(timestep) != float(self.timesteps[i]):
             raise ValueError(f"step {i} of the schedule is at timestep {float(self.timesteps[i])}, called at "
                              f"{float(timestep)}")
-        decision = self.schedule.steps[i]
-        if i == 0 and decision.analytic:
+        if i == 0 and self.schedule.steps[0].analytic:
             sample = self._analytic_first_step(sample)
         x0, eps = self._convert(model_output, sample, i)
         if i > 0 and self.schedule.steps[i - 1].corrector:
             sample = self._uni_c(self.schedule.steps[i - 1], i, x0 if self._is_data(i - 1) else eps, sample)
+        if i == len(self.schedule.steps):  # the final corrector's call: the corrected sample is the result
+            self._step_index += 1
+            return SchedulerOutput(prev_sample=sample) if return_dict else (sample,)
+        decision = self.schedule.steps[i]
         self._outputs.append((x0, eps))
         self._last_sample = sample
         if decision.derivative == "unip":

@@ -85,25 +85,27 @@ class SearchSettings:
 
 def repaired(steps: list[StepDecision], top: float = 999.0) -> SolverSchedule:
     """A schedule that can run from any mutated decisions: orders within what came before, the last step a data
-    step of order 1 without a corrector, timesteps strictly decreasing by at least 1, the analytic first step only
-    on step 0 below the top timestep."""
+    step of order 1 unless it has the final corrector (then it ends above noise level zero and may be anything),
+    timesteps strictly decreasing by at least 1, the analytic first step only on step 0 below the top timestep."""
     fixed = []
     for i, step in enumerate(steps):
         timestep = float(step.timestep) if i == 0 else min(float(step.timestep), fixed[-1].timestep - 1.0)
-        last = i == len(steps) - 1
+        last = i == len(steps) - 1 and not step.corrector
         timestep = round(max(timestep, 1.0 + (len(steps) - 1 - i)), 1)
         fixed.append(StepDecision(timestep=timestep, prediction="data" if last else step.prediction,
                                   order=1 if last else max(1, min(step.order, i + 1, 3)),
-                                  derivative=step.derivative, corrector=False if last else step.corrector,
+                                  derivative=step.derivative, corrector=step.corrector,
                                   analytic=step.analytic and i == 0 and timestep < top))
     return SolverSchedule(tuple(fixed))
 
 
 def mutant(parent: SolverSchedule, rng: np.random.Generator, top: float) -> SolverSchedule:
-    """One to three random changes: a timestep moved (within its neighbours), a decision flipped."""
+    """One to three random changes: a timestep moved (within its neighbours), a decision flipped. The last step's
+    corrector costs a call, so turning it on merges two steps and turning it off splits the last one: the number
+    of model calls stays the parent's."""
     steps = list(parent.steps)
-    count = len(steps)
     for _ in range(int(rng.integers(1, 4))):
+        count = len(steps)
         i = int(rng.integers(0, count))
         step = steps[i]
         kind = rng.choice(["timestep", "timestep", "prediction", "order", "derivative", "corrector", "analytic"])
@@ -125,6 +127,16 @@ def mutant(parent: SolverSchedule, rng: np.random.Generator, top: float) -> Solv
             step = dataclasses.replace(step, analytic=not step.analytic,
                                        timestep=min(step.timestep, top - 0.25 * (top - steps[1].timestep))
                                        if not step.analytic and count > 1 else step.timestep)
+        elif i == count - 1 and count > 1:
+            if step.corrector:  # off: the freed call becomes a step halfway down to timestep 0
+                steps[i] = dataclasses.replace(step, corrector=False)
+                steps.append(StepDecision(timestep=round(step.timestep / 2, 1)))
+                continue
+            if count < 3:
+                continue
+            del steps[int(rng.integers(1, count - 1))]  # on: an inner step gives its call to the corrector
+            step = dataclasses.replace(step, corrector=True)
+            i = len(steps) - 1
         else:
             step = dataclasses.replace(step, corrector=not step.corrector)
         steps[i] = step
@@ -132,11 +144,14 @@ def mutant(parent: SolverSchedule, rng: np.random.Generator, top: float) -> Solv
 
 
 def features(schedule: SolverSchedule, top: float) -> np.ndarray:
-    """What the surrogate reads of a schedule: its timesteps (scaled) and each step's decisions."""
+    """What the surrogate reads of a schedule: each call's timestep (scaled) and decisions, the same length for
+    every schedule of K calls (the final corrector's call reads as a corrector at timestep 0)."""
     values = []
     for step in schedule.steps:
         values += [step.timestep / top, step.prediction == "data", step.order / 3, step.derivative == "unip",
                    step.corrector, step.analytic]
+    if schedule.final_corrector:
+        values += [0.0, 1.0, 1 / 3, 0.0, 1.0, 0.0]
     return np.asarray(values, dtype=np.float64)
 
 
