@@ -208,10 +208,8 @@ class Manifest:
 
     def read_run(self) -> dict | None:
         """run.json, or None for an empty output."""
-        if not self.output.exists(RUN_FILE):
-            return None
         try:
-            return self.output.read_json(RUN_FILE)
+            return self.output.read_json_if_there(RUN_FILE)
         except ValueError as exc:
             raise DamagedManifest(f"{self.output.uri_of(RUN_FILE)} is not valid JSON ({exc})") from exc
 
@@ -261,17 +259,17 @@ class Manifest:
         folder or glob corpus (`collection`; layout `ids: per file`); one begun by seedsift 0.2 keeps ids unique
         across the corpus, as it was written (its committed rows must keep matching what the corpus reads as)."""
         output = self.output
-        previous = self.read_run()
+        previous, legacy = self.read_run(), self.legacy_parts()
         layout = {"version": LAYOUT_VERSION, **run["layout"], "ids": ID_SCOPE}
         if previous is None:
-            if self.legacy_parts():
+            if legacy:
                 raise ConfigError(f"{output.uri} holds manifest parts but no {RUN_FILE}; it is not a seedsift output "
                                   "this version can continue. Write to a new --out")
             output.write_json(RUN_FILE, {**run, "layout": layout,
                                          "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
             return collection
         recorded = previous.get("layout")
-        if recorded is None or self.legacy_parts():
+        if recorded is None or legacy:
             raise ConfigError(
                 f"{output.uri} was written by seedsift 0.1, which committed one manifest part per 16 rows; this "
                 "version keeps a sharded manifest and cannot continue it. Write to a new --out (the old output stays "
@@ -299,8 +297,9 @@ class Manifest:
         return collection and scope == ID_SCOPE
 
     def legacy_parts(self) -> list[str]:
-        """Parts of a version-1 output (seedsift 0.1 wrote `manifest/part-<hash>.parquet`, one per 16 rows)."""
-        return [key for key in self.output.list_keys("manifest", ".parquet") if key.count("/") == 1]
+        """Parts of a version-1 output (seedsift 0.1 wrote `manifest/part-<hash>.parquet`, one per 16 rows): one
+        listing of the manifest folder's own names, not of the shards below it (10,000 of them at 10M rows)."""
+        return [f"manifest/{name}" for name in self.output.names_in("manifest") if name.endswith(".parquet")]
 
     # listing ------------------------------------------------------------------------------------------------
 

@@ -272,6 +272,13 @@ class Output:
     def read_json(self, key: str) -> dict:
         return json.loads(self.read_bytes(key))
 
+    def read_json_if_there(self, key: str) -> dict | None:
+        """The object as JSON, or None when there is none: one GET (no existence check before it)."""
+        try:
+            return self.read_json(key)
+        except FileNotFoundError:
+            return None
+
     def read_table(self, key: str, columns: list[str] | None = None) -> pa.Table:
         return pq.read_table(io.BytesIO(self.read_bytes(key)), columns=columns)
 
@@ -285,10 +292,15 @@ class Output:
 
     def top_level(self) -> list[str]:
         """Names directly under the output's root, sorted (one listing, whatever lies deeper); [] for none."""
-        root = self.path("")
+        return self.names_in("")
+
+    def names_in(self, folder: str) -> list[str]:
+        """Names directly under `folder` ("" the root), sorted: one listing, not the keys deeper down (on S3 one
+        delimited LIST, whatever the folder holds below); [] for a folder that is not there."""
+        root = self.path(folder)
         self.fs.invalidate_cache(root)
         try:
-            entries = self._guard("listing the output", self.fs.ls, root, detail=False)
+            entries = self._guard(f"listing {folder or 'the output'}", self.fs.ls, root, detail=False)
         except FileNotFoundError:
             return []
         except StorageError as exc:  # a local path under a file holds nothing: check_writable then says why
@@ -324,7 +336,7 @@ class Output:
             return list(pool.map(read, keys))
 
     def check_writable(self) -> None:
-        """Fail early with a clear message when the output cannot be written (missing bucket, no permission, offline)."""
+        """Fail early with a clear message when the output cannot be written (no bucket, no permission, offline)."""
         probe = f"{PROBE_PREFIX}{uuid.uuid4().hex}"
         try:
             self.write_bytes(probe, b"probe")
