@@ -83,6 +83,14 @@ class PipelineAdapter:
 
     def __init__(self, pipe):
         self.pipe = pipe
+        self.attention_clock = None  # set by use_attention: sparse self-attention's step clock
+
+    def use_attention(self, label: str) -> None:
+        """Self-attention as a run's `attention` label says (actors/models/attention.py): "full" leaves the stock
+        processors; a sparse mode installs one processor per self-attention layer, stepped by `denoise`."""
+        from actors.models.attention import AttentionPlan, install
+
+        self.attention_clock = install(self.denoiser, AttentionPlan.from_label(label))
 
     @property
     def denoiser(self):
@@ -193,7 +201,12 @@ class PipelineAdapter:
             options["eta"] = 0.0
         if "generator" in parameters:
             options["generator"] = state.generators
-        for t in state.timesteps[state.step:until]:
+        clock = self.attention_clock
+        if clock is not None and len(clock.plan.full_steps) and max(clock.plan.full_steps) >= state.steps:
+            raise ValueError(f"attention {clock.plan.label} names full steps beyond this denoising's {state.steps}")
+        for index, t in enumerate(state.timesteps[state.step:until], start=state.step):
+            if clock is not None:
+                clock.step = index
             model_input = torch.cat([latents] * 2) if conditioning.guided else latents
             model_input = scheduler.scale_model_input(model_input, t)
             prediction = self._predict(model_input, t, conditioning)
@@ -377,13 +390,16 @@ def device_and_dtype(dtype_name: str = "auto") -> tuple[str, torch.dtype]:
     return "cpu", torch.float32
 
 
-def load_renderer(model_path: str, scheduler: str = "default", solver_schedule: dict | None = None) -> PipelineAdapter:
+def load_renderer(model_path: str, scheduler: str = "default", solver_schedule: dict | None = None,
+                  attention: str = "full") -> PipelineAdapter:
     """The render part of a pipeline on this process's device (cuda fp16 when a GPU is visible, else CPU float32),
-    with the named solver: what the generator stage, reproduce and evaluate render with, so an image rebuilt anywhere
-    is rendered as the run rendered it."""
+    with the named solver and self-attention (an AttentionPlan label): what the generator stage, reproduce and
+    evaluate render with, so an image rebuilt anywhere is rendered as the run rendered it."""
     device, dtype = device_and_dtype()
-    return load_adapter(model_path, "render", device=device, dtype=dtype, scheduler=scheduler,
-                        solver_schedule=solver_schedule)
+    adapter = load_adapter(model_path, "render", device=device, dtype=dtype, scheduler=scheduler,
+                           solver_schedule=solver_schedule)
+    adapter.use_attention(attention)
+    return adapter
 
 
 def load_adapter(model_path: str, part: str, device: str = "cpu", dtype: torch.dtype = torch.float32,
