@@ -17,8 +17,8 @@ from orchestrator.output.dataset import DATASET_FILE
 from orchestrator.output.manifest import MANIFEST_SCHEMA, Manifest
 from orchestrator.output.storage import Output
 
-DATASET_COLUMNS = ["prompt_id", "prompt", "seed", "candidate_index", "score", "model", "scheduler", "steps",
-                   "guidance", "width", "height", "rater", "run_id"]
+DATASET_COLUMNS = ["prompt_id", "prompt", "seed", "candidate_index", "score", "model", "scheduler", "attention",
+                   "steps", "guidance", "width", "height", "rater", "run_id"]
 
 
 def write_dataset(output: Output) -> int:

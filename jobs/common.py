@@ -44,6 +44,15 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         help="solver: default (the pipeline's own), ddim, euler, euler-a, dpm++, dpm++-karras, unipc; "
              "schedule:PATH (a searched schedule.json, see seedsift search-solver), or searched (the one shipped "
              "for embedded:shapes at --steps 4, 6 or 8)")
+    add("--attention", default="full",
+        help="the denoiser's self-attention: full; sparse (each query attends to a band of --attention-density of "
+             "the keys on all but --attention-full-steps); re-ttention (the same, corrected from the last full step "
+             "by Re-ttention's ratio and residual caches)")
+    add("--attention-density", type=float, default=0.031,
+        help="sparse and re-ttention: the share of keys each query attends to on sparse steps (default 0.031)")
+    add("--attention-full-steps", default="paper",
+        help="sparse and re-ttention: the steps with full attention, 'paper' (the first quarter of the steps, then "
+             "every quarter-th: 0-4, 5, 10, 15 of 20) or step numbers such as 0,1,2,3,4,10")
     add("--guidance", type=float, default=None,
         help="classifier-free guidance scale (default 7.5; 5 for embedded:shapes, the scale it was tuned at)")
     add("--width", type=int, default=None, help="image width (default: the pipeline's native size)")

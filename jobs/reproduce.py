@@ -1,4 +1,5 @@
-"""The reproduce job: rebuilds one image from its manifest row alone (model, scheduler, steps, guidance, size, seed).
+"""The reproduce job: rebuilds one image from its manifest row alone (model, scheduler, attention, steps, guidance,
+size, seed).
 
 Run as `seedsift reproduce --manifest OUT --prompt-id ID --seed S --out FILE`.
 """
@@ -58,7 +59,8 @@ def reproduce_image(row: dict, solver_schedule: dict | None = None):
     embeds = text_adapter.encode([row["prompt"]], row["guidance"])
     embeds.pop("truncated", None)
     del text_adapter
-    render_adapter = diffusion.load_renderer(model_path, scheduler, solver_schedule)
+    # The row's self-attention (sparse attention, Re-ttention); rows written before seedsift recorded it: full.
+    render_adapter = diffusion.load_renderer(model_path, scheduler, solver_schedule, row.get("attention") or "full")
     latents = batch_noise([row["seed"]], families.latent_shape(model_path, row["height"], row["width"]))
     return render_adapter.render(embeds, latents, steps=row["steps"], guidance_scale=row["guidance"],
                                  height=row["height"], width=row["width"], seeds=[row["seed"]])[0]

@@ -22,6 +22,10 @@ def _flag(name: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="seedsift train_shapes", description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="folder for the trained pipeline (created; overwritten)")
+    parser.add_argument("--denoiser", choices=("unet", "dit"), default="unet",
+                        help="unet: the embedded:shapes pipeline (VAE, UNet, CLIP); dit: embedded:shapes-dit, a PixArt "
+                             "transformer and T5 encoder on the shipped shapes VAE (--vae)")
+    parser.add_argument("--vae", default=None, help="with --denoiser dit: the VAE folder (default: the shipped one)")
     parser.add_argument("--checkpoints", default=None, help="also save the EMA pipeline here as step-N folders")
     parser.add_argument("--checkpoint-every", type=int, default=1000, help="denoiser steps between checkpoints")
     for field in dataclasses.fields(TrainSettings):
@@ -31,8 +35,18 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         settings = TrainSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainSettings)})
-        summary = train_shapes_model(args.out, settings, log=lambda entry: print(json.dumps(entry), flush=True),
-                                     checkpoints=args.checkpoints, checkpoint_every=args.checkpoint_every)
+        def log(entry: dict) -> None:
+            print(json.dumps(entry), flush=True)
+
+        if args.denoiser == "dit":
+            from actors.models.embedded import SHIPPED_MODELS
+            from actors.testbed.dit import train_shapes_dit
+
+            summary = train_shapes_dit(args.out, settings, args.vae or SHIPPED_MODELS["shapes"] / "vae", log=log,
+                                       checkpoints=args.checkpoints, checkpoint_every=args.checkpoint_every)
+        else:
+            summary = train_shapes_model(args.out, settings, log=log, checkpoints=args.checkpoints,
+                                         checkpoint_every=args.checkpoint_every)
         keys = ("parameters", "vae", "denoiser", "total_seconds", "total_cpu_seconds", "folder_bytes")
         figures = {key: summary[key] for key in keys}
         print(json.dumps(figures, indent=1))

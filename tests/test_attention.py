@@ -3,15 +3,22 @@ processor's caches (Re-ttention's ratio and residual), and renders of the tiny P
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from actors.models import diffusion
+from actors.models.attention import (
+    SparseSelfAttention,
+    StepClock,
+    install,
+    self_attention_layers,
+)
+from actors.models.attention_plan import AttentionPlan, paper_full_steps
 from actors.models.families import latent_shape
-from actors.models.attention import (AttentionPlan, SparseSelfAttention, StepClock, install, paper_full_steps,
-                                     self_attention_layers)
 from actors.models.seeds import batch_noise
 from actors.models.sparse_attention import band_block_mask, token_mask
 
@@ -115,3 +122,71 @@ def test_full_attention_installs_nothing_and_a_denoiser_without_self_attention_i
     assert dict(adapter.denoiser.attn_processors) == before
     with pytest.raises(ValueError, match="has no self-attention layer"):
         install(adapter.pipe.vae, AttentionPlan("sparse", 0.1, (0,)))
+
+
+# --- in a run: flags, rows, fingerprint, reproduce, refusals ------------------------------------------------------
+
+
+def test_a_run_with_re_ttention_records_it_in_rows_and_fingerprint_and_reproduce_honours_it(ray_session, tmp_path):
+    from PIL import Image
+
+    from jobs import reproduce
+    from orchestrator.flow import pipeline
+    from orchestrator.run.config import ConfigError, GenerateConfig
+    from tests.helpers_manifest import manifest_frame
+
+    corpus = tmp_path / "prompts.txt"
+    corpus.write_text("a red circle\ntwo blue squares\n")
+    values = dict(prompts=str(corpus), out=str(tmp_path / "out"), model="embedded:tiny-pixart", candidates=2, keep=1,
+                  steps=4, guidance=4.0, batch_size=2, generator_cpus=1, attention="re-ttention",
+                  attention_density=0.1, attention_full_steps="0,2")
+    config = GenerateConfig(**values)
+    assert pipeline.run(config)["images"] == 2
+    rows = manifest_frame(values["out"])
+    assert set(rows.attention) == {"re-ttention@0.1/0,2"}
+    run = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert run["fingerprint_fields"]["attention"] == "re-ttention@0.1/0,2"
+    row = rows.iloc[0]
+    target = tmp_path / "again.png"
+    assert reproduce.main(["--manifest", values["out"], "--prompt-id", row.prompt_id, "--seed", str(int(row.seed)),
+                           "--out", str(target)]) == 0
+    original = np.asarray(Image.open(row.image_uri), dtype=np.int16)
+    assert np.abs(original - np.asarray(Image.open(target), dtype=np.int16)).max() <= 1
+    # Rendered with full attention instead, the same row is another image: reproduce really used the row's.
+    from jobs.reproduce import reproduce_image
+
+    full = reproduce_image({**row.to_dict(), "attention": "full"}).astype(np.int16)
+    assert np.abs(original - full).max() > 1
+    # Another density is another configuration of the same output; full attention keeps the old fingerprint.
+    with pytest.raises(ConfigError, match="another configuration"):
+        pipeline.run(GenerateConfig(**{**values, "attention_density": 0.2}))
+    full_fields = GenerateConfig(**{**values, "attention": "full"})
+    from orchestrator.run.plan import build_plan
+
+    assert "attention" not in build_plan(full_fields).fingerprint_fields
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"attention": "sparse", "policy": "preview", "candidates": 4}, "not sliced to the one that continues"),
+    ({"attention": "dense"}, "--attention 'dense' is unknown"),
+    ({"attention": "re-ttention", "attention_full_steps": "3,5"}, "must include step 0"),
+    ({"attention": "re-ttention", "attention_full_steps": "0,25"}, "outside 0..19"),
+    ({"attention": "sparse", "attention_density": 0}, "above 0 and below 1"),
+])
+def test_attention_flags_that_cannot_work_are_refused_with_the_configuration(overrides, message):
+    from orchestrator.run.config import ConfigError, GenerateConfig
+
+    with pytest.raises(ConfigError, match=message):
+        GenerateConfig(prompts="p.txt", out="out", **overrides)
+
+
+def test_manifest_objects_written_before_the_attention_column_read_it_as_null(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from orchestrator.output.manifest import _read_columns
+
+    pq.write_table(pa.table({"prompt_id": ["a"], "seed": [1]}), tmp_path / "old.parquet")
+    table = _read_columns(pq.ParquetFile(tmp_path / "old.parquet"), ["prompt_id", "attention", "seed"])
+    assert table.column_names == ["prompt_id", "attention", "seed"]
+    assert table["attention"].to_pylist() == [None] and table.schema.field("attention").type == pa.string()

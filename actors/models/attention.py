@@ -31,84 +31,16 @@ step; step 0 is always full, so each denoising starts with its own caches. Cross
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from actors.models.sparse_attention import band_block_mask, block_sparse_attention
+from actors.models.attention_plan import AttentionPlan
+from actors.models.sparse_attention import band_block_mask, block_sparse_attention, dense_attention_with_lse
 
-MODES = ("full", "sparse", "re-ttention")
-ABLATIONS = ("ratio", "residual")  # one correction alone: the benchmark's ablation, not a command-line choice
-DEFAULT_DENSITY = 0.031  # the paper's sparsest setting: 3.1 % of the keys
-PAPER = "paper"
 SEQUENCE_BLOCKS = 64  # a sequence is cut into at most 64 blocks: 64 tokens in blocks of 1, 4,096 in blocks of 64
 _USES_RATIO = {"re-ttention", "ratio"}
 _USES_RESIDUAL = {"re-ttention", "residual"}
-
-
-def paper_full_steps(steps: int) -> tuple[int, ...]:
-    """The paper's schedule, scaled to `steps`: the first quarter of the steps full, then every quarter-th step
-    (20 steps: 0-4, 5, 10, 15; 8 of 20 full)."""
-    period = max(1, round(steps / 4))
-    return tuple(i for i in range(steps) if i < period or i % period == 0)
-
-
-@dataclass(frozen=True)
-class AttentionPlan:
-    """How a run's denoiser attends: the mode, the kept share of keys and which steps are full (resolved for the
-    run's step count). Its `label` is what the fingerprint and every manifest row record; `from_label` reads it."""
-
-    mode: str = "full"
-    density: float = DEFAULT_DENSITY
-    full_steps: tuple[int, ...] = ()
-
-    @classmethod
-    def resolve(cls, mode: str, density: float, full_steps: str, steps: int) -> AttentionPlan:
-        """From the flags (`--attention`, `--attention-density`, `--attention-full-steps`); ValueError says why."""
-        if mode not in MODES + ABLATIONS:
-            raise ValueError(f"--attention {mode!r} is unknown; use one of {', '.join(MODES)}")
-        if mode == "full":
-            return cls()
-        if not 0 < density < 1:
-            raise ValueError(f"--attention-density {density} must be above 0 and below 1 (1 is --attention full)")
-        if full_steps.strip().lower() == PAPER:
-            chosen = paper_full_steps(steps)
-        else:
-            try:
-                chosen = tuple(sorted({int(part) for part in full_steps.split(",") if part.strip()}))
-            except ValueError:
-                raise ValueError(f"--attention-full-steps {full_steps!r}: expected '{PAPER}' or step numbers such "
-                                 "as 0,1,2,3,4,10") from None
-            outside = [i for i in chosen if not 0 <= i < steps]
-            if outside:
-                raise ValueError(f"--attention-full-steps {full_steps!r}: steps {outside} are outside 0..{steps - 1}")
-            if 0 not in chosen:
-                raise ValueError(f"--attention-full-steps {full_steps!r} must include step 0: the corrections of the "
-                                 "sparse steps come from a full step before them")
-        return cls(mode, float(density), chosen)
-
-    @property
-    def sparse(self) -> bool:
-        return self.mode != "full"
-
-    @property
-    def label(self) -> str:
-        if not self.sparse:
-            return "full"
-        return f"{self.mode}@{self.density:g}/" + ",".join(str(i) for i in self.full_steps)
-
-    @classmethod
-    def from_label(cls, label: str | None) -> AttentionPlan:
-        """The plan a manifest row's `attention` records (None, from rows written before it existed: full)."""
-        if not label or label == "full":
-            return cls()
-        try:
-            mode, rest = label.split("@", 1)
-            density, steps = rest.split("/", 1)
-            return cls(mode, float(density), tuple(int(i) for i in steps.split(",")))
-        except ValueError:
-            raise ValueError(f"attention {label!r} is not a label seedsift wrote") from None
 
 
 class StepClock:
@@ -130,23 +62,13 @@ def _blocks(tokens: int) -> tuple[int, int]:
     return block, math.ceil(tokens / block)
 
 
-def dense_with_ratio(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask: torch.Tensor,
-                     block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Full attention (B, H, N, D) and the share of each query's softmax weight inside the block mask (B, H, N, 1),
-    computed over chunks of queries so the score matrix in memory stays near 2^26 values."""
-    tokens = query.shape[-2]
-    scale = 1 / math.sqrt(query.shape[-1])
-    chunk = max(1, (1 << 26) // max(1, query.shape[0] * query.shape[1] * tokens))
-    key_blocks = torch.arange(tokens, device=query.device) // block
-    mask = block_mask.to(query.device)
-    outs, ratios = [], []
-    for start in range(0, tokens, chunk):
-        rows = slice(start, min(tokens, start + chunk))
-        weights = torch.softmax((query[..., rows, :] @ key.transpose(-1, -2)) * scale, dim=-1)
-        outs.append(weights @ value)
-        inside = mask[:, key_blocks[rows]][..., key_blocks]  # (H or 1, chunk, N)
-        ratios.append((weights * inside).sum(dim=-1, keepdim=True))
-    return torch.cat(outs, dim=-2), torch.cat(ratios, dim=-2)
+def full_step(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask: torch.Tensor,
+              block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Re-ttention's full step: (full attention, the band's attention, the share of each query's softmax weight
+    inside the band (B, H, N, 1)). The share is exp(lse_band - lse_full): no mask over the dense scores."""
+    full, lse_full = dense_attention_with_lse(query, key, value)
+    band, lse_band = block_sparse_attention(query, key, value, block_mask, block, return_lse=True)
+    return full, band, torch.exp(lse_band - lse_full)
 
 
 class SparseSelfAttention:
@@ -172,8 +94,7 @@ class SparseSelfAttention:
         if self.clock.full:
             if mode == "sparse":
                 return F.scaled_dot_product_attention(query, key, value)
-            full, ratio = dense_with_ratio(query, key, value, mask, block)
-            sparse = block_sparse_attention(query, key, value, mask, block)
+            full, sparse, ratio = full_step(query, key, value, mask, block)
             self.ratio = ratio if mode in _USES_RATIO else None
             self.residual = full - (sparse * ratio if self.ratio is not None else sparse) \
                 if mode in _USES_RESIDUAL else None

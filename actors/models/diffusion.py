@@ -88,7 +88,8 @@ class PipelineAdapter:
     def use_attention(self, label: str) -> None:
         """Self-attention as a run's `attention` label says (actors/models/attention.py): "full" leaves the stock
         processors; a sparse mode installs one processor per self-attention layer, stepped by `denoise`."""
-        from actors.models.attention import AttentionPlan, install
+        from actors.models.attention import install
+        from actors.models.attention_plan import AttentionPlan
 
         self.attention_clock = install(self.denoiser, AttentionPlan.from_label(label))
 

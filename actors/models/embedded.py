@@ -290,7 +290,8 @@ def build_tiny_pixart(folder: str) -> None:
 # Weights the project ships (safetensors plus JSON): the trained testbed's pipeline and predictor, and the tiny
 # pipeline's predictor (scripts/train_shapes_model.sh, train_shapes_predictor.sh, train_embedded_predictor.sh).
 TESTBED_WEIGHTS = Path(__file__).resolve().parents[1] / "testbed" / "weights"
-SHIPPED_MODELS = {"shapes": TESTBED_WEIGHTS / "pipeline"}
+# shapes-dit: the same world with a PixArt-layout transformer (actors/testbed/dit.py), for sparse attention.
+SHIPPED_MODELS = {"shapes": TESTBED_WEIGHTS / "pipeline", "shapes-dit": TESTBED_WEIGHTS / "pipeline-dit"}
 EMBEDDED_PREDICTORS = {
     "tiny-sd": Path(__file__).resolve().parent / "predictors" / "tiny-sd-colorfulness",
     "shapes": TESTBED_WEIGHTS / "predictor",
@@ -315,7 +316,7 @@ def shipped_schedule(model: str, steps: int) -> Path:
 
 
 # Settings a shipped model was tuned and measured at (docs/shapes.md): the jobs' defaults for flags not given.
-SHIPPED_DEFAULTS = {"shapes": {"guidance": 5.0, "rater": "shapes"}}
+SHIPPED_DEFAULTS = {"shapes": {"guidance": 5.0, "rater": "shapes"}, "shapes-dit": {"guidance": 5.0, "rater": "shapes"}}
 
 
 def model_defaults(model: str) -> dict:
@@ -327,7 +328,7 @@ def _shipped_folder(name: str) -> Path:
     folder = SHIPPED_MODELS[name]
     if not (folder / "model_index.json").is_file():
         raise ValueError(f"model embedded:{name}: {folder} has no model_index.json; the package was installed "
-                         f"without its model files, or retrain it with scripts/train_{name}_model.sh")
+                         f"without its model files, or retrain it with scripts/train_{name.replace('-', '_')}_model.sh")
     return folder
 
 

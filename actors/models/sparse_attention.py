@@ -37,9 +37,11 @@ def token_mask(block_mask: torch.Tensor, block: int, tokens: int) -> torch.Tenso
 
 
 def block_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask: torch.Tensor,
-                           block: int, scale: float | None = None) -> torch.Tensor:
+                           block: int, scale: float | None = None, return_lse: bool = False):
     """Attention of query (B, H, N, D) over key and value (B, H, N, D) where query block i sees key block j only
-    if block_mask[h, i, j] (block_mask (H or 1, Nb, Nb), Nb = ceil(N / block)). Returns (B, H, N, D)."""
+    if block_mask[h, i, j] (block_mask (H or 1, Nb, Nb), Nb = ceil(N / block)). Returns (B, H, N, D); with
+    `return_lse` also each query's log-sum-exp of its kept scores (B, H, N, 1), from an explicit softmax over the
+    gathered blocks (what Re-ttention's ratio needs; SDPA does not give it)."""
     batch, heads, tokens, dim = query.shape
     blocks = math.ceil(tokens / block)
     if block_mask.shape[-2:] != (blocks, blocks):
@@ -47,7 +49,7 @@ def block_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
                          f"(heads, {blocks}, {blocks})")
     if not block_mask.any(dim=-1).all():
         raise ValueError("every query block must keep at least one key block")
-    if bool(block_mask.all()):
+    if bool(block_mask.all()) and not return_lse:
         return F.scaled_dot_product_attention(query, key, value, scale=scale)
     padded = blocks * block
     if padded != tokens:  # pad to whole blocks; padded keys are masked out below, padded queries cropped
@@ -68,6 +70,51 @@ def block_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
         positions = (order.unsqueeze(-1) * block + torch.arange(block)).view(heads, blocks, kept * block)
         allowed = allowed & (positions < tokens)
     attn_mask = None if bool(allowed.all()) else allowed.view(1, heads, blocks, 1, kept * block)
-    out = F.scaled_dot_product_attention(query.reshape(batch, heads, blocks, block, dim), gathered_k, gathered_v,
-                                         attn_mask=attn_mask, scale=scale)
-    return out.reshape(batch, heads, padded, dim)[:, :, :tokens]
+    blocked_query = query.reshape(batch, heads, blocks, block, dim)
+    if attn_mask is None:  # as 4-d (batch, heads x blocks, block, dim): SDPA's fused kernels take that shape
+        flat = (batch, heads * blocks, -1, dim)
+        if return_lse and query.device.type == "cpu":
+            out, lse = _flash_with_lse(blocked_query.reshape(flat), gathered_k.reshape(flat),
+                                       gathered_v.reshape(flat), scale)
+            return (out.reshape(batch, heads, padded, dim)[:, :, :tokens],
+                    lse.reshape(batch, heads, padded, 1)[:, :, :tokens])
+        if not return_lse:
+            out = F.scaled_dot_product_attention(blocked_query.reshape(flat), gathered_k.reshape(flat),
+                                                 gathered_v.reshape(flat), scale=scale)
+            return out.reshape(batch, heads, padded, dim)[:, :, :tokens]
+    elif not return_lse:
+        out = F.scaled_dot_product_attention(blocked_query, gathered_k, gathered_v, attn_mask=attn_mask, scale=scale)
+        return out.reshape(batch, heads, padded, dim)[:, :, :tokens]
+    scores = (blocked_query @ gathered_k.transpose(-1, -2)) * (scale if scale is not None else dim**-0.5)
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+    out = torch.exp(scores - lse) @ gathered_v
+    return (out.reshape(batch, heads, padded, dim)[:, :, :tokens],
+            lse.reshape(batch, heads, padded, 1)[:, :, :tokens])
+
+
+def dense_attention_with_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                             scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense attention (B, H, N, D) and each query's log-sum-exp of its scores (B, H, N, 1), over chunks of queries
+    so the score matrix in memory stays near 2^26 values: Re-ttention's full step."""
+    if query.device.type == "cpu":
+        return _flash_with_lse(query, key, value, scale)
+    batch, heads, tokens, dim = query.shape
+    scale = scale if scale is not None else dim**-0.5
+    chunk = max(1, (1 << 26) // max(1, batch * heads * key.shape[-2]))
+    outs, lses = [], []
+    for start in range(0, tokens, chunk):
+        scores = (query[..., start:start + chunk, :] @ key.transpose(-1, -2)) * scale
+        lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+        outs.append(torch.exp(scores - lse) @ value)
+        lses.append(lse)
+    return torch.cat(outs, dim=-2), torch.cat(lses, dim=-2)
+
+
+def _flash_with_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    scale: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """PyTorch's fused CPU attention, which SDPA runs, asked for its log-sum-exp as well (B, H, N, 1): the same
+    output as `scaled_dot_product_attention`, bit for bit, at its cost."""
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, scale=scale)
+    return out, lse.unsqueeze(-1)

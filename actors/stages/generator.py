@@ -60,7 +60,7 @@ class GeneratorStage:
         torch.set_num_threads(max(1, num_threads))
         model_path = resolve_model(plan.model)
         self.plan = plan
-        self.adapter = diffusion.load_renderer(model_path, plan.scheduler, plan.solver_schedule)
+        self.adapter = diffusion.load_renderer(model_path, plan.scheduler, plan.solver_schedule, plan.attention)
         self.latent_shape = tuple(plan.latent_shape)
         self.rater = None
         if plan.preview or plan.rates_images:  # the run's own rater, here on this actor

@@ -39,6 +39,7 @@ class RenderPlan:
     latent_shape: tuple  # of one seed's noise, from the model and the size (derived once, by the plan)
     scheduler: str  # the --scheduler name
     solver_schedule: dict | None = None  # --scheduler schedule:PATH: the schedule file's content
+    attention: str = "full"  # the denoiser's self-attention, an AttentionPlan label (actors/models/attention_plan.py)
     preview: int = 0  # candidates previewed per prompt (0: no preview, render the rows as they come)
     preview_steps: int = 0
     rater: str = ""  # the run's rater: rates the previews, and the renders when rates_images

@@ -251,9 +251,26 @@ def encode_scenes(vae, settings: TrainSettings, log: Callable[[dict], None]):
     return torch.cat(means), torch.cat(stds), captions
 
 
+class UNetDenoiser:
+    """The parts `train_denoiser` trains for `embedded:shapes`: a UNet and a CLIP text encoder, and one prediction.
+    (actors/testbed/dit.py has the transformer's.)"""
+
+    name = "unet"
+
+    def __init__(self, tokenizer):
+        pass
+
+    def build(self, tokenizer):
+        return build_unet().train(), build_text_encoder(tokenizer).train()
+
+    def predict(self, denoiser, text_encoder, noisy, timesteps, ids):
+        return denoiser(noisy, timesteps, text_encoder(ids)[0]).sample
+
+
 def train_denoiser(vae, settings: TrainSettings, log: Callable[[dict], None], checkpoint: Callable | None = None,
-                   checkpoint_every: int = 0):
-    """UNet and CLIP text encoder trained together on the VAE's latents; returns their EMA copies and stats.
+                   checkpoint_every: int = 0, parts=UNetDenoiser, scaling_factor: float | None = None):
+    """A denoiser and its text encoder (`parts`: UNet and CLIP by default) trained together on the VAE's latents;
+    returns their EMA copies and stats. `scaling_factor` None measures the latents' scale (a new VAE).
 
     `checkpoint(step, ema_unet, ema_text_encoder, tokenizer, scaling_factor)` is called every `checkpoint_every`
     steps when given: how the training length was tuned without retraining from scratch.
@@ -265,13 +282,14 @@ def train_denoiser(vae, settings: TrainSettings, log: Callable[[dict], None], ch
     # SD's recipe: scale latents to unit variance so the noise schedule's signal-to-noise ratios mean what they say.
     torch.manual_seed(settings.seed)
     probe = means[:4096].float() + stds[:4096].float() * torch.randn(means[:4096].shape)
-    scaling_factor = float(1.0 / probe.std())
+    if scaling_factor is None:
+        scaling_factor = float(1.0 / probe.std())
     tokenizer = build_tokenizer()
     token_ids = tokenize(tokenizer, captions)
     empty_ids = tokenize(tokenizer, [""])[0]
     torch.manual_seed(settings.seed + 1)
-    unet = build_unet().train()
-    text_encoder = build_text_encoder(tokenizer).train()
+    model_parts = parts(tokenizer)
+    unet, text_encoder = model_parts.build(tokenizer)
     ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
     parameters = list(unet.parameters()) + list(text_encoder.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=settings.learning_rate, weight_decay=1e-2)
@@ -295,8 +313,7 @@ def train_denoiser(vae, settings: TrainSettings, log: Callable[[dict], None], ch
         timesteps = torch.randint(0, NOISE_SCHEDULE["num_train_timesteps"], (settings.batch,), generator=generator)
         noise = torch.randn(latents.shape, generator=generator)
         noisy = noise_schedule.add_noise(latents, noise, timesteps)
-        context = text_encoder(ids)[0]
-        predicted = unet(noisy, timesteps, context).sample
+        predicted = model_parts.predict(unet, text_encoder, noisy, timesteps, ids)
         snr = alphas_cumprod[timesteps] / (1 - alphas_cumprod[timesteps])
         weight = torch.clamp(snr, max=settings.min_snr_gamma) / snr
         per_sample = (predicted - noise).pow(2).mean(dim=(1, 2, 3))

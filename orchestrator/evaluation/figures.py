@@ -73,7 +73,7 @@ def preview_scores(model_path: str, identity: dict, prompts: list[str], embeddin
         families.check_resumable_solver(model_path, scheduler)
     except ValueError as exc:
         raise ConfigError(f"--previews: the dataset's solver: {exc}; or pass --previews none") from exc
-    renderer = diffusion.load_renderer(model_path, scheduler)
+    renderer = diffusion.load_renderer(model_path, scheduler, attention=identity.get("attention", "full"))
     rater = make_rater(identity["rater"])
     steps, guidance = int(identity["steps"]), float(identity["guidance"])
     height, width = int(identity["height"]), int(identity["width"])
@@ -217,7 +217,7 @@ def render_candidates(model_path: str, identity: dict, text_adapter, prompts: li
 
     schedule = identity.get("solver_schedule")  # a searched schedule's rows: rendered with it (run.json holds it)
     scheduler = "default" if schedule is not None else families.scheduler_from_label(model_path, identity["scheduler"])
-    renderer = diffusion.load_renderer(model_path, scheduler, schedule)
+    renderer = diffusion.load_renderer(model_path, scheduler, schedule, identity.get("attention", "full"))
     shape = families.latent_shape(model_path, identity["height"], identity["width"])
     embeds = text_adapter.encode(prompts, identity["guidance"])
     embeds.pop("truncated")

@@ -52,8 +52,12 @@ def dataset_solver_schedule(uri: str, identity: dict) -> dict | None:
 def dataset_identity(table) -> dict:
     """The one pipeline setting a dataset was collected with; a mixed dataset is refused."""
     identity = {}
-    for column in ("model", "scheduler", "steps", "guidance", "width", "height", "rater"):
-        values = set(table[column].to_pylist())
+    for column in ("model", "scheduler", "attention", "steps", "guidance", "width", "height", "rater"):
+        if column == "attention":  # sets collected before it was recorded, and its rows' nulls: full attention
+            values = {value or "full" for value in table[column].to_pylist()} if column in table.column_names \
+                else {"full"}
+        else:
+            values = set(table[column].to_pylist())
         if len(values) != 1:
             raise ConfigError(f"the dataset mixes {column} values {sorted(map(str, values))}; "
                               "train one predictor per pipeline setting")

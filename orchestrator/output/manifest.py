@@ -69,6 +69,7 @@ MANIFEST_SCHEMA = pa.schema(
         ("image_size", pa.int64()),
         ("model", pa.string()),
         ("scheduler", pa.string()),
+        ("attention", pa.string()),  # the denoiser's self-attention (an AttentionPlan label); null before 0.3: full
         ("steps", pa.int32()),
         ("steps_spent", pa.int32()),  # denoising steps this image cost: steps, plus its share of previews
         ("preview_candidates", pa.list_(pa.int32())),  # preview policy: the candidates previewed, best predicted first
@@ -348,7 +349,7 @@ class Manifest:
         data = self.output.read_bytes(key)
         try:
             parquet = pq.ParquetFile(io.BytesIO(data))
-            table = parquet.read(columns=columns)
+            table = _read_columns(parquet, columns)
         except pa.ArrowException as exc:
             raise DamagedManifest(f"{self.output.uri_of(key)}: cannot be read as Parquet ({exc})") from exc
         frame = (parquet.schema_arrow.metadata or {}).get(FOOTER_KEY)
@@ -358,7 +359,7 @@ class Manifest:
         key = complete_key(shard)
         data = self.output.read_bytes(key)
         try:
-            return pq.read_table(io.BytesIO(data), columns=columns)
+            return _read_columns(pq.ParquetFile(io.BytesIO(data)), columns)
         except pa.ArrowException as exc:
             raise DamagedManifest(f"{self.output.uri_of(key)}: cannot be read as Parquet ({exc})") from exc
 
@@ -536,6 +537,20 @@ class Manifest:
 
 
 # --- tables ----------------------------------------------------------------------------------------------------
+
+
+def _read_columns(parquet: pq.ParquetFile, columns: list[str] | None) -> pa.Table:
+    """The asked columns of a manifest object; a column the object predates (written before it existed, such as
+    `attention`) reads as nulls of its manifest type, so readers ask for today's columns from any object."""
+    if columns is None:
+        return parquet.read()
+    present = set(parquet.schema_arrow.names)
+    table = parquet.read(columns=[c for c in columns if c in present])
+    for name in columns:
+        if name not in present:
+            field = MANIFEST_SCHEMA.field(name) if name in MANIFEST_COLUMNS else pa.field(name, pa.null())
+            table = table.append_column(field, pa.nulls(table.num_rows, field.type))
+    return table.select(columns)
 
 
 def manifest_table(rows: list[dict]) -> pa.Table:

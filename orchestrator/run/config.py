@@ -46,6 +46,11 @@ class GenerateConfig:
     scheduler: str = "default"
     width: int | None = None  # None: the pipeline's native size (resolved in the plan)
     height: int | None = None
+    # Self-attention of the denoiser (actors/models/attention_plan.py): full, sparse or re-ttention; the kept
+    # share of keys on sparse steps; which steps are full ("paper" or step numbers).
+    attention: str = "full"
+    attention_density: float = 0.031
+    attention_full_steps: str = "paper"
     batch_size: int = 4
     generators: int = 1
     scorers: int = 1
@@ -125,6 +130,7 @@ class GenerateConfig:
         if self.uses_predictor and not self.predictor and not self.model.startswith("embedded:"):
             problems.append(f"--policy {self.policy} needs --predictor PATH for a model that is not embedded")
         problems += self._preview_problems()
+        problems += self._attention_problems()
         if self.policy == "budget":
             if (self.budget is None) == (self.budget_images is None):
                 problems.append("--policy budget needs one of --budget (renders per prompt) or --budget-images")
@@ -138,6 +144,23 @@ class GenerateConfig:
         problems += _rater_problems(self.rater)
         if problems:
             raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+    def _attention_problems(self) -> list[str]:
+        from actors.models.attention_plan import MODES, AttentionPlan
+
+        if self.attention not in MODES:
+            return [f"--attention {self.attention!r} is unknown; use one of {', '.join(MODES)}"]
+        try:
+            plan = AttentionPlan.resolve(self.attention, self.attention_density, self.attention_full_steps,
+                                         max(1, self.steps))
+        except ValueError as exc:
+            return [str(exc)]
+        if plan.sparse and self.policy == "preview":
+            return [f"--attention {self.attention} with --policy preview: a preview pauses each denoising and "
+                    "continues only the best candidate, and sparse attention's caches from the last full step hold "
+                    "one row per previewed candidate; they are not sliced to the one that continues. Use --attention "
+                    "full with --policy preview"]
+        return []
 
     def _preview_problems(self) -> list[str]:
         if self.policy != "preview":

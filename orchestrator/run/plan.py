@@ -12,6 +12,7 @@ import functools
 import logging
 from dataclasses import dataclass, field
 
+from actors.models.attention_plan import AttentionPlan
 from actors.predictor.budget import BudgetRule
 from actors.stages.settings import RenderPlan, ScoringPlan
 from orchestrator.corpus.listing import Columns
@@ -57,6 +58,8 @@ class RunPlan:
                       predictor=self.predictor.digest if self.predictor and self.config.uses_predictor else None)
         if self.solver_schedule is not None:
             fields.update(scheduler=self.scheduler)  # the schedule's digest, wherever its file lies
+        if self.attention.sparse:  # only then, so full-attention outputs keep the fingerprint they had
+            fields.update(attention=self.attention.label)
         return fields
 
     @property
@@ -79,6 +82,7 @@ class RunPlan:
         return {
             "model": config.model,
             "scheduler": self.scheduler,
+            "attention": self.attention.label,
             "steps": config.steps,
             "guidance": config.guidance,
             "width": self.width,
@@ -87,6 +91,13 @@ class RunPlan:
             "rater": config.rater,
             "run_id": self.fingerprint,
         }
+
+    @functools.cached_property
+    def attention(self) -> AttentionPlan:
+        """The denoiser's self-attention, resolved for the run's steps (validated with the configuration)."""
+        config = self.config
+        return AttentionPlan.resolve(config.attention, config.attention_density, config.attention_full_steps,
+                                     config.steps)
 
     @functools.cached_property
     def reading(self) -> ReadSettings:
@@ -122,7 +133,7 @@ class RunPlan:
 
         return RenderPlan(model=config.model, steps=config.steps, guidance=config.guidance, height=self.height,
                           width=self.width, latent_shape=tuple(self.latent_shape), scheduler=config.scheduler,
-                          solver_schedule=self.solver_schedule,
+                          solver_schedule=self.solver_schedule, attention=self.attention.label,
                           preview=config.preview_count if preview else 0,
                           preview_steps=config.preview_step_count if preview else 0, rater=config.rater,
                           rates_images=is_pixel_rater(config.rater))
