@@ -59,12 +59,12 @@ def psnr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.where(mse > 0, 10 * np.log10(255.0**2 / np.maximum(mse, 1e-12)), 99.0)
 
 
-def fidelity(prompts: list[str], batch: int) -> list[dict]:
+def fidelity(prompts: list[str], batch: int, models: list[str]) -> list[dict]:
     from actors.raters.specs import make_rater
 
     rater = make_rater("shapes")
     rows = []
-    for model in MODELS:
+    for model in models:
         path = resolve_model(model)
         adapter = diffusion.load_adapter(path, "full")
         embeds = adapter.encode(prompts, 5.0)
@@ -207,6 +207,7 @@ def main() -> int:
     parser.add_argument("--parts", nargs="+", default=["fidelity", "kernel", "render"])
     parser.add_argument("--prompts", type=int, default=64, help="held-out prompts for the fidelity part")
     parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), help="the fidelity part's models")
     parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384])
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
@@ -220,7 +221,7 @@ def main() -> int:
                                   "prompts": len(prompts), "threads": args.threads, "torch": torch.__version__}}
     if "fidelity" in args.parts:
         with torch.inference_mode():
-            results["fidelity"] = fidelity(prompts, args.batch)
+            results["fidelity"] = fidelity(prompts, args.batch, args.models)
     if "kernel" in args.parts:
         results["kernel"] = kernel(args.tokens, args.repeats)
     if "render" in args.parts:

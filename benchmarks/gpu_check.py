@@ -3,7 +3,9 @@
 Builds random-weight SD 1.5 and SDXL pipelines from their published configs (offline: no hub; a byte-level
 tokenizer stands in for CLIP's BPE, which changes no cost that matters), then runs bench_overhead's interleaved
 comparison on each (same prompts, seeds, size, steps and batch; the images match) while `nvidia-smi` samples the
-GPU: images/s ratio, time to the first image, GPU utilisation while rendering, peak GPU memory.
+GPU: images/s ratio, time to the first image, GPU utilisation while rendering, peak GPU memory. Then the sparse
+self-attention timings of issue 22 (attention_check: the kernel at 4,096 and 16,384 tokens in bf16, a random-weight
+PixArt-XL transformer forward, full against sparse step).
 
     bash benchmarks/gpu_check.sh            # on a GPU machine: about 6-8 minutes on one H200
     bash benchmarks/gpu_check.sh --smoke    # CPU, tiny configs of the same builders: what the test suite runs
@@ -150,6 +152,84 @@ class GpuSampler:
                 "peak GPU MiB": max((m for *_, m in self.samples), default=0.0)}
 
 
+def attention_check(smoke: bool) -> list[dict]:
+    """Issue 22 on the GPU: one self-attention call in PixArt-XL's layout (16 heads of 72, batch 2, bf16) at 4,096
+    and 16,384 tokens, dense SDPA against the block-sparse kernel (flex_attention with a BlockMask, compiled) at
+    3.1 % density, and Re-ttention's full step; then a random-weight PixArt-XL transformer (28 blocks, 1024 px:
+    4,096 tokens) forward with stock attention, a Re-ttention full step and a sparse step. Smoke: CPU, float32, tiny."""
+    import torch
+    import torch.nn.functional as F
+    from diffusers import PixArtTransformer2DModel
+
+    from actors.models.attention import SEQUENCE_BLOCKS, SparseSelfAttention, StepClock, full_step
+    from actors.models.attention_plan import AttentionPlan
+    from actors.models.sparse_attention import band_block_mask, block_sparse_attention
+
+    device, dtype = ("cpu", torch.float32) if smoke else ("cuda", torch.bfloat16)
+
+    def timed(function, repeats: int = 5) -> float:
+        function()  # warm-up: compiles flex_attention for this shape
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            function()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - started)
+        return min(times)
+
+    rows = []
+    with torch.inference_mode():
+        for tokens in ((256,) if smoke else (4096, 16384)):
+            q, k, v = (torch.randn(2, 16, tokens, 72, device=device, dtype=dtype) for _ in range(3))
+            block = -(-tokens // min(tokens, SEQUENCE_BLOCKS))
+            mask = band_block_mask(-(-tokens // block), 0.031)
+            dense = timed(lambda: F.scaled_dot_product_attention(q, k, v))
+            sparse = timed(lambda: block_sparse_attention(q, k, v, mask, block))
+            full = timed(lambda: full_step(q, k, v, mask, block))
+            rows.append({"what": f"attention call, {tokens} tokens", "dense ms": 1000 * dense,
+                         "sparse step ms": 1000 * sparse, "re-ttention full step ms": 1000 * full,
+                         "sparse / dense": sparse / dense})
+            print(json.dumps(rows[-1]), flush=True)
+        size = {"sample_size": 8, "num_layers": 2, "attention_head_dim": 8, "num_attention_heads": 2,
+                "caption_channels": 32, "cross_attention_dim": 16} if smoke else {
+            "sample_size": 128, "num_layers": 28, "attention_head_dim": 72, "num_attention_heads": 16,
+            "caption_channels": 4096, "cross_attention_dim": 1152}
+        torch.manual_seed(0)
+        transformer = PixArtTransformer2DModel(patch_size=2, in_channels=4, out_channels=8, attention_bias=True,
+                                               activation_fn="gelu-approximate", num_embeds_ada_norm=1000,
+                                               norm_type="ada_norm_single", norm_elementwise_affine=False,
+                                               norm_eps=1e-6, **size).to(device, dtype).eval()
+        stock = dict(transformer.attn_processors)
+        clock = StepClock(AttentionPlan("re-ttention", 0.031, (0,)))
+        sparse_processors = {name: SparseSelfAttention(clock) if name.endswith("attn1.processor") else processor
+                             for name, processor in stock.items()}
+        latent = size["sample_size"]
+        x = torch.randn(2, 4, latent, latent, device=device, dtype=dtype)
+        context = torch.randn(2, 120, size["caption_channels"], device=device, dtype=dtype)
+        text_mask = torch.ones(2, 120, device=device, dtype=torch.long)
+        timestep = torch.tensor([500, 500], device=device)
+
+        def forward():
+            transformer(x, encoder_hidden_states=context, encoder_attention_mask=text_mask, timestep=timestep,
+                        added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)
+
+        transformer.set_attn_processor(dict(stock))
+        dense = timed(forward, 3)
+        transformer.set_attn_processor(dict(sparse_processors))
+        clock.step = 0
+        full = timed(forward, 3)
+        clock.step = 1
+        sparse = timed(forward, 3)
+        rows.append({"what": f"PixArt transformer forward, {(latent // 2) ** 2} tokens", "dense ms": 1000 * dense,
+                     "sparse step ms": 1000 * sparse, "re-ttention full step ms": 1000 * full,
+                     "sparse / dense": sparse / dense})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny configs: checks the script, measures nothing")
@@ -157,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default=None, help="results/NAME.json and .md (default: gpu-check[-smoke])")
     parser.add_argument("--results", default=None, help="folder for NAME.json and .md (default: benchmarks/results)")
     parser.add_argument("--address", default=None, help="Ray for the seedsift side to join (default: its own)")
+    parser.add_argument("--no-attention", action="store_true", help="skip the sparse-attention timings (issue 22)")
     args = parser.parse_args(argv)
     smoke = args.smoke
     if not smoke and shutil.which("nvidia-smi") is None:
@@ -186,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
             breakdowns[f"{family}, {settings['size']}x{settings['size']}"] = result["breakdown"]
             print(json.dumps(row), flush=True)
             shutil.rmtree(folder, ignore_errors=True)
+    attention = [] if args.no_attention else attention_check(smoke)
     columns = ["pipeline", "size", "steps", "images", "batch", "build s", "plain first image s",
                "seedsift first image s", "plain s/img", "seedsift s/img", "images/s ratio", "plain fixed s",
                "seedsift fixed s", "plain GPU util % (rendering)", "seedsift GPU util % (rendering)",
@@ -194,8 +276,14 @@ def main(argv: list[str] | None = None) -> int:
             + f": seedsift generate vs a plain diffusers {'fp32' if smoke else 'fp16'} loop, random-weight "
             f"pipelines from the published configs; load {load.summary()}\n\n" + table(rows, columns)
             + bench_overhead.breakdown_text(breakdowns))
+    if attention:
+        text += ("\n\nSparse self-attention (issue 22), Re-ttention at density 0.031, "
+                 + ("float32 on CPU" if smoke else "bf16") + ":\n\n"
+                 + table(attention, ["what", "dense ms", "sparse step ms", "re-ttention full step ms",
+                                     "sparse / dense"]))
     save(args.name or ("gpu-check-smoke" if smoke else "gpu-check"),
-         {"args": vars(args), "machine_at_start": start_machine, "rows": rows, "raw": raw}, text,
+         {"args": vars(args), "machine_at_start": start_machine, "rows": rows, "raw": raw, "attention": attention},
+         text,
          Path(args.results) if args.results else None)
     return 0
 

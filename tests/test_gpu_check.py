@@ -53,3 +53,9 @@ def test_gpu_check_smoke_compares_both_sides_on_sd15(ray_session, tmp_path):
     assert int(matched) == row["images"] == 12 and int(identical) >= 10, row
     assert row["seedsift first image s"] > 0 and row["images/s ratio"] > 0
     assert "GPU check (smoke" in (tmp_path / "gpu-check-smoke.md").read_text()
+    # Issue 22's part: the kernel call and a PixArt transformer forward, full against sparse step, each timed.
+    kernel, forward = result["attention"]
+    assert kernel["what"] == "attention call, 256 tokens" and forward["what"].startswith("PixArt transformer")
+    assert all(row[key] > 0 for row in (kernel, forward) for key in ("dense ms", "sparse step ms",
+                                                                     "re-ttention full step ms"))
+    assert "Sparse self-attention (issue 22)" in (tmp_path / "gpu-check-smoke.md").read_text()

@@ -52,3 +52,19 @@ def test_band_masks_keep_the_asked_share_of_blocks_around_the_diagonal():
     empty_row[0, 1] = False
     with pytest.raises(ValueError, match="at least one key block"):
         block_sparse_attention(query, key, value, empty_row, 16)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # flex_attention warns when run eagerly (on CPU)
+def test_the_flex_attention_path_for_gpus_equals_the_gathering_kernel_with_the_log_sum_exp():
+    """The GPU path (flex_attention with a BlockMask of the same blocks), run here eagerly on CPU: the same output
+    and log-sum-exp as the gathering kernel, which the rest of this file checks against dense attention."""
+    from actors.models.sparse_attention import flex_block_sparse_attention
+
+    query, key, value = qkv(tokens=128)
+    mask = band_block_mask(8, 0.25)
+    gathered, lse = block_sparse_attention(query, key, value, mask, 16, return_lse=True)
+    flexed, flex_lse = flex_block_sparse_attention(query, key, value, mask, 16, return_lse=True)
+    assert float((gathered - flexed).abs().max()) <= 1e-5 and float((lse - flex_lse).abs().max()) <= 1e-5
+    scores = (query @ key.transpose(-1, -2)) / 8**0.5
+    expected = torch.logsumexp(scores.masked_fill(~token_mask(mask, 16, 128), float("-inf")), dim=-1, keepdim=True)
+    assert float((lse - expected).abs().max()) <= 1e-5

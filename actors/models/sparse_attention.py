@@ -4,8 +4,10 @@ kept blocks of keys only, and the dense score matrix is never formed.
 On CPU the kept key blocks of every query block are gathered into one batched `scaled_dot_product_attention` call
 (the cost is the kept share of the dense cost); rows that keep different numbers of blocks are padded with masked
 blocks. Under the same mask it equals dense attention to float precision (tests/test_sparse_attention.py); a mask
-that keeps everything takes the stock dense path, exactly. On a GPU, `flex_attention` with a block mask is the
-natural kernel: not wired yet (no GPU on the development machines).
+that keeps everything takes the stock dense path, exactly. On a GPU the kernel is PyTorch's `flex_attention` with a
+BlockMask made from the same block mask, compiled once per process: it skips the masked blocks itself. The tests
+run that path on CPU (eager, slow, the same arithmetic) against the gathering one; its GPU timing is
+benchmarks/gpu_check.py's attention part.
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ def block_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
     if block_mask[h, i, j] (block_mask (H or 1, Nb, Nb), Nb = ceil(N / block)). Returns (B, H, N, D); with
     `return_lse` also each query's log-sum-exp of its kept scores (B, H, N, 1), from an explicit softmax over the
     gathered blocks (what Re-ttention's ratio needs; SDPA does not give it)."""
+    if query.is_cuda:  # the GPU kernel: flex_attention skips the masked blocks itself
+        return flex_block_sparse_attention(query, key, value, block_mask, block, scale, return_lse)
     batch, heads, tokens, dim = query.shape
     blocks = math.ceil(tokens / block)
     if block_mask.shape[-2:] != (blocks, blocks):
@@ -118,3 +122,34 @@ def _flash_with_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     output as `scaled_dot_product_attention`, bit for bit, at its cost."""
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, scale=scale)
     return out, lse.unsqueeze(-1)
+
+
+_COMPILED_FLEX = None
+
+
+def flex_block_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask: torch.Tensor,
+                                block: int, scale: float | None = None, return_lse: bool = False):
+    """block_sparse_attention through `flex_attention` with a BlockMask of the same blocks (the GPU path; compiled
+    there, eager elsewhere). Same arguments and results; the log-sum-exp comes as (B, H, N, 1)."""
+    global _COMPILED_FLEX
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    tokens = query.shape[-2]
+    mask = block_mask.to(query.device)
+    per_head = mask.shape[0] > 1
+
+    def keep(b, h, q, kv):
+        return mask[h if per_head else 0, q // block, kv // block]
+
+    blocks = create_block_mask(keep, None, mask.shape[0] if per_head else None, tokens, tokens,
+                               device=query.device, BLOCK_SIZE=block)
+    function = flex_attention
+    if query.is_cuda:
+        if _COMPILED_FLEX is None:
+            _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
+        function = _COMPILED_FLEX
+    result = function(query, key, value, block_mask=blocks, scale=scale, return_lse=return_lse)
+    if return_lse:
+        out, lse = result
+        return out, lse.unsqueeze(-1).to(out.dtype)
+    return result
