@@ -14,7 +14,6 @@ actors/testbed/weights/pipeline-dit).
 from __future__ import annotations
 
 import json
-import logging
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -25,7 +24,6 @@ import torch
 from actors.testbed import model as unet_model
 from actors.testbed.model import TrainSettings
 
-logger = logging.getLogger("seedsift.shapes")
 
 TRANSFORMER = {
     "sample_size": 16,
@@ -95,12 +93,7 @@ def train_shapes_dit(out: str | Path, settings: TrainSettings, vae_folder: str |
     from diffusers import AutoencoderKL
 
     torch.set_num_threads(settings.threads)
-    records: list[dict] = []
-
-    def record(entry: dict) -> None:
-        records.append(entry)
-        (log or (lambda e: logger.info(json.dumps(e))))(entry)
-
+    records, record = unet_model.training_log(log)
     started, cpu_started = time.time(), time.process_time()
     vae = AutoencoderKL.from_pretrained(vae_folder).eval()
     for param in vae.parameters():

@@ -362,6 +362,18 @@ def folder_size(folder: str | Path) -> int:
     return sum(path.stat().st_size for path in Path(folder).rglob("*") if path.is_file())
 
 
+def training_log(log: Callable[[dict], None] | None) -> tuple[list[dict], Callable[[dict], None]]:
+    """The entries of a training run (kept for training.json) and the function that records one: to `log`, or to
+    this module's logger as JSON."""
+    records: list[dict] = []
+
+    def record(entry: dict) -> None:
+        records.append(entry)
+        (log or (lambda e: logger.info(json.dumps(e))))(entry)
+
+    return records, record
+
+
 def train_shapes_model(out: str | Path, settings: TrainSettings, log: Callable[[dict], None] | None = None,
                        checkpoints: str | Path | None = None, checkpoint_every: int = 0) -> dict:
     """Train the whole pipeline and save it to `out` (safetensors) with training.json; returns that record.
@@ -369,12 +381,7 @@ def train_shapes_model(out: str | Path, settings: TrainSettings, log: Callable[[
     With `checkpoints`, the EMA pipeline is also saved there as step-N every `checkpoint_every` denoiser steps.
     """
     torch.set_num_threads(settings.threads)
-    records: list[dict] = []
-
-    def record(entry: dict) -> None:
-        records.append(entry)
-        (log or (lambda e: logger.info(json.dumps(e))))(entry)
-
+    records, record = training_log(log)
     started, cpu_started = time.time(), time.process_time()
     vae, vae_stats = train_vae(settings, record)
     for param in vae.parameters():
