@@ -137,13 +137,13 @@ def test_a_run_with_re_ttention_records_it_in_rows_and_fingerprint_and_reproduce
 
     corpus = tmp_path / "prompts.txt"
     corpus.write_text("a red circle\ntwo blue squares\n")
-    values = dict(prompts=str(corpus), out=str(tmp_path / "out"), model="embedded:tiny-pixart", candidates=2, keep=1,
-                  steps=4, guidance=4.0, batch_size=2, generator_cpus=1, attention="re-ttention",
+    values = dict(prompts=str(corpus), out=str(tmp_path / "out"), model="embedded:shapes-dit", candidates=2, keep=1,
+                  steps=4, guidance=5.0, batch_size=2, generator_cpus=1, rater="shapes", attention="re-ttention",
                   attention_density=0.1, attention_full_steps="0,2")
     config = GenerateConfig(**values)
     assert pipeline.run(config)["images"] == 2
     rows = manifest_frame(values["out"])
-    assert set(rows.attention) == {"re-ttention@0.1/0,2"}
+    assert set(rows.attention) == {"re-ttention@0.1/0,2"} and rows.score.notna().all()
     run = json.loads((tmp_path / "out" / "run.json").read_text())
     assert run["fingerprint_fields"]["attention"] == "re-ttention@0.1/0,2"
     row = rows.iloc[0]
@@ -190,3 +190,31 @@ def test_manifest_objects_written_before_the_attention_column_read_it_as_null(tm
     table = _read_columns(pq.ParquetFile(tmp_path / "old.parquet"), ["prompt_id", "attention", "seed"])
     assert table.column_names == ["prompt_id", "attention", "seed"]
     assert table["attention"].to_pylist() == [None] and table.schema.field("attention").type == pa.string()
+
+
+@pytest.mark.slow  # six small runs: about 40 s
+@pytest.mark.parametrize("model", ["embedded:tiny-pixart", "embedded:shapes-dit"])
+def test_generate_end_to_end_with_each_attention_mode(ray_session, tmp_path, model):
+    """Each mode through the whole run (scorer, generator, rater, manifest) on the tiny PixArt pipeline and on the
+    trained DiT testbed: rows carry their mode's label, and on the trained model sparse steps change the images."""
+    from PIL import Image
+
+    from orchestrator.flow import pipeline
+    from orchestrator.run.config import GenerateConfig
+    from tests.helpers_manifest import manifest_frame
+
+    corpus = tmp_path / "prompts.txt"
+    corpus.write_text("three green triangles\n")
+    images = {}
+    for mode in ("full", "sparse", "re-ttention"):
+        out = tmp_path / mode
+        config = GenerateConfig(prompts=str(corpus), out=str(out), model=model, candidates=1, keep=1, steps=4,
+                                guidance=5.0, batch_size=1, generator_cpus=1, attention=mode,
+                                attention_density=0.1, attention_full_steps="0")
+        assert pipeline.run(config)["images"] == 1
+        (row,) = manifest_frame(str(out)).itertuples()
+        assert row.attention == ("full" if mode == "full" else f"{mode}@0.1/0") and row.status == "ok"
+        images[mode] = np.asarray(Image.open(row.image_uri), dtype=np.int16)
+    if model == "embedded:shapes-dit":
+        assert np.abs(images["sparse"] - images["full"]).max() > 8
+        assert np.abs(images["re-ttention"] - images["full"]).max() > 0

@@ -112,6 +112,9 @@ def train_shapes_dit(out: str | Path, settings: TrainSettings, vae_folder: str |
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(out, safe_serialization=True)
+    vae_config = out / "vae" / "config.json"  # loaded from a folder, the VAE would record that folder's path
+    vae_config.write_text(json.dumps({k: v for k, v in json.loads(vae_config.read_text()).items()
+                                      if k != "_name_or_path"}, indent=2) + "\n")
     summary = {
         "settings": asdict(settings),
         "vae": "the shipped embedded:shapes VAE, unchanged",
