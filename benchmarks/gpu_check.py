@@ -212,9 +212,13 @@ def attention_check(smoke: bool) -> list[dict]:
         text_mask = torch.ones(2, 120, device=device, dtype=torch.long)
         timestep = torch.tensor([500, 500], device=device)
 
+        # PixArt-alpha at 1024 px (sample size 128) is conditioned on the image size and aspect ratio.
+        added = {"resolution": torch.tensor([[1024.0, 1024.0]] * 2, device=device, dtype=dtype),
+                 "aspect_ratio": torch.tensor([[1.0]] * 2, device=device, dtype=dtype)}
+
         def forward():
             transformer(x, encoder_hidden_states=context, encoder_attention_mask=text_mask, timestep=timestep,
-                        added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)
+                        added_cond_kwargs=added, return_dict=False)
 
         transformer.set_attn_processor(dict(stock))
         dense = timed(forward, 3)
