@@ -94,10 +94,11 @@ def render(adapter, path, prompts, steps, label, guidance=4.0):
     return adapter.render(embeds, latents, steps=steps, guidance_scale=guidance, height=64, width=64).astype(np.int16)
 
 
-@pytest.mark.parametrize("family", ["pixart", "sd"])
+@pytest.mark.parametrize("family", ["pixart", "sd", "sdxl"])
 def test_a_render_with_sparse_attention_runs_each_mode_and_with_every_step_full_is_the_full_render(
-        family, tiny_pixart_path, tiny_sd_path):
-    path = {"pixart": tiny_pixart_path, "sd": tiny_sd_path}[family]
+        family, tiny_pixart_path, tiny_sd_path, request):
+    # SDXL's fixture is only built when its case runs (the other cases need not pay for it)
+    path = {"pixart": tiny_pixart_path, "sd": tiny_sd_path}.get(family) or request.getfixturevalue("tiny_sdxl_path")
     adapter = diffusion.load_adapter(path, "full")
     layers = self_attention_layers(adapter.denoiser)
     assert layers and all(name.endswith("attn1.processor") for name in layers)

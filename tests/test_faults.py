@@ -154,15 +154,17 @@ def wait_for_job_end(driver_pid: int, timeout: float = 60) -> None:
     raylet = psutil.Process(worker._global_node.all_processes["raylet"][0].process.pid)
     services = ("ray::IDLE", "ray::DashboardAgent", "ray::RuntimeEnvAgent")
 
+    waiting_on: list[str] = []  # what the last look still saw, named in the failure
+
     def ended() -> bool:
+        waiting_on.clear()
         jobs = [job for job in state.jobs() if job["DriverPid"] == driver_pid]
-        if not all(job["IsDead"] for job in jobs):
-            return False
+        waiting_on.extend(f"job {job['JobID']} not dead" for job in jobs if not job["IsDead"])
         ids = {job["JobID"] for job in jobs}
         actors = list(state.actors().values())
         # Detached actors outlive their job by design (Ray Data's shared singletons, whichever job started them).
-        if any(actor["JobID"] in ids and not actor["IsDetached"] and actor["State"] != "DEAD" for actor in actors):
-            return False
+        waiting_on.extend(f"actor {actor.get('ActorClassName')} {actor['State']}" for actor in actors
+                          if actor["JobID"] in ids and not actor["IsDetached"] and actor["State"] != "DEAD")
         others = {actor["Pid"] for actor in actors if actor["State"] == "ALIVE"}  # detached, or other jobs'
         for child in raylet.children(recursive=True):
             try:
@@ -170,10 +172,16 @@ def wait_for_job_end(driver_pid: int, timeout: float = 60) -> None:
             except psutil.Error:
                 continue
             if title.startswith("ray::") and title.split()[0] not in services and child.pid not in others:
-                return False  # a worker still running a task (of the ended job: this session runs nothing else now)
-        return True
+                # a worker still running a task (of the ended job: this session runs nothing else now)
+                waiting_on.append(f"worker {child.pid} {title[:80]!r}")
+        return not waiting_on
 
-    wait_for(ended, timeout, f"Ray to end the job of driver {driver_pid}")
+    deadline = time.time() + timeout
+    while not ended():
+        if time.time() > deadline:
+            pytest.fail(f"timed out waiting for Ray to end the job of driver {driver_pid}; still there: "
+                        + "; ".join(waiting_on))
+        time.sleep(0.1)
 
 
 # --- duplicates -----------------------------------------------------------------------------------------------
