@@ -143,11 +143,12 @@ def kill_group(process: subprocess.Popen) -> None:
     process.wait()
 
 
-def wait_for_job_end(driver_pid: int, timeout: float = 60) -> None:
+def wait_for_job_end(driver_pid: int, timeout: float = 150) -> None:
     """Once a driver that joined the session's Ray is gone (killed, or exited): wait until Ray has marked its job
     dead and ended its actors and the workers running its tasks (the raylet kills them), so nothing of that run
     writes to its output any more. Only this session's raylet's workers are looked at: other Rays may share the
-    machine."""
+    machine. The wait is long because a loaded machine (the landing one is slower) was seen to need more than a
+    minute once; a pass returns as soon as the job has ended, and a failure names what was still there."""
     import psutil
     from ray._private import state, worker
 
