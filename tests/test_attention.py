@@ -96,9 +96,8 @@ def render(adapter, path, prompts, steps, label, guidance=4.0):
 
 @pytest.mark.parametrize("family", ["pixart", "sd", "sdxl"])
 def test_a_render_with_sparse_attention_runs_each_mode_and_with_every_step_full_is_the_full_render(
-        family, tiny_pixart_path, tiny_sd_path, request):
-    # SDXL's fixture is only built when its case runs (the other cases need not pay for it)
-    path = {"pixart": tiny_pixart_path, "sd": tiny_sd_path}.get(family) or request.getfixturevalue("tiny_sdxl_path")
+        family, request):
+    path = request.getfixturevalue(f"tiny_{family}_path")  # each case builds (once a session) only its own pipeline
     adapter = diffusion.load_adapter(path, "full")
     layers = self_attention_layers(adapter.denoiser)
     assert layers and all(name.endswith("attn1.processor") for name in layers)
