@@ -231,6 +231,17 @@ def test_a_stage_that_cannot_be_placed_is_named_with_what_the_cluster_has(ray_se
     def too_big_task():  # what 0.2's 2-CPU head waited on: a task (Ray Data's repartition) asking for a whole CPU
         return None
 
+    @ray.remote(num_cpus=0.01)
+    class SlowToBuildStage:  # placed, its constructor still running (a model loading on a busy machine)
+        def __init__(self):
+            time.sleep(60)
+
+    building = SlowToBuildStage.remote()
+    deadline = time.time() + 60
+    while not any(info["ActorClassName"].endswith("SlowToBuildStage") and info.get("Pid")
+                  for info in ray._private.state.actors().values()):
+        assert time.time() < deadline, "the slow actor got no process in 60 s"
+        time.sleep(0.1)
     actor = TooBigStage.remote()
     task = too_big_task.remote()
     said = []
@@ -244,8 +255,10 @@ def test_a_stage_that_cannot_be_placed_is_named_with_what_the_cluster_has(ray_se
     finally:
         watch.stop()
         ray.kill(actor)
+        ray.kill(building)
         ray.cancel(task, force=True)
     assert seen and all("waiting for the cluster to place" in line and "TooBigStage" in line for line in seen), seen
+    assert not any("SlowToBuildStage" in line for line in seen), seen  # placed and building: not a stall
     line = seen[-1]
     assert "1 x CPU 999" in line and "1 x CPU 1000" in line, seen  # Ray's pending demands, tasks too
     assert "CPU" in line and "free" in line, seen

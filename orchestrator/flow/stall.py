@@ -73,7 +73,9 @@ def pending_demands() -> list[str]:
 
 
 def pending_actors(job: str) -> list[str]:
-    """This job's actors still waiting to be created (a stage that cannot be placed), by class, counted."""
+    """This job's actors still waiting to be placed (a stage the cluster has no room for), by class, counted. An
+    actor with a process (Pid) is placed and running its constructor (imports, model load): on a loaded machine that
+    can take more than STATUS_EVERY_S, and it is no placement problem, so it is not named."""
     from collections import Counter
 
     try:
@@ -81,5 +83,6 @@ def pending_actors(job: str) -> list[str]:
     except Exception:  # noqa: BLE001 - the watch only informs; a failed look is no reason to stop a run
         return []
     names = Counter(info.get("ActorClassName") or "actor" for info in table.values()
-                    if info.get("JobID") == job and info.get("State") in ("PENDING_CREATION", "DEPENDENCIES_UNREADY"))
+                    if info.get("JobID") == job and info.get("State") in ("PENDING_CREATION", "DEPENDENCIES_UNREADY")
+                    and not info.get("Pid"))
     return [f"{n} x {name}" if n > 1 else name for name, n in sorted(names.items())]
