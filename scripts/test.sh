@@ -5,8 +5,8 @@
 #   bash scripts/test.sh -k NAME ...  other arguments go to pytest
 # Each tier runs on SEEDSIFT_TEST_WORKERS pytest workers (pytest-xdist; default 2, 1 runs in this process), each
 # with its own session Ray: most tests wait on processes (Ray's start, actors' imports, kills, retries) part of the
-# time, so two streams fill the cores one leaves idle. The fast tier hands out whole files (their module fixtures
-# are built once), the slow tier single tests (the cluster run's two tests stay together: xdist_group).
+# time, so two streams fill the cores one leaves idle. Whole files go to a worker (--dist loadfile): a module's
+# fixtures (a trained predictor, a cluster run) are built once, and a file's tests run in their order.
 # Each tier ends with its wall time and the load average, so a slow run on a busy machine shows as one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,10 +16,10 @@ echo "set-up: $((SECONDS - started)) s"
 
 workers=${SEEDSIFT_TEST_WORKERS:-2}
 
-tier() {  # tier NAME MARKERS DIST [pytest arguments...]
-  local name=$1 markers=$2 dist=$3 begun=$SECONDS status=0 parallel=()
-  shift 3
-  if (( workers > 1 )); then parallel=(-n "$workers" --dist "$dist"); fi
+tier() {  # tier NAME MARKERS [pytest arguments...]
+  local name=$1 markers=$2 begun=$SECONDS status=0 parallel=()
+  shift 2
+  if (( workers > 1 )); then parallel=(-n "$workers" --dist loadfile); fi
   .venv/bin/python -m pytest -q -m "$markers" "${parallel[@]}" --durations=25 "$@" || status=$?
   echo "$name tier: $((SECONDS - begun)) s, exit $status; load average $(cut -d' ' -f1-3 /proc/loadavg)"
   return $status
@@ -28,10 +28,10 @@ tier() {  # tier NAME MARKERS DIST [pytest arguments...]
 if [[ "${1:-}" == "--all" ]]; then
   shift
   fast=0
-  tier fast "not slow and not browser" loadfile "$@" || fast=$?
+  tier fast "not slow and not browser" "$@" || fast=$?
   slow=0
-  tier slow "slow or browser" loadgroup "$@" || slow=$?  # browser tests skip without Chromium
+  tier slow "slow or browser" "$@" || slow=$?  # browser tests skip without Chromium
   echo "all of it: $((SECONDS - started)) s"
   exit $(( fast != 0 ? fast : slow ))
 fi
-tier fast "not slow and not browser" loadfile "$@"
+tier fast "not slow and not browser" "$@"
