@@ -5,10 +5,10 @@
 #   bash scripts/test.sh -k NAME ...  other arguments go to pytest
 # The slow tier runs on SEEDSIFT_SLOW_WORKERS pytest workers (pytest-xdist, default 2; 1 runs it in this process),
 # each with its own session Ray, whole files to a worker (a module's fixtures, such as the cluster run, are built
-# once): its tests wait on processes (Ray heads starting, kills, retries), leaving the cores idle about 30% of the
-# time in one process, and a second stream
-# fills that (554-596 s in one process, 461-524 s on two, 2 cores). The fast tier stays in one process: it keeps
-# both cores busy already, and two workers measured 259 and 300 s against 279-290 s, not worth a second session.
+# once). Its tests wait on processes (Ray heads starting, kills, retries): in one process the cores stand idle
+# about 30% of its time, and a second stream fills part of that (2 cores: 554-596 s in one process, 461-524 s on
+# two). The fast tier stays in one process: it keeps the cores busy already (two workers: 259 and 300 s, against
+# 279-290 s in one), so a second session Ray and second fixture builds buy nothing.
 # Each tier ends with its wall time and the load average, so a slow run on a busy machine shows as one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
