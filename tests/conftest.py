@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -49,6 +51,20 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_for(condition, timeout: float, what: str, thread: threading.Thread | None = None, poll: float = 0.1,
+             detail=None):
+    """Poll `condition` until it gives a true value, and return that value. On a timeout, `detail()` (when given)
+    says what was still in the way."""
+    deadline = time.time() + timeout
+    while not (value := condition()):
+        if thread is not None and not thread.is_alive():
+            pytest.fail(f"the run ended before {what}")
+        if time.time() > deadline:
+            pytest.fail(f"timed out waiting for {what}" + (f"; still there: {detail()}" if detail else ""))
+        time.sleep(poll)
+    return value
 
 
 @pytest.fixture(scope="session")

@@ -24,7 +24,7 @@ from orchestrator.corpus.dedup import DuplicateFilter
 from orchestrator.flow import pipeline
 from orchestrator.output.storage import Output
 from orchestrator.run.config import GenerateConfig
-from tests.conftest import REPO_ROOT, free_port
+from tests.conftest import REPO_ROOT, free_port, wait_for
 from tests.helpers_manifest import manifest_frame
 from tests.helpers_ray import kill_run, private_ray_env, private_ray_processes, session_ray_env
 
@@ -60,20 +60,6 @@ def assert_clean(output: Output, rows: int) -> dict:
     assert report["strict_clean"], json.dumps(report, indent=2)
     assert report["committed_rows"] == rows, json.dumps(report, indent=2)
     return report
-
-
-def wait_for(condition, timeout: float, what: str, thread: threading.Thread | None = None, poll: float = 0.1,
-             detail=None):
-    """Poll `condition` until it gives a true value, and return that value. On a timeout, `detail()` (when given)
-    says what was still in the way."""
-    deadline = time.time() + timeout
-    while not (value := condition()):
-        if thread is not None and not thread.is_alive():
-            pytest.fail(f"the run ended before {what}")
-        if time.time() > deadline:
-            pytest.fail(f"timed out waiting for {what}" + (f"; still there: {detail()}" if detail else ""))
-        time.sleep(poll)
-    return value
 
 
 class Background:

@@ -18,7 +18,7 @@ import pytest
 
 from orchestrator.output.lease import LEASE_FILE, Lease
 from orchestrator.output.storage import Output
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, wait_for
 
 
 def test_a_killed_runs_zombie_does_not_hold_the_output(tmp_path):
@@ -237,11 +237,8 @@ def test_a_stage_that_cannot_be_placed_is_named_with_what_the_cluster_has(ray_se
             time.sleep(60)
 
     building = SlowToBuildStage.remote()
-    deadline = time.time() + 60
-    while not any(info["ActorClassName"].endswith("SlowToBuildStage") and info.get("Pid")
-                  for info in ray._private.state.actors().values()):
-        assert time.time() < deadline, "the slow actor got no process in 60 s"
-        time.sleep(0.1)
+    wait_for(lambda: any(info["ActorClassName"].endswith("SlowToBuildStage") and info.get("Pid")
+                         for info in ray._private.state.actors().values()), 60, "the slow actor's process")
     actor = TooBigStage.remote()
     task = too_big_task.remote()
     said = []
