@@ -6,10 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from PIL import Image
+from ray.data._internal.arrow_block import ArrowBlockBuilder
+from ray.data.block import BlockAccessor
 
 from actors.models import diffusion, families
 from actors.models.seeds import batch_noise, candidate_seeds
 from actors.raters.specs import make_rater
+from actors.rows import SKIPPED
 from actors.stages.generator import GeneratorStage, denoise_with_previews
 from actors.stages.settings import RenderPlan
 from jobs import reproduce
@@ -51,7 +54,8 @@ def test_the_kept_preview_continues_to_the_same_image_as_a_normal_render(tiny_sd
                       latent_shape=families.latent_shape(tiny_sd_path, SIZE, SIZE), scheduler="default",
                       preview=previewed, preview_steps=PREVIEW_STEPS, rater="colorfulness")
     batch = scorer_rows(text, PROMPTS, previewed)
-    out = GeneratorStage(plan)(batch)
+    stage = GeneratorStage(plan)
+    out = stage(batch)
     assert list(out["status"]) == ["ok"] * len(PROMPTS)
     assert "preview_seeds" not in out and "prompt_embeds" not in out
     np.testing.assert_array_equal(out["steps_spent"], previewed * PREVIEW_STEPS + STEPS - PREVIEW_STEPS)
@@ -76,6 +80,18 @@ def test_the_kept_preview_continues_to_the_same_image_as_a_normal_render(tiny_sd
         assert max_level_difference(out["image"][row:row + 1], normal) <= 1
     # The previews see an image already: across candidates their scores differ.
     assert np.ptp(out["preview_scores"], axis=1).min() > 0
+
+    # A batch with nothing to render (a rerun's tallies of committed rows) leaves with the same columns, dtypes and
+    # shapes, so Ray Data can merge it with a rendered one: the sink once failed reading such a merge ("buffer is
+    # too small for requested array"; the driver-SIGKILL rerun of a preview run, tests/test_faults.py).
+    idle = stage({**batch, "status": np.array([SKIPPED] * len(PROMPTS), dtype=object)})
+    assert {k: (v.dtype, v.shape[1:]) for k, v in idle.items()} == {k: (v.dtype, v.shape[1:]) for k, v in out.items()}
+    assert np.isnan(idle["preview_scores"]).all() and not idle["steps_spent"].any()
+    merged = ArrowBlockBuilder()
+    for rows in (idle, out):
+        merged.add_block(BlockAccessor.batch_to_block(rows))
+    np.testing.assert_array_equal(BlockAccessor.for_block(merged.build()).to_numpy()["preview_scores"][len(PROMPTS):],
+                                  out["preview_scores"])
 
 
 def test_previews_at_several_steps_run_each_step_once(tiny_sd_path, text):

@@ -32,6 +32,17 @@ def preview_steps_spent(previewed: int, preview_steps: int, steps: int) -> int:
     return previewed * preview_steps + steps - preview_steps
 
 
+def preview_columns(rows: int, previewed: int) -> dict[str, np.ndarray]:
+    """The generator's preview columns, as they leave for rows it did not render (rendered rows overwrite them).
+
+    Every batch of a preview run carries them, with the same dtypes, whether or not it rendered anything: a batch
+    of only skipped or quarantined rows (a rerun's tallies) once left without them, and Ray Data, merging it with a
+    rendered batch, filled the missing tensor column with nulls that its numpy conversion cannot read ("buffer is
+    too small for requested array" in the sink, which failed the job)."""
+    return {"preview_scores": np.full((rows, previewed), np.nan, dtype=np.float64),
+            "preview_steps": np.zeros(rows, dtype=np.int32), "steps_spent": np.zeros(rows, dtype=np.int32)}
+
+
 def denoise_with_previews(adapter: diffusion.PipelineAdapter, state: diffusion.Denoising,
                           conditioning: diffusion.Conditioning, at_steps: list[int],
                           rate: Callable[[np.ndarray], np.ndarray]) -> tuple[diffusion.Denoising, dict[int, np.ndarray]]:
@@ -80,6 +91,8 @@ class GeneratorStage:
         out = {name: value for name, value in batch.items()
                if name not in families.EMBEDDING_KEYS and name not in PREVIEW_INPUTS}
         ok = np.flatnonzero(status == "ok")
+        if self.plan.preview:  # every batch carries the preview columns, rendered rows or not (preview_columns)
+            out.update(preview_columns(count, np.asarray(batch["preview_seeds"]).shape[1]))
         if len(ok):
             try:
                 embeds = {name: batch[name][ok] for name in families.EMBEDDING_KEYS if name in batch}
@@ -127,11 +140,7 @@ class GeneratorStage:
             column_values = np.asarray(batch[column]).copy()  # rows not rendered keep what they had
             column_values[ok] = values
             out[column] = column_values
-        spent = preview_steps_spent(previewed, plan.preview_steps, plan.steps)
-        for column, values, fill in (("preview_scores", preview_scores, np.nan),
-                                     ("preview_steps", np.full(rows, plan.preview_steps), 0),
-                                     ("steps_spent", np.full(rows, spent), 0)):
-            column_values = np.full((count, *values.shape[1:]), fill, dtype=values.dtype)
-            column_values[ok] = values
-            out[column] = column_values
+        out["preview_scores"][ok] = preview_scores
+        out["preview_steps"][ok] = plan.preview_steps
+        out["steps_spent"][ok] = preview_steps_spent(previewed, plan.preview_steps, plan.steps)
         return images
