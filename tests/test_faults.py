@@ -184,7 +184,8 @@ def corpus_block(rows: list[tuple], shard: str = "c.jsonl/000000"):
     return _shard_table(records, shard, 0, frame)
 
 
-def test_duplicate_filter_keeps_the_first_and_honours_committed_rows(ray_session, tmp_path):
+@pytest.mark.parametrize("buckets", [1, 2], ids=["held-by-the-filter", "index-actors"])
+def test_duplicate_filter_keeps_the_first_and_honours_committed_rows(ray_session, tmp_path, buckets):
     from orchestrator.corpus.dedup import Owners, start_index
     from orchestrator.output.manifest import Manifest, ShardFrame, manifest_table
 
@@ -193,7 +194,7 @@ def test_duplicate_filter_keeps_the_first_and_honours_committed_rows(ray_session
                           ("q", None, "c.jsonl:5", "quarantined")])
     manifest = Manifest(Output(str(tmp_path / "o")))
     owners = Owners(["c.jsonl"])
-    fresh = DuplicateFilter(start_index(manifest, owners, [], {}, buckets=2), manifest, owners)
+    fresh = DuplicateFilter(start_index(manifest, owners, [], {}, buckets=buckets), manifest, owners)
     out = fresh(batch).to_pylist()
     assert [r["status"] for r in out] == ["ok", "ok", "quarantined", "quarantined", "quarantined"]
     assert [r["error"] for r in out][2:] == ["duplicate of c.jsonl:1", "duplicate of c.jsonl:1", "x"]
@@ -204,10 +205,20 @@ def test_duplicate_filter_keeps_the_first_and_honours_committed_rows(ray_session
     row = {k: committed[k] for k in ("prompt_id", "prompt", "source", "shard", "shard_row", "prompt_key", "text_key")}
     frame = ShardFrame.from_json(committed["shard_frame"])
     part = manifest.commit_part(shard, manifest_table([{**row, "seed": 1, "status": "ok"}]), frame)
-    again = DuplicateFilter(start_index(manifest, owners, [], {shard: [part]}, buckets=2), manifest, owners)
+    again = DuplicateFilter(start_index(manifest, owners, [], {shard: [part]}, buckets=buckets), manifest, owners)
     rows = again(batch).to_pylist()
     assert [r["status"] for r in rows][:4] == ["quarantined", "ok", "ok", "ok"]
     assert rows[0]["error"] == "duplicate of c.jsonl:3"
+    # A filter that holds the index must not be restarted (it would come back with only what the output held at
+    # start); one in front of index actors holds nothing and may be.
+    import ray
+
+    from orchestrator.corpus.dedup import drop_duplicates
+
+    stage = drop_duplicates(ray.data.from_items([{"x": 1}]), start_index(manifest, owners, [], {}, buckets=buckets),
+                            manifest, owners)._logical_plan.dag
+    assert type(stage).__name__ == "MapBatches"
+    assert stage.ray_remote_args.get("max_restarts") == (0 if buckets == 1 else None), stage.ray_remote_args
 
 
 # --- driver SIGKILL -------------------------------------------------------------------------------------------

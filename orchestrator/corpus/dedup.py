@@ -4,9 +4,12 @@ Sits right after corpus reading, before the scorer. Why it matters for exactly-o
 same id derive the same seeds, so without this stage they would render the same (prompt_id, seed) twice.
 
 Sharded and indexed, so that no process holds the corpus:
-- **DuplicateIndex** actors (`buckets` of them) hold 64-bit digests of prompt ids and texts, each actor the keys
-  whose digest falls in its bucket, as sorted numpy arrays (16 bytes a key: the digest and its owner). At start
-  each loads its keys from the output: the `prompt_key`/`text_key` columns of complete shards and open parts.
+- **DuplicateIndex** buckets hold 64-bit digests of prompt ids and texts, each bucket the keys whose digest falls
+  in it, as sorted numpy arrays (16 bytes a key: the digest and its owner). At start each loads its keys from the
+  output: the `prompt_key`/`text_key` columns of complete shards and open parts. With several buckets (outputs of
+  more than KEYS_PER_BUCKET keys) each is an actor of its own; with one (every output below that: most jobs) a Ray
+  task loads it and the filter holds it, so a run starts one process fewer (about 1.5 CPU-seconds of start-up,
+  paid by every run, and on 2 cores beside the renderer's own start).
 - **DuplicateFilter**, one Ray Data actor, sees the corpus rows in reading order. For each block it looks up
   every key in its bucket, decides row by row (first occurrence wins, earlier rows of the block included), and
   then registers the keys of the rows it let through. It is the only writer, so lookups and inserts never race.
@@ -21,9 +24,10 @@ Files of a multi-file corpus are read in parallel, so which of two cross-file co
 timing; a copy rendered by an earlier run is always the first occurrence, whatever arrives first now. A row
 re-read by a resumed run has its own owner, so it is never a duplicate of itself.
 
-Failure: the index lives in memory, so its actors run with max_restarts=0: if one dies the job fails (and a
-rerun resumes from the committed rows) rather than restarting empty and letting a duplicate through. The filter
-holds nothing that matters, so Ray Data may restart it like any pool actor.
+Failure: the index lives in memory, so whatever holds it runs with max_restarts=0: if it dies the job fails (and
+a rerun resumes from the committed rows) rather than restarting with only what the output held at start and
+letting a duplicate through. That is the index actors, or, with one bucket, the filter; a filter in front of
+index actors holds nothing that matters, so Ray Data may restart it like any pool actor.
 """
 
 from __future__ import annotations
@@ -143,6 +147,7 @@ class DuplicateFilter:
         give_way_to_generators()
         indexes.wait_loaded()  # no lookup before every bucket holds the committed keys
         self.indexes = indexes.actors
+        self.held = ray.get(indexes.loads[0]) if indexes.held_by_filter else None  # the one bucket, in this process
         self.manifest = manifest
         self.owners = owners
         self.sources: dict[str, dict[int, str]] = {}  # shard -> {shard row: source}, for messages only
@@ -191,6 +196,8 @@ class DuplicateFilter:
         return (keys % np.uint64(len(self.indexes))).astype(np.int64)
 
     def _lookup(self, keys: np.ndarray) -> np.ndarray:
+        if self.held is not None:
+            return self.held.lookup(keys)
         found = np.zeros(len(keys), np.uint64)
         buckets = self._buckets(keys)
         wanted = [(b, np.flatnonzero(buckets == b)) for b in range(len(self.indexes))]
@@ -201,6 +208,9 @@ class DuplicateFilter:
 
     def _insert(self, keys: np.ndarray, owners: np.ndarray) -> None:
         if not len(keys):
+            return
+        if self.held is not None:
+            self.held.insert(keys, owners)
             return
         buckets = self._buckets(keys)
         ray.get([self.indexes[b].insert.remote(keys[buckets == b], owners[buckets == b])
@@ -225,28 +235,46 @@ class DuplicateFilter:
 
 @dataclass(frozen=True)
 class IndexActors:
-    """The index actors of a run (they live as long as the driver holds this) and their loads from the output."""
+    """The duplicate index of a run and its loads from the output: one actor per bucket (they live as long as the
+    driver holds this), or, with one bucket, no actor and the filter holds the bucket its load task returns."""
 
     actors: list
-    loads: list  # one ObjectRef per actor: its load from the output, in flight until it is done
+    loads: list  # ObjectRefs, in flight until done: each actor's load (its size), or the one bucket, loaded
+
+    @property
+    def held_by_filter(self) -> bool:
+        return not self.actors
 
     def wait_loaded(self) -> None:
         """Block until every bucket is loaded; raise what a load raised (a damaged manifest object, the store)."""
         ray.get(self.loads)
 
 
+def _load_bucket(manifest: Manifest, owners: Owners, complete: list[str], open_parts: dict) -> DuplicateIndex:
+    index = DuplicateIndex(0, 1)
+    index.load(manifest, owners, complete, open_parts)
+    return index
+
+
 def start_index(manifest: Manifest, owners: Owners, complete: list[str], open_parts: dict,
                 buckets: int, num_cpus: float = READ_CPUS) -> IndexActors:
     """The index actors, loading from the output in the background: the run's other actors start meanwhile, and
-    the filter waits for the loads before its first lookup."""
+    the filter waits for the loads before its first lookup. With one bucket, a task (a pooled worker, no new
+    process) loads it for the filter to hold."""
+    if buckets == 1:
+        load = ray.remote(num_cpus=num_cpus, max_retries=3)(_load_bucket)  # reading committed rows is idempotent
+        return IndexActors([], [load.remote(manifest, owners, complete, open_parts)])
     actor = ray.remote(num_cpus=num_cpus, max_restarts=0)(DuplicateIndex)
     actors = [actor.remote(b, buckets) for b in range(buckets)]
     return IndexActors(actors, [index.load.remote(manifest, owners, complete, open_parts) for index in actors])
 
 
 def drop_duplicates(ds, indexes: IndexActors, manifest: Manifest, owners: Owners, num_cpus: float = READ_CPUS):
-    """The dedup stage on a corpus dataset: one filter actor in front of the index actors (module docstring)."""
+    """The dedup stage on a corpus dataset: one filter actor, in front of the index actors or holding the one
+    bucket; then it must not be restarted (module docstring)."""
+    restarts = {"max_restarts": 0} if indexes.held_by_filter else {}
     return ds.map_batches(
         DuplicateFilter, fn_constructor_kwargs={"indexes": indexes, "manifest": manifest, "owners": owners},
         batch_format="pyarrow", batch_size=None, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=num_cpus,
+        **restarts,
     )
