@@ -77,7 +77,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     add("--shard-size", type=int, default=10_000,
         help="corpus rows per manifest shard (fixed for the life of an output; default %(default)s)")
     add("--shard-images", type=int, default=1000, help="images per WebDataset tar with --image-output shards")
-    add("--dedup-buckets", type=int, default=None, help="duplicate-index actors (default: sized from the output)")
+    add("--dedup-buckets", type=int, default=None,
+        help="duplicate-index buckets (default: sized from the output; one lives in the duplicate filter, more are "
+             "an actor each)")
     add("--wait", action="store_true", help="if another run holds the output, wait for it instead of refusing")
     add("--lease-seconds", type=float, default=120.0,
         help="a run's lease on the output expires this long after its last heartbeat (default %(default)s)")

@@ -85,33 +85,34 @@ class Runner:
         self.work, self.corpus, self.cache = work, corpus, cache
         self.log = open(work / "runs.log", "ab")
 
-    def command(self, out: str, storage_options: dict | None = None) -> list[str]:
+    def command(self, out: str, storage_options: dict | None = None, extra: tuple[str, ...] = ()) -> list[str]:
         command = [sys.executable, "-m", "jobs.cli", "generate", "--prompts", str(self.corpus), "--out", out,
                    "--candidates", "4", "--keep", str(KEEP), "--steps", "2", "--guidance", "3.0",
                    "--batch-size", "4", "--generator-cpus", "1", "--shard-size", str(SHARD_SIZE), "--json"]
         if storage_options:
             command += ["--storage-options", json.dumps(storage_options)]
-        return command
+        return command + list(extra)
 
     def env(self) -> dict:
         from tests.helpers_ray import private_ray_env
 
         return private_ray_env(SEEDSIFT_CACHE=self.cache, **FAKE_CREDENTIALS)
 
-    def start(self, out: str, storage_options: dict | None = None) -> Run:
+    def start(self, out: str, storage_options: dict | None = None, extra: tuple[str, ...] = ()) -> Run:
         env = self.env()
         stderr = tempfile.TemporaryFile(dir=self.work)
         self.log.write(f"\n=== {time.strftime('%H:%M:%S')} start {out}\n".encode())
         self.log.flush()
-        process = subprocess.Popen(self.command(out, storage_options), cwd=REPO_ROOT, env=env,
+        process = subprocess.Popen(self.command(out, storage_options, extra), cwd=REPO_ROOT, env=env,
                                    stdout=subprocess.PIPE, stderr=stderr, start_new_session=True)
         return Run(process, env["RAY_TMPDIR"], stderr, self.log)
 
-    def complete(self, out: str, storage_options: dict | None = None, attempts: int = 2) -> list[int]:
+    def complete(self, out: str, storage_options: dict | None = None, attempts: int = 2,
+                 extra: tuple[str, ...] = ()) -> list[int]:
         """The same command until it exits 0 (at most `attempts` times); the exit statuses."""
         statuses = []
         for _ in range(attempts):
-            run = self.start(out, storage_options)
+            run = self.start(out, storage_options, extra)
             statuses.append(run.wait(RUN_TIMEOUT_S))
             if statuses[-1] == 0:
                 break
@@ -306,7 +307,9 @@ class Soak:
     def actor(self, index: int) -> dict:
         name = ACTORS[index % len(ACTORS)]
         out = self.out("actor")
-        run = self.runner.start(out)
+        # A small output's one index bucket lives in the filter; two buckets give the index actors to kill.
+        extra = ("--dedup-buckets", "2") if name == "DuplicateIndex" else ()
+        run = self.runner.start(out, extra=extra)
         while run.alive() and not run.actor_pids(name) and time.time() - run.started < RUN_TIMEOUT_S:
             time.sleep(0.1)
         # Somewhere in its life: the stages' pools live to the run's end, the duplicate filter and index only while
@@ -322,7 +325,7 @@ class Soak:
         os.kill(self.rng.choice(victims), signal.SIGKILL)
         status = run.wait(RUN_TIMEOUT_S)
         result = {"detail": f"SIGKILL {name} at {at:.0f} s", "first_status": status, "committed_at_fault": committed, "out": out,
-                  "reruns": [] if status == 0 else self.runner.complete(out)}
+                  "reruns": [] if status == 0 else self.runner.complete(out, extra=extra)}
         if status not in (0, -9):
             result["one_line"] = one_line_failure(run.stderr, out)
         return result

@@ -68,7 +68,7 @@ class GenerateConfig:
     image_output: str = "files"  # files: one object per image; shards: WebDataset tars per manifest shard
     shard_size: int = 10_000  # corpus rows per manifest shard (fixed for the life of an output)
     shard_images: int = 1000  # images per WebDataset tar with image_output="shards"
-    dedup_buckets: int | None = None  # None: sized from the output and corpus (about 8M keys per bucket actor)
+    dedup_buckets: int | None = None  # None: sized from the output (about 8M keys a bucket; 1: in the filter)
     wait: bool = False  # another run holds the output: wait for it instead of refusing
     lease_seconds: float = 120.0  # a lease not renewed for this long belongs to a dead run and may be taken over
     storage_options: dict = field(default_factory=dict, repr=False)  # may hold credentials: never printed
