@@ -3,12 +3,13 @@
 #   bash scripts/test.sh              fast tier: everything not marked slow or browser
 #   bash scripts/test.sh --all        also the slow tier (separate Ray clusters, kills, outages)
 #   bash scripts/test.sh -k NAME ...  other arguments go to pytest
-# The slow tier runs on SEEDSIFT_SLOW_WORKERS pytest workers (pytest-xdist, default 2; 1 runs it in this process),
-# each with its own session Ray, whole files to a worker (a module's fixtures, such as the cluster run, are built
-# once). Its tests wait on processes (Ray heads starting, kills, retries): in one process the cores stand idle
-# about 30% of its time, and a second stream fills part of that (2 cores: 554-596 s in one process, 461-524 s on
-# two). The fast tier stays in one process: it keeps the cores busy already (two workers: 259 and 300 s, against
-# 279-290 s in one), so a second session Ray and second fixture builds buy nothing.
+# Each tier runs on two pytest workers (pytest-xdist; SEEDSIFT_FAST_WORKERS and SEEDSIFT_SLOW_WORKERS, 1 runs a
+# tier in this process), each worker with its own session Ray, whole files to a worker (a module's fixtures, such
+# as the cluster run or the predictor's collect, are built once). In one process the cores stand idle about 30% of
+# either tier's time (a job's start is one process importing torch and diffusers while the other core waits), and
+# a second stream fills most of that. Measured on 2 cores: slow tier 554-596 s in one process, 461-528 s on two;
+# fast tier 278-323 s in one process, 251 s on two (back to back with the 323 s run; 474 CPU-seconds against about
+# 400: the second session Ray and session fixtures cost that, and buy back more in wall time).
 # Each tier ends with its wall time and the load average, so a slow run on a busy machine shows as one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,6 +17,7 @@ started=$SECONDS
 bash scripts/setup.sh
 echo "set-up: $((SECONDS - started)) s"
 
+fast_workers=${SEEDSIFT_FAST_WORKERS:-2}
 slow_workers=${SEEDSIFT_SLOW_WORKERS:-2}
 
 tier() {  # tier NAME MARKERS WORKERS [pytest arguments...]
@@ -30,10 +32,10 @@ tier() {  # tier NAME MARKERS WORKERS [pytest arguments...]
 if [[ "${1:-}" == "--all" ]]; then
   shift
   fast=0
-  tier fast "not slow and not browser" 1 "$@" || fast=$?
+  tier fast "not slow and not browser" "$fast_workers" "$@" || fast=$?
   slow=0
   tier slow "slow or browser" "$slow_workers" "$@" || slow=$?  # browser tests skip without Chromium
   echo "all of it: $((SECONDS - started)) s"
   exit $(( fast != 0 ? fast : slow ))
 fi
-tier fast "not slow and not browser" 1 "$@"
+tier fast "not slow and not browser" "$fast_workers" "$@"
