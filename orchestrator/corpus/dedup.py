@@ -8,8 +8,8 @@ Sharded and indexed, so that no process holds the corpus:
   in it, as sorted numpy arrays (16 bytes a key: the digest and its owner). At start each loads its keys from the
   output: the `prompt_key`/`text_key` columns of complete shards and open parts. With several buckets (outputs of
   more than KEYS_PER_BUCKET keys) each is an actor of its own; with one (every output below that: most jobs) a Ray
-  task loads it and the filter holds it, so a run starts one process fewer (about 1.5 CPU-seconds of start-up,
-  paid by every run, and on 2 cores beside the renderer's own start).
+  task loads it and the filter holds it, so a run starts one process fewer (2.5-3 CPU-seconds and 1.3 s of a warm
+  run on 2 cores, measured: the renderer's start no longer shares the cores with it; benchmarks/README.md).
 - **DuplicateFilter**, one Ray Data actor, sees the corpus rows in reading order. For each block it looks up
   every key in its bucket, decides row by row (first occurrence wins, earlier rows of the block included), and
   then registers the keys of the rows it let through. It is the only writer, so lookups and inserts never race.
