@@ -47,6 +47,10 @@ def main(out: str) -> dict:
     # keeps this cluster's sockets and its "current cluster" file away from any other Ray on the machine.
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.pop("RAY_ADDRESS", None)
+    # Each actor pool starts streaming only once all its actors are up: otherwise, on a loaded machine, the generator
+    # that started first rendered every row while the other was still importing, the run ended before both were
+    # alive, and the removed node had no generator to lose (it happened once in CI, under 43 s of CPU steal).
+    os.environ.setdefault("RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S", "120")
     import ray
     from ray.cluster_utils import Cluster
 
