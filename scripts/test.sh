@@ -7,9 +7,10 @@
 # tier in this process), each worker with its own session Ray, whole files to a worker (a module's fixtures, such
 # as the cluster run or the predictor's collect, are built once). In one process the cores stand idle about 30% of
 # either tier's time (a job's start is one process importing torch and diffusers while the other core waits), and
-# a second stream fills most of that. Measured on 2 cores: slow tier 554-596 s in one process, 461-528 s on two;
-# fast tier 278-323 s in one process, 251 s on two (back to back with the 323 s run; 474 CPU-seconds against about
-# 400: the second session Ray and session fixtures cost that, and buy back more in wall time).
+# a second stream fills much of that. Measured on 2 cores: slow tier 554-596 s in one process, 461-528 s on two;
+# fast tier 278-323 s in one process, 251-286 s on two (251 back to back with a 323 s run in one; 474 CPU-seconds
+# against about 400: the second session Ray and session fixtures cost that). The machine's own speed varies by a
+# quarter within an hour, so the gain is a range, 0-20%, not a figure.
 # Each tier ends with its wall time and the load average, so a slow run on a busy machine shows as one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
