@@ -145,9 +145,9 @@ class DuplicateFilter:
 
     def __init__(self, indexes: IndexActors, manifest: Manifest, owners: Owners):
         give_way_to_generators()
-        indexes.wait_loaded()  # no lookup before every bucket holds the committed keys
+        loaded = indexes.wait_loaded()  # no lookup before every bucket holds the committed keys
         self.indexes = indexes.actors
-        self.held = ray.get(indexes.loads[0]) if indexes.held_by_filter else None  # the one bucket, in this process
+        self.held = loaded[0] if indexes.held_by_filter else None  # the one bucket, in this process
         self.manifest = manifest
         self.owners = owners
         self.sources: dict[str, dict[int, str]] = {}  # shard -> {shard row: source}, for messages only
@@ -245,9 +245,10 @@ class IndexActors:
     def held_by_filter(self) -> bool:
         return not self.actors
 
-    def wait_loaded(self) -> None:
-        """Block until every bucket is loaded; raise what a load raised (a damaged manifest object, the store)."""
-        ray.get(self.loads)
+    def wait_loaded(self) -> list:
+        """Block until every bucket is loaded and return the loads (the one bucket itself, when the filter holds
+        it); raise what a load raised (a damaged manifest object, the store)."""
+        return ray.get(self.loads)
 
 
 def _load_bucket(manifest: Manifest, owners: Owners, complete: list[str], open_parts: dict) -> DuplicateIndex:
