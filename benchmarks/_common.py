@@ -5,10 +5,12 @@ Used by every benchmarks/bench_*.py script; nothing here is imported by the pipe
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import threading
@@ -17,9 +19,26 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# The project's environment where scripts/setup.sh made one; else the interpreter running this (a GPU machine
+# with its own torch and the project's other packages on PYTHONPATH, where setup.sh cannot reach a registry).
 PYTHON = str(REPO_ROOT / ".venv" / "bin" / "python")
+if not os.path.exists(PYTHON):
+    PYTHON = sys.executable
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
+
+
+@functools.lru_cache(maxsize=1)
+def gpu_name() -> str | None:
+    """The first GPU's name and memory as nvidia-smi gives them, or None where there is no NVIDIA GPU."""
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.splitlines()[0] if out else None
 
 
 def machine() -> dict:
@@ -29,7 +48,7 @@ def machine() -> dict:
     return {
         "cores": os.cpu_count(),
         "memory_gib": round(total_kb / 2**20, 1),
-        "gpu": False,
+        "gpu": gpu_name() or False,
         "load_avg": [round(x, 2) for x in os.getloadavg()],
         "python": platform.python_version(),
     }

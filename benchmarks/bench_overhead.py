@@ -14,6 +14,7 @@ import contextlib
 import csv
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -152,7 +153,8 @@ def breakdown(trace: dict, plain: dict, first_image: dict) -> list[dict]:
     for stage in ("scorer", "generator", "rater"):
         events = trace.get(stage, {})
         rows += [{"step": f"{stage}: process started", "seedsift": events.get("process")},
-                 {"step": f"{stage}: imports done (class loaded)", "seedsift": events.get("init")},
+                 {"step": f"{stage}: constructor starts (class loaded)", "seedsift": events.get("init")},
+                 {"step": f"{stage}: torch and diffusers imported", "seedsift": events.get("imports")},
                  {"step": f"{stage}: model loaded (ready)", "seedsift": events.get("ready")},
                  {"step": f"{stage}: first batch in / out", "seedsift": f"{events.get('first call')} / "
                                                                        f"{events.get('first call done')}"}]
@@ -192,8 +194,9 @@ def compare(model: str, size: int, steps: int, count: int, args, tmp: str, sampl
              "--device", args.device] + common, out_plain)
     sampled["plain"] = sampling
     plain = json.loads(next(line for line in stdout.splitlines() if line.startswith("RESULT:"))[7:])
-    ray_tmp, trace_file = os.path.join(tmp, "ray"), os.path.join(tmp, "trace.jsonl")
-    os.makedirs(ray_tmp)
+    # Ray's own folder sits directly under the system's temporary folder: its socket paths must stay within
+    # AF_UNIX's 107 bytes, which a nested benchmark folder (the GPU check's) can exceed.
+    ray_tmp, trace_file = tempfile.mkdtemp(prefix="ss-ray-"), os.path.join(tmp, "trace.jsonl")
     env = {"SEEDSIFT_TRACE": trace_file}
     env.update({"RAY_ADDRESS": address, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token")} if address else
                {"RAY_ADDRESS": "", "RAY_TMPDIR": ray_tmp})
@@ -205,6 +208,7 @@ def compare(model: str, size: int, steps: int, count: int, args, tmp: str, sampl
     sampled["seedsift"] = sampling
     summary = json.loads(stdout.replace(tmp, "TMP"))  # the results are committed: no path of this machine
     leftovers = [] if address else leftover_processes(ray_tmp)
+    shutil.rmtree(ray_tmp, ignore_errors=True)
     load_after = os.getloadavg()[0]
     same = compare_images(out_plain, out_seedsift)
     p_rate, s_rate = steady_rate(plain_curve, STEADY_AFTER), steady_rate(seedsift_curve, STEADY_AFTER)

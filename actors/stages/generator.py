@@ -68,6 +68,7 @@ class GeneratorStage:
 
         from actors.models import diffusion
 
+        trace.mark("generator", "imports")
         torch.set_num_threads(max(1, num_threads))
         model_path = resolve_model(plan.model)
         self.plan = plan

@@ -37,6 +37,7 @@ class ScorerStage:
 
         from actors.models import diffusion
 
+        trace.mark("scorer", "imports")
         torch.set_num_threads(max(1, num_threads))
         model_path = resolve_model(plan.model)
         self.plan = plan
