@@ -13,6 +13,7 @@ benchmarks/gpu_check.py's attention part.
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
@@ -100,10 +101,13 @@ def block_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
 
 def dense_attention_with_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                              scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dense attention (B, H, N, D) and each query's log-sum-exp of its scores (B, H, N, 1), over chunks of queries
-    so the score matrix in memory stays near 2^26 values: Re-ttention's full step."""
+    """Dense attention (B, H, N, D) and each query's log-sum-exp of its scores (B, H, N, 1): Re-ttention's full step.
+    A fused kernel on CPU and CUDA (the scores are never formed); elsewhere over chunks of queries, so the score
+    matrix in memory stays near 2^26 values."""
     if query.device.type == "cpu":
         return _flash_with_lse(query, key, value, scale)
+    if query.is_cuda:  # the fused kernel with no mask: the dense scores are never formed
+        return flex_dense_attention_with_lse(query, key, value, scale)
     batch, heads, tokens, dim = query.shape
     scale = scale if scale is not None else dim**-0.5
     chunk = max(1, (1 << 26) // max(1, batch * heads * key.shape[-2]))
@@ -116,6 +120,14 @@ def dense_attention_with_lse(query: torch.Tensor, key: torch.Tensor, value: torc
     return torch.cat(outs, dim=-2), torch.cat(lses, dim=-2)
 
 
+def flex_dense_attention_with_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                                  scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """dense_attention_with_lse through `flex_attention` with no mask (the GPU path; compiled there, eager in the
+    tests): the log-sum-exp comes as (B, H, N, 1) in the output's dtype, as the sparse path gives it."""
+    out, lse = _flex(compiled=query.is_cuda)(query, key, value, scale=scale, return_lse=True)
+    return out, lse.unsqueeze(-1).to(out.dtype)
+
+
 def _flash_with_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                     scale: float | None) -> tuple[torch.Tensor, torch.Tensor]:
     """PyTorch's fused CPU attention, which SDPA runs, asked for its log-sum-exp as well (B, H, N, 1): the same
@@ -125,29 +137,54 @@ def _flash_with_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
 
 
 _COMPILED_FLEX = None
+# BlockMasks made, by (mask shape and bytes, tokens, block, device): making one evaluates the mask at every
+# (query, key) pair, which costs more than the sparse attention it serves (measured on an H200: 4.3 ms a call at
+# 4,096 tokens, ten times dense SDPA), while a run asks for the same few masks in every layer at every step.
+_BLOCK_MASKS: OrderedDict = OrderedDict()
+BLOCK_MASKS_KEPT = 16
+
+
+def _flex(compiled: bool):
+    """flex_attention compiled once per process (its fused kernel, for GPU tensors), or eager (the tests' CPU)."""
+    global _COMPILED_FLEX
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if compiled:
+        if _COMPILED_FLEX is None:
+            _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
+        return _COMPILED_FLEX
+    return flex_attention
+
+
+def flex_block_mask(block_mask: torch.Tensor, block: int, tokens: int, device: torch.device):
+    """The BlockMask of `block_mask` (H or 1, Nb, Nb) for `tokens` tokens in blocks of `block`, made once and kept."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    key = (tuple(block_mask.shape), block_mask.cpu().numpy().tobytes(), tokens, block, str(device))
+    made = _BLOCK_MASKS.get(key)
+    if made is None:
+        mask = block_mask.to(device)
+        per_head = mask.shape[0] > 1
+
+        def keep(b, h, q, kv):
+            return mask[h if per_head else 0, q // block, kv // block]
+
+        made = create_block_mask(keep, None, mask.shape[0] if per_head else None, tokens, tokens, device=device,
+                                 BLOCK_SIZE=block)
+        _BLOCK_MASKS[key] = made
+        if len(_BLOCK_MASKS) > BLOCK_MASKS_KEPT:
+            _BLOCK_MASKS.popitem(last=False)
+    else:
+        _BLOCK_MASKS.move_to_end(key)
+    return made
 
 
 def flex_block_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask: torch.Tensor,
                                 block: int, scale: float | None = None, return_lse: bool = False):
     """block_sparse_attention through `flex_attention` with a BlockMask of the same blocks (the GPU path; compiled
     there, eager elsewhere). Same arguments and results; the log-sum-exp comes as (B, H, N, 1)."""
-    global _COMPILED_FLEX
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
-    tokens = query.shape[-2]
-    mask = block_mask.to(query.device)
-    per_head = mask.shape[0] > 1
-
-    def keep(b, h, q, kv):
-        return mask[h if per_head else 0, q // block, kv // block]
-
-    blocks = create_block_mask(keep, None, mask.shape[0] if per_head else None, tokens, tokens,
-                               device=query.device, BLOCK_SIZE=block)
-    function = flex_attention
-    if query.is_cuda:
-        if _COMPILED_FLEX is None:
-            _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
-        function = _COMPILED_FLEX
+    blocks = flex_block_mask(block_mask, block, query.shape[-2], query.device)
+    function = _flex(compiled=query.is_cuda)
     result = function(query, key, value, block_mask=blocks, scale=scale, return_lse=return_lse)
     if return_lse:
         out, lse = result
