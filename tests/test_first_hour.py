@@ -151,6 +151,24 @@ def test_an_unexpected_failure_is_one_line_with_status_1_and_its_traceback_in_th
     log.unlink()
 
 
+def test_a_job_that_ends_before_ray_leaves_no_empty_log_in_the_temp_folder(tmp_path, monkeypatch, capfd):
+    """The quiet console sends the driver's stderr to a file of the temp folder until Ray starts: a job that ends
+    before (verify, refused input) removed it only where something was written to it; 0.2 left one empty file a run."""
+    import tempfile
+
+    from jobs import generate, verify
+
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    corpus = tmp_path / "p.txt"
+    corpus.write_text("a red cube\n")
+    assert generate.main(["--prompts", str(corpus), "--out", str(tmp_path / "out"), "--candidates", "0"]) == 2
+    assert verify.main(["--out", str(tmp_path / "nothing")]) != 0
+    assert "--candidates must be between 1" in capfd.readouterr().err
+    assert list(temp.iterdir()) == []
+
+
 def test_the_console_shows_images_done_and_a_short_summary_not_ray(twelve, tmp_path):
     """The generate command as a user at a terminal runs it: the console, then the report it wrote."""
     out = tmp_path / "out"

@@ -180,6 +180,7 @@ class Console:
         self.stream = sys.stderr
         self._saved_fd = None
         self._noise = None
+        self._temporary = False  # the noise goes to a file of its own in the temp folder (until Ray starts)
 
     def __enter__(self) -> Console:
         quiet(self.verbose)
@@ -191,6 +192,7 @@ class Console:
             self.stream = os.fdopen(os.dup(2), "w", buffering=1)
             self._noise = tempfile.NamedTemporaryFile("ab", prefix="seedsift-driver-", suffix=".log", delete=False)
             os.dup2(self._noise.fileno(), 2)
+            self._temporary = True
         Console.ACTIVE = self
         self._ray_was_up = _ray_up()  # without importing Ray: a job that fails early never needs it
         return self
@@ -207,6 +209,13 @@ class Console:
         if self.stream is not sys.stderr:
             self.stream.close()
             self.stream = sys.stderr
+        if self._noise is not None:
+            self._noise.close()
+            # Ray never took the log over and nothing was said there: no empty file of the temp folder is left
+            # behind by every job that ends before Ray starts (verify, refused input).
+            if self._temporary and os.path.getsize(self._noise.name) == 0:
+                os.remove(self._noise.name)
+            self._noise = None
 
     @property
     def log_file(self) -> str | None:
@@ -227,6 +236,7 @@ class Console:
             logs = ray._private.worker._global_node.get_logs_dir_path()
         except Exception:  # noqa: BLE001 - a client connection has no local node: the logs stay where they are
             self.say(f"seedsift: logs: {self._noise.name}")
+            self._temporary = False  # named to the user: kept
             return
         target = os.path.join(logs, "seedsift-driver.log")
         with open(self._noise.name, "rb") as source, open(target, "ab") as log:
@@ -235,7 +245,7 @@ class Console:
         os.dup2(moved.fileno(), 2)
         self._noise.close()
         os.remove(self._noise.name)
-        self._noise = moved
+        self._noise, self._temporary = moved, False
         self.say(f"seedsift: Ray's logs, and this driver's, are in {logs}")
 
     def progress(self, total: int | None, done: int, exact: bool) -> Progress:
