@@ -153,10 +153,11 @@ def test_an_unexpected_failure_is_one_line_with_status_1_and_its_traceback_in_th
 
 def test_a_job_that_ends_before_ray_leaves_no_empty_log_in_the_temp_folder(tmp_path, monkeypatch, capfd):
     """The quiet console sends the driver's stderr to a file of the temp folder until Ray starts: a job that ends
-    before (verify, refused input) removed it only where something was written to it; 0.2 left one empty file a run."""
+    before (refused input or configuration) removes it unless something was written to it; 0.2 left one empty file
+    a run."""
     import tempfile
 
-    from jobs import generate, verify
+    from jobs import generate
 
     temp = tmp_path / "temp"
     temp.mkdir()
@@ -164,9 +165,30 @@ def test_a_job_that_ends_before_ray_leaves_no_empty_log_in_the_temp_folder(tmp_p
     corpus = tmp_path / "p.txt"
     corpus.write_text("a red cube\n")
     assert generate.main(["--prompts", str(corpus), "--out", str(tmp_path / "out"), "--candidates", "0"]) == 2
-    assert verify.main(["--out", str(tmp_path / "nothing")]) != 0
-    assert "--candidates must be between 1" in capfd.readouterr().err
+    assert generate.main(["--prompts", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "out")]) == 2
+    err = capfd.readouterr().err
+    assert "--candidates must be between 1" in err and "missing.txt" in err, err
     assert list(temp.iterdir()) == []
+
+
+def test_seedsifts_own_warnings_reach_the_quiet_console_and_its_log(tmp_path):
+    """0.2 sent them, with the libraries' noise, to the log file only: a run waiting for a busy output (--wait), or
+    rendering on CPU for want of a GPU, said nothing on the console. A process of its own: pytest's log capture
+    would stand in for the handlers a job sets up."""
+    script = (
+        "import logging\n"
+        "from orchestrator.flow.console import Console\n"
+        "with Console() as console:\n"
+        "    logging.getLogger('seedsift').warning('an output is in use; waiting for it')\n"
+        "    logging.getLogger('transformers').error('a library line')\n"
+        "    print(console.log_file)\n")
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "TMPDIR": str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    assert "seedsift: WARNING: an output is in use; waiting for it" in result.stderr, result.stderr
+    assert "a library line" not in result.stderr, result.stderr
+    log = Path(result.stdout.strip()).read_text()
+    assert "waiting for it" in log and "a library line" in log, log
 
 
 def test_the_console_shows_images_done_and_a_short_summary_not_ray(twelve, tmp_path):

@@ -8,6 +8,7 @@ stay readable.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -169,8 +170,9 @@ class Console:
     """The console of one job: quiet by default, --verbose for everything, --json for the full summary.
 
     Quiet means that what other code writes to the process's stderr (Ray's C++ core, library warnings) is sent to
-    a log file, Ray's session log folder once Ray has started, while the console keeps the terminal it had. Use it
-    as a context manager: the process's stderr is given back at the end.
+    a log file, Ray's session log folder once Ray has started, while the console keeps the terminal it had; seedsift's
+    own warnings (an output in use and waited for, generators on CPU for want of a GPU, a predictor trained at
+    other settings) go to both. Use it as a context manager: the process's stderr is given back at the end.
     """
 
     ACTIVE: Console | None = None
@@ -181,6 +183,7 @@ class Console:
         self._saved_fd = None
         self._noise = None
         self._temporary = False  # the noise goes to a file of its own in the temp folder (until Ray starts)
+        self._warnings = None  # the handler that shows seedsift's own warnings on the console while quiet
 
     def __enter__(self) -> Console:
         quiet(self.verbose)
@@ -193,12 +196,19 @@ class Console:
             self._noise = tempfile.NamedTemporaryFile("ab", prefix="seedsift-driver-", suffix=".log", delete=False)
             os.dup2(self._noise.fileno(), 2)
             self._temporary = True
+            self._warnings = logging.StreamHandler(self.stream)
+            self._warnings.setLevel(logging.WARNING)
+            self._warnings.setFormatter(logging.Formatter("seedsift: %(levelname)s: %(message)s"))
+            logging.getLogger("seedsift").addHandler(self._warnings)  # and, as before, the log through the root
         Console.ACTIVE = self
         self._ray_was_up = _ray_up()  # without importing Ray: a job that fails early never needs it
         return self
 
     def __exit__(self, *exc) -> None:
         Console.ACTIVE = None
+        if self._warnings is not None:
+            logging.getLogger("seedsift").removeHandler(self._warnings)
+            self._warnings = None
         if _ray_up() and not self._ray_was_up:
             sys.modules["ray"].shutdown()  # here, so what Ray prints while stopping goes to the log too
         if self._saved_fd is not None:
@@ -212,9 +222,11 @@ class Console:
         if self._noise is not None:
             self._noise.close()
             # Ray never took the log over and nothing was said there: no empty file of the temp folder is left
-            # behind by every job that ends before Ray starts (verify, refused input).
-            if self._temporary and os.path.getsize(self._noise.name) == 0:
-                os.remove(self._noise.name)
+            # behind by every job that ends before Ray starts (refused input or configuration).
+            if self._temporary:
+                with contextlib.suppress(OSError):  # already gone (a temp cleaner): nothing to leave or remove
+                    if os.path.getsize(self._noise.name) == 0:
+                        os.remove(self._noise.name)
             self._noise = None
 
     @property
