@@ -19,9 +19,12 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-# The project's environment where scripts/setup.sh made one; else the interpreter running this (a GPU machine
-# with its own torch and the project's other packages on PYTHONPATH, where setup.sh cannot reach a registry).
-PYTHON = str(REPO_ROOT / ".venv" / "bin" / "python")
+# The interpreter every benchmark child runs with: SEEDSIFT_PYTHON where given (a GPU machine's own python with a
+# CUDA torch and the project's other packages on PYTHONPATH, where setup.sh cannot reach a registry), else the
+# project's environment that scripts/setup.sh made, else the interpreter running this.
+PYTHON = os.environ.get("SEEDSIFT_PYTHON") or str(REPO_ROOT / ".venv" / "bin" / "python")
+if not os.path.exists(PYTHON) and os.sep not in PYTHON:
+    PYTHON = shutil.which(PYTHON) or PYTHON
 if not os.path.exists(PYTHON):
     PYTHON = sys.executable
 if str(REPO_ROOT) not in sys.path:
@@ -51,7 +54,21 @@ def machine() -> dict:
         "gpu": gpu_name() or False,
         "load_avg": [round(x, 2) for x in os.getloadavg()],
         "python": platform.python_version(),
+        "packages": package_versions(),
     }
+
+
+def package_versions() -> dict:
+    """The versions of the libraries a figure depends on, as installed for this interpreter (None: not installed)."""
+    from importlib import metadata
+
+    versions = {}
+    for name in ("torch", "diffusers", "transformers", "ray"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
 
 
 class LoadSampler:

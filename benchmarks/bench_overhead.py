@@ -154,7 +154,8 @@ def breakdown(trace: dict, plain: dict, first_image: dict) -> list[dict]:
         events = trace.get(stage, {})
         rows += [{"step": f"{stage}: process started", "seedsift": events.get("process")},
                  {"step": f"{stage}: constructor starts (class loaded)", "seedsift": events.get("init")},
-                 {"step": f"{stage}: torch and diffusers imported", "seedsift": events.get("imports")},
+                 {"step": f"{stage}: torch imported (diffusers comes with the load)",
+                  "seedsift": events.get("imports")},
                  {"step": f"{stage}: model loaded (ready)", "seedsift": events.get("ready")},
                  {"step": f"{stage}: first batch in / out", "seedsift": f"{events.get('first call')} / "
                                                                        f"{events.get('first call done')}"}]
@@ -196,19 +197,22 @@ def compare(model: str, size: int, steps: int, count: int, args, tmp: str, sampl
     plain = json.loads(next(line for line in stdout.splitlines() if line.startswith("RESULT:"))[7:])
     # Ray's own folder sits directly under the system's temporary folder: its socket paths must stay within
     # AF_UNIX's 107 bytes, which a nested benchmark folder (the GPU check's) can exceed.
-    ray_tmp, trace_file = tempfile.mkdtemp(prefix="ss-ray-"), os.path.join(tmp, "trace.jsonl")
+    ray_tmp, trace_file = (None if address else tempfile.mkdtemp(prefix="ss-ray-")), os.path.join(tmp, "trace.jsonl")
     env = {"SEEDSIFT_TRACE": trace_file}
     env.update({"RAY_ADDRESS": address, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token")} if address else
                {"RAY_ADDRESS": "", "RAY_TMPDIR": ray_tmp})
-    with sampler("seedsift") if sampler else contextlib.nullcontext() as sampling:
-        stdout, started_wall, seedsift_wall, seedsift_curve = run_watched(
-            [PYTHON, "-m", "jobs.generate", "--out", out_seedsift, "--policy", "random", "-n", "1", "-k", "1",
-             "--width", str(size), "--height", str(size), "--generator-cpus", str(threads), "--json"] + common,
-            out_seedsift, env=env)
-    sampled["seedsift"] = sampling
-    summary = json.loads(stdout.replace(tmp, "TMP"))  # the results are committed: no path of this machine
-    leftovers = [] if address else leftover_processes(ray_tmp)
-    shutil.rmtree(ray_tmp, ignore_errors=True)
+    try:
+        with sampler("seedsift") if sampler else contextlib.nullcontext() as sampling:
+            stdout, started_wall, seedsift_wall, seedsift_curve = run_watched(
+                [PYTHON, "-m", "jobs.generate", "--out", out_seedsift, "--policy", "random", "-n", "1", "-k", "1",
+                 "--width", str(size), "--height", str(size), "--generator-cpus", str(threads), "--json"] + common,
+                out_seedsift, env=env)
+        sampled["seedsift"] = sampling
+        summary = json.loads(stdout.replace(tmp, "TMP"))  # the results are committed: no path of this machine
+        leftovers = [] if address else leftover_processes(ray_tmp)
+    finally:
+        if ray_tmp:
+            shutil.rmtree(ray_tmp, ignore_errors=True)
     load_after = os.getloadavg()[0]
     same = compare_images(out_plain, out_seedsift)
     p_rate, s_rate = steady_rate(plain_curve, STEADY_AFTER), steady_rate(seedsift_curve, STEADY_AFTER)

@@ -153,9 +153,10 @@ class GpuSampler:
 
 
 def warm_caches() -> float:
-    """Import torch, diffusers, transformers and Ray and start CUDA once in a throwaway process: on a fresh machine
-    the first process to do so reads gigabytes of libraries from disk (about 15 s on the H200 machine, against 3-4
-    once cached), a cost that would fall on whichever side of the first comparison runs first (the plain one)."""
+    """Import torch, diffusers, transformers and Ray and start CUDA once in a throwaway process, so that what the
+    first process on a fresh machine pays once (libraries read from disk, CUDA's first start) falls on neither side
+    of the first comparison. On the one H200 run it took 25 s, and the plain loop's imports still took 15.7 s after
+    it: there the imports themselves are slow, not only their first reading."""
     started = time.perf_counter()
     code = ("import torch, diffusers, transformers, ray, ray.data; "
             "x = torch.ones(1, 4, 8, 8, device='cuda', dtype=torch.float16); "  # cuDNN's conv and cuBLAS's matmul
@@ -264,8 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     rows, raw, breakdowns = [], [], {}
     start_machine = machine()
-    if not smoke and args.families:
-        warm_caches()
+    warm_up_s = warm_caches() if not smoke and args.families else None
     with LoadSampler() as load, tempfile.TemporaryDirectory(prefix="seedsift-gpu-check-") as tmp:
         for family in args.families:
             settings = (SMOKE_RUNS if smoke else RUNS)[family]
@@ -295,8 +295,9 @@ def main(argv: list[str] | None = None) -> int:
                "plain peak GPU MiB", "seedsift peak GPU MiB", "plain peak allocated GiB", "identical images"]
     text = ("GPU check" + (" (smoke: CPU, tiny configs; measures nothing)" if smoke else "")
             + f": seedsift generate vs a plain diffusers {'fp32' if smoke else 'fp16'} loop, random-weight "
-            f"pipelines from the published configs; load {load.summary()}\n\n" + table(rows, columns)
-            + bench_overhead.breakdown_text(breakdowns))
+            f"pipelines from the published configs; load {load.summary()}")
+    if rows:  # none when only the attention timings ran
+        text += "\n\n" + table(rows, columns) + bench_overhead.breakdown_text(breakdowns)
     if attention:
         text += ("\n\nSparse self-attention (issue 22), Re-ttention at density 0.031, "
                  + ("float32 on CPU" if smoke else "bf16") + ":\n\n"
@@ -304,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
                                      "sparse / dense"]))
     save(args.name or ("gpu-check-smoke" if smoke else "gpu-check"),
          {"args": {**vars(args), "results": None},  # the folder is a path of the machine it ran on
-          "machine_at_start": start_machine, "rows": rows, "raw": raw, "attention": attention},
+          "machine_at_start": start_machine, "warm_up_s": warm_up_s, "rows": rows, "raw": raw, "attention": attention},
          text,
          Path(args.results) if args.results else None)
     return 0

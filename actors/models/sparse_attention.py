@@ -138,8 +138,8 @@ def _flash_with_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
 
 _COMPILED_FLEX = None
 # BlockMasks made, by (mask shape and bytes, tokens, block, device): making one evaluates the mask at every
-# (query, key) pair, which costs more than the sparse attention it serves (measured on an H200: 4.3 ms a call at
-# 4,096 tokens, ten times dense SDPA), while a run asks for the same few masks in every layer at every step.
+# (query, key) pair, in every layer at every step when remade per call (on an H200 the whole sparse call, remaking
+# it, took 4.3 ms at 4,096 tokens, ten times dense SDPA), while a run asks for the same few masks throughout.
 _BLOCK_MASKS: OrderedDict = OrderedDict()
 BLOCK_MASKS_KEPT = 16
 
@@ -151,6 +151,14 @@ def _flex(compiled: bool):
 
     if compiled:
         if _COMPILED_FLEX is None:
+            # One compiled variant per shape and call form (a BlockMask or none, with or without the log-sum-exp):
+            # a model with several attention sizes needs more than dynamo's default 8 before it would fall back to
+            # the eager, unfused kernel. Raised, never lowered.
+            import torch._dynamo
+
+            limit = getattr(torch._dynamo.config, "recompile_limit", None)
+            name = "recompile_limit" if limit is not None else "cache_size_limit"
+            setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config, name)))
             _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
         return _COMPILED_FLEX
     return flex_attention
