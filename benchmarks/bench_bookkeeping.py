@@ -283,6 +283,8 @@ def main() -> None:
     parser.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "seedsift-bench", "bookkeeping"))
     parser.add_argument("--repeats", type=int, default=2, help="start-up measured this many times each side")
     parser.add_argument("--json", action="store_true", help="print one JSON object per size, nothing else")
+    parser.add_argument("--name", default="bookkeeping",
+                        help="results/NAME.json and .md (a partial rerun: another name)")
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -318,7 +320,7 @@ def main() -> None:
                          f"{r['startup_s']}) | {r['driver_peak_mb']} | {r['actor_peak_mb']} | {r['summary_s']} | "
                          f"{r['manifest_objects']:,} | {legacy} |")
         print("\n".join(lines))
-        save("bookkeeping", {"machine": machine(), "load": load.summary(), "results": results}, "\n".join(lines))
+        save(args.name, {"machine": machine(), "load": load.summary(), "results": results}, "\n".join(lines))
 
 
 KEYS = ("rows", "storage", "startup_extra_s", "driver_peak_mb", "actor_peak_mb", "summary_s", "manifest_objects")
