@@ -75,15 +75,19 @@ def test_the_gpu_path_makes_each_block_mask_once_and_its_dense_step_equals_the_f
     """Making a BlockMask evaluates the mask at every (query, key) pair (on an H200 it cost ten times the attention
     it served): an equal mask, even a new tensor, gets the BlockMask already made; another density a new one. The
     GPU's dense attention with log-sum-exp (flex_attention, no mask), run eagerly here, equals the CPU's kernel."""
-    from actors.models.sparse_attention import (_BLOCK_MASKS, _flash_with_lse, flex_block_mask,
+    from actors.models.sparse_attention import (_flash_with_lse, _made_block_mask, flex_block_mask,
                                                 flex_block_sparse_attention, flex_dense_attention_with_lse)
 
     query, key, value = qkv(tokens=128)
-    _BLOCK_MASKS.clear()
+    _made_block_mask.cache_clear()
+
+    def made() -> int:
+        return _made_block_mask.cache_info().currsize
+
     first = flex_block_mask(band_block_mask(8, 0.25), 16, 128, query.device)
     flex_block_sparse_attention(query, key, value, band_block_mask(8, 0.25), 16)
-    assert flex_block_mask(band_block_mask(8, 0.25), 16, 128, query.device) is first and len(_BLOCK_MASKS) == 1
-    assert flex_block_mask(band_block_mask(8, 0.5), 16, 128, query.device) is not first and len(_BLOCK_MASKS) == 2
+    assert flex_block_mask(band_block_mask(8, 0.25), 16, 128, query.device) is first and made() == 1
+    assert flex_block_mask(band_block_mask(8, 0.5), 16, 128, query.device) is not first and made() == 2
     out, lse = flex_dense_attention_with_lse(query, key, value)
     expected_out, expected_lse = _flash_with_lse(query, key, value, None)
     assert float((out - expected_out).abs().max()) <= 1e-5 and float((lse - expected_lse).abs().max()) <= 1e-5

@@ -12,8 +12,8 @@ benchmarks/gpu_check.py's attention part.
 
 from __future__ import annotations
 
+import functools
 import math
-from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
@@ -136,55 +136,50 @@ def _flash_with_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     return out, lse.unsqueeze(-1)
 
 
-_COMPILED_FLEX = None
-# BlockMasks made, by (mask shape and bytes, tokens, block, device): making one evaluates the mask at every
+# BlockMasks made, by (mask shape and bytes, block, tokens, device): making one evaluates the mask at every
 # (query, key) pair, in every layer at every step when remade per call (on an H200 the whole sparse call, remaking
 # it, took 4.3 ms at 4,096 tokens, ten times dense SDPA), while a run asks for the same few masks throughout.
-_BLOCK_MASKS: OrderedDict = OrderedDict()
 BLOCK_MASKS_KEPT = 16
 
 
-def _flex(compiled: bool):
-    """flex_attention compiled once per process (its fused kernel, for GPU tensors), or eager (the tests' CPU)."""
-    global _COMPILED_FLEX
+@functools.lru_cache(maxsize=1)
+def _compiled_flex():
+    """flex_attention compiled once per process: its fused kernel, for GPU tensors."""
+    import torch._dynamo
     from torch.nn.attention.flex_attention import flex_attention
 
-    if compiled:
-        if _COMPILED_FLEX is None:
-            # One compiled variant per shape and call form (a BlockMask or none, with or without the log-sum-exp):
-            # a model with several attention sizes needs more than dynamo's default 8 before it would fall back to
-            # the eager, unfused kernel. Raised, never lowered.
-            import torch._dynamo
+    # One compiled variant per shape and call form (a BlockMask or none, with or without the log-sum-exp): a model
+    # with several attention sizes needs more than dynamo's default 8 before it would fall back to the eager,
+    # unfused kernel. Raised, never lowered.
+    name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config, name)))
+    return torch.compile(flex_attention, dynamic=False)
 
-            limit = getattr(torch._dynamo.config, "recompile_limit", None)
-            name = "recompile_limit" if limit is not None else "cache_size_limit"
-            setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config, name)))
-            _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
-        return _COMPILED_FLEX
-    return flex_attention
+
+def _flex(compiled: bool):
+    """flex_attention compiled (for GPU tensors) or eager (the tests' CPU)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return _compiled_flex() if compiled else flex_attention
 
 
 def flex_block_mask(block_mask: torch.Tensor, block: int, tokens: int, device: torch.device):
     """The BlockMask of `block_mask` (H or 1, Nb, Nb) for `tokens` tokens in blocks of `block`, made once and kept."""
+    return _made_block_mask(tuple(block_mask.shape), block_mask.cpu().numpy().tobytes(), block, tokens, str(device))
+
+
+@functools.lru_cache(maxsize=BLOCK_MASKS_KEPT)
+def _made_block_mask(shape: tuple, data: bytes, block: int, tokens: int, device: str):
     from torch.nn.attention.flex_attention import create_block_mask
 
-    key = (tuple(block_mask.shape), block_mask.cpu().numpy().tobytes(), tokens, block, str(device))
-    made = _BLOCK_MASKS.get(key)
-    if made is None:
-        mask = block_mask.to(device)
-        per_head = mask.shape[0] > 1
+    mask = torch.frombuffer(bytearray(data), dtype=torch.bool).reshape(shape).to(device)
+    per_head = mask.shape[0] > 1
 
-        def keep(b, h, q, kv):
-            return mask[h if per_head else 0, q // block, kv // block]
+    def keep(b, h, q, kv):
+        return mask[h if per_head else 0, q // block, kv // block]
 
-        made = create_block_mask(keep, None, mask.shape[0] if per_head else None, tokens, tokens, device=device,
-                                 BLOCK_SIZE=block)
-        _BLOCK_MASKS[key] = made
-        if len(_BLOCK_MASKS) > BLOCK_MASKS_KEPT:
-            _BLOCK_MASKS.popitem(last=False)
-    else:
-        _BLOCK_MASKS.move_to_end(key)
-    return made
+    return create_block_mask(keep, None, mask.shape[0] if per_head else None, tokens, tokens, device=device,
+                             BLOCK_SIZE=block)
 
 
 def flex_block_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask: torch.Tensor,
