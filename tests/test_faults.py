@@ -536,7 +536,9 @@ def test_verify_ends_with_its_status_and_skips_the_teardown_that_could_abort(fin
     """`verify` once aborted with status 134 after printing a clean report ("terminate called without an active
     exception": Arrow's thread pools torn down at interpreter exit). A finished read-only job now leaves with
     os._exit after flushing: no exit-time hook runs (the marker below is never written) and the report is complete.
-    (Twelve runs in a row: the slow tier's test_verify_ends_the_same_way_twelve_times_in_a_row.)"""
+    The abort was a race (seen once in 19 runs, then not in 80): this checks the mechanism that rules it out. A sample
+    of the race (twelve runs in a row, 17 CPU-seconds of the slow tier) was dropped: it would have caught the abort
+    with a chance of one in two, and only while the mechanism above was already broken."""
     out = str(finished["out"])
     marker = tmp_path / "interpreter-teardown-ran"
     probe = (f"import atexit, sys; atexit.register(lambda: open({str(marker)!r}, 'w').close()); "
@@ -545,16 +547,3 @@ def test_verify_ends_with_its_status_and_skips_the_teardown_that_could_abort(fin
                            check=False)
     assert ended.returncode == 0, ended.stderr[-2000:]
     assert json.loads(ended.stdout)["strict_clean"] and not marker.exists()
-
-
-@pytest.mark.slow  # twelve processes of about a second: a sample of a rare abort, which the test above rules out
-def test_verify_ends_the_same_way_twelve_times_in_a_row(finished):
-    """The abort it replaced was seen once in 19 runs: twelve runs in a row on one output all end 0 with the same
-    report."""
-    reports = set()
-    for _ in range(12):
-        again = subprocess.run([sys.executable, "-m", "jobs.verify", "--out", str(finished["out"])], cwd=REPO_ROOT,
-                               capture_output=True, text=True, timeout=120, check=False)
-        assert again.returncode == 0, (again.returncode, again.stderr[-2000:])
-        reports.add(again.stdout)
-    assert len(reports) == 1 and json.loads(reports.pop())["delivered_rows"] == 16

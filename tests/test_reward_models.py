@@ -152,13 +152,16 @@ def test_released_architectures_match_the_published_checkpoint_layouts():
             assert tuple(value.shape) == tuple(built[key].shape), (name, key)
 
 
-def test_rater_stage_with_a_checkpoint_rater(tokenizers):
+@pytest.mark.parametrize("name", ["hpsv2", "imagereward"])
+def test_rater_stage_with_a_checkpoint_rater(name, tokenizers):
+    """The rater stage's callable with each checkpoint rater (a whole run with one in a rater actor: the slow tier's
+    test_generate.py::test_a_checkpoint_rater_selected_by_name_runs_in_the_rater_actor)."""
     images, prompts = rating_cases()["square"]
-    stage = RaterStage(spec("imagereward", tokenizers))
+    stage = RaterStage(spec(name, tokenizers))
     batch = {"image": images, "prompt": np.array(prompts), "status": np.array(["ok", "failed", "ok"])}
     out = stage(batch)
-    np.testing.assert_allclose(out["score"][[0, 2]], np.asarray(EXPECTED["imagereward"]["square"])[[0, 2]],
-                               atol=TOLERANCE["imagereward"] * 2)
+    np.testing.assert_allclose(out["score"][[0, 2]], np.asarray(EXPECTED[name]["square"])[[0, 2]],
+                               atol=TOLERANCE[name] * 2)
     assert np.isnan(out["score"][1]) and list(out["status"]) == ["ok", "failed", "ok"]
 
 

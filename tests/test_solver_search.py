@@ -111,15 +111,20 @@ def test_search_settings_that_cannot_work_are_refused_before_any_model_loads(tmp
 
 
 @pytest.mark.slow
-def test_a_killed_search_reruns_to_completion_without_evaluating_anything_twice(tmp_path):
+def test_a_killed_search_reruns_to_completion_without_evaluating_anything_twice(ray_session, tmp_path, capfd):
+    """The CLI in its own process (and its own Ray) killed mid-search; the same command rerun through its entry in
+    this process, on the session's Ray (the kill is the subject, not the rerun's process), resumes and finishes."""
+    from jobs import search_solver
+
     corpus = tmp_path / "prompts.txt"
     corpus.write_text("\n".join(PROMPTS) + "\n")
     out = tmp_path / "search"
-    command = [sys.executable, "-m", "jobs.cli", "search-solver", "--model", "embedded:tiny-sd", "--steps", "3",
-               "--prompts", str(corpus), "--out", str(out), "--train-prompts", "3", "--holdout-prompts", "2",
-               "--seeds-per-prompt", "1", "--reference-steps", "8", "--population", "4", "--offspring", "3",
-               "--proposals", "3", "--generations", "2", "--height", "32", "--width", "32", "--seed", "5",
-               "--rater", "colorfulness"]
+    argv = ["--model", "embedded:tiny-sd", "--steps", "3",
+            "--prompts", str(corpus), "--out", str(out), "--train-prompts", "3", "--holdout-prompts", "2",
+            "--seeds-per-prompt", "1", "--reference-steps", "8", "--population", "4", "--offspring", "3",
+            "--proposals", "3", "--generations", "2", "--height", "32", "--width", "32", "--seed", "5",
+            "--rater", "colorfulness"]
+    command = [sys.executable, "-m", "jobs.cli", "search-solver", *argv]
     env = {**os.environ, "SEEDSIFT_CACHE": str(tmp_path / "cache")}
     first = subprocess.Popen(command, cwd=REPO_ROOT, env=env, start_new_session=True, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT)
@@ -133,9 +138,11 @@ def test_a_killed_search_reruns_to_completion_without_evaluating_anything_twice(
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
     assert not (out / "schedule.json").exists()
-    rerun = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert rerun.returncode == 0, rerun.stderr[-2000:]
-    assert f"resuming the search in {out}: {done_at_kill} evaluations done" in rerun.stderr
+    capfd.readouterr()
+    status = search_solver.main(argv)
+    said = "".join(capfd.readouterr())
+    assert status == 0, said[-2000:]
+    assert f"resuming the search in {out}: {done_at_kill} evaluations done" in said, said[-2000:]
     records = evaluations(out)
     assert len({r["digest"] for r in records}) == len(records) == 10  # 4 + 2 generations of 3, none twice
     result = ScheduleFile.from_dict(json.loads((out / "schedule.json").read_text()))
