@@ -221,6 +221,46 @@ def test_duplicate_filter_keeps_the_first_and_honours_committed_rows(ray_session
     assert stage.ray_remote_args.get("max_restarts") == (0 if buckets == 1 else None), stage.ray_remote_args
 
 
+class TracedBucket:
+    """A stand-in for a held duplicate-index bucket that notes which process unpickles it."""
+
+    def __init__(self, log: str):
+        self.log = log
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        with open(self.log, "a") as handle:
+            handle.write(f"{os.getpid()}\n")
+
+    def size(self) -> int:
+        return 7
+
+
+def _failing_load() -> None:
+    raise OSError("the manifest object c.jsonl/000000 is damaged")
+
+
+def test_the_drivers_error_path_says_what_a_load_met_without_fetching_a_held_bucket(ray_session, tmp_path):
+    """On its error path the driver asks whether an index load failed (a damaged manifest object, the store): it
+    gets that error, and a held bucket (every committed key of the output) is looked at by a task, never copied
+    into the driver, as wait_loaded (the filter's own call) would."""
+    import ray
+
+    from orchestrator.corpus.dedup import IndexActors
+
+    log = tmp_path / "unpickled-by"
+    log.touch()
+    held = IndexActors([], [ray.put(TracedBucket(str(log)))])
+    held.raise_load_error()
+    readers = log.read_text().split()
+    assert readers and str(os.getpid()) not in readers, readers  # read by the task, not here
+    held.wait_loaded()  # the check can see a copy into the driver
+    assert str(os.getpid()) in log.read_text().split()
+    failed = IndexActors([], [ray.remote(max_retries=0)(_failing_load).remote()])
+    with pytest.raises(Exception, match="c.jsonl/000000 is damaged"):
+        failed.raise_load_error()
+
+
 # --- driver SIGKILL -------------------------------------------------------------------------------------------
 
 

@@ -250,6 +250,20 @@ class IndexActors:
         it); raise what a load raised (a damaged manifest object, the store)."""
         return ray.get(self.loads)
 
+    def raise_load_error(self) -> None:
+        """Block until every load has ended and raise what one raised, as wait_loaded does, but without bringing
+        a held bucket into this process: the driver asks this on its error path, and a bucket holds every key the
+        output has committed (about 100 MB at 10M rows). A task sized to nothing looks at the bucket instead."""
+        if self.held_by_filter:
+            ray.get([_bucket_size.remote(load) for load in self.loads])
+        else:
+            ray.get(self.loads)  # each actor's load returns its key count
+
+
+@ray.remote(num_cpus=0)
+def _bucket_size(index: DuplicateIndex) -> int:
+    return index.size()
+
 
 def _load_bucket(manifest: Manifest, owners: Owners, complete: list[str], open_parts: dict) -> DuplicateIndex:
     index = DuplicateIndex(0, 1)
