@@ -187,7 +187,7 @@ def test_ids_are_scoped_per_file_in_new_outputs_and_as_written_in_older_ones(tmp
 def test_a_run_asks_for_no_more_cpus_than_the_cluster_has(cpus, one_actor):
     """A fresh 2-CPU `ray start --head` deadlocked 0.2 (generator 1 + scorer 0.5 + rater 0.25 + index 0.25 held both
     CPUs, and the read task could never be placed): the requests, tasks included, now fit whatever the cluster has;
-    threads stay as configured. (The real 1- and 2-CPU heads: tests/test_cluster.py.)"""
+    threads stay as configured. (A real 1-CPU head with 12 prompts: tests/test_cluster.py.)"""
     from orchestrator.flow.resources import TASK_SLOTS, plan_resources
     from orchestrator.run.config import GenerateConfig
 

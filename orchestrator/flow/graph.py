@@ -28,7 +28,7 @@ def rebatch(ds, rows: int, num_cpus: float):
 
     Ray Data's repartition takes no resource arguments, and its tasks' default, one whole CPU, cannot be placed
     beside a run's actors on a small cluster: on a fresh 2-CPU `ray start --head` the run waited for ever for that
-    CPU (tests/test_cluster.py runs it on real 1- and 2-CPU heads). The logical operator keeps its remote arguments
+    CPU (tests/test_cluster.py runs it on a real 1-CPU head). The logical operator keeps its remote arguments
     in a dict, set here; Ray is pinned below 2.64 in pyproject.toml, and the assertion names a Ray that changed it."""
     out = ds.repartition(target_num_rows_per_block=rows)
     operator = out._logical_plan.dag
