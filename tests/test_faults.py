@@ -503,9 +503,17 @@ def test_s3_outage_is_ridden_out_by_retries(ray_session, own_endpoint, tmp_path)
 
 
 @pytest.mark.slow
-def test_s3_outage_longer_than_retries_fails_clearly_and_the_rerun_resumes(ray_session, own_endpoint, tmp_path):
+def test_s3_outage_longer_than_retries_fails_clearly_and_the_rerun_resumes(ray_session, own_endpoint, tmp_path,
+                                                                          monkeypatch):
     """An outage from the first committed part on, longer than the (shortened) retries: the run fails naming the
-    output and the rerun; once the store is back, the same run resumes, skipping what was committed."""
+    output and the rerun; once the store is back, the same run resumes, skipping what was committed. The driver's
+    error path asks the index loads what they met without fetching the held bucket (wait_loaded would)."""
+    from orchestrator.corpus.dedup import IndexActors
+
+    def fetches_the_bucket(self):
+        raise AssertionError("the driver fetched the held duplicate-index bucket on its error path")
+
+    monkeypatch.setattr(IndexActors, "wait_loaded", fetches_the_bucket)  # this process only: the filter is an actor
     corpus = write_txt(tmp_path / "prompts.txt", PROMPTS[:8])
     short = {"config_kwargs": {"retries": {"max_attempts": 2, "mode": "standard"}, "connect_timeout": 1}}
     output = s3_output(own_endpoint, **short)

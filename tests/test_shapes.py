@@ -342,7 +342,7 @@ def test_generate_on_shapes_with_its_predictor_from_the_command_line(ray_session
     rows = manifest_frame(out)
     assert len(rows) == 2 and (rows.status == "ok").all()
     assert set(rows.rater) == {"shapes"} and set(rows.guidance) == {5.0} and rows.score.between(0, 1).all()
-    assert rows.predicted_score.notna().all()
+    assert rows.predicted_score.notna().all() and set(rows.attention) == {"full"}  # the default, recorded
 
     summary = json.loads((Path(out) / "summary.json").read_text())
     saving = summary["savings"]

@@ -252,8 +252,9 @@ class IndexActors:
 
     def raise_load_error(self) -> None:
         """Block until every load has ended and raise what one raised, as wait_loaded does, but without bringing
-        a held bucket into this process: the driver asks this on its error path, and a bucket holds every key the
-        output has committed (about 100 MB at 10M rows). A task sized to nothing looks at the bucket instead."""
+        a held bucket into this process: the driver asks this on its error path, and a held bucket has every key
+        the output has committed (up to KEYS_PER_BUCKET, about 130 MB). A task asking for no CPU looks at it
+        instead."""
         if self.held_by_filter:
             ray.get([_bucket_size.remote(load) for load in self.loads])
         else:
