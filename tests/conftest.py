@@ -119,17 +119,30 @@ def finished_settings(corpus: str, out: str):
 
 @pytest.fixture(scope="session")
 def finished(ray_session, tmp_path_factory) -> dict:
-    """One finished run of two complete shards (16 rows), pristine: a test that damages or grows it copies it."""
+    """One finished run of two complete shards (16 rows), pristine: a test that damages or grows it copies it.
+
+    Built once for the whole test run: under pytest-xdist the first worker to need it builds it in the folder all
+    workers share (a run costs about 10 CPU-seconds, and files using it land on both workers); the others wait on
+    the lock and read it. The summary the run returned is kept beside it, as the run gave it."""
+    import fcntl
+    import json
+
     from jobs import verify
     from orchestrator.flow import pipeline
 
-    folder = tmp_path_factory.mktemp("finished")
-    corpus = folder / "prompts.txt"
-    corpus.write_text("\n".join(FINISHED_PROMPTS) + "\n")
-    out = folder / "pristine"
-    summary = pipeline.run(finished_settings(str(corpus), str(out)))
-    assert verify.verify_output(str(out))["strict_clean"]
-    return {"corpus": str(corpus), "out": out, "summary": summary}
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    folder = shared / "finished"
+    corpus, out, returned = folder / "prompts.txt", folder / "pristine", folder / "returned-summary.json"
+    with open(shared / "finished.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if the build fails
+        if not returned.exists():
+            folder.mkdir(exist_ok=True)
+            corpus.write_text("\n".join(FINISHED_PROMPTS) + "\n")
+            summary = pipeline.run(finished_settings(str(corpus), str(out)))
+            assert verify.verify_output(str(out))["strict_clean"]
+            returned.write_text(json.dumps(summary))
+    return {"corpus": str(corpus), "out": out, "summary": json.loads(returned.read_text())}
 
 
 @pytest.fixture
