@@ -3,10 +3,11 @@
     PYTHONPATH=benchmarks .venv/bin/python -m pytest -p pytest_cpu -m "slow or browser" [--cpu-log FILE]
 
 Run the tier in one process (no `-n`) on a machine with nothing else running: the figure is the whole machine's
-busy time from /proc/stat (user, nice, system, irq, softirq) while the test ran, set-up and teardown included, so it
-counts the Ray actors, tasks and subprocesses a test starts, which pytest's own `--durations` (wall time) does not
-tell apart from waiting. With --cpu-log each test's figures also go to a file as JSON lines; the session ends with the most expensive tests
-and the sum per file. Linux only. (The tier-level figures of the README come from whole `.ci/run` runs instead.)
+busy time (psutil's cpu_times: user, nice, system, irq, softirq) while the test ran, set-up and teardown included,
+so it counts the Ray actors, tasks and subprocesses a test starts, which pytest's own `--durations` (wall time)
+does not tell apart from waiting. With --cpu-log each test's figures also go to a file as JSON lines; the session
+ends with the most expensive tests and the sum per file. Linux (irq and softirq are Linux's fields). (The tier-level
+figures of the README come from whole `.ci/run` runs instead.)
 """
 
 from __future__ import annotations
@@ -15,15 +16,13 @@ import collections
 import json
 import time
 
+import psutil
 import pytest
 
-BUSY_FIELDS = (0, 1, 2, 5, 6)  # user, nice, system, irq, softirq of the `cpu` line: not idle, iowait or steal
-
-
 def busy_seconds() -> float:
-    with open("/proc/stat") as stat:
-        fields = [int(value) for value in stat.readline().split()[1:]]
-    return sum(fields[i] for i in BUSY_FIELDS) / 100.0  # USER_HZ is 100 on Linux
+    """The machine's CPU-seconds spent busy since boot: all cores, not idle, waiting for I/O or stolen."""
+    times = psutil.cpu_times()
+    return times.user + times.nice + times.system + times.irq + times.softirq
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -221,44 +221,33 @@ def test_duplicate_filter_keeps_the_first_and_honours_committed_rows(ray_session
     assert stage.ray_remote_args.get("max_restarts") == (0 if buckets == 1 else None), stage.ray_remote_args
 
 
-class TracedBucket:
-    """A stand-in for a held duplicate-index bucket that notes which process unpickles it."""
-
-    def __init__(self, log: str):
-        self.log = log
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        with open(self.log, "a") as handle:
-            handle.write(f"{os.getpid()}\n")
-
-    def size(self) -> int:
-        return 7
-
-
-def _failing_load() -> None:
-    raise OSError("the manifest object c.jsonl/000000 is damaged")
-
-
-def test_the_drivers_error_path_says_what_a_load_met_without_fetching_a_held_bucket(ray_session, tmp_path):
-    """On its error path the driver asks whether an index load failed (a damaged manifest object, the store): it
-    gets that error, and a held bucket (every committed key of the output) is looked at by a task, never copied
-    into the driver, as wait_loaded (the filter's own call) would."""
+def test_waiting_for_the_index_loads_returns_counts_not_the_held_bucket_and_raises_what_a_load_met(ray_session,
+                                                                                                    tmp_path):
+    """The driver waits on the index loads on its error path, to say what a load met (a damaged manifest object,
+    the store): it gets each load's key count, while the one bucket (every committed key of the output) goes to the
+    filter alone; 0.2 copied the whole bucket into the driver there. A damaged part fails the load, and both the
+    wait and the filter's bucket raise its error."""
     import ray
 
-    from orchestrator.corpus.dedup import IndexActors
+    from orchestrator.corpus.dedup import DuplicateIndex, Owners, start_index
+    from orchestrator.output.manifest import Manifest, ShardFrame, manifest_table
 
-    log = tmp_path / "unpickled-by"
-    log.touch()
-    held = IndexActors([], [ray.put(TracedBucket(str(log)))])
-    held.raise_load_error()
-    readers = log.read_text().split()
-    assert readers and str(os.getpid()) not in readers, readers  # read by the task, not here
-    held.wait_loaded()  # the check can see a copy into the driver
-    assert str(os.getpid()) in log.read_text().split()
-    failed = IndexActors([], [ray.remote(max_retries=0)(_failing_load).remote()])
-    with pytest.raises(Exception, match="c.jsonl/000000 is damaged"):
-        failed.raise_load_error()
+    batch = corpus_block([("a", "a red cube", "c.jsonl:1", "ok")])
+    output = Output(str(tmp_path / "o"))
+    manifest, owners, shard = Manifest(output), Owners(["c.jsonl"]), "c.jsonl/000000"
+    committed = batch.to_pylist()[0]
+    row = {k: committed[k] for k in ("prompt_id", "prompt", "source", "shard", "shard_row", "prompt_key", "text_key")}
+    part = manifest.commit_part(shard, manifest_table([{**row, "seed": 1, "status": "ok"}]),
+                                ShardFrame.from_json(committed["shard_frame"]))
+    indexes = start_index(manifest, owners, [], {shard: [part]}, buckets=1)
+    assert indexes.wait_loaded() == [2]  # its prompt key and its text key: a count, not the bucket
+    assert isinstance(ray.get(indexes.held), DuplicateIndex) and ray.get(indexes.held).size() == 2
+    (Path(output.uri) / part).write_bytes(b"not parquet")  # a damaged part object
+    damaged = start_index(manifest, owners, [], {shard: [part]}, buckets=1)
+    with pytest.raises(Exception, match=part.rsplit("/", 1)[-1]):
+        damaged.wait_loaded()
+    with pytest.raises(Exception, match=part.rsplit("/", 1)[-1]):
+        ray.get(damaged.held)
 
 
 # --- driver SIGKILL -------------------------------------------------------------------------------------------
@@ -503,17 +492,9 @@ def test_s3_outage_is_ridden_out_by_retries(ray_session, own_endpoint, tmp_path)
 
 
 @pytest.mark.slow
-def test_s3_outage_longer_than_retries_fails_clearly_and_the_rerun_resumes(ray_session, own_endpoint, tmp_path,
-                                                                          monkeypatch):
+def test_s3_outage_longer_than_retries_fails_clearly_and_the_rerun_resumes(ray_session, own_endpoint, tmp_path):
     """An outage from the first committed part on, longer than the (shortened) retries: the run fails naming the
-    output and the rerun; once the store is back, the same run resumes, skipping what was committed. The driver's
-    error path asks the index loads what they met without fetching the held bucket (wait_loaded would)."""
-    from orchestrator.corpus.dedup import IndexActors
-
-    def fetches_the_bucket(self):
-        raise AssertionError("the driver fetched the held duplicate-index bucket on its error path")
-
-    monkeypatch.setattr(IndexActors, "wait_loaded", fetches_the_bucket)  # this process only: the filter is an actor
+    output and the rerun; once the store is back, the same run resumes, skipping what was committed."""
     corpus = write_txt(tmp_path / "prompts.txt", PROMPTS[:8])
     short = {"config_kwargs": {"retries": {"max_attempts": 2, "mode": "standard"}, "connect_timeout": 1}}
     output = s3_output(own_endpoint, **short)

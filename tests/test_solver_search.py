@@ -125,8 +125,8 @@ def test_a_killed_search_reruns_to_completion_without_evaluating_anything_twice(
             "--proposals", "3", "--generations", "2", "--height", "32", "--width", "32", "--seed", "5",
             "--rater", "colorfulness"]
     command = [sys.executable, "-m", "jobs.cli", "search-solver", *argv]
-    env = {**os.environ, "SEEDSIFT_CACHE": str(tmp_path / "cache")}
-    first = subprocess.Popen(command, cwd=REPO_ROOT, env=env, start_new_session=True, stdout=subprocess.PIPE,
+    # The session's model cache (SEEDSIFT_CACHE, set by ray_session), as the rerun here uses.
+    first = subprocess.Popen(command, cwd=REPO_ROOT, start_new_session=True, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT)
     deadline = time.time() + 240
     while time.time() < deadline and first.poll() is None:

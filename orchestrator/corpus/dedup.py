@@ -145,9 +145,9 @@ class DuplicateFilter:
 
     def __init__(self, indexes: IndexActors, manifest: Manifest, owners: Owners):
         give_way_to_generators()
-        loaded = indexes.wait_loaded()  # no lookup before every bucket holds the committed keys
+        indexes.wait_loaded()  # no lookup before every bucket holds the committed keys
         self.indexes = indexes.actors
-        self.held = loaded[0] if indexes.held_by_filter else None  # the one bucket, in this process
+        self.held = ray.get(indexes.held) if indexes.held_by_filter else None  # the one bucket, in this process
         self.manifest = manifest
         self.owners = owners
         self.sources: dict[str, dict[int, str]] = {}  # shard -> {shard row: source}, for messages only
@@ -239,37 +239,24 @@ class IndexActors:
     driver holds this), or, with one bucket, no actor and the filter holds the bucket its load task returns."""
 
     actors: list
-    loads: list  # ObjectRefs, in flight until done: each actor's load (its size), or the one bucket, loaded
+    loads: list  # ObjectRefs, in flight until done: each load's key count
+    held: ray.ObjectRef | None = None  # with one bucket: the bucket its load task made, for the filter to hold
 
     @property
     def held_by_filter(self) -> bool:
         return not self.actors
 
-    def wait_loaded(self) -> list:
-        """Block until every bucket is loaded and return the loads (the one bucket itself, when the filter holds
-        it); raise what a load raised (a damaged manifest object, the store)."""
+    def wait_loaded(self) -> list[int]:
+        """Block until every bucket is loaded and return each load's key count; raise what a load raised (a damaged
+        manifest object, the store). Only counts come back: the driver asks this on its error path, and a held
+        bucket has every key the output has committed (up to KEYS_PER_BUCKET, about 130 MB)."""
         return ray.get(self.loads)
 
-    def raise_load_error(self) -> None:
-        """Block until every load has ended and raise what one raised, as wait_loaded does, but without bringing
-        a held bucket into this process: the driver asks this on its error path, and a held bucket has every key
-        the output has committed (up to KEYS_PER_BUCKET, about 130 MB). A task asking for no CPU looks at it
-        instead."""
-        if self.held_by_filter:
-            ray.get([_bucket_size.remote(load) for load in self.loads])
-        else:
-            ray.get(self.loads)  # each actor's load returns its key count
 
-
-@ray.remote(num_cpus=0)
-def _bucket_size(index: DuplicateIndex) -> int:
-    return index.size()
-
-
-def _load_bucket(manifest: Manifest, owners: Owners, complete: list[str], open_parts: dict) -> DuplicateIndex:
+def _load_bucket(manifest: Manifest, owners: Owners, complete: list[str], open_parts: dict
+                 ) -> tuple[int, DuplicateIndex]:
     index = DuplicateIndex(0, 1)
-    index.load(manifest, owners, complete, open_parts)
-    return index
+    return index.load(manifest, owners, complete, open_parts), index
 
 
 def start_index(manifest: Manifest, owners: Owners, complete: list[str], open_parts: dict,
@@ -278,8 +265,10 @@ def start_index(manifest: Manifest, owners: Owners, complete: list[str], open_pa
     the filter waits for the loads before its first lookup. With one bucket, a task (a pooled worker, no new
     process) loads it for the filter to hold."""
     if buckets == 1:
-        load = ray.remote(num_cpus=num_cpus, max_retries=3)(_load_bucket)  # reading committed rows is idempotent
-        return IndexActors([], [load.remote(manifest, owners, complete, open_parts)])
+        # Reading committed rows is idempotent. Two returns: the key count to wait on, the bucket for the filter.
+        load = ray.remote(num_cpus=num_cpus, max_retries=3, num_returns=2)(_load_bucket)
+        count, bucket = load.remote(manifest, owners, complete, open_parts)
+        return IndexActors([], [count], bucket)
     actor = ray.remote(num_cpus=num_cpus, max_restarts=0)(DuplicateIndex)
     actors = [actor.remote(b, buckets) for b in range(buckets)]
     return IndexActors(actors, [index.load.remote(manifest, owners, complete, open_parts) for index in actors])

@@ -141,7 +141,7 @@ def _stream(run: RunState, progress=None, say=None) -> dict:
     except Exception as exc:
         # An index that could not load the output fails the filter's start: say what the load met (a damaged
         # manifest object, the store) rather than the filter's death.
-        indexes.raise_load_error()
+        indexes.wait_loaded()
         # An outage longer than the storage retries: one line naming the output, and the rerun resumes.
         cause = storage_error_in(exc)
         if cause is not None:
